@@ -1,0 +1,365 @@
+//! The admin HTTP API (axum): read and write policy, apply policy documents,
+//! read the change log and the fleet's status.
+//!
+//! Resources travel in their canonical JSON form (the proto3 JSON mapping of
+//! `prism.config.v1`). Every write goes through [`Store::commit`], which
+//! validates the whole policy and answers only once the revision is on disk.
+//! Every failure becomes a response in one place: [`ApiError`].
+//!
+//! | Method and path                 | What it does                                  |
+//! |---------------------------------|-----------------------------------------------|
+//! | `GET /v1/{kind}`                | list one kind (`namespaces`, `backends`, `routes`) |
+//! | `POST /v1/{kind}`               | create; 409 if the name exists                |
+//! | `GET /v1/{kind}/{name}`         | read one (header `x-prism-revision`)          |
+//! | `PUT /v1/{kind}/{name}`         | create or replace                             |
+//! | `DELETE /v1/{kind}/{name}`      | delete                                        |
+//! | `POST /v1/apply?dry_run=…`      | upsert a YAML/JSON policy document, all or nothing |
+//! | `GET /v1/revision`              | the current revision                          |
+//! | `GET /v1/history?limit=N`       | the change log, newest first                  |
+//! | `GET /v1/proxies`               | the fleet's status                            |
+//! | `GET /healthz`                  | liveness                                      |
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prism_proto::pb::config::v1::{Backend, Namespace, Route};
+use prism_proto::{Kind, Resource, ResourceKey, parse_policy, validate_resource};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::fleet::Fleet;
+use crate::store::{Mutation, Store};
+
+#[cfg(test)]
+mod tests;
+
+/// Largest request body the admin API reads: 4 MiB.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Header naming who makes a change; recorded in the change log.
+pub const ACTOR_HEADER: &str = "x-prism-actor";
+
+/// Response header carrying the revision a read was served from.
+pub const REVISION_HEADER: &str = "x-prism-revision";
+
+/// What the admin handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The policy store.
+    pub store: Store,
+    /// The connected proxies.
+    pub fleet: Fleet,
+}
+
+/// The actor recorded when a request names none.
+const ANONYMOUS: &str = "anonymous";
+
+/// Longest actor name recorded, in characters.
+const MAX_ACTOR_CHARS: usize = 128;
+
+/// Default and largest `limit` of `GET /v1/history`.
+const DEFAULT_HISTORY: usize = 100;
+const MAX_HISTORY: usize = 1000;
+
+#[derive(Deserialize)]
+struct ApplyParams {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Deserialize)]
+struct HistoryParams {
+    limit: Option<usize>,
+}
+
+/// The admin API's routes over `state`.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/revision", get(revision))
+        .route("/v1/history", get(history))
+        .route("/v1/proxies", get(proxies))
+        .route("/v1/apply", post(apply))
+        .route("/v1/{kind}", get(list).post(create))
+        .route("/v1/{kind}/{*name}", get(read).put(replace).delete(remove))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn unknown_path() -> ApiError {
+    ApiError::not_found("no such path; the admin API lives under /v1")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this path",
+    )
+}
+
+async fn revision(State(state): State<AdminState>) -> Json<Value> {
+    Json(json!({ "revision": state.store.revision() }))
+}
+
+async fn history(
+    State(state): State<AdminState>,
+    params: Result<Query<HistoryParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let limit = params.limit.unwrap_or(DEFAULT_HISTORY).min(MAX_HISTORY);
+    let revision = state.store.revision();
+    let items = state.store.history(limit)?;
+    let items = serde_json::to_value(items).map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(json!({ "revision": revision, "items": items })))
+}
+
+async fn proxies(State(state): State<AdminState>) -> Json<Value> {
+    let revision = state.store.revision();
+    Json(json!({ "revision": revision, "proxies": state.fleet.list(revision) }))
+}
+
+async fn list(
+    State(state): State<AdminState>,
+    kind: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let kind = parse_kind(kind)?;
+    let snapshot = state.store.snapshot();
+    let items: Vec<Value> = snapshot
+        .of_kind(kind)
+        .map(|entry| entry.resource.to_json())
+        .collect();
+    Ok(Json(
+        json!({ "items": items, "revision": snapshot.revision }),
+    ))
+}
+
+async fn read(
+    State(state): State<AdminState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let key = parse_key(path)?;
+    let snapshot = state.store.snapshot();
+    let entry = snapshot.get(&key).ok_or_else(|| not_found(&key))?;
+    let mut response = Json(entry.resource.to_json()).into_response();
+    response
+        .headers_mut()
+        .insert(REVISION_HEADER, HeaderValue::from(snapshot.revision));
+    Ok(response)
+}
+
+async fn create(
+    State(state): State<AdminState>,
+    kind: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let kind = parse_kind(kind)?;
+    let resource = json_resource(kind, &headers, body)?;
+    validate_resource(&resource)?;
+    let commit = state
+        .store
+        .commit(
+            Mutation::create(resource.clone()),
+            &actor(&headers),
+            "create",
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "revision": commit.revision, "resource": resource.to_json() })),
+    ))
+}
+
+async fn replace(
+    State(state): State<AdminState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let key = parse_key(path)?;
+    let mut resource = json_resource(key.kind, &headers, body)?;
+    if resource.name().is_empty() {
+        set_name(&mut resource, key.name.clone());
+    } else if resource.name() != key.name {
+        return Err(ApiError::invalid(format!(
+            "the body names `{}` but the path names `{}`",
+            resource.name(),
+            key.name
+        ))
+        .with_field("name"));
+    }
+    validate_resource(&resource)?;
+    let commit = state
+        .store
+        .commit(
+            Mutation::upsert(resource.clone()),
+            &actor(&headers),
+            "replace",
+        )
+        .await?;
+    Ok(Json(
+        json!({ "revision": commit.revision, "resource": resource.to_json() }),
+    ))
+}
+
+async fn remove(
+    State(state): State<AdminState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let key = parse_key(path)?;
+    let commit = state
+        .store
+        .commit(Mutation::delete(key), &actor(&headers), "delete")
+        .await?;
+    Ok(Json(json!({ "revision": commit.revision })))
+}
+
+async fn apply(
+    State(state): State<AdminState>,
+    params: Result<Query<ApplyParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::invalid(e.body_text()))?;
+    check_media_type(
+        &headers,
+        &[
+            "application/yaml",
+            "application/x-yaml",
+            "text/yaml",
+            "text/x-yaml",
+            "text/plain",
+            "application/octet-stream",
+        ],
+    )?;
+    let body = read_body(body)?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| ApiError::invalid(format!("the document is not UTF-8: {e}")))?;
+    let mutation = Mutation {
+        upserts: parse_policy(text)?,
+        ..Mutation::default()
+    };
+    if params.dry_run {
+        let revision = state.store.revision();
+        let changes = state.store.dry_run(&mutation)?;
+        return Ok(Json(json!({
+            "revision": revision,
+            "dry_run": true,
+            "unchanged": changes.is_empty(),
+            "changes": changes,
+        })));
+    }
+    let commit = state
+        .store
+        .commit(mutation, &actor(&headers), "apply")
+        .await?;
+    Ok(Json(json!({
+        "revision": commit.revision,
+        "dry_run": false,
+        "unchanged": commit.unchanged,
+        "changes": commit.changes,
+    })))
+}
+
+fn parse_kind(path: Result<Path<String>, PathRejection>) -> Result<Kind, ApiError> {
+    let Path(kind) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
+    Ok(kind.parse::<Kind>()?)
+}
+
+fn parse_key(path: Result<Path<(String, String)>, PathRejection>) -> Result<ResourceKey, ApiError> {
+    let Path((kind, name)) = path.map_err(|e| ApiError::invalid(e.body_text()))?;
+    Ok(ResourceKey::new(kind.parse::<Kind>()?, name))
+}
+
+fn not_found(key: &ResourceKey) -> ApiError {
+    ApiError::not_found(format!("{key} does not exist")).with_resource(key.to_string())
+}
+
+/// Who the request says makes the change, or `anonymous`.
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get(ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map_or_else(
+            || ANONYMOUS.to_string(),
+            |v| v.chars().take(MAX_ACTOR_CHARS).collect(),
+        )
+}
+
+/// The body, or the rejection (413 when over [`MAX_BODY_BYTES`]) in our shape.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "invalid_argument"
+        };
+        ApiError::new(status, code, rejection.body_text())
+    })
+}
+
+/// Accepts a request without a content type, a JSON one, or one of `others`.
+fn check_media_type(headers: &HeaderMap, others: &[&str]) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") || others.contains(&&*essence) {
+        return Ok(());
+    }
+    let mut expected = vec!["application/json"];
+    expected.extend_from_slice(others);
+    Err(ApiError::unsupported_media_type(format!(
+        "content type `{essence}` is not accepted here: expected {}",
+        expected.join(", ")
+    )))
+}
+
+/// Reads one resource of `kind` from a JSON body. Parsing straight from the
+/// bytes keeps serde's line and column in the message.
+fn json_resource(
+    kind: Kind,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Resource, ApiError> {
+    check_media_type(headers, &[])?;
+    let body = read_body(body)?;
+    let parsed = match kind {
+        Kind::Namespace => serde_json::from_slice::<Namespace>(&body).map(Resource::Namespace),
+        Kind::Backend => serde_json::from_slice::<Backend>(&body).map(Resource::Backend),
+        Kind::Route => serde_json::from_slice::<Route>(&body).map(Resource::Route),
+    };
+    parsed.map_err(|e| ApiError::invalid(format!("the body is not a valid {kind}: {e}")))
+}
+
+fn set_name(resource: &mut Resource, name: String) {
+    match resource {
+        Resource::Namespace(r) => r.name = name,
+        Resource::Backend(r) => r.name = name,
+        Resource::Route(r) => r.name = name,
+    }
+}

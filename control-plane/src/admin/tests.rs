@@ -1,0 +1,487 @@
+//! The admin API driven through its router, as a client sees it.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tower::ServiceExt;
+
+use super::*;
+use crate::fleet::NodeInfo;
+
+struct Harness {
+    _dir: TempDir,
+    state: AdminState,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+const QUICKSTART: &str = r#"
+namespaces:
+  - name: demo
+    hosts: [demo.local]
+backends:
+  - name: demo/web
+    endpoints:
+      - address: 127.0.0.1:8081
+routes:
+  - name: demo/root
+    match: { prefix: / }
+    backend: web
+"#;
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        Self {
+            _dir: dir,
+            state: AdminState {
+                store,
+                fleet: Fleet::default(),
+            },
+        }
+    }
+
+    async fn send(&self, request: Request<Body>) -> Answer {
+        let response = router(self.state.clone())
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn call(&self, method: Method, uri: &str, body: impl Into<Body>) -> Answer {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(ACTOR_HEADER, "tester")
+            .body(body.into())
+            .expect("request");
+        self.send(request).await
+    }
+
+    async fn get(&self, uri: &str) -> Answer {
+        self.call(Method::GET, uri, Body::empty()).await
+    }
+
+    async fn json(&self, method: Method, uri: &str, body: Value) -> Answer {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        self.send(request).await
+    }
+
+    async fn apply(&self, document: &str, dry_run: bool) -> Answer {
+        self.call(
+            Method::POST,
+            &format!("/v1/apply?dry_run={dry_run}"),
+            document.to_string(),
+        )
+        .await
+    }
+
+    fn revision(&self) -> u64 {
+        self.state.store.revision()
+    }
+}
+
+fn error(answer: &Answer) -> &Value {
+    &answer.body["error"]
+}
+
+fn ns(name: &str) -> Value {
+    json!({"name": name, "hosts": [format!("{name}.local")]})
+}
+
+fn backend(name: &str, address: &str) -> Value {
+    json!({"name": name, "endpoints": [{"address": address}]})
+}
+
+fn route(name: &str, prefix: &str, backend: &str) -> Value {
+    json!({"name": name, "match": {"prefix": prefix}, "backend": backend})
+}
+
+#[tokio::test]
+async fn each_kind_can_be_created_read_listed_replaced_and_deleted() {
+    let h = Harness::new();
+    let cases = [
+        (
+            "namespaces",
+            "demo",
+            ns("demo"),
+            json!({"name": "demo", "hosts": ["other.local"]}),
+        ),
+        (
+            "backends",
+            "demo/web",
+            backend("demo/web", "127.0.0.1:8081"),
+            backend("demo/web", "127.0.0.1:9090"),
+        ),
+        (
+            "routes",
+            "demo/root",
+            route("demo/root", "/", "web"),
+            route("demo/root", "/api", "web"),
+        ),
+    ];
+    for (i, (kind, name, created, replaced)) in cases.iter().enumerate() {
+        let base = u64::try_from(i * 2).expect("small");
+        let answer = h
+            .json(Method::POST, &format!("/v1/{kind}"), created.clone())
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::CREATED,
+            "{kind}: {}",
+            answer.body
+        );
+        assert_eq!(answer.body["revision"], base + 1);
+        assert_eq!(answer.body["resource"]["name"], *name);
+
+        let again = h
+            .json(Method::POST, &format!("/v1/{kind}"), created.clone())
+            .await;
+        assert_eq!(again.status, StatusCode::CONFLICT, "{kind}");
+        assert_eq!(error(&again)["code"], "conflict");
+
+        let read = h.get(&format!("/v1/{kind}/{name}")).await;
+        assert_eq!(read.status, StatusCode::OK);
+        assert_eq!(read.body["name"], *name);
+        assert_eq!(
+            read.headers[REVISION_HEADER].to_str().expect("ascii"),
+            (base + 1).to_string()
+        );
+
+        let listed = h.get(&format!("/v1/{kind}")).await;
+        assert_eq!(listed.status, StatusCode::OK);
+        assert_eq!(listed.body["items"].as_array().map(Vec::len), Some(1));
+        assert_eq!(listed.body["revision"], base + 1);
+
+        // The name may be left out of a PUT body: the path gives it.
+        let mut body = replaced.clone();
+        body["name"] = json!("");
+        let put = h
+            .json(Method::PUT, &format!("/v1/{kind}/{name}"), body)
+            .await;
+        assert_eq!(put.status, StatusCode::OK, "{kind}: {}", put.body);
+        assert_eq!(put.body["revision"], base + 2);
+        assert_eq!(put.body["resource"]["name"], *name);
+        assert_eq!(h.get(&format!("/v1/{kind}/{name}")).await.body, *replaced);
+    }
+
+    // Deleting in reverse dependency order works, one revision each.
+    for (kind, name) in [
+        ("routes", "demo/root"),
+        ("backends", "demo/web"),
+        ("namespaces", "demo"),
+    ] {
+        let before = h.revision();
+        let answer = h
+            .call(Method::DELETE, &format!("/v1/{kind}/{name}"), Body::empty())
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{kind}: {}", answer.body);
+        assert_eq!(answer.body["revision"], before + 1);
+        let gone = h.get(&format!("/v1/{kind}/{name}")).await;
+        assert_eq!(gone.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            error(&gone)["resource"],
+            format!("{} {name}", kind_of(kind))
+        );
+    }
+    let missing = h
+        .call(Method::DELETE, "/v1/namespaces/demo", Body::empty())
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(error(&missing)["code"], "not_found");
+
+    let history = h.get("/v1/history?limit=2").await;
+    assert_eq!(history.status, StatusCode::OK);
+    let items = history.body["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["actor"], "tester");
+    assert_eq!(items[0]["action"], "delete");
+    assert_eq!(h.get("/v1/revision").await.body, json!({"revision": 9}));
+}
+
+fn kind_of(plural: &str) -> &'static str {
+    match plural {
+        "namespaces" => "Namespace",
+        "backends" => "Backend",
+        _ => "Route",
+    }
+}
+
+#[tokio::test]
+async fn put_with_another_name_in_the_body_names_the_field() {
+    let h = Harness::new();
+    let answer = h
+        .json(Method::PUT, "/v1/namespaces/demo", ns("other"))
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&answer)["field"], "name");
+    assert_eq!(h.revision(), 0);
+}
+
+#[tokio::test]
+async fn malformed_json_is_a_400_with_serde_s_message() {
+    let h = Harness::new();
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/namespaces")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{\"name\": \"demo\",\n  \"hosts\": [oops]}"))
+        .expect("request");
+    let answer = h.send(request).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&answer)["code"], "invalid_argument");
+    let message = error(&answer)["message"].as_str().expect("message");
+    assert!(message.contains("line 2"), "{message}");
+
+    let unknown_field = h
+        .json(
+            Method::POST,
+            "/v1/namespaces",
+            json!({"name": "demo", "hostz": []}),
+        )
+        .await;
+    assert_eq!(unknown_field.status, StatusCode::BAD_REQUEST);
+    let message = error(&unknown_field)["message"].as_str().expect("message");
+    assert!(message.contains("hostz"), "{message}");
+}
+
+#[tokio::test]
+async fn a_non_json_content_type_is_refused() {
+    let h = Harness::new();
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/namespaces")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from("name=demo"))
+        .expect("request");
+    let answer = h.send(request).await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(error(&answer)["code"], "unsupported_media_type");
+}
+
+#[tokio::test]
+async fn malformed_yaml_and_empty_documents_are_400s() {
+    let h = Harness::new();
+    let answer = h.apply("namespaces: [name: {", false).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+    assert_eq!(error(&answer)["code"], "invalid_argument");
+    assert!(
+        error(&answer)["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+
+    let answer = h.apply("   \n", false).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&answer)["message"], "the document is empty");
+    assert_eq!(h.revision(), 0);
+}
+
+#[tokio::test]
+async fn an_unknown_kind_is_a_404_naming_it() {
+    let h = Harness::new();
+    for uri in ["/v1/widgets", "/v1/widgets/a/b"] {
+        let answer = h.get(uri).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{uri}");
+        let message = error(&answer)["message"].as_str().expect("message");
+        assert!(message.contains("`widgets`"), "{message}");
+        assert!(message.contains("backends"), "{message}");
+    }
+    let nowhere = h.get("/nowhere").await;
+    assert_eq!(nowhere.status, StatusCode::NOT_FOUND);
+    assert_eq!(error(&nowhere)["code"], "not_found");
+}
+
+#[tokio::test]
+async fn a_missing_required_field_is_named() {
+    let h = Harness::new();
+    h.json(Method::POST, "/v1/namespaces", ns("demo")).await;
+    let answer = h
+        .json(Method::POST, "/v1/backends", json!({"name": "demo/web"}))
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&answer)["field"], "endpoints");
+
+    let answer = h
+        .json(
+            Method::POST,
+            "/v1/routes",
+            json!({"name": "demo/root", "backend": "web"}),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&answer)["field"], "match");
+
+    let answer = h
+        .apply(
+            "backends:\n  - name: demo/web\n    endpoints: [{address: nope}]\n",
+            false,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&answer)["field"], "backends[0].endpoints[0].address");
+    assert_eq!(h.revision(), 1);
+}
+
+#[tokio::test]
+async fn a_dangling_backend_reference_is_refused_and_nothing_changes() {
+    let h = Harness::new();
+    h.json(Method::POST, "/v1/namespaces", ns("demo")).await;
+    let answer = h
+        .json(Method::POST, "/v1/routes", route("demo/root", "/", "web"))
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&answer)["field"], "backend");
+    assert_eq!(error(&answer)["resource"], "Route demo/root");
+    assert_eq!(h.revision(), 1);
+
+    // Nor can a backend a route points at be deleted.
+    assert_eq!(h.apply(QUICKSTART, false).await.status, StatusCode::OK);
+    let revision = h.revision();
+    let answer = h
+        .call(Method::DELETE, "/v1/backends/demo/web", Body::empty())
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&answer)["field"], "backend");
+    assert_eq!(error(&answer)["resource"], "Route demo/root");
+    assert_eq!(h.revision(), revision);
+    assert_eq!(h.get("/v1/backends/demo/web").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn apply_reports_changes_and_dry_run_writes_nothing() {
+    let h = Harness::new();
+    let dry = h.apply(QUICKSTART, true).await;
+    assert_eq!(dry.status, StatusCode::OK, "{}", dry.body);
+    assert_eq!(dry.body["dry_run"], true);
+    assert_eq!(dry.body["revision"], 0);
+    assert_eq!(dry.body["unchanged"], false);
+    let changes: Vec<(&str, &str, &str)> = dry.body["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| {
+            (
+                c["op"].as_str().unwrap_or_default(),
+                c["kind"].as_str().unwrap_or_default(),
+                c["name"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("create", "Namespace", "demo"),
+            ("create", "Backend", "demo/web"),
+            ("create", "Route", "demo/root"),
+        ]
+    );
+    assert_eq!(h.revision(), 0);
+    assert_eq!(
+        h.get("/v1/namespaces/demo").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let applied = h.apply(QUICKSTART, false).await;
+    assert_eq!(applied.status, StatusCode::OK);
+    assert_eq!(applied.body["revision"], 1);
+    assert_eq!(applied.body["dry_run"], false);
+    assert_eq!(applied.body["changes"], dry.body["changes"]);
+
+    // Re-applying is a no-op that does not bump the revision.
+    let again = h.apply(QUICKSTART, false).await;
+    assert_eq!(again.body["revision"], 1);
+    assert_eq!(again.body["unchanged"], true);
+    assert_eq!(again.body["changes"], json!([]));
+
+    let changed = QUICKSTART.replace("8081", "8082");
+    let dry = h.apply(&changed, true).await;
+    assert_eq!(dry.body["changes"][0]["op"], "update");
+    assert_eq!(dry.body["changes"][0]["name"], "demo/web");
+    assert_eq!(h.revision(), 1);
+
+    // The change log records who applied what.
+    let history = h.get("/v1/history").await;
+    assert_eq!(history.body["items"][0]["action"], "apply");
+    assert_eq!(history.body["items"][0]["actor"], "tester");
+}
+
+#[tokio::test]
+async fn apply_is_all_or_nothing() {
+    let h = Harness::new();
+    // The namespace and backend are fine; the route points nowhere.
+    let document = QUICKSTART.replace("backend: web", "backend: missing");
+    let answer = h.apply(&document, false).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&answer)["field"], "backend");
+    assert_eq!(h.revision(), 0);
+    assert_eq!(h.get("/v1/namespaces").await.body["items"], json!([]));
+    assert_eq!(h.get("/v1/backends").await.body["items"], json!([]));
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_413_in_the_error_shape() {
+    let h = Harness::new();
+    let big = "#".repeat(MAX_BODY_BYTES + 1);
+    let answer = h.apply(&big, false).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error(&answer)["code"], "payload_too_large");
+}
+
+#[tokio::test]
+async fn proxies_and_health_are_served() {
+    let h = Harness::new();
+    h.apply(QUICKSTART, false).await;
+    h.state.fleet.connected(NodeInfo {
+        id: "proxy-1".into(),
+        zone: "eu-west-1a".into(),
+        region: "eu-west-1".into(),
+        address: "10.0.0.1:8080".into(),
+    });
+    h.state.fleet.batch_acked("proxy-1", 1);
+    let answer = h.get("/v1/proxies").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body["revision"], 1);
+    assert_eq!(answer.body["proxies"][0]["id"], "proxy-1");
+    assert_eq!(answer.body["proxies"][0]["lag"], 0);
+
+    let health = h.get("/healthz").await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(health.body, Value::String("ok".into()));
+}
+
+#[tokio::test]
+async fn the_actor_defaults_to_anonymous() {
+    let h = Harness::new();
+    h.json(Method::POST, "/v1/namespaces", ns("demo")).await;
+    let history = h.state.store.history(1).expect("history");
+    assert_eq!(history[0].actor, "anonymous");
+    assert_eq!(history[0].action, "create");
+}

@@ -1,0 +1,234 @@
+use std::collections::HashMap;
+
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prism_proto::Resource;
+use prism_proto::pb::config::v1::{Backend, Endpoint, Namespace, Route, RouteMatch, route_match};
+
+use super::*;
+
+fn snapshot(revision: u64, port: u16) -> Arc<Snapshot> {
+    Arc::new(Snapshot::from_resources(
+        revision,
+        [
+            Resource::Namespace(Namespace {
+                name: "demo".into(),
+                hosts: vec!["demo.local".into()],
+                ..Default::default()
+            }),
+            Resource::Backend(Backend {
+                name: "demo/web".into(),
+                endpoints: vec![Endpoint {
+                    address: format!("127.0.0.1:{port}"),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            Resource::Route(Route {
+                name: "demo/root".into(),
+                r#match: Some(RouteMatch {
+                    host: String::new(),
+                    path: Some(route_match::Path::Prefix("/".into())),
+                }),
+                backend: "web".into(),
+                timeout: None,
+            }),
+        ],
+    ))
+}
+
+fn subscribe(kind: Kind) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "proxy-1".into(),
+            ..Default::default()
+        }),
+        type_url: kind.type_url().into(),
+        ..Default::default()
+    }
+}
+
+fn ack(response: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: response.type_url.clone(),
+        response_nonce: response.nonce.clone(),
+        ..Default::default()
+    }
+}
+
+fn nack(response: &DeltaDiscoveryResponse, message: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: message.into(),
+            details: vec![],
+        }),
+        ..ack(response)
+    }
+}
+
+/// Subscribes to every kind and returns the first batch.
+fn connect(state: &mut StreamState, snap: &Arc<Snapshot>) -> Vec<DeltaDiscoveryResponse> {
+    Kind::ALL
+        .into_iter()
+        .flat_map(|kind| state.on_request(subscribe(kind), snap).expect("accepted"))
+        .collect()
+}
+
+fn names(response: &DeltaDiscoveryResponse) -> Vec<&str> {
+    response.resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+#[test]
+fn first_batch_carries_every_kind_at_one_revision() {
+    let fleet = Fleet::default();
+    let mut state = StreamState::new(fleet.clone());
+    let snap = snapshot(7, 1000);
+    let batch = connect(&mut state, &snap);
+    assert_eq!(batch.len(), 3);
+    let kinds: Vec<_> = batch.iter().map(|r| r.type_url.as_str()).collect();
+    assert_eq!(kinds, Kind::ALL.map(Kind::type_url));
+    assert!(batch.iter().all(|r| r.system_version_info == "7"));
+    assert_eq!(names(&batch[1]), ["demo/web"]);
+    let nonces: std::collections::HashSet<_> = batch.iter().map(|r| r.nonce.clone()).collect();
+    assert_eq!(nonces.len(), 3, "every response has its own nonce");
+
+    for response in &batch {
+        assert!(
+            state
+                .on_request(ack(response), &snap)
+                .expect("ack")
+                .is_empty()
+        );
+    }
+    let status = &fleet.list(7)[0];
+    assert_eq!(status.acked_revision, Some(7));
+    assert_eq!(status.lag, Some(0));
+}
+
+#[test]
+fn a_change_sends_only_what_changed_and_empty_responses_for_the_rest() {
+    let mut state = StreamState::new(Fleet::default());
+    let snap = snapshot(1, 1000);
+    for response in connect(&mut state, &snap) {
+        state.on_request(ack(&response), &snap).expect("ack");
+    }
+    let next = snapshot(2, 2000);
+    let batch = state.push(&next);
+    assert_eq!(batch.len(), 3);
+    assert!(batch[0].resources.is_empty() && batch[0].removed_resources.is_empty());
+    assert_eq!(names(&batch[1]), ["demo/web"]);
+    assert!(batch[2].resources.is_empty());
+
+    // Nothing more until the batch is answered, however far the policy moves.
+    assert!(state.push(&snapshot(3, 3000)).is_empty());
+}
+
+#[test]
+fn removals_are_named() {
+    let mut state = StreamState::new(Fleet::default());
+    let snap = snapshot(1, 1000);
+    for response in connect(&mut state, &snap) {
+        state.on_request(ack(&response), &snap).expect("ack");
+    }
+    let mut smaller = (*snap).clone();
+    smaller.remove(&prism_proto::ResourceKey::new(Kind::Route, "demo/root"));
+    smaller.revision = 2;
+    let batch = state.push(&Arc::new(smaller));
+    assert_eq!(batch[2].removed_resources, ["demo/root"]);
+}
+
+#[test]
+fn a_nack_is_recorded_and_the_rejected_revision_is_not_resent() {
+    let fleet = Fleet::default();
+    let mut state = StreamState::new(fleet.clone());
+    let snap = snapshot(1, 1000);
+    for response in connect(&mut state, &snap) {
+        state.on_request(ack(&response), &snap).expect("ack");
+    }
+    let bad = snapshot(2, 2000);
+    let batch = state.push(&bad);
+    for response in &batch {
+        let more = state
+            .on_request(nack(response, "backend demo/web: no"), &bad)
+            .expect("nack");
+        assert!(more.is_empty(), "the rejected revision must not be resent");
+    }
+    let status = &fleet.list(2)[0];
+    let last_nack = status.last_nack.as_ref().expect("nack recorded");
+    assert_eq!(last_nack.message, "backend demo/web: no");
+    assert_eq!(status.acked_revision, Some(1));
+    assert_eq!(status.lag, Some(1));
+
+    // The next revision is diffed against what the proxy really holds.
+    let fixed = snapshot(3, 3000);
+    let batch = state.push(&fixed);
+    assert_eq!(names(&batch[1]), ["demo/web"]);
+}
+
+#[test]
+fn a_resumed_stream_gets_only_what_changed() {
+    let snap = snapshot(5, 1000);
+    let mut state = StreamState::new(Fleet::default());
+    let batch: Vec<_> = Kind::ALL
+        .into_iter()
+        .flat_map(|kind| {
+            let held: HashMap<String, String> = snap
+                .of_kind(kind)
+                .map(|v| (v.resource.name().to_string(), v.version.clone()))
+                .collect();
+            let request = DeltaDiscoveryRequest {
+                initial_resource_versions: held,
+                ..subscribe(kind)
+            };
+            state.on_request(request, &snap).expect("accepted")
+        })
+        .collect();
+    assert_eq!(batch.len(), 3);
+    assert!(
+        batch
+            .iter()
+            .all(|r| r.resources.is_empty() && r.removed_resources.is_empty())
+    );
+
+    let mut state = StreamState::new(Fleet::default());
+    let stale = DeltaDiscoveryRequest {
+        initial_resource_versions: HashMap::from([("demo/gone".to_string(), "1".to_string())]),
+        ..subscribe(Kind::Backend)
+    };
+    let batch = state.on_request(stale, &snap).expect("accepted");
+    assert_eq!(batch[0].removed_resources, ["demo/gone"]);
+    assert_eq!(names(&batch[0]), ["demo/web"]);
+}
+
+#[test]
+fn bad_requests_end_the_stream_with_a_clear_status() {
+    let snap = snapshot(1, 1000);
+    let mut state = StreamState::new(Fleet::default());
+    let no_node = DeltaDiscoveryRequest {
+        node: None,
+        ..subscribe(Kind::Route)
+    };
+    let status = state.on_request(no_node, &snap).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("node.id"));
+
+    let unknown = DeltaDiscoveryRequest {
+        type_url: "type.googleapis.com/nope.Widget".into(),
+        ..subscribe(Kind::Route)
+    };
+    let status = state.on_request(unknown, &snap).unwrap_err();
+    assert!(status.message().contains("nope.Widget"));
+}
+
+#[test]
+fn stale_nonces_are_ignored() {
+    let snap = snapshot(1, 1000);
+    let mut state = StreamState::new(Fleet::default());
+    let batch = connect(&mut state, &snap);
+    let stale = DeltaDiscoveryRequest {
+        response_nonce: "0-999".into(),
+        ..ack(&batch[0])
+    };
+    assert!(state.on_request(stale, &snap).expect("ignored").is_empty());
+    assert!(state.inflight.is_some());
+}
