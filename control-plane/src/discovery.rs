@@ -164,12 +164,15 @@ struct KindState {
     sent_revision: Option<u64>,
 }
 
+/// Name → new version (`None`: removed) of the resources one response changes.
+type Changes = Vec<(String, Option<String>)>;
+
 #[derive(Debug)]
 struct Batch {
     revision: u64,
     snapshot: Arc<Snapshot>,
     /// Nonce → what the response changes, applied to `held` on ACK.
-    pending: HashMap<String, (Kind, Vec<(String, Option<String>)>)>,
+    pending: HashMap<String, (Kind, Changes)>,
     nacked: bool,
 }
 
@@ -218,15 +221,9 @@ impl StreamState {
 
         if !request.response_nonce.is_empty() {
             self.on_reply(kind, &request);
-        } else if !self.kinds.contains_key(&kind) {
+        } else if let std::collections::btree_map::Entry::Vacant(entry) = self.kinds.entry(kind) {
             let held = request.initial_resource_versions.into_iter().collect();
-            self.kinds.insert(
-                kind,
-                KindState {
-                    held,
-                    sent_revision: None,
-                },
-            );
+            entry.insert(KindState { held, sent_revision: None });
             // A kind that joins while a batch is out joins that batch, at its
             // revision, so the proxy can complete it.
             if let Some(batch) = &self.inflight {

@@ -256,8 +256,13 @@ impl Store {
         self.write(&candidate, &changes, &record)?;
         // Durability before acknowledgement: the caller answers 2xx only
         // once the transaction is on disk.
-        self.inner.db.flush_async().await?;
+        let flushed = self.inner.db.flush_async().await;
+        // The transaction is in sled's trees whether or not the flush worked,
+        // so the published snapshot follows it: the next commit must build on
+        // it rather than reuse its revision. A failed flush is still an error
+        // to the caller, who must not take the write as acknowledged.
         self.inner.snapshots.send_replace(Arc::new(candidate));
+        flushed?;
         info!(
             revision,
             actor,
