@@ -223,7 +223,10 @@ impl StreamState {
             self.on_reply(kind, &request);
         } else if let std::collections::btree_map::Entry::Vacant(entry) = self.kinds.entry(kind) {
             let held = request.initial_resource_versions.into_iter().collect();
-            entry.insert(KindState { held, sent_revision: None });
+            entry.insert(KindState {
+                held,
+                sent_revision: None,
+            });
             // A kind that joins while a batch is out joins that batch, at its
             // revision, so the proxy can complete it.
             if let Some(batch) = &self.inflight {

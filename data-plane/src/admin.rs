@@ -1,0 +1,150 @@
+//! The proxy's own admin listener: readiness, liveness and a dump of the
+//! accepted configuration. Read-only; it never changes the runtime.
+
+use std::sync::Arc;
+
+use http::{Method, StatusCode, header};
+use hyper::{Request, Response};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::discovery::Status;
+use crate::server::{self, Body, full};
+
+/// Serves the admin endpoints on `listener` until `shutdown` turns true.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    node_id: Arc<str>,
+    status: watch::Receiver<Status>,
+    shutdown: watch::Receiver<bool>,
+) {
+    server::serve(listener, shutdown, move |request, _remote| {
+        let response = respond(&request, &node_id, &status.borrow());
+        async move { response }
+    })
+    .await;
+}
+
+fn respond<B>(request: &Request<B>, node_id: &str, status: &Status) -> Response<Body> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match request.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/ready" if status.accepted.is_some() => text(StatusCode::OK, "ready\n"),
+        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "no configuration yet\n"),
+        "/config_dump" => {
+            let dump = config_dump(node_id, status);
+            let mut response = Response::new(full(format!("{dump:#}\n")));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn config_dump(node_id: &str, status: &Status) -> serde_json::Value {
+    let resources: Vec<serde_json::Value> = status
+        .accepted
+        .iter()
+        .flat_map(|s| s.iter())
+        .map(|v| {
+            json!({
+                "kind": v.resource.kind().as_str(),
+                "name": v.resource.name(),
+                "version": v.version,
+            })
+        })
+        .collect();
+    json!({
+        "node_id": node_id,
+        "revision": status.accepted.as_ref().map(|s| s.revision),
+        "resources": resources,
+        "last_nack": status.last_nack.as_ref().map(|n| json!({
+            "revision": n.revision,
+            "message": n.message,
+        })),
+    })
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use prism_proto::pb::config::v1::Namespace;
+    use prism_proto::{Resource, Snapshot};
+
+    use super::*;
+    use crate::discovery::Nack;
+
+    async fn get(path: &str, status: &Status) -> (StatusCode, String) {
+        let request = Request::get(path).body(()).expect("request");
+        let response = respond(&request, "node-1", status);
+        let code = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (code, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn ready_follows_the_first_accepted_config() {
+        let mut status = Status::default();
+        assert_eq!(
+            get("/ready", &status).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(get("/healthz", &status).await.0, StatusCode::OK);
+        status.accepted = Some(Snapshot::empty(1));
+        assert_eq!(get("/ready", &status).await.0, StatusCode::OK);
+        assert_eq!(get("/nope", &status).await.0, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn config_dump_lists_resources_and_the_last_nack() {
+        let mut status = Status::default();
+        let (_, body) = get("/config_dump", &status).await;
+        let dump: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(dump["revision"], serde_json::Value::Null);
+        assert_eq!(dump["last_nack"], serde_json::Value::Null);
+
+        status.accepted = Some(Snapshot::from_resources(
+            4,
+            [Resource::Namespace(Namespace {
+                name: "demo".into(),
+                ..Default::default()
+            })],
+        ));
+        status.last_nack = Some(Nack {
+            revision: Some(5),
+            message: "Route demo/r: backend: missing".into(),
+        });
+        let (_, body) = get("/config_dump", &status).await;
+        let dump: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(dump["node_id"], "node-1");
+        assert_eq!(dump["revision"], 4);
+        assert_eq!(dump["resources"][0]["kind"], "Namespace");
+        assert_eq!(dump["resources"][0]["name"], "demo");
+        assert_eq!(dump["last_nack"]["revision"], 5);
+        assert_eq!(
+            dump["last_nack"]["message"],
+            "Route demo/r: backend: missing"
+        );
+    }
+}

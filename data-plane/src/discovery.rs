@@ -1,0 +1,258 @@
+//! The discovery client: one ADS `DeltaAggregatedResources` stream to the
+//! control plane, reconnecting with backoff. Responses go through the
+//! [`Stager`]; a complete valid batch is compiled into a [`Runtime`] and stored
+//! with one `ArcSwap::store`, then ACKed. This is the only module that knows tonic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::google::protobuf::{Struct, Value, value};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prism_proto::{Kind, Snapshot};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use crate::Config;
+use crate::runtime::{OwnAddresses, Runtime};
+use crate::stager::{Offer, Reply, Stager};
+
+/// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
+const INVALID_ARGUMENT: i32 = 3;
+/// The node cluster every Prism proxy reports.
+const NODE_CLUSTER: &str = "prism-proxy";
+
+/// What the proxy admin shows about configuration.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Status {
+    /// The accepted snapshot, `None` until the first one.
+    pub accepted: Option<Snapshot>,
+    pub last_nack: Option<Nack>,
+}
+
+/// The most recent rejected batch.
+#[derive(Clone, Debug)]
+pub(crate) struct Nack {
+    pub revision: Option<u64>,
+    pub message: String,
+}
+
+/// Why one discovery stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream failed: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("the request stream closed")]
+    Closed,
+}
+
+/// Exponential backoff with jitter: 100 ms doubling up to 5 s, each delay
+/// drawn uniformly from its upper half so a fleet does not reconnect in step.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(100);
+    const CAP: Duration = Duration::from_secs(5);
+
+    pub(crate) fn new() -> Self {
+        Self { next: Self::BASE }
+    }
+
+    /// The delay before the next attempt.
+    pub(crate) fn delay(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    /// Starts over after a success.
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::BASE;
+    }
+}
+
+/// Builds the channel endpoint for `config.control_plane`.
+pub(crate) fn endpoint(config: &Config) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(config.control_plane.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10)))
+}
+
+/// Keeps a discovery stream open forever, reconnecting with backoff. Stops
+/// only when the task is aborted.
+pub(crate) async fn run(
+    config: Arc<Config>,
+    endpoint: Endpoint,
+    runtime: Arc<ArcSwap<Runtime>>,
+    status: watch::Sender<Status>,
+    own: OwnAddresses,
+) {
+    let mut stager = Stager::default();
+    let mut backoff = Backoff::new();
+    loop {
+        let result = stream(
+            &config,
+            &endpoint,
+            &runtime,
+            &status,
+            &mut stager,
+            &mut backoff,
+            &own,
+        )
+        .await;
+        match result {
+            Ok(()) => info!("Control plane closed the discovery stream."),
+            Err(error) => {
+                warn!(%error, control_plane = %config.control_plane, "Discovery stream failed.")
+            }
+        }
+        stager.reset();
+        let delay = backoff.delay();
+        debug!(?delay, "Reconnecting to the control plane.");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// One stream: subscribe to every kind, then stage, apply and answer responses.
+async fn stream(
+    config: &Config,
+    endpoint: &Endpoint,
+    runtime: &ArcSwap<Runtime>,
+    status: &watch::Sender<Status>,
+    stager: &mut Stager,
+    backoff: &mut Backoff,
+    own: &OwnAddresses,
+) -> Result<(), StreamError> {
+    let channel = endpoint.connect().await?;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (requests, outgoing) = mpsc::channel(16);
+    for kind in Kind::ALL {
+        requests
+            .send(subscribe(config, kind, stager))
+            .await
+            .map_err(|_| StreamError::Closed)?;
+    }
+    let mut responses = client
+        .delta_aggregated_resources(ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    info!(control_plane = %config.control_plane, "Subscribed to the control plane.");
+
+    while let Some(response) = responses.message().await? {
+        debug!(
+            type_url = %response.type_url,
+            revision = %response.system_version_info,
+            nonce = %response.nonce,
+            "Discovery response."
+        );
+        match stager.offer(response) {
+            Offer::Waiting => {}
+            Offer::Ready { candidate, changed } => {
+                let revision = candidate.revision;
+                let compiled = if changed {
+                    Runtime::compile_for(&candidate, &runtime.load(), own).map(Some)
+                } else {
+                    Ok(None)
+                };
+                match compiled {
+                    Ok(next) => {
+                        if let Some(next) = next {
+                            runtime.store(Arc::new(next));
+                        }
+                        if let Some(accepted) = stager.commit() {
+                            let accepted = accepted.clone();
+                            status.send_modify(|s| s.accepted = Some(accepted));
+                        }
+                        backoff.reset();
+                        info!(revision, changed, "Applied configuration.");
+                    }
+                    Err(error) => {
+                        let message = error.to_string();
+                        stager.reject(&message);
+                        warn!(%error, revision, "Rejected configuration.");
+                        record_nack(status, Some(revision), message);
+                    }
+                }
+            }
+            Offer::Rejected { revision, message } => {
+                warn!(error = %message, ?revision, "Rejected configuration.");
+                record_nack(status, revision, message);
+            }
+        }
+        for reply in stager.take_replies() {
+            requests
+                .send(answer(reply))
+                .await
+                .map_err(|_| StreamError::Closed)?;
+        }
+    }
+    Ok(())
+}
+
+fn record_nack(status: &watch::Sender<Status>, revision: Option<u64>, message: String) {
+    status.send_modify(|s| s.last_nack = Some(Nack { revision, message }));
+}
+
+/// The subscription for one kind: wildcard, resuming from what was accepted.
+fn subscribe(config: &Config, kind: Kind, stager: &Stager) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: Some(node(config)),
+        type_url: kind.type_url().to_string(),
+        initial_resource_versions: stager.initial_versions(kind),
+        ..Default::default()
+    }
+}
+
+/// An ACK or NACK.
+fn answer(reply: Reply) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: reply.type_url,
+        response_nonce: reply.nonce,
+        error_detail: reply.error.map(|message| RpcStatus {
+            code: INVALID_ARGUMENT,
+            message,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(config: &Config) -> Node {
+    let mut metadata = Struct::default();
+    if !config.advertise_address.is_empty() {
+        metadata.fields.insert(
+            "advertise_address".to_string(),
+            Value {
+                kind: Some(value::Kind::StringValue(config.advertise_address.clone())),
+            },
+        );
+    }
+    Node {
+        id: config.node_id.clone(),
+        cluster: NODE_CLUSTER.to_string(),
+        locality: Some(Locality {
+            region: config.region.clone(),
+            zone: config.zone.clone(),
+            ..Default::default()
+        }),
+        metadata: Some(metadata),
+        user_agent_name: "prism-proxy".to_string(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

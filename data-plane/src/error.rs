@@ -1,0 +1,17 @@
+//! Errors of the proxy's top level: what can stop `run` from starting or finishing.
+
+/// Why [`crate::run`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `Config::control_plane` is not a URL the discovery client can dial.
+    #[error("invalid control plane address `{address}`: {source}")]
+    InvalidControlPlane {
+        address: String,
+        /// The transport's reason, boxed so no tonic type leaks past `discovery`.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A serving task panicked or was cancelled before shutdown finished.
+    #[error("a proxy task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}

@@ -1,0 +1,281 @@
+//! Flags and subcommands of `prism`, and their dispatch.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::client::{AdminClient, Output};
+use crate::up::{UpConfig, bind};
+
+/// Prism: a control plane and a fleet of data-plane proxies.
+#[derive(Debug, Parser)]
+#[command(name = "prism", version, about)]
+pub struct Cli {
+    /// Admin API used by the operator commands.
+    #[arg(
+        long,
+        global = true,
+        env = "PRISM_ADMIN_URL",
+        default_value = "http://127.0.0.1:9000"
+    )]
+    pub admin_url: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Control plane, one proxy and a demo upstream in one process.
+    Up {
+        /// Where the control plane keeps its sled store.
+        #[arg(long, env = "PRISM_DATA_DIR", default_value = "./prism-data")]
+        data_dir: PathBuf,
+        #[arg(long, env = "PRISM_ADMIN_ADDR", default_value = "127.0.0.1:9000")]
+        admin_addr: SocketAddr,
+        #[arg(long, env = "PRISM_XDS_ADDR", default_value = "127.0.0.1:18000")]
+        xds_addr: SocketAddr,
+        #[arg(long, env = "PRISM_PROXY_ADDR", default_value = "127.0.0.1:8080")]
+        proxy_addr: SocketAddr,
+        #[arg(long, env = "PRISM_PROXY_ADMIN_ADDR", default_value = "127.0.0.1:9901")]
+        proxy_admin_addr: SocketAddr,
+        #[arg(long, env = "PRISM_DEMO_ADDR", default_value = "127.0.0.1:8081")]
+        demo_addr: SocketAddr,
+    },
+    /// The control plane: sled store, admin API, xDS discovery server.
+    ControlPlane {
+        #[arg(long, env = "PRISM_DATA_DIR", default_value = "./prism-data")]
+        data_dir: PathBuf,
+        #[arg(long, env = "PRISM_ADMIN_ADDR", default_value = "127.0.0.1:9000")]
+        admin_addr: SocketAddr,
+        #[arg(long, env = "PRISM_XDS_ADDR", default_value = "0.0.0.0:18000")]
+        xds_addr: SocketAddr,
+    },
+    /// A data-plane proxy that subscribes to a control plane.
+    Proxy {
+        #[arg(
+            long,
+            env = "PRISM_CONTROL_PLANE",
+            default_value = "http://127.0.0.1:18000"
+        )]
+        control_plane: String,
+        #[arg(long, env = "PRISM_PROXY_ADDR", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        #[arg(long, env = "PRISM_PROXY_ADMIN_ADDR", default_value = "127.0.0.1:9901")]
+        admin_addr: SocketAddr,
+        /// Unique id of this proxy in the fleet; host name and pid by default.
+        #[arg(long, env = "PRISM_NODE_ID")]
+        node_id: Option<String>,
+        #[arg(long, env = "PRISM_ZONE", default_value = "")]
+        zone: String,
+        #[arg(long, env = "PRISM_REGION", default_value = "")]
+        region: String,
+        /// Address clients use to reach this proxy; the listen address by default.
+        #[arg(long, env = "PRISM_ADVERTISE_ADDRESS")]
+        advertise_address: Option<String>,
+    },
+    /// A small HTTP server that names itself in every answer.
+    DemoUpstream {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    /// Apply a policy document (YAML or JSON): all of it, or nothing.
+    Apply {
+        /// The document; `-` reads standard input.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Show what would change without changing it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show resources of a kind (namespaces, backends, routes), or one by name.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+        output: Output,
+    },
+    /// Delete one resource.
+    Delete { kind: String, name: String },
+    /// The proxy fleet: revision ACKed, lag, last NACK.
+    Status,
+}
+
+/// Runs the command; the process exit code says whether it worked.
+pub fn main(cli: Cli) -> ExitCode {
+    let serving = matches!(
+        cli.command,
+        Command::Up { .. }
+            | Command::ControlPlane { .. }
+            | Command::Proxy { .. }
+            | Command::DemoUpstream { .. }
+    );
+    let default_level = if serving { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let client = AdminClient::new(&cli.admin_url);
+    match cli.command {
+        Command::Up {
+            data_dir,
+            admin_addr,
+            xds_addr,
+            proxy_addr,
+            proxy_admin_addr,
+            demo_addr,
+        } => {
+            let config = UpConfig {
+                data_dir,
+                admin_addr,
+                xds_addr,
+                proxy_addr,
+                proxy_admin_addr,
+                demo_addr,
+                node_id: default_node_id(),
+                zone: "local".into(),
+            };
+            crate::up::run(config, shutdown_signal()).await
+        }
+        Command::ControlPlane {
+            data_dir,
+            admin_addr,
+            xds_addr,
+        } => {
+            let admin = bind("admin API", admin_addr).await?;
+            let xds = bind("discovery server", xds_addr).await?;
+            // Tests and scripts read this line to learn ports chosen by the OS.
+            println!(
+                "listening: admin=http://{} xds=http://{}",
+                admin.local_addr()?,
+                xds.local_addr()?
+            );
+            prism_control_plane::run(
+                prism_control_plane::Config { data_dir },
+                prism_control_plane::Listeners { admin, xds },
+                shutdown_signal(),
+            )
+            .await
+            .context("control plane")
+        }
+        Command::Proxy {
+            control_plane,
+            listen,
+            admin_addr,
+            node_id,
+            zone,
+            region,
+            advertise_address,
+        } => {
+            let proxy = bind("proxy", listen).await?;
+            let admin = bind("proxy admin", admin_addr).await?;
+            let proxy_addr = proxy.local_addr()?;
+            println!(
+                "listening: proxy=http://{proxy_addr} admin=http://{}",
+                admin.local_addr()?
+            );
+            let config = prism_data_plane::Config {
+                control_plane,
+                node_id: node_id.unwrap_or_else(default_node_id),
+                zone,
+                region,
+                advertise_address: advertise_address.unwrap_or_else(|| proxy_addr.to_string()),
+            };
+            prism_data_plane::run(
+                config,
+                prism_data_plane::Listeners { proxy, admin },
+                shutdown_signal(),
+            )
+            .await
+            .context("proxy")
+        }
+        Command::DemoUpstream { listen, name } => {
+            let listener = bind("demo upstream", listen).await?;
+            println!("listening: demo=http://{}", listener.local_addr()?);
+            crate::demo::serve(listener, name, shutdown_signal()).await;
+            Ok(())
+        }
+        Command::Apply { file, dry_run } => {
+            let document = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("cannot read standard input")?;
+                text
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            print!("{}", client.apply(document, dry_run).await?);
+            Ok(())
+        }
+        Command::Get { kind, name, output } => {
+            print!("{}", client.get(&kind, name.as_deref(), output).await?);
+            Ok(())
+        }
+        Command::Delete { kind, name } => {
+            print!("{}", client.delete(&kind, &name).await?);
+            Ok(())
+        }
+        Command::Status => {
+            print!("{}", client.status().await?);
+            Ok(())
+        }
+    }
+}
+
+/// `<host name>-<pid>`: unique enough for a proxy that was given no id.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "prism".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("Shutting down.");
+}

@@ -1,0 +1,162 @@
+//! The operator commands' side of the admin API: `apply`, `get`, `delete`,
+//! `status`. Turns answers into short text, and API errors into messages that
+//! name the field.
+
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use prism_proto::{Kind, Resource, policy_to_yaml};
+use serde_json::Value;
+
+/// Output format of `prism get`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Yaml,
+    Json,
+}
+
+/// A client of the admin API at `base` (e.g. `http://127.0.0.1:9000`).
+#[derive(Clone, Debug)]
+pub struct AdminClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// `POST /v1/apply` with the document at `path` (`-` reads stdin).
+    pub async fn apply(&self, document: String, dry_run: bool) -> anyhow::Result<String> {
+        let url = format!("{}/v1/apply?dry_run={dry_run}", self.base);
+        let answer = self
+            .send(
+                self.http
+                    .post(url)
+                    .header("content-type", "application/yaml")
+                    .body(document),
+            )
+            .await?;
+        let revision = answer["revision"].as_u64().unwrap_or_default();
+        let changes = answer["changes"].as_array().cloned().unwrap_or_default();
+        let mut out = String::new();
+        if changes.is_empty() {
+            out.push_str(&format!("unchanged (revision {revision})\n"));
+        } else {
+            let verb = if dry_run { "would apply" } else { "applied" };
+            out.push_str(&format!("{verb} at revision {revision}:\n"));
+            for change in changes {
+                let text = |k: &str| change[k].as_str().unwrap_or("?").to_string();
+                out.push_str(&format!(
+                    "  {:<7} {} {}\n",
+                    text("op"),
+                    text("kind"),
+                    text("name")
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `GET /v1/{kind}` or `GET /v1/{kind}/{name}`, rendered as a policy document.
+    pub async fn get(
+        &self,
+        kind: &str,
+        name: Option<&str>,
+        output: Output,
+    ) -> anyhow::Result<String> {
+        let kind = Kind::from_str(kind)?;
+        let url = match name {
+            Some(name) => format!("{}/v1/{}/{name}", self.base, kind.plural()),
+            None => format!("{}/v1/{}", self.base, kind.plural()),
+        };
+        let answer = self.send(self.http.get(url)).await?;
+        let items = match name {
+            Some(_) => vec![answer],
+            None => answer["items"].as_array().cloned().unwrap_or_default(),
+        };
+        match output {
+            Output::Json => Ok(format!(
+                "{}\n",
+                serde_json::to_string_pretty(&Value::Array(items))?
+            )),
+            Output::Yaml => {
+                let resources = items
+                    .into_iter()
+                    .map(|item| Resource::from_json(kind, item))
+                    .collect::<Result<Vec<_>, _>>()
+                    .context("the admin API answered with a resource this CLI cannot read")?;
+                Ok(policy_to_yaml(&resources))
+            }
+        }
+    }
+
+    /// `DELETE /v1/{kind}/{name}`.
+    pub async fn delete(&self, kind: &str, name: &str) -> anyhow::Result<String> {
+        let kind = Kind::from_str(kind)?;
+        let url = format!("{}/v1/{}/{name}", self.base, kind.plural());
+        let answer = self.send(self.http.delete(url)).await?;
+        Ok(format!(
+            "deleted {kind} {name} (revision {})\n",
+            answer["revision"]
+        ))
+    }
+
+    /// `GET /v1/proxies`, as a table.
+    pub async fn status(&self) -> anyhow::Result<String> {
+        let answer = self
+            .send(self.http.get(format!("{}/v1/proxies", self.base)))
+            .await?;
+        let mut out = format!("revision {}\n", answer["revision"]);
+        out.push_str(&format!(
+            "{:<24} {:<12} {:<10} {:<8} {:<5} LAST NACK\n",
+            "PROXY", "ZONE", "CONNECTED", "ACKED", "LAG"
+        ));
+        for proxy in answer["proxies"].as_array().cloned().unwrap_or_default() {
+            let show = |v: &Value| match v {
+                Value::Null => "-".to_string(),
+                Value::String(s) if s.is_empty() => "-".to_string(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!(
+                "{:<24} {:<12} {:<10} {:<8} {:<5} {}\n",
+                show(&proxy["id"]),
+                show(&proxy["zone"]),
+                show(&proxy["connected"]),
+                show(&proxy["acked_revision"]),
+                show(&proxy["lag"]),
+                show(&proxy["last_nack"]["message"]),
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the admin API at {}", self.base))?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let error = &body["error"];
+        let mut message = error["message"]
+            .as_str()
+            .unwrap_or("the admin API refused the request")
+            .to_string();
+        if let Some(field) = error["field"].as_str().filter(|f| !f.is_empty()) {
+            message = format!("{field}: {message}");
+        }
+        if let Some(resource) = error["resource"].as_str().filter(|r| !r.is_empty()) {
+            message = format!("{resource}: {message}");
+        }
+        bail!("{message} (HTTP {})", status.as_u16())
+    }
+}

@@ -1,0 +1,144 @@
+//! The operator commands and `prism up`, run as the real binary.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use support::{ControlPlane, eventually, get};
+
+fn prism(admin: &str, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_prism"))
+        .args(args)
+        .env("PRISM_ADMIN_URL", admin)
+        .output()
+        .expect("prism runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_get_delete_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let quickstart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/quickstart.yaml"
+    );
+    let admin = cp.admin.clone();
+
+    let run = move |args: Vec<&'static str>| {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || prism(&admin, &args))
+    };
+    let (ok, out, err) = run(vec!["apply", "-f", quickstart, "--dry-run"])
+        .await
+        .expect("join");
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("would apply") && out.contains("Backend demo/upstream"),
+        "{out}"
+    );
+    let (ok, out, err) = run(vec!["apply", "-f", quickstart]).await.expect("join");
+    assert!(ok, "{err}");
+    assert!(out.contains("revision 1"), "{out}");
+
+    let (ok, out, _) = run(vec!["get", "backends"]).await.expect("join");
+    assert!(ok);
+    assert!(
+        out.contains("name: demo/upstream") && out.contains("127.0.0.1:8081"),
+        "{out}"
+    );
+    let (ok, out, _) = run(vec!["get", "route", "demo/root", "-o", "json"])
+        .await
+        .expect("join");
+    assert!(ok && out.contains("\"backend\": \"upstream\""), "{out}");
+
+    let (ok, _, err) = run(vec!["delete", "backends", "demo/upstream"])
+        .await
+        .expect("join");
+    assert!(!ok, "a referenced backend cannot go");
+    assert!(err.contains("backend") && err.contains("HTTP 400"), "{err}");
+    let (ok, out, err) = run(vec!["delete", "routes", "demo/root"])
+        .await
+        .expect("join");
+    assert!(ok, "{err}");
+    assert!(out.contains("revision 2"), "{out}");
+    let (ok, _, err) = run(vec!["get", "widgets"]).await.expect("join");
+    assert!(!ok && err.contains("unknown kind `widgets`"), "{err}");
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prism_up_serves_the_quickstart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
+        .args([
+            "up",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--xds-addr",
+            "127.0.0.1:0",
+            "--proxy-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--proxy-admin-addr",
+            "127.0.0.1:0",
+            "--demo-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("prism up starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut urls = std::collections::HashMap::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        if line.starts_with("Next:") {
+            break;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(at) = words.iter().position(|w| w.starts_with("http://")) {
+            urls.insert(words[..at].join(" "), words[at].to_string());
+        }
+    }
+    let (admin, proxy, demo) = (&urls["admin API"], &urls["proxy"], &urls["demo upstream"]);
+    let admin = admin.trim_end_matches("/v1/").to_string();
+    let demo_addr = demo.trim_start_matches("http://");
+    let quickstart = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/quickstart.yaml"
+    ))
+    .expect("quickstart")
+    .replace("127.0.0.1:8081", demo_addr);
+    let file = dir.path().join("quickstart.yaml");
+    std::fs::write(&file, quickstart).expect("write");
+
+    let path = file.to_string_lossy().into_owned();
+    let admin2 = admin.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || prism(&admin2, &["apply", "-f", &path]))
+        .await
+        .expect("join");
+    assert!(ok, "{err}");
+    let http = reqwest::Client::new();
+    let answer = eventually("the quickstart answers through the proxy", || async {
+        let answer = get(&http, proxy, "demo.local", "/").await;
+        (answer.status == 200).then_some(answer)
+    })
+    .await;
+    assert!(answer.body.contains("Prism demo upstream"), "{answer:?}");
+    let (ok, out, _) = tokio::task::spawn_blocking(move || prism(&admin, &["status"]))
+        .await
+        .expect("join");
+    assert!(ok && out.contains("local"), "{out}");
+
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,155 @@
+//! The control plane as a separate process: killed with SIGKILL and started
+//! again on the same data directory, it keeps every acknowledged write and
+//! its revision keeps increasing; the proxy serves throughout and converges.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use reqwest::Method;
+use support::{Admin, Proxy, Upstream, eventually, get, policy};
+
+/// A `prism control-plane` child process and the addresses it printed.
+struct Process {
+    child: Child,
+    admin: String,
+    xds: String,
+}
+
+impl Process {
+    fn start(data_dir: &Path, admin: &str, xds: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
+            .args([
+                "control-plane",
+                "--admin-addr",
+                admin,
+                "--xds-addr",
+                xds,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("prism starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("prism prints its addresses");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+                .to_string()
+        };
+        Self {
+            admin: field("admin"),
+            xds: field("xds"),
+            child,
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_and_the_proxy_reconverges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Process::start(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let admin = Admin::new(&cp.admin);
+    eventually("admin API up", || async {
+        reqwest::get(format!("{}/healthz", cp.admin)).await.ok()
+    })
+    .await;
+    let proxy = Proxy::start(&cp.xds, "proxy-restart").await;
+    let (one, two) = (Upstream::start("one").await, Upstream::start("two").await);
+    let http = reqwest::Client::new();
+
+    let mut last = 0;
+    for i in 0..5 {
+        let up = if i % 2 == 0 { &one } else { &two };
+        last = admin
+            .apply(&policy("app", "app.test", &format!("web{i}"), up.addr, "/"))
+            .await;
+    }
+    proxy.converge(last).await;
+    let (_, routes_before) = admin.request(Method::GET, "/v1/routes", None).await;
+
+    // Kill without warning, right after the last acknowledged write.
+    let (admin_addr, xds_addr) = (
+        cp.admin.replace("http://", ""),
+        cp.xds.replace("http://", ""),
+    );
+    cp.kill();
+
+    // The proxy keeps serving the last config while the control plane is gone.
+    for _ in 0..10 {
+        assert_eq!(
+            get(&http, &proxy.url, "app.test", "/")
+                .await
+                .upstream
+                .as_deref(),
+            Some("one")
+        );
+    }
+
+    let cp = Process::start(dir.path(), &admin_addr, &xds_addr);
+    let admin = Admin::new(&cp.admin);
+    eventually("admin API back", || async {
+        reqwest::get(format!("{}/healthz", cp.admin)).await.ok()
+    })
+    .await;
+    assert_eq!(
+        admin.revision().await,
+        last,
+        "every acknowledged revision is there"
+    );
+    assert_eq!(
+        admin.request(Method::GET, "/v1/routes", None).await.1,
+        routes_before
+    );
+    let (status, backends) = admin.request(Method::GET, "/v1/backends", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        backends["items"].as_array().map(Vec::len),
+        Some(5),
+        "{backends}"
+    );
+
+    // The next write continues the sequence and reaches the reconnected proxy.
+    let next = admin
+        .apply(&policy("app", "app.test", "web9", two.addr, "/"))
+        .await;
+    assert_eq!(next, last + 1);
+    proxy.converge(next).await;
+    assert_eq!(
+        get(&http, &proxy.url, "app.test", "/")
+            .await
+            .upstream
+            .as_deref(),
+        Some("two")
+    );
+    let fleet = eventually("the proxy is back in the fleet", || async {
+        let fleet = admin.proxies().await;
+        (fleet["proxies"][0]["acked_revision"].as_u64() == Some(next)).then_some(fleet)
+    })
+    .await;
+    assert_eq!(fleet["proxies"][0]["connected"], true);
+
+    proxy.stop().await;
+    cp.kill();
+}

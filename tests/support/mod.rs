@@ -1,0 +1,313 @@
+//! Fixtures for the end-to-end tests: a control plane, proxies and upstreams
+//! on 127.0.0.1:0, run through the same `run` functions as the binary, and a
+//! bounded wait for events.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long any wait for convergence may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `check` until it returns `Some`, failing the test with `what` after
+/// [`DEADLINE`]. The poll interval is short; the bound is what matters.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn local() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    (listener, addr)
+}
+
+/// An in-process control plane.
+pub struct ControlPlane {
+    pub admin: String,
+    pub xds: String,
+    task: Running,
+}
+
+/// A server task and the switch that stops it.
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops the task and waits, bounded, until it has let go of everything.
+    async fn stop(self, what: &str) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .unwrap_or_else(|_| panic!("{what} stops in time"))
+            .unwrap_or_else(|_| panic!("{what} does not panic"));
+    }
+}
+
+impl ControlPlane {
+    pub async fn start(data_dir: &Path) -> Self {
+        let (admin, admin_addr) = local().await;
+        let (xds, xds_addr) = local().await;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = prism_control_plane::Config {
+            data_dir: data_dir.to_path_buf(),
+        };
+        let task = tokio::spawn(async move {
+            prism_control_plane::run(
+                config,
+                prism_control_plane::Listeners { admin, xds },
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .expect("control plane runs");
+        });
+        let cp = Self {
+            admin: format!("http://{admin_addr}"),
+            xds: format!("http://{xds_addr}"),
+            task: Running { stop, task },
+        };
+        eventually("control plane health", || async {
+            reqwest::get(format!("{}/healthz", cp.admin))
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+        })
+        .await;
+        cp
+    }
+
+    /// Stops the control plane and waits until it has let go of its store.
+    pub async fn stop(self) {
+        self.task.stop("control plane").await;
+    }
+
+    pub fn client(&self) -> Admin {
+        Admin {
+            base: self.admin.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+/// A thin client of the admin API that keeps status and body together.
+#[derive(Clone)]
+pub struct Admin {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+impl Admin {
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some((content_type, body)) = body {
+            request = request.header("content-type", content_type).body(body);
+        }
+        let response = request.send().await.expect("admin API answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Applies a YAML document and returns the revision it produced.
+    pub async fn apply(&self, yaml: &str) -> u64 {
+        let (status, body) = self
+            .request(
+                reqwest::Method::POST,
+                "/v1/apply",
+                Some(("application/yaml", yaml.into())),
+            )
+            .await;
+        assert_eq!(status, 200, "apply failed: {body}");
+        body["revision"].as_u64().expect("revision")
+    }
+
+    pub async fn revision(&self) -> u64 {
+        let (_, body) = self
+            .request(reqwest::Method::GET, "/v1/revision", None)
+            .await;
+        body["revision"].as_u64().expect("revision")
+    }
+
+    pub async fn proxies(&self) -> Value {
+        self.request(reqwest::Method::GET, "/v1/proxies", None)
+            .await
+            .1
+    }
+}
+
+/// An in-process proxy.
+pub struct Proxy {
+    pub url: String,
+    pub addr: SocketAddr,
+    pub admin: String,
+    pub node_id: String,
+    task: Running,
+}
+
+impl Proxy {
+    pub async fn start(control_plane: &str, node_id: &str) -> Self {
+        let (proxy, addr) = local().await;
+        let (admin, admin_addr) = local().await;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = prism_data_plane::Config {
+            control_plane: control_plane.to_string(),
+            node_id: node_id.to_string(),
+            zone: "zone-a".into(),
+            region: "region-1".into(),
+            advertise_address: addr.to_string(),
+        };
+        let task = tokio::spawn(async move {
+            prism_data_plane::run(
+                config,
+                prism_data_plane::Listeners { proxy, admin },
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .expect("proxy runs");
+        });
+        Self {
+            url: format!("http://{addr}"),
+            addr,
+            admin: format!("http://{admin_addr}"),
+            node_id: node_id.to_string(),
+            task: Running { stop, task },
+        }
+    }
+
+    /// The revision the proxy serves, from its admin `/config_dump`.
+    pub async fn revision(&self) -> Option<u64> {
+        let dump: Value = reqwest::get(format!("{}/config_dump", self.admin))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        dump["revision"].as_u64()
+    }
+
+    /// Waits until the proxy serves `revision` or newer.
+    pub async fn converge(&self, revision: u64) {
+        eventually(
+            &format!("proxy {} at revision {revision}", self.node_id),
+            || async { self.revision().await.filter(|r| *r >= revision) },
+        )
+        .await;
+    }
+
+    pub async fn stop(self) {
+        self.task.stop("proxy").await;
+    }
+}
+
+/// A demo upstream that names itself in the `x-prism-upstream` header.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Self {
+        let (listener, addr) = local().await;
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(prism::demo::serve(listener, name.to_string(), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            name: name.to_string(),
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// One answer through the proxy: status and the upstream that sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub upstream: Option<String>,
+    pub body: String,
+}
+
+/// Sends `GET path` with `Host: host` to the proxy at `url`.
+pub async fn get(http: &reqwest::Client, url: &str, host: &str, path: &str) -> Answer {
+    let response = http
+        .get(format!("{url}{path}"))
+        .header("host", host)
+        .send()
+        .await
+        .expect("the proxy answers");
+    let status = response.status().as_u16();
+    let upstream = response
+        .headers()
+        .get(prism::demo::UPSTREAM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = response.text().await.unwrap_or_default();
+    Answer {
+        status,
+        upstream,
+        body,
+    }
+}
+
+/// A namespace `ns` with host `host`, backend `ns/<backend>` at `addr`, and a
+/// route `ns/root` for `prefix` to it.
+pub fn policy(ns: &str, host: &str, backend: &str, addr: SocketAddr, prefix: &str) -> String {
+    format!(
+        "namespaces:\n  - name: {ns}\n    hosts: [{host}]\n\
+         backends:\n  - name: {ns}/{backend}\n    endpoints: [{{address: \"{addr}\"}}]\n\
+         routes:\n  - name: {ns}/root\n    match: {{prefix: \"{prefix}\"}}\n    backend: {backend}\n"
+    )
+}
