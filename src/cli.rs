@@ -1,5 +1,6 @@
 //! Flags and subcommands of `prism`, and their dispatch.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,7 +33,8 @@ pub struct Cli {
 pub enum Command {
     /// Control plane, one proxy and a demo upstream in one process.
     Up {
-        /// Where the control plane keeps its sled store.
+        /// Where the control plane keeps its sled store; the proxy keeps its
+        /// last-known-good snapshot in `<data dir>/proxy`.
         #[arg(long, env = "PRISM_DATA_DIR", default_value = "./prism-data")]
         data_dir: PathBuf,
         #[arg(long, env = "PRISM_ADMIN_ADDR", default_value = "127.0.0.1:9000")]
@@ -54,6 +56,13 @@ pub enum Command {
         admin_addr: SocketAddr,
         #[arg(long, env = "PRISM_XDS_ADDR", default_value = "0.0.0.0:18000")]
         xds_addr: SocketAddr,
+        /// Listen address put in the Envoy Listener `prism-http` served to Envoy proxies.
+        #[arg(
+            long,
+            env = "PRISM_ENVOY_LISTENER_ADDR",
+            default_value = "0.0.0.0:10000"
+        )]
+        envoy_listener_addr: SocketAddr,
     },
     /// A data-plane proxy that subscribes to a control plane.
     Proxy {
@@ -77,6 +86,22 @@ pub enum Command {
         /// Address clients use to reach this proxy; the listen address by default.
         #[arg(long, env = "PRISM_ADVERTISE_ADDRESS")]
         advertise_address: Option<String>,
+        /// Where the proxy keeps its last-known-good snapshot, served at startup
+        /// when the control plane is unreachable.
+        #[arg(
+            long,
+            env = "PRISM_PROXY_DATA_DIR",
+            default_value = "./prism-proxy-data"
+        )]
+        data_dir: PathBuf,
+        /// Serve only these namespaces, e.g. `a,b`; all by default.
+        // The fully qualified `Vec` keeps clap from treating the flag as repeated:
+        // one value, parsed whole.
+        #[arg(long, env = "PRISM_NAMESPACES", value_parser = prism_data_plane::parse_namespaces)]
+        namespaces: Option<::std::vec::Vec<String>>,
+        /// Serve only namespaces whose labels match every pair, e.g. `env=prod,tier=web`.
+        #[arg(long, env = "PRISM_SELECTOR", value_parser = prism_data_plane::parse_selector)]
+        selector: Option<BTreeMap<String, String>>,
     },
     /// A small HTTP server that names itself in every answer.
     DemoUpstream {
@@ -166,6 +191,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             admin_addr,
             xds_addr,
+            envoy_listener_addr,
         } => {
             let admin = bind("admin API", admin_addr).await?;
             let xds = bind("discovery server", xds_addr).await?;
@@ -176,7 +202,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 xds.local_addr()?
             );
             prism_control_plane::run(
-                prism_control_plane::Config { data_dir },
+                prism_control_plane::Config {
+                    data_dir,
+                    envoy_listener: envoy_listener_addr,
+                },
                 prism_control_plane::Listeners { admin, xds },
                 shutdown_signal(),
             )
@@ -191,6 +220,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             zone,
             region,
             advertise_address,
+            data_dir,
+            namespaces,
+            selector,
         } => {
             let proxy = bind("proxy", listen).await?;
             let admin = bind("proxy admin", admin_addr).await?;
@@ -205,6 +237,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 zone,
                 region,
                 advertise_address: advertise_address.unwrap_or_else(|| proxy_addr.to_string()),
+                data_dir: Some(data_dir),
+                namespaces: namespaces.unwrap_or_default(),
+                selector: selector.unwrap_or_default(),
             };
             prism_data_plane::run(
                 config,
@@ -278,4 +313,53 @@ async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("Shutting down.");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn proxy_flags(args: &[&str]) -> Result<Command, clap::Error> {
+        let argv = ["prism", "proxy"].iter().chain(args).copied();
+        Cli::try_parse_from(argv).map(|cli| cli.command)
+    }
+
+    #[test]
+    fn proxy_subset_and_data_dir_flags_parse() {
+        let Ok(Command::Proxy {
+            data_dir,
+            namespaces,
+            selector,
+            ..
+        }) = proxy_flags(&[
+            "--data-dir",
+            "/tmp/p",
+            "--namespaces",
+            "b,a",
+            "--selector",
+            "env=prod,tier=web",
+        ])
+        else {
+            panic!("the flags parse");
+        };
+        assert_eq!(data_dir, PathBuf::from("/tmp/p"));
+        assert_eq!(namespaces, Some(vec!["a".to_string(), "b".to_string()]));
+        let selector = selector.expect("a selector");
+        assert_eq!(selector.get("env").map(String::as_str), Some("prod"));
+        assert_eq!(selector.get("tier").map(String::as_str), Some("web"));
+    }
+
+    #[test]
+    fn a_malformed_selector_is_a_clear_error() {
+        let error = proxy_flags(&["--selector", "foo"]).expect_err("refused");
+        let message = error.to_string();
+        assert!(
+            message.contains("--selector") && message.contains("`foo` is not key=value"),
+            "{message}"
+        );
+        let error = proxy_flags(&["--namespaces", "Not_A_Name"]).expect_err("refused");
+        assert!(error.to_string().contains("Not_A_Name"), "{error}");
+    }
 }

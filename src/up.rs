@@ -53,9 +53,7 @@ pub async fn run(
     };
 
     let control_plane = tokio::spawn(prism_control_plane::run(
-        prism_control_plane::Config {
-            data_dir: config.data_dir.clone(),
-        },
+        prism_control_plane::Config::new(config.data_dir.clone()),
         prism_control_plane::Listeners { admin, xds },
         stopped(stop_rx.clone()),
     ));
@@ -66,6 +64,9 @@ pub async fn run(
             zone: config.zone.clone(),
             region: String::new(),
             advertise_address: proxy_addr.to_string(),
+            data_dir: Some(config.data_dir.join("proxy")),
+            namespaces: Vec::new(),
+            selector: Default::default(),
         },
         prism_data_plane::Listeners {
             proxy,

@@ -4,67 +4,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
 use reqwest::Method;
-use support::{Admin, Proxy, Upstream, eventually, get, policy};
-
-/// A `prism control-plane` child process and the addresses it printed.
-struct Process {
-    child: Child,
-    admin: String,
-    xds: String,
-}
-
-impl Process {
-    fn start(data_dir: &Path, admin: &str, xds: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
-            .args([
-                "control-plane",
-                "--admin-addr",
-                admin,
-                "--xds-addr",
-                xds,
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("prism starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("prism prints its addresses");
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
-                .to_string()
-        };
-        Self {
-            admin: field("admin"),
-            xds: field("xds"),
-            child,
-        }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{Admin, ControlPlaneProcess as Process, Proxy, Upstream, eventually, get, policy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_and_the_proxy_reconverges() {

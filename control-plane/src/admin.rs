@@ -85,6 +85,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/revision", get(revision))
         .route("/v1/history", get(history))
         .route("/v1/proxies", get(proxies))
+        .route("/v1/proxies/nearest", get(nearest))
         .route("/v1/apply", post(apply))
         .route("/v1/{kind}", get(list).post(create))
         .route("/v1/{kind}/{*name}", get(read).put(replace).delete(remove))
@@ -129,6 +130,31 @@ async fn history(
 async fn proxies(State(state): State<AdminState>) -> Json<Value> {
     let revision = state.store.revision();
     Json(json!({ "revision": revision, "proxies": state.fleet.list(revision) }))
+}
+
+#[derive(Deserialize)]
+struct NearestParams {
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    region: String,
+}
+
+/// The proxy a client in `zone` should use: same zone, else same region,
+/// else any connected proxy; 404 when none is connected.
+async fn nearest(
+    State(state): State<AdminState>,
+    params: Result<Query<NearestParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let revision = state.store.revision();
+    let (proxy, matched) = state
+        .fleet
+        .nearest(&params.zone, &params.region, revision)
+        .ok_or_else(|| ApiError::not_found("no proxy is connected"))?;
+    Ok(Json(
+        json!({ "match": matched, "address": proxy.address, "proxy": proxy }),
+    ))
 }
 
 async fn list(

@@ -13,9 +13,21 @@ use serde::Serialize;
 use crate::store::unix_millis_now;
 
 /// The registered proxies. Cheap to clone: clones share one map.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Fleet {
     nodes: Arc<DashMap<String, NodeState>>,
+    /// Generation of membership and health, bumped when a proxy connects or
+    /// disconnects: what the published `prism-proxy` endpoints depend on.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self {
+            nodes: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 /// What a proxy says about itself when it connects.
@@ -106,6 +118,7 @@ impl Fleet {
                 acked_by_type: BTreeMap::new(),
                 last_nack: None,
             });
+        self.changes.send_modify(|generation| *generation += 1);
     }
 
     /// Records that `node_id` was heard from.
@@ -143,6 +156,53 @@ impl Fleet {
         self.update(node_id, |state| {
             state.streams = state.streams.saturating_sub(1);
         });
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// A channel whose value changes whenever a proxy connects or disconnects.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The connected proxy nearest to a client in `zone` (and `region`, if
+    /// given): one in the same zone, else one in the same region, else any.
+    /// Ties go to the smallest lag, then the smallest id, so every caller gets
+    /// the same answer. This is the choice an xDS client makes from the
+    /// `prism-proxy` endpoints' zone localities. Returns the proxy and the
+    /// match (`zone`, `region` or `any`).
+    pub fn nearest(
+        &self,
+        zone: &str,
+        region: &str,
+        newest_revision: u64,
+    ) -> Option<(ProxyStatus, &'static str)> {
+        let mut candidates: Vec<ProxyStatus> = self
+            .list(newest_revision)
+            .into_iter()
+            .filter(|p| p.connected && !p.address.is_empty())
+            .collect();
+        candidates.sort_by(|a, b| {
+            (a.lag.unwrap_or(u64::MAX), &a.id).cmp(&(b.lag.unwrap_or(u64::MAX), &b.id))
+        });
+        let region = if region.is_empty() {
+            // A zone names its region when any proxy there says so.
+            candidates
+                .iter()
+                .find(|p| p.zone == zone && !zone.is_empty())
+                .map(|p| p.region.clone())
+                .unwrap_or_default()
+        } else {
+            region.to_string()
+        };
+        let pick = |level: &'static str, matches: &dyn Fn(&ProxyStatus) -> bool| {
+            candidates
+                .iter()
+                .find(|p| matches(p))
+                .map(|p| (p.clone(), level))
+        };
+        pick("zone", &|p| !zone.is_empty() && p.zone == zone)
+            .or_else(|| pick("region", &|p| !region.is_empty() && p.region == region))
+            .or_else(|| pick("any", &|_| true))
     }
 
     /// Every known proxy, sorted by id, with its lag behind `newest_revision`.

@@ -8,6 +8,7 @@
 //! `admin`/`error`.
 
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use tokio::net::TcpListener;
@@ -17,12 +18,15 @@ use tracing::info;
 
 pub mod admin;
 pub mod discovery;
+pub mod envoy;
 pub mod error;
 pub mod fleet;
 pub mod store;
 
 pub use admin::AdminState;
 pub use discovery::Discovery;
+use envoy::EnvoyParams;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 pub use fleet::Fleet;
 pub use store::{Store, StoreError};
 
@@ -31,6 +35,24 @@ pub use store::{Store, StoreError};
 pub struct Config {
     /// Directory of the sled store; created if missing.
     pub data_dir: PathBuf,
+    /// Address of the socket listener in the Envoy view of the policy (the
+    /// Listener `prism-http` that Envoy proxies subscribing to this control
+    /// plane bind).
+    pub envoy_listener: SocketAddr,
+}
+
+/// Where Envoy proxies listen unless told otherwise.
+pub const DEFAULT_ENVOY_LISTENER: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 10000);
+
+impl Config {
+    /// Settings with the store in `data_dir` and every other default.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            envoy_listener: DEFAULT_ENVOY_LISTENER,
+        }
+    }
 }
 
 /// Sockets the control plane serves on, bound by the caller (so tests and the
@@ -54,6 +76,8 @@ pub enum Error {
     Discovery(#[from] tonic::transport::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
 }
 
 /// Serves the admin API and the discovery server until `shutdown` resolves,
@@ -80,10 +104,25 @@ pub async fn run(
         }),
     )
     .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let discovery = Discovery::new(store.clone(), fleet, stop_rx.clone());
+    let params = EnvoyParams {
+        listener_address: config.envoy_listener,
+    };
+    let discovery = Discovery::start(store.clone(), fleet, params, stop_rx.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AggregatedDiscoveryServiceServer<Discovery>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(discovery::ADS_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
     let xds = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(discovery.into_service())
+        .add_service(health_service)
+        .add_service(reflection)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.xds), stopped(stop_rx));
 
     info!(%admin_addr, %xds_addr, data_dir = %config.data_dir.display(), revision = store.revision(), "Control plane ready.");

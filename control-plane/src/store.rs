@@ -31,6 +31,24 @@ const META_TREE: &str = "meta";
 const CHANGELOG_TREE: &str = "changelog";
 const REVISION_KEY: &str = "revision";
 
+/// Opens sled at `dir`. A store closed a moment ago may still be held by
+/// sled's flusher thread for a few milliseconds, so a lock conflict is retried
+/// for up to two seconds before it is an error.
+fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Handle to the policy store. Cheap to clone: every clone shares one database,
 /// one writer lock and one snapshot channel.
 #[derive(Clone)]
@@ -150,7 +168,7 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         })?;
-        let db = sled::Config::new().path(dir).open()?;
+        let db = open_db(dir)?;
         let resources = db.open_tree(RESOURCES_TREE)?;
         let meta = db.open_tree(META_TREE)?;
         let changelog = db.open_tree(CHANGELOG_TREE)?;

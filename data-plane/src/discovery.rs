@@ -18,9 +18,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use crate::Config;
 use crate::runtime::{OwnAddresses, Runtime};
 use crate::stager::{Offer, Reply, Stager};
+use crate::{Config, subset};
 
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
 const INVALID_ARGUMENT: i32 = 3;
@@ -91,115 +91,125 @@ pub(crate) fn endpoint(config: &Config) -> Result<Endpoint, tonic::transport::Er
         .keep_alive_timeout(Duration::from_secs(10)))
 }
 
-/// Keeps a discovery stream open forever, reconnecting with backoff. Stops
-/// only when the task is aborted.
-pub(crate) async fn run(
-    config: Arc<Config>,
-    endpoint: Endpoint,
-    runtime: Arc<ArcSwap<Runtime>>,
-    status: watch::Sender<Status>,
-    own: OwnAddresses,
-) {
-    let mut stager = Stager::default();
-    let mut backoff = Backoff::new();
-    loop {
-        let result = stream(
-            &config,
-            &endpoint,
-            &runtime,
-            &status,
-            &mut stager,
-            &mut backoff,
-            &own,
-        )
-        .await;
-        match result {
-            Ok(()) => info!("Control plane closed the discovery stream."),
-            Err(error) => {
-                warn!(%error, control_plane = %config.control_plane, "Discovery stream failed.")
-            }
-        }
-        stager.reset();
-        let delay = backoff.delay();
-        debug!(?delay, "Reconnecting to the control plane.");
-        tokio::time::sleep(delay).await;
-    }
+/// Everything one discovery client works with, for the life of the proxy.
+pub(crate) struct Subscriber {
+    pub config: Arc<Config>,
+    pub endpoint: Endpoint,
+    /// The live runtime, stored once per accepted change.
+    pub runtime: Arc<ArcSwap<Runtime>>,
+    /// What the admin endpoint shows.
+    pub status: watch::Sender<Status>,
+    /// This proxy's own addresses, refused as backend endpoints.
+    pub own: OwnAddresses,
+    /// Each accepted snapshot that changed, for the last-known-good writer.
+    /// Sends succeed without a receiver, so a proxy without a data directory
+    /// simply drops them.
+    pub last_good: watch::Sender<Option<Snapshot>>,
 }
 
-/// One stream: subscribe to every kind, then stage, apply and answer responses.
-async fn stream(
-    config: &Config,
-    endpoint: &Endpoint,
-    runtime: &ArcSwap<Runtime>,
-    status: &watch::Sender<Status>,
-    stager: &mut Stager,
-    backoff: &mut Backoff,
-    own: &OwnAddresses,
-) -> Result<(), StreamError> {
-    let channel = endpoint.connect().await?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let (requests, outgoing) = mpsc::channel(16);
-    for kind in Kind::ALL {
-        requests
-            .send(subscribe(config, kind, stager))
-            .await
-            .map_err(|_| StreamError::Closed)?;
-    }
-    let mut responses = client
-        .delta_aggregated_resources(ReceiverStream::new(outgoing))
-        .await?
-        .into_inner();
-    info!(control_plane = %config.control_plane, "Subscribed to the control plane.");
-
-    while let Some(response) = responses.message().await? {
-        debug!(
-            type_url = %response.type_url,
-            revision = %response.system_version_info,
-            nonce = %response.nonce,
-            "Discovery response."
-        );
-        match stager.offer(response) {
-            Offer::Waiting => {}
-            Offer::Ready { candidate, changed } => {
-                let revision = candidate.revision;
-                let compiled = if changed {
-                    Runtime::compile_for(&candidate, &runtime.load(), own).map(Some)
-                } else {
-                    Ok(None)
-                };
-                match compiled {
-                    Ok(next) => {
-                        if let Some(next) = next {
-                            runtime.store(Arc::new(next));
-                        }
-                        if let Some(accepted) = stager.commit() {
-                            let accepted = accepted.clone();
-                            status.send_modify(|s| s.accepted = Some(accepted));
-                        }
-                        backoff.reset();
-                        info!(revision, changed, "Applied configuration.");
-                    }
-                    Err(error) => {
-                        let message = error.to_string();
-                        stager.reject(&message);
-                        warn!(%error, revision, "Rejected configuration.");
-                        record_nack(status, Some(revision), message);
-                    }
+impl Subscriber {
+    /// Keeps a discovery stream open forever, reconnecting with backoff,
+    /// resuming from `restored` (the snapshot already being served, if any).
+    /// Stops only when the task is aborted.
+    pub(crate) async fn run(self, restored: Option<Snapshot>) {
+        let mut stager = Stager::with_accepted(restored);
+        let mut backoff = Backoff::new();
+        loop {
+            match self.stream(&mut stager, &mut backoff).await {
+                Ok(()) => info!("Control plane closed the discovery stream."),
+                Err(error) => {
+                    warn!(%error, control_plane = %self.config.control_plane, "Discovery stream failed.")
                 }
             }
-            Offer::Rejected { revision, message } => {
-                warn!(error = %message, ?revision, "Rejected configuration.");
-                record_nack(status, revision, message);
-            }
+            stager.reset();
+            let delay = backoff.delay();
+            debug!(?delay, "Reconnecting to the control plane.");
+            tokio::time::sleep(delay).await;
         }
-        for reply in stager.take_replies() {
+    }
+
+    /// One stream: subscribe to every kind, then stage, apply and answer responses.
+    async fn stream(&self, stager: &mut Stager, backoff: &mut Backoff) -> Result<(), StreamError> {
+        let config = &self.config;
+        let channel = self.endpoint.connect().await?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let (requests, outgoing) = mpsc::channel(16);
+        for kind in Kind::ALL {
             requests
-                .send(answer(reply))
+                .send(subscribe(config, kind, stager))
                 .await
                 .map_err(|_| StreamError::Closed)?;
         }
+        let mut responses = client
+            .delta_aggregated_resources(ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
+        info!(control_plane = %config.control_plane, "Subscribed to the control plane.");
+
+        while let Some(response) = responses.message().await? {
+            debug!(
+                type_url = %response.type_url,
+                revision = %response.system_version_info,
+                nonce = %response.nonce,
+                "Discovery response."
+            );
+            match stager.offer(response) {
+                Offer::Waiting => {}
+                Offer::Ready { candidate, changed } => {
+                    self.apply(stager, backoff, &candidate, changed)
+                }
+                Offer::Rejected { revision, message } => {
+                    warn!(error = %message, ?revision, "Rejected configuration.");
+                    record_nack(&self.status, revision, message);
+                }
+            }
+            for reply in stager.take_replies() {
+                requests
+                    .send(answer(reply))
+                    .await
+                    .map_err(|_| StreamError::Closed)?;
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Compiles and swaps in a complete batch, or rejects it.
+    fn apply(
+        &self,
+        stager: &mut Stager,
+        backoff: &mut Backoff,
+        candidate: &Snapshot,
+        changed: bool,
+    ) {
+        let revision = candidate.revision;
+        let compiled = if changed {
+            Runtime::compile_for(candidate, &self.runtime.load(), &self.own).map(Some)
+        } else {
+            Ok(None)
+        };
+        match compiled {
+            Ok(next) => {
+                if let Some(next) = next {
+                    self.runtime.store(Arc::new(next));
+                }
+                if let Some(accepted) = stager.commit() {
+                    let accepted = accepted.clone();
+                    if changed {
+                        self.last_good.send_replace(Some(accepted.clone()));
+                    }
+                    self.status.send_modify(|s| s.accepted = Some(accepted));
+                }
+                backoff.reset();
+                info!(revision, changed, "Applied configuration.");
+            }
+            Err(error) => {
+                let message = error.to_string();
+                stager.reject(&message);
+                warn!(%error, revision, "Rejected configuration.");
+                record_nack(&self.status, Some(revision), message);
+            }
+        }
+    }
 }
 
 fn record_nack(status: &watch::Sender<Status>, revision: Option<u64>, message: String) {
@@ -232,13 +242,26 @@ fn answer(reply: Reply) -> DeltaDiscoveryRequest {
 
 fn node(config: &Config) -> Node {
     let mut metadata = Struct::default();
-    if !config.advertise_address.is_empty() {
-        metadata.fields.insert(
-            "advertise_address".to_string(),
-            Value {
-                kind: Some(value::Kind::StringValue(config.advertise_address.clone())),
-            },
-        );
+    let strings = [
+        ("advertise_address", config.advertise_address.clone()),
+        (
+            subset::NAMESPACES_KEY,
+            subset::namespaces_metadata(&config.namespaces),
+        ),
+        (
+            subset::SELECTOR_KEY,
+            subset::selector_metadata(&config.selector),
+        ),
+    ];
+    for (key, text) in strings {
+        if !text.is_empty() {
+            metadata.fields.insert(
+                key.to_string(),
+                Value {
+                    kind: Some(value::Kind::StringValue(text)),
+                },
+            );
+        }
     }
     Node {
         id: config.node_id.clone(),

@@ -11,6 +11,10 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// `Config::namespaces` or `Config::selector` cannot be reported to the
+    /// control plane as given.
+    #[error("invalid subset: {0}")]
+    InvalidSubset(#[from] crate::SubsetError),
     /// A serving task panicked or was cancelled before shutdown finished.
     #[error("a proxy task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -1,7 +1,10 @@
 //! prism-data-plane is Prism's proxy. It owns the discovery client (one xDS
 //! delta ADS stream to the control plane), the staging and validation of each
-//! revision, the compiled [`Runtime`] behind one `ArcSwap`, the proxy listener
-//! with its pooled upstream clients, and the proxy's own admin listener.
+//! revision, the compiled [`Runtime`] behind one `ArcSwap`, the last-known-good
+//! snapshot on disk (served at startup before the control plane answers), the
+//! proxy listener with its pooled upstream clients, and the proxy's own admin
+//! listener. It reports the namespace subset it serves (`--namespaces`,
+//! `--selector`) to the control plane, which does the filtering.
 //!
 //! It must not touch the control plane's code or storage: `prism-proto` is the
 //! only ground the two planes share. tonic is used only in `discovery`, and no
@@ -10,21 +13,32 @@
 mod admin;
 mod discovery;
 mod error;
+mod last_good;
 mod proxy;
 mod runtime;
 mod server;
 mod stager;
+mod subset;
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prism_proto::Snapshot;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use error::Error;
+pub use last_good::FILE_NAME as LAST_GOOD_FILE;
 pub use runtime::{Backend, CompileError, OwnAddresses, RouteTarget, Runtime};
+pub use subset::{SubsetError, parse_namespaces, parse_selector};
+
+/// How long shutdown waits for the last accepted snapshot to reach the disk.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bootstrap settings of one proxy.
 #[derive(Clone, Debug)]
@@ -39,6 +53,16 @@ pub struct Config {
     pub region: String,
     /// Address clients reach this proxy at, published to the fleet.
     pub advertise_address: String,
+    /// Where the proxy keeps its last-known-good snapshot ([`LAST_GOOD_FILE`]),
+    /// served at startup before the control plane answers. `None` keeps
+    /// nothing on disk.
+    pub data_dir: Option<PathBuf>,
+    /// Serve only these namespaces (see [`parse_namespaces`]); empty means all.
+    /// Reported to the control plane, which filters what this proxy receives.
+    pub namespaces: Vec<String>,
+    /// Serve only namespaces whose labels hold every one of these pairs (see
+    /// [`parse_selector`]); empty means all. Reported like `namespaces`.
+    pub selector: BTreeMap<String, String>,
 }
 
 /// Listeners bound by the caller, so tests can bind `127.0.0.1:0`.
@@ -51,7 +75,12 @@ pub struct Listeners {
 }
 
 /// Runs the proxy until `shutdown` resolves, then stops the discovery stream
-/// and the listeners (letting open requests finish, bounded) and returns.
+/// and the listeners (letting open requests finish, bounded), saves the last
+/// accepted snapshot and returns.
+///
+/// With a `data_dir` holding a valid last-known-good snapshot, the proxy
+/// serves it at once, before the control plane answers, and resumes the
+/// discovery stream from it.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -61,29 +90,41 @@ pub async fn run(
         address: config.control_plane.clone(),
         source: source.into(),
     })?;
+    subset::check(&config.namespaces, &config.selector)?;
     let config = Arc::new(config);
-    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::unconfigured()));
-    let (status_tx, status_rx) = watch::channel(discovery::Status::default());
+    let own = match listeners.proxy.local_addr() {
+        Ok(addr) => OwnAddresses::new(addr, &config.advertise_address),
+        Err(_) => OwnAddresses::default(),
+    };
+    let last_good = config.data_dir.as_ref().map(|dir| {
+        Arc::new(last_good::LastGood::new(
+            dir,
+            subset::describe(&config.namespaces, &config.selector),
+        ))
+    });
+    let (restored, runtime) = match &last_good {
+        Some(file) => restore(Arc::clone(file), &own).await,
+        None => (None, Runtime::unconfigured()),
+    };
+    let runtime = Arc::new(ArcSwap::from_pointee(runtime));
+    let (status_tx, status_rx) = watch::channel(discovery::Status {
+        accepted: restored.clone(),
+        last_nack: None,
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (last_good_tx, last_good_rx) = watch::channel(None);
 
     info!(
         node_id = %config.node_id,
         control_plane = %config.control_plane,
         proxy = ?listeners.proxy.local_addr().ok(),
         admin = ?listeners.admin.local_addr().ok(),
+        restored_revision = ?restored.as_ref().map(|s| s.revision),
+        namespaces = %subset::namespaces_metadata(&config.namespaces),
+        selector = %subset::selector_metadata(&config.selector),
         "Starting the proxy."
     );
-    let own = match listeners.proxy.local_addr() {
-        Ok(addr) => OwnAddresses::new(addr, &config.advertise_address),
-        Err(_) => OwnAddresses::default(),
-    };
-    let discovery = tokio::spawn(discovery::run(
-        Arc::clone(&config),
-        endpoint,
-        Arc::clone(&runtime),
-        status_tx,
-        own,
-    ));
+    let writer = last_good.map(|file| tokio::spawn(last_good::write_loop(file, last_good_rx)));
     let proxy = tokio::spawn(proxy::serve(
         listeners.proxy,
         Arc::clone(&runtime),
@@ -95,6 +136,17 @@ pub async fn run(
         status_rx,
         stop_rx,
     ));
+    let discovery = tokio::spawn(
+        discovery::Subscriber {
+            config: Arc::clone(&config),
+            endpoint,
+            runtime: Arc::clone(&runtime),
+            status: status_tx,
+            own,
+            last_good: last_good_tx,
+        }
+        .run(restored),
+    );
 
     shutdown.await;
     info!("Shutting down the proxy.");
@@ -109,5 +161,37 @@ pub async fn run(
     {
         return Err(error.into());
     }
+    // The discovery task is gone and with it the writer's sender: the writer
+    // saves the newest accepted snapshot, if it had not yet, and ends.
+    if let Some(writer) = writer {
+        match tokio::time::timeout(FLUSH_TIMEOUT, writer).await {
+            Ok(result) => result?,
+            Err(_) => warn!("The last-known-good snapshot was not saved before shutdown."),
+        }
+    }
     Ok(())
+}
+
+/// The snapshot on disk and its compiled runtime, or nothing (and an
+/// unconfigured runtime) when there is no usable snapshot.
+async fn restore(
+    file: Arc<last_good::LastGood>,
+    own: &OwnAddresses,
+) -> (Option<Snapshot>, Runtime) {
+    let path = file.path();
+    let Some(snapshot) = last_good::restore(file).await else {
+        return (None, Runtime::unconfigured());
+    };
+    match Runtime::compile_for(&snapshot, &Runtime::unconfigured(), own) {
+        Ok(runtime) => (Some(snapshot), runtime),
+        Err(error) => {
+            warn!(
+                %error,
+                revision = snapshot.revision,
+                path = %path.display(),
+                "Ignoring the last-known-good snapshot; starting empty."
+            );
+            (None, Runtime::unconfigured())
+        }
+    }
 }

@@ -64,6 +64,15 @@ struct Change {
 }
 
 impl Stager {
+    /// A stager that already holds `accepted` (the snapshot restored from
+    /// disk), so the first subscription resumes from it.
+    pub(crate) fn with_accepted(accepted: Option<Snapshot>) -> Self {
+        Self {
+            accepted,
+            ..Self::default()
+        }
+    }
+
     /// The last accepted snapshot, if any.
     #[cfg(test)]
     pub(crate) fn accepted(&self) -> Option<&Snapshot> {
@@ -498,5 +507,28 @@ mod tests {
         let mut fresh = Stager::default();
         let outcome = batch(&mut fresh, 1, [(&[], &[]), (&[], &[]), (&[], &[])]);
         assert!(matches!(outcome, Offer::Ready { changed: true, .. }));
+    }
+
+    #[test]
+    fn a_restored_snapshot_is_resumed_from() {
+        let mut first = Stager::default();
+        valid_batch(&mut first, 4);
+        let restored = first.commit().cloned();
+
+        let mut stager = Stager::with_accepted(restored);
+        assert_eq!(
+            stager
+                .initial_versions(Kind::Route)
+                .keys()
+                .collect::<Vec<_>>(),
+            ["demo/root"]
+        );
+        // The server finds nothing to send: the batch is ready, unchanged.
+        let outcome = batch(&mut stager, 4, [(&[], &[]), (&[], &[]), (&[], &[])]);
+        let Offer::Ready { changed, candidate } = outcome else {
+            panic!("expected a ready batch, got {outcome:?}");
+        };
+        assert!(!changed);
+        assert_eq!(candidate.len(), 3);
     }
 }

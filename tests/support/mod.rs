@@ -4,11 +4,14 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -37,9 +40,13 @@ where
 }
 
 async fn local() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0")
+    bind("127.0.0.1:0".parse().expect("an address")).await
+}
+
+async fn bind(addr: SocketAddr) -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind(addr)
         .await
-        .expect("bind 127.0.0.1:0");
+        .unwrap_or_else(|error| panic!("bind {addr}: {error}"));
     let addr = listener.local_addr().expect("local addr");
     (listener, addr)
 }
@@ -48,6 +55,8 @@ async fn local() -> (TcpListener, SocketAddr) {
 pub struct ControlPlane {
     pub admin: String,
     pub xds: String,
+    pub admin_addr: SocketAddr,
+    pub xds_addr: SocketAddr,
     task: Running,
 }
 
@@ -69,13 +78,19 @@ impl Running {
 }
 
 impl ControlPlane {
+    /// A control plane on fresh ports.
     pub async fn start(data_dir: &Path) -> Self {
-        let (admin, admin_addr) = local().await;
-        let (xds, xds_addr) = local().await;
+        let any = "127.0.0.1:0".parse().expect("an address");
+        Self::start_on(data_dir, any, any).await
+    }
+
+    /// A control plane on the given addresses, e.g. those of one stopped
+    /// before, so proxies pointed at it find it again.
+    pub async fn start_on(data_dir: &Path, admin_addr: SocketAddr, xds_addr: SocketAddr) -> Self {
+        let (admin, admin_addr) = bind(admin_addr).await;
+        let (xds, xds_addr) = bind(xds_addr).await;
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = prism_control_plane::Config {
-            data_dir: data_dir.to_path_buf(),
-        };
+        let config = prism_control_plane::Config::new(data_dir);
         let task = tokio::spawn(async move {
             prism_control_plane::run(
                 config,
@@ -90,6 +105,8 @@ impl ControlPlane {
         let cp = Self {
             admin: format!("http://{admin_addr}"),
             xds: format!("http://{xds_addr}"),
+            admin_addr,
+            xds_addr,
             task: Running { stop, task },
         };
         eventually("control plane health", || async {
@@ -182,11 +199,40 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: String,
     pub node_id: String,
+    /// Where it keeps its last-known-good snapshot.
+    pub data_dir: PathBuf,
     task: Running,
+    /// The data directory when the fixture made it; removed on drop.
+    _temp: Option<TempDir>,
 }
 
 impl Proxy {
+    /// A proxy serving every namespace, with a data directory of its own.
     pub async fn start(control_plane: &str, node_id: &str) -> Self {
+        Self::start_subset(control_plane, node_id, &[]).await
+    }
+
+    /// A proxy that serves only `namespaces` (all when empty), with a data
+    /// directory of its own.
+    pub async fn start_subset(control_plane: &str, node_id: &str, namespaces: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut proxy = Self::launch(control_plane, node_id, temp.path(), namespaces).await;
+        proxy._temp = Some(temp);
+        proxy
+    }
+
+    /// A proxy keeping its snapshot in `data_dir`, which the caller owns: a
+    /// proxy started again on it restores what the last one accepted.
+    pub async fn start_with(control_plane: &str, node_id: &str, data_dir: &Path) -> Self {
+        Self::launch(control_plane, node_id, data_dir, &[]).await
+    }
+
+    async fn launch(
+        control_plane: &str,
+        node_id: &str,
+        data_dir: &Path,
+        namespaces: &[&str],
+    ) -> Self {
         let (proxy, addr) = local().await;
         let (admin, admin_addr) = local().await;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -196,6 +242,9 @@ impl Proxy {
             zone: "zone-a".into(),
             region: "region-1".into(),
             advertise_address: addr.to_string(),
+            data_dir: Some(data_dir.to_path_buf()),
+            namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+            selector: Default::default(),
         };
         let task = tokio::spawn(async move {
             prism_data_plane::run(
@@ -213,8 +262,26 @@ impl Proxy {
             addr,
             admin: format!("http://{admin_addr}"),
             node_id: node_id.to_string(),
+            data_dir: data_dir.to_path_buf(),
             task: Running { stop, task },
+            _temp: None,
         }
+    }
+
+    /// The status code of the proxy's `/ready`.
+    pub async fn ready(&self) -> Option<u16> {
+        let response = reqwest::get(format!("{}/ready", self.admin)).await.ok()?;
+        Some(response.status().as_u16())
+    }
+
+    /// The proxy's admin `/config_dump`.
+    pub async fn config_dump(&self) -> Option<Value> {
+        reqwest::get(format!("{}/config_dump", self.admin))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
     }
 
     /// The revision the proxy serves, from its admin `/config_dump`.
@@ -237,8 +304,88 @@ impl Proxy {
         .await;
     }
 
+    /// Stops the proxy; it saves its snapshot before it returns.
     pub async fn stop(self) {
         self.task.stop("proxy").await;
+    }
+}
+
+/// A `prism control-plane` child process and the addresses it printed.
+pub struct ControlPlaneProcess {
+    child: Child,
+    pub admin: String,
+    pub xds: String,
+}
+
+impl ControlPlaneProcess {
+    /// Starts the real binary on `data_dir` and the given addresses
+    /// (`127.0.0.1:0` for any), reading back where it listens.
+    pub fn start(data_dir: &Path, admin: &str, xds: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
+            .args([
+                "control-plane",
+                "--admin-addr",
+                admin,
+                "--xds-addr",
+                xds,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("prism starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("prism prints its addresses");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+                .to_string()
+        };
+        Self {
+            admin: field("admin"),
+            xds: field("xds"),
+            child,
+        }
+    }
+
+    /// `host:port` of the admin API, to start again on.
+    pub fn admin_addr(&self) -> String {
+        self.admin.replace("http://", "")
+    }
+
+    /// `host:port` of the discovery server, to start again on.
+    pub fn xds_addr(&self) -> String {
+        self.xds.replace("http://", "")
+    }
+
+    /// Waits until the admin API answers.
+    pub async fn healthy(&self) {
+        eventually("control plane admin API up", || async {
+            reqwest::get(format!("{}/healthz", self.admin))
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+        })
+        .await;
+    }
+
+    /// SIGKILL: no shutdown, no flush beyond what each write already did.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for ControlPlaneProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -5,9 +5,25 @@ use prism_proto::Resource;
 use prism_proto::pb::config::v1::{Backend, Endpoint, Namespace, Route, RouteMatch, route_match};
 
 use super::*;
+use crate::envoy::EnvoyParams;
+use prism_proto::Kind;
+use prism_proto::Snapshot;
 
-fn snapshot(revision: u64, port: u16) -> Arc<Snapshot> {
-    Arc::new(Snapshot::from_resources(
+fn catalog(snapshot: Snapshot) -> Arc<Catalog> {
+    let params = EnvoyParams {
+        listener_address: "127.0.0.1:10000".parse().expect("addr"),
+    };
+    Arc::new(Catalog::build(
+        Arc::new(snapshot),
+        &[],
+        0,
+        &params,
+        &Catalog::default(),
+    ))
+}
+
+fn policy(revision: u64, port: u16) -> Snapshot {
+    Snapshot::from_resources(
         revision,
         [
             Resource::Namespace(Namespace {
@@ -33,7 +49,11 @@ fn snapshot(revision: u64, port: u16) -> Arc<Snapshot> {
                 timeout: None,
             }),
         ],
-    ))
+    )
+}
+
+fn snapshot(revision: u64, port: u16) -> Arc<Catalog> {
+    catalog(policy(revision, port))
 }
 
 fn subscribe(kind: Kind) -> DeltaDiscoveryRequest {
@@ -67,7 +87,7 @@ fn nack(response: &DeltaDiscoveryResponse, message: &str) -> DeltaDiscoveryReque
 }
 
 /// Subscribes to every kind and returns the first batch.
-fn connect(state: &mut StreamState, snap: &Arc<Snapshot>) -> Vec<DeltaDiscoveryResponse> {
+fn connect(state: &mut DeltaState, snap: &Arc<Catalog>) -> Vec<DeltaDiscoveryResponse> {
     Kind::ALL
         .into_iter()
         .flat_map(|kind| state.on_request(subscribe(kind), snap).expect("accepted"))
@@ -81,7 +101,7 @@ fn names(response: &DeltaDiscoveryResponse) -> Vec<&str> {
 #[test]
 fn first_batch_carries_every_kind_at_one_revision() {
     let fleet = Fleet::default();
-    let mut state = StreamState::new(fleet.clone());
+    let mut state = DeltaState::new(fleet.clone());
     let snap = snapshot(7, 1000);
     let batch = connect(&mut state, &snap);
     assert_eq!(batch.len(), 3);
@@ -107,46 +127,45 @@ fn first_batch_carries_every_kind_at_one_revision() {
 
 #[test]
 fn a_change_sends_only_what_changed_and_empty_responses_for_the_rest() {
-    let mut state = StreamState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default());
     let snap = snapshot(1, 1000);
     for response in connect(&mut state, &snap) {
         state.on_request(ack(&response), &snap).expect("ack");
     }
     let next = snapshot(2, 2000);
-    let batch = state.push(&next);
+    let batch = state.on_catalog(&next);
     assert_eq!(batch.len(), 3);
     assert!(batch[0].resources.is_empty() && batch[0].removed_resources.is_empty());
     assert_eq!(names(&batch[1]), ["demo/web"]);
     assert!(batch[2].resources.is_empty());
 
     // Nothing more until the batch is answered, however far the policy moves.
-    assert!(state.push(&snapshot(3, 3000)).is_empty());
+    assert!(state.on_catalog(&snapshot(3, 3000)).is_empty());
 }
 
 #[test]
 fn removals_are_named() {
-    let mut state = StreamState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default());
     let snap = snapshot(1, 1000);
     for response in connect(&mut state, &snap) {
         state.on_request(ack(&response), &snap).expect("ack");
     }
-    let mut smaller = (*snap).clone();
+    let mut smaller = policy(2, 1000);
     smaller.remove(&prism_proto::ResourceKey::new(Kind::Route, "demo/root"));
-    smaller.revision = 2;
-    let batch = state.push(&Arc::new(smaller));
+    let batch = state.on_catalog(&catalog(smaller));
     assert_eq!(batch[2].removed_resources, ["demo/root"]);
 }
 
 #[test]
 fn a_nack_is_recorded_and_the_rejected_revision_is_not_resent() {
     let fleet = Fleet::default();
-    let mut state = StreamState::new(fleet.clone());
+    let mut state = DeltaState::new(fleet.clone());
     let snap = snapshot(1, 1000);
     for response in connect(&mut state, &snap) {
         state.on_request(ack(&response), &snap).expect("ack");
     }
     let bad = snapshot(2, 2000);
-    let batch = state.push(&bad);
+    let batch = state.on_catalog(&bad);
     for response in &batch {
         let more = state
             .on_request(nack(response, "backend demo/web: no"), &bad)
@@ -161,18 +180,19 @@ fn a_nack_is_recorded_and_the_rejected_revision_is_not_resent() {
 
     // The next revision is diffed against what the proxy really holds.
     let fixed = snapshot(3, 3000);
-    let batch = state.push(&fixed);
+    let batch = state.on_catalog(&fixed);
     assert_eq!(names(&batch[1]), ["demo/web"]);
 }
 
 #[test]
 fn a_resumed_stream_gets_only_what_changed() {
     let snap = snapshot(5, 1000);
-    let mut state = StreamState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default());
     let batch: Vec<_> = Kind::ALL
         .into_iter()
         .flat_map(|kind| {
             let held: HashMap<String, String> = snap
+                .snapshot
                 .of_kind(kind)
                 .map(|v| (v.resource.name().to_string(), v.version.clone()))
                 .collect();
@@ -190,7 +210,7 @@ fn a_resumed_stream_gets_only_what_changed() {
             .all(|r| r.resources.is_empty() && r.removed_resources.is_empty())
     );
 
-    let mut state = StreamState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default());
     let stale = DeltaDiscoveryRequest {
         initial_resource_versions: HashMap::from([("demo/gone".to_string(), "1".to_string())]),
         ..subscribe(Kind::Backend)
@@ -203,7 +223,7 @@ fn a_resumed_stream_gets_only_what_changed() {
 #[test]
 fn bad_requests_end_the_stream_with_a_clear_status() {
     let snap = snapshot(1, 1000);
-    let mut state = StreamState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default());
     let no_node = DeltaDiscoveryRequest {
         node: None,
         ..subscribe(Kind::Route)
@@ -223,12 +243,12 @@ fn bad_requests_end_the_stream_with_a_clear_status() {
 #[test]
 fn stale_nonces_are_ignored() {
     let snap = snapshot(1, 1000);
-    let mut state = StreamState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default());
     let batch = connect(&mut state, &snap);
     let stale = DeltaDiscoveryRequest {
         response_nonce: "0-999".into(),
         ..ack(&batch[0])
     };
     assert!(state.on_request(stale, &snap).expect("ignored").is_empty());
-    assert!(state.inflight.is_some());
+    assert!(state.batch.is_some());
 }

@@ -11,6 +11,8 @@ use envoy_types::pb::google::protobuf::Any;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::collections::HashMap;
+
 use prism_proto::Resource;
 use prism_proto::pb::config::v1::{Endpoint, Namespace, Route, RouteMatch, route_match};
 use tokio::net::TcpListener;
@@ -214,6 +216,9 @@ async fn run_subscribes_applies_nacks_and_resumes() {
         zone: "zone-a".into(),
         region: "region-1".into(),
         advertise_address: proxy_addr.to_string(),
+        data_dir: None,
+        namespaces: vec![],
+        selector: Default::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
@@ -290,4 +295,129 @@ async fn run_subscribes_applies_nacks_and_resumes() {
         .expect("run stops")
         .expect("task")
         .expect("run ok");
+}
+
+#[tokio::test]
+async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
+    let (cp_listener, cp_addr) = bind().await;
+    let (sessions_tx, mut sessions) = mpsc::channel(4);
+    let (proxy, proxy_addr) = bind().await;
+    let (admin, admin_addr) = bind().await;
+    let (_, dead) = bind().await; // dropped at once: a port nothing listens on
+    let dir = tempfile::tempdir().expect("tempdir");
+    let namespaces = vec!["demo".to_string()];
+    let selector: std::collections::BTreeMap<_, _> =
+        [("env".to_string(), "prod".to_string())].into();
+    let file = crate::last_good::LastGood::new(
+        dir.path(),
+        crate::subset::describe(&namespaces, &selector),
+    );
+    let [namespaces_v, backends_v, routes_v] = policy("upstream", dead);
+    let restored = Snapshot::from_resources(
+        6,
+        namespaces_v.into_iter().chain(backends_v).chain(routes_v),
+    );
+    file.store(&restored).expect("store");
+
+    let config = Config {
+        control_plane: format!("http://{cp_addr}"),
+        node_id: "proxy-2".into(),
+        zone: "zone-a".into(),
+        region: "region-1".into(),
+        advertise_address: proxy_addr.to_string(),
+        data_dir: Some(dir.path().to_path_buf()),
+        namespaces,
+        selector,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(crate::run(
+        config,
+        crate::Listeners { proxy, admin },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    // Nothing answers on the discovery port yet, and the proxy already serves
+    // the restored revision.
+    assert_eq!(get(admin_addr, "", "/ready").await.0, 200);
+    let (_, dump) = get(admin_addr, "", "/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
+    assert_eq!(dump["revision"], 6);
+    assert_eq!(get(proxy_addr, "demo.local", "/").await.0, 502);
+
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(FakeControlPlane {
+                sessions: sessions_tx,
+            }))
+            .serve_with_incoming(TcpListenerStream::new(cp_listener)),
+    );
+    let mut session = tokio::time::timeout(WAIT, sessions.recv())
+        .await
+        .expect("proxy connects")
+        .expect("session");
+    for kind in Kind::ALL {
+        let subscribe = session.next_request().await;
+        assert_eq!(subscribe.type_url, kind.type_url());
+        let expected: HashMap<String, String> = restored
+            .of_kind(kind)
+            .map(|v| (v.resource.name().to_string(), v.version.clone()))
+            .collect();
+        assert_eq!(subscribe.initial_resource_versions, expected);
+        let metadata = subscribe.node.and_then(|n| n.metadata).expect("metadata");
+        let string = |key: &str| match metadata.fields.get(key).and_then(|v| v.kind.clone()) {
+            Some(value::Kind::StringValue(text)) => text,
+            other => panic!("{key}: {other:?}"),
+        };
+        assert_eq!(string("prism_namespaces"), "demo");
+        assert_eq!(string("prism_selector"), "env=prod");
+        assert_eq!(string("advertise_address"), proxy_addr.to_string());
+    }
+
+    // Nothing changed: empty responses are ACKed and the revision moves on.
+    let answers = session.batch(7, [vec![], vec![], vec![]]).await;
+    assert!(
+        answers.iter().all(|a| a.error_detail.is_none()),
+        "{answers:?}"
+    );
+    // A change is applied and saved; shutdown waits for the save.
+    let (_, upstream) = bind().await;
+    let answers = session
+        .batch(8, [vec![], policy("upstream", upstream)[1].clone(), vec![]])
+        .await;
+    assert!(
+        answers.iter().all(|a| a.error_detail.is_none()),
+        "{answers:?}"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("run stops")
+        .expect("task")
+        .expect("run ok");
+    let saved = file.load().expect("load").expect("a snapshot");
+    assert_eq!(saved.revision, 8);
+    assert_ne!(saved, restored);
+}
+
+#[tokio::test]
+async fn an_invalid_subset_is_refused_before_starting() {
+    let (proxy, _) = bind().await;
+    let (admin, _) = bind().await;
+    let config = Config {
+        control_plane: "http://127.0.0.1:1".into(),
+        node_id: "proxy-3".into(),
+        zone: String::new(),
+        region: String::new(),
+        advertise_address: String::new(),
+        data_dir: None,
+        namespaces: vec!["a,b".into()],
+        selector: Default::default(),
+    };
+    let result = crate::run(config, crate::Listeners { proxy, admin }, async {}).await;
+    assert!(
+        matches!(result, Err(crate::Error::InvalidSubset(_))),
+        "{result:?}"
+    );
 }
