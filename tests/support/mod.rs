@@ -39,6 +39,15 @@ where
     }
 }
 
+/// A port on 127.0.0.1 that the OS just handed out and nobody holds now: for
+/// a child process (or a listener that xDS tells Envoy to bind) that cannot be
+/// given a socket. Another process could take it in between; the OS hands out
+/// ports in rotation, which makes that unlikely.
+pub fn free_local_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr")
+}
+
 async fn local() -> (TcpListener, SocketAddr) {
     bind("127.0.0.1:0".parse().expect("an address")).await
 }
@@ -87,10 +96,33 @@ impl ControlPlane {
     /// A control plane on the given addresses, e.g. those of one stopped
     /// before, so proxies pointed at it find it again.
     pub async fn start_on(data_dir: &Path, admin_addr: SocketAddr, xds_addr: SocketAddr) -> Self {
+        Self::launch(
+            prism_control_plane::Config::new(data_dir),
+            admin_addr,
+            xds_addr,
+        )
+        .await
+    }
+
+    /// A control plane on fresh ports whose Envoy view binds listener
+    /// `prism-http` at `envoy_listener`.
+    pub async fn start_for_envoy(data_dir: &Path, envoy_listener: SocketAddr) -> Self {
+        let any = "127.0.0.1:0".parse().expect("an address");
+        let config = prism_control_plane::Config {
+            envoy_listener,
+            ..prism_control_plane::Config::new(data_dir)
+        };
+        Self::launch(config, any, any).await
+    }
+
+    async fn launch(
+        config: prism_control_plane::Config,
+        admin_addr: SocketAddr,
+        xds_addr: SocketAddr,
+    ) -> Self {
         let (admin, admin_addr) = bind(admin_addr).await;
         let (xds, xds_addr) = bind(xds_addr).await;
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = prism_control_plane::Config::new(data_dir);
         let task = tokio::spawn(async move {
             prism_control_plane::run(
                 config,

