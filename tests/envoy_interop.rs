@@ -303,13 +303,15 @@ async fn envoy_follows_policy(ads: Ads, node_id: &str) {
     let node = eventually(
         &format!(
             "the fleet shows {node_id} having ACKed every Envoy type, endpoints at \
-             revision {moved} or later and routes at {deleted}"
+             revision {moved} or later, routes at {deleted}, and no lag"
         ),
         || async {
             let node = acked_envoy_types(&admin, node_id).await?;
             let acked = |type_url: &str| node["acked_by_type"][type_url].as_u64();
             (acked(CLUSTER_LOAD_ASSIGNMENT) >= Some(moved)
-                && acked(ROUTE_CONFIGURATION) == Some(deleted))
+                && acked(ROUTE_CONFIGURATION) == Some(deleted)
+                && node["acked_revision"].as_u64() == Some(deleted)
+                && node["lag"].as_u64() == Some(0))
             .then_some(node)
         },
     )

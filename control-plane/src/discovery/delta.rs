@@ -30,6 +30,8 @@ pub(crate) struct DeltaState {
     subs: BTreeMap<TypeKind, Subscription>,
     /// Prism kind → policy revision of the last response sent.
     prism_sent: BTreeMap<Kind, u64>,
+    /// Policy revision of the newest catalog this stream has seen.
+    latest_revision: u64,
     /// Prism kinds whose subscription changed since their last response.
     resubscribed: BTreeSet<Kind>,
     pub(crate) batch: Option<Batch>,
@@ -53,6 +55,7 @@ impl DeltaState {
             subs: BTreeMap::new(),
             prism_sent: BTreeMap::new(),
             resubscribed: BTreeSet::new(),
+            latest_revision: 0,
             batch: None,
             envoy_sent: VecDeque::new(),
             nonces: 0,
@@ -113,9 +116,23 @@ impl DeltaState {
 
     /// Everything to send because the catalog (or a subscription) moved.
     pub(crate) fn on_catalog(&mut self, catalog: &Arc<Catalog>) -> Vec<DeltaDiscoveryResponse> {
+        self.latest_revision = catalog.revision();
         let mut out = self.push_prism(catalog);
         out.extend(self.push_envoy(catalog));
+        self.mark_envoy_client_current();
         out
+    }
+
+    /// A client of Envoy types only (Envoy, proxyless gRPC) is at the newest
+    /// revision once nothing sent to it awaits an answer: what the fleet
+    /// reports as its ACKed revision and lag.
+    fn mark_envoy_client_current(&self) {
+        let prism = self.subs.keys().any(|k| matches!(k, TypeKind::Prism(_)));
+        if !prism && !self.subs.is_empty() && self.envoy_sent.is_empty() {
+            self.peer
+                .fleet
+                .batch_acked(self.peer.node_id(), self.latest_revision);
+        }
     }
 
     fn on_prism_reply(&mut self, kind: Kind, nonce: &str, error: Option<&str>) {
@@ -180,6 +197,7 @@ impl DeltaState {
             }
             None => self.peer.fleet.acked(&node_id, sent_kind.url(), revision),
         }
+        self.mark_envoy_client_current();
     }
 
     /// Starts a batch when no batch is out and some Prism kind is behind the

@@ -42,6 +42,8 @@ struct SotwType {
     /// Content version the client rejected.
     rejected_version: Option<String>,
     sent_revision: u64,
+    /// The latest response is ACKed or NACKed.
+    answered: bool,
 }
 
 impl SotwState {
@@ -84,6 +86,7 @@ impl SotwState {
                     .fleet
                     .acked(&node_id, kind.url(), state.sent_revision),
             }
+            state.answered = true;
         }
         let names: BTreeSet<String> = request
             .resource_names
@@ -98,6 +101,7 @@ impl SotwState {
         if let Some(response) = self.respond(kind, catalog, false) {
             out.push(response);
         }
+        self.mark_current(catalog.revision());
         Ok(out)
     }
 
@@ -115,7 +119,16 @@ impl SotwState {
                 .iter()
                 .filter_map(|k| self.respond(*k, catalog, false)),
         );
+        self.mark_current(catalog.revision());
         out
+    }
+
+    /// Once every response is answered the client holds `revision`: what the
+    /// fleet reports as its ACKed revision and lag.
+    fn mark_current(&self, revision: u64) {
+        if !self.types.is_empty() && self.types.values().all(|t| t.answered || t.nonce.is_none()) {
+            self.peer.fleet.batch_acked(self.peer.node_id(), revision);
+        }
     }
 
     /// The response that brings `kind` to `catalog`, if its content changed.
@@ -152,6 +165,7 @@ impl SotwState {
         state.nonce = Some(nonce.clone());
         state.sent_version = Some(version.clone());
         state.sent_revision = catalog.revision();
+        state.answered = false;
         let resources = content.values().map(|e| e.any.clone()).collect();
         state.sent = content;
         Some(DiscoveryResponse {
