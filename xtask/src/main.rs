@@ -1,0 +1,153 @@
+//! Prism's project chores, run as `cargo xtask <command>` (the alias is in
+//! `.cargo/config.toml`; rust-analyzer's xtask convention). A command first
+//! makes sure the external tools it needs are present — Python tools in the
+//! project-local virtual environment `.tools/venv`, Debian packages through
+//! apt-get — saying what it installs, then does its work. The reusable parts
+//! are in [`tools`]; every command is one arm of the `match` in [`main`].
+//!
+//! Std only, on purpose: a newcomer compiles this before anything else.
+
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus};
+
+use tools::{Result, Venv};
+
+const USAGE: &str = "\
+Usage: cargo xtask <command>
+
+Commands:
+  test [ARGS]...  Install the tools the tests need (Envoy, grpcio, grpcio-health-checking
+                  from xtask/requirements-test.txt into .tools/venv; python3-venv from
+                  Debian if `python3 -m venv` cannot work), then run
+                  `cargo test --workspace [ARGS]...` with .tools/venv/bin first on PATH
+                  (without --workspace when ARGS pick packages with -p/--package).
+                  ARGS go to cargo test unchanged, e.g.
+                    cargo xtask test --locked
+                    cargo xtask test --test envoy_interop
+                    cargo xtask test -p prism-proto
+                    cargo xtask test proxyless -- --nocapture
+  help            Print this text.
+";
+
+/// Where the Python tools live, relative to the repository root. Git-ignored;
+/// tests/support looks here too, so plain `cargo test` finds the tools after
+/// one `cargo xtask test`.
+const VENV_DIR: &str = ".tools/venv";
+
+/// The pinned Python tools that `cargo xtask test` installs.
+const TEST_REQUIREMENTS: &str = "xtask/requirements-test.txt";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let result = match args.next().as_deref() {
+        Some("test") => test(args.collect()),
+        Some("help" | "-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprint!("{USAGE}");
+            Ok(ExitCode::from(2))
+        }
+        Some(other) => {
+            Err(format!("unknown command `{other}`; `cargo xtask help` lists them").into())
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask test [ARGS]...`: the tools of tests/envoy_interop.rs, then
+/// `cargo test --workspace [ARGS]...`, whose exit code becomes ours.
+fn test(args: Vec<String>) -> Result<ExitCode> {
+    if matches!(args.first().map(String::as_str), Some("-h" | "--help")) {
+        print!("{USAGE}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let root = project_root();
+    let venv = tools::ensure_python_venv(&root.join(VENV_DIR), &root.join(TEST_REQUIREMENTS))?;
+    for tool in ["envoy", "python3"] {
+        require_in_venv(&venv, tool)?;
+    }
+
+    // `--workspace` would override a `-p`: cargo runs every package then.
+    let mut cargo_args = vec!["test".to_string()];
+    if !picks_packages(&args) {
+        cargo_args.push("--workspace".to_string());
+    }
+    cargo_args.extend(args);
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo
+        .current_dir(&root)
+        .args(&cargo_args)
+        .env("PATH", venv.path_env()?);
+    eprintln!(
+        "xtask: running cargo {} (with {VENV_DIR}/bin first on PATH)",
+        cargo_args.join(" ")
+    );
+    let status = cargo
+        .status()
+        .map_err(|error| format!("cannot run {}: {error}", tools::display(&cargo)))?;
+    Ok(exit_code(status))
+}
+
+/// Fails unless `tool` resolves to the venv's own copy: the requirements file
+/// is what installs it, and a copy elsewhere on PATH would hide a wrong pin.
+fn require_in_venv(venv: &Venv, tool: &str) -> Result<()> {
+    match tools::find_tool(tool, Some(venv)) {
+        Some(path) if path.starts_with(venv.dir()) => Ok(()),
+        found => Err(format!(
+            "{} provides no `{tool}` (found: {found:?}); {TEST_REQUIREMENTS} should install it",
+            venv.dir().display()
+        )
+        .into()),
+    }
+}
+
+/// Whether cargo test arguments select packages (`-p`, `--package`) before
+/// the `--` that starts the test binaries' own arguments.
+fn picks_packages(args: &[String]) -> bool {
+    args.iter()
+        .take_while(|arg| *arg != "--")
+        .any(|arg| arg.starts_with("-p") || arg == "--package" || arg.starts_with("--package="))
+}
+
+/// The repository root: this package lives in `<root>/xtask`.
+fn project_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// The child's exit code as ours; a child killed by a signal is a failure.
+fn exit_code(status: ExitStatus) -> ExitCode {
+    status
+        .code()
+        .and_then(|code| u8::try_from(code).ok())
+        .map_or(ExitCode::FAILURE, ExitCode::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn package_selection_replaces_workspace() {
+        assert!(picks_packages(&args("-p prism-proto")));
+        assert!(picks_packages(&args("--locked -pprism-proto")));
+        assert!(picks_packages(&args("--package=xtask")));
+        assert!(!picks_packages(&args("--locked --test envoy_interop")));
+        // After `--` it is the test binary's argument, not cargo's.
+        assert!(!picks_packages(&args("proxyless -- -p")));
+    }
+}
