@@ -27,7 +27,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use prism_proto::pb::config::v1::{Backend, Namespace, Route};
+use prism_proto::pb::config::v1::{Backend, Namespace, Route, Secret};
 use prism_proto::{Kind, Resource, ResourceKey, parse_policy, validate_resource};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -375,6 +375,7 @@ fn json_resource(
     check_media_type(headers, &[])?;
     let body = read_body(body)?;
     let parsed = match kind {
+        Kind::Secret => serde_json::from_slice::<Secret>(&body).map(Resource::Secret),
         Kind::Namespace => serde_json::from_slice::<Namespace>(&body).map(Resource::Namespace),
         Kind::Backend => serde_json::from_slice::<Backend>(&body).map(Resource::Backend),
         Kind::Route => serde_json::from_slice::<Route>(&body).map(Resource::Route),
@@ -384,6 +385,7 @@ fn json_resource(
 
 fn set_name(resource: &mut Resource, name: String) {
     match resource {
+        Resource::Secret(r) => r.name = name,
         Resource::Namespace(r) => r.name = name,
         Resource::Backend(r) => r.name = name,
         Resource::Route(r) => r.name = name,

@@ -51,6 +51,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
     ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config,
 };
+use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
 use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
 use envoy_types::util::pack_any;
 use prism_proto::pb::config::v1::route_match::Path;
@@ -412,7 +413,8 @@ fn match_order(route: &Route) -> (u8, Reverse<usize>, &str, &str) {
     match path {
         Some(Path::Exact(p)) => (0, Reverse(p.len()), p, &route.name),
         Some(Path::Prefix(p)) => (1, Reverse(p.len()), p, &route.name),
-        None => (2, Reverse(0), "", &route.name),
+        Some(Path::Regex(p)) => (2, Reverse(0), p, &route.name),
+        None => (3, Reverse(0), "", &route.name),
     }
 }
 
@@ -422,6 +424,10 @@ fn envoy_route(namespace: &str, route: &Route, namespace_timeout: &Duration) -> 
     let path = match route.r#match.as_ref()?.path.as_ref()? {
         Path::Exact(p) => route_match::PathSpecifier::Path(p.clone()),
         Path::Prefix(p) => route_match::PathSpecifier::Prefix(p.clone()),
+        Path::Regex(p) => route_match::PathSpecifier::SafeRegex(RegexMatcher {
+            regex: p.clone(),
+            ..Default::default()
+        }),
     };
     let timeout = route
         .timeout

@@ -44,9 +44,10 @@ fn policy(revision: u64, port: u16) -> Snapshot {
                 r#match: Some(RouteMatch {
                     host: String::new(),
                     path: Some(route_match::Path::Prefix("/".into())),
+                    ..Default::default()
                 }),
                 backend: "web".into(),
-                timeout: None,
+                ..Default::default()
             }),
         ],
     )
