@@ -119,7 +119,8 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Show resources of a kind (namespaces, backends, routes), or one by name.
+    /// Show resources of a kind (secrets, namespaces, backends, routes), or one
+    /// by name. Secrets show name, kind, expiry and names only.
     Get {
         kind: String,
         name: Option<String>,

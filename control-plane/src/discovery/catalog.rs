@@ -41,8 +41,9 @@ impl TypeKind {
         TypeKind::Route,
     ];
 
-    /// Every type, Prism's first.
-    pub const ALL: [TypeKind; 7] = [
+    /// Every type, Prism's first, in `Kind::ALL` order.
+    pub const ALL: [TypeKind; 8] = [
+        TypeKind::Prism(Kind::Secret),
         TypeKind::Prism(Kind::Namespace),
         TypeKind::Prism(Kind::Backend),
         TypeKind::Prism(Kind::Route),
