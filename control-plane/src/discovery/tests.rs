@@ -12,6 +12,7 @@ use prism_proto::Snapshot;
 fn catalog(snapshot: Snapshot) -> Arc<Catalog> {
     let params = EnvoyParams {
         listener_address: "127.0.0.1:10000".parse().expect("addr"),
+        tls_listener_address: "127.0.0.1:10443".parse().expect("addr"),
     };
     Arc::new(Catalog::build(
         Arc::new(snapshot),
@@ -281,4 +282,39 @@ fn stale_nonces_are_ignored() {
     };
     assert!(state.on_request(stale, &snap).expect("ignored").is_empty());
     assert!(state.batch.is_some());
+}
+
+#[test]
+fn the_catch_all_host_answers_any_name_a_grpc_client_dials() {
+    let mut snapshot = policy(1, 1000);
+    assert!(
+        catalog(snapshot.clone())
+            .api_listener_for("other.test:50051")
+            .is_none()
+    );
+    snapshot.insert(Resource::Namespace(Namespace {
+        name: "fallback".into(),
+        hosts: vec!["*".into()],
+        ..Default::default()
+    }));
+    assert!(
+        catalog(snapshot)
+            .api_listener_for("other.test:50051")
+            .is_some()
+    );
+}
+
+#[test]
+fn envoy_secrets_are_served_by_name_only() {
+    let snap = snapshot(1, 1000);
+    let secrets = snap.resources(TypeKind::Secret).expect("the SDS type");
+    assert!(
+        secrets.wildcard.is_empty(),
+        "no key to a wildcard subscriber"
+    );
+    assert!(secrets.get("demo/ca").is_some());
+    assert_eq!(
+        TypeKind::from_url(crate::envoy::SECRET),
+        Some(TypeKind::Secret)
+    );
 }
