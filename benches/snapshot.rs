@@ -36,9 +36,10 @@ fn policy(revision: u64, namespaces: usize, changed_port: u16) -> Snapshot {
                 r#match: Some(RouteMatch {
                     host: String::new(),
                     path: Some(route_match::Path::Prefix(format!("/p{b}"))),
+                    ..Default::default()
                 }),
                 backend: format!("b{b}"),
-                timeout: None,
+                ..Default::default()
             }));
         }
     }

@@ -63,6 +63,14 @@ pub enum Command {
             default_value = "0.0.0.0:10000"
         )]
         envoy_listener_addr: SocketAddr,
+        /// Where the Envoy TLS Listener `prism-https` binds (served while some
+        /// namespace has a `tls_secret`).
+        #[arg(
+            long,
+            env = "PRISM_ENVOY_TLS_LISTENER_ADDR",
+            default_value = "0.0.0.0:10443"
+        )]
+        envoy_tls_listener_addr: SocketAddr,
     },
     /// A data-plane proxy that subscribes to a control plane.
     Proxy {
@@ -119,7 +127,8 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Show resources of a kind (namespaces, backends, routes), or one by name.
+    /// Show resources of a kind (secrets, namespaces, backends, routes), or one
+    /// by name. Secrets show name, kind, expiry and names only.
     Get {
         kind: String,
         name: Option<String>,
@@ -192,6 +201,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             admin_addr,
             xds_addr,
             envoy_listener_addr,
+            envoy_tls_listener_addr,
         } => {
             let admin = bind("admin API", admin_addr).await?;
             let xds = bind("discovery server", xds_addr).await?;
@@ -205,6 +215,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 prism_control_plane::Config {
                     data_dir,
                     envoy_listener: envoy_listener_addr,
+                    envoy_tls_listener: envoy_tls_listener_addr,
                 },
                 prism_control_plane::Listeners { admin, xds },
                 shutdown_signal(),

@@ -62,7 +62,9 @@ impl AdminClient {
         Ok(out)
     }
 
-    /// `GET /v1/{kind}` or `GET /v1/{kind}/{name}`, rendered as a policy document.
+    /// `GET /v1/{kind}` or `GET /v1/{kind}/{name}`, rendered as a policy
+    /// document. Secrets come as the admin API shows them, redacted (name,
+    /// kind, expiry, names): a view to read, not a document to apply again.
     pub async fn get(
         &self,
         kind: &str,
@@ -84,6 +86,9 @@ impl AdminClient {
                 "{}\n",
                 serde_json::to_string_pretty(&Value::Array(items))?
             )),
+            Output::Yaml if kind == Kind::Secret => Ok(serde_yaml::to_string(
+                &serde_json::json!({ kind.plural(): items }),
+            )?),
             Output::Yaml => {
                 let resources = items
                     .into_iter()

@@ -73,6 +73,57 @@ async fn apply_get_delete_through_the_cli() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_secrets_shows_expiry_and_names_never_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let tls = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/tls");
+    let pem = |file: &str| {
+        std::fs::read_to_string(format!("{tls}/{file}"))
+            .expect("fixture")
+            .trim_end()
+            .replace('\n', "\n          ")
+    };
+    let document = dir.path().join("secret.yaml");
+    std::fs::write(
+        &document,
+        format!(
+            "namespaces:\n  - name: shop\n    hosts: [shop.test]\n    tls_secret: tls\n\
+             secrets:\n  - name: shop/tls\n    tls_certificate:\n      certificate_chain: |\n          {}\n      \
+             private_key: |\n          {}\n",
+            pem("server.pem"),
+            pem("server.key")
+        ),
+    )
+    .expect("write");
+    let admin = cp.admin.clone();
+    let path = document.to_string_lossy().into_owned();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || prism(&admin, &["apply", "-f", &path]))
+            .await
+            .expect("join");
+    assert!(ok, "{err}");
+    assert!(out.contains("Secret shop/tls"), "{out}");
+
+    for output in ["yaml", "json"] {
+        let admin = cp.admin.clone();
+        let (ok, out, err) =
+            tokio::task::spawn_blocking(move || prism(&admin, &["get", "secrets", "-o", output]))
+                .await
+                .expect("join");
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("shop/tls")
+                && out.contains("tls_certificate")
+                && out.contains("2126-11-03T14:52:27Z")
+                && out.contains("*.shop.test"),
+            "{out}"
+        );
+        assert!(!out.contains("BEGIN") && !out.contains("PRIVATE"), "{out}");
+    }
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prism_up_serves_the_quickstart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))

@@ -961,10 +961,12 @@ async fn delta_prism_kinds_arrive_as_one_batch_per_revision() {
     assert_eq!(
         decoded,
         vec![
+            set(&[]),
             set(&["shop"]),
             set(&["shop/blue", "shop/green"]),
             set(&["shop/blue", "shop/green"])
-        ]
+        ],
+        "secrets (none here), namespaces, backends, routes"
     );
     for r in &batch {
         d.ack(r).await;
@@ -993,6 +995,7 @@ async fn delta_prism_kinds_arrive_as_one_batch_per_revision() {
     assert_eq!(
         summary,
         vec![
+            (Kind::Secret.type_url(), revision, set(&[]), 0),
             (Kind::Namespace.type_url(), revision, set(&[]), 0),
             (Kind::Backend.type_url(), revision, set(&["shop/blue"]), 0),
             (Kind::Route.type_url(), revision, set(&[]), 0),
@@ -1000,7 +1003,7 @@ async fn delta_prism_kinds_arrive_as_one_batch_per_revision() {
         "one response per kind, all at the new revision, unchanged kinds empty"
     );
     let nonces: BTreeSet<&String> = batch.iter().map(|r| &r.nonce).collect();
-    assert_eq!(nonces.len(), 3);
+    assert_eq!(nonces.len(), Kind::ALL.len());
 }
 
 /// The endpoint addresses of Prism backend `name` in a Backend response.
@@ -1057,11 +1060,11 @@ async fn delta_slow_client_gets_one_batch_at_the_newest_revision_after_a_burst()
     let revisions: Vec<u64> = batch.iter().map(revision_of).collect();
     assert_eq!(
         revisions,
-        vec![newest; 3],
+        vec![newest; Kind::ALL.len()],
         "nothing was queued during the burst: the first batch after the ACK is the newest"
     );
     assert_eq!(
-        prism_backend_addresses(&batch[1], "shop/blue"),
+        prism_backend_addresses(&batch[backend_index()], "shop/blue"),
         vec!["127.0.0.1:9909".to_string()]
     );
 
@@ -1407,4 +1410,12 @@ async fn grpc_reflection_lists_and_describes_the_discovery_service() {
             .any(|f| f.windows(26).any(|w| w == b"AggregatedDiscoveryService")),
         "the descriptor names the service"
     );
+}
+
+/// Where the Backend response sits in a Prism batch.
+fn backend_index() -> usize {
+    Kind::ALL
+        .iter()
+        .position(|k| *k == Kind::Backend)
+        .expect("Backend is a kind")
 }

@@ -2,13 +2,15 @@
 //! read the change log and the fleet's status.
 //!
 //! Resources travel in their canonical JSON form (the proto3 JSON mapping of
-//! `prism.config.v1`). Every write goes through [`Store::commit`], which
+//! `prism.config.v1`), except that a Secret is never shown: every answer that
+//! echoes one carries its redacted view ([`view`]). Every write goes through
+//! [`Store::commit`], which
 //! validates the whole policy and answers only once the revision is on disk.
 //! Every failure becomes a response in one place: [`ApiError`].
 //!
 //! | Method and path                 | What it does                                  |
 //! |---------------------------------|-----------------------------------------------|
-//! | `GET /v1/{kind}`                | list one kind (`namespaces`, `backends`, `routes`) |
+//! | `GET /v1/{kind}`                | list one kind (`secrets`, `namespaces`, `backends`, `routes`) |
 //! | `POST /v1/{kind}`               | create; 409 if the name exists                |
 //! | `GET /v1/{kind}/{name}`         | read one (header `x-prism-revision`)          |
 //! | `PUT /v1/{kind}/{name}`         | create or replace                             |
@@ -27,7 +29,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use prism_proto::pb::config::v1::{Backend, Namespace, Route};
+use prism_proto::pb::config::v1::{Backend, Namespace, Route, Secret};
 use prism_proto::{Kind, Resource, ResourceKey, parse_policy, validate_resource};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -38,6 +40,9 @@ use crate::store::{Mutation, Store};
 
 #[cfg(test)]
 mod tests;
+pub mod view;
+
+pub use view::resource_view;
 
 /// Largest request body the admin API reads: 4 MiB.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -165,7 +170,7 @@ async fn list(
     let snapshot = state.store.snapshot();
     let items: Vec<Value> = snapshot
         .of_kind(kind)
-        .map(|entry| entry.resource.to_json())
+        .map(|entry| resource_view(&entry.resource))
         .collect();
     Ok(Json(
         json!({ "items": items, "revision": snapshot.revision }),
@@ -179,7 +184,7 @@ async fn read(
     let key = parse_key(path)?;
     let snapshot = state.store.snapshot();
     let entry = snapshot.get(&key).ok_or_else(|| not_found(&key))?;
-    let mut response = Json(entry.resource.to_json()).into_response();
+    let mut response = Json(resource_view(&entry.resource)).into_response();
     response
         .headers_mut()
         .insert(REVISION_HEADER, HeaderValue::from(snapshot.revision));
@@ -205,7 +210,7 @@ async fn create(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "revision": commit.revision, "resource": resource.to_json() })),
+        Json(json!({ "revision": commit.revision, "resource": resource_view(&resource) })),
     ))
 }
 
@@ -237,7 +242,7 @@ async fn replace(
         )
         .await?;
     Ok(Json(
-        json!({ "revision": commit.revision, "resource": resource.to_json() }),
+        json!({ "revision": commit.revision, "resource": resource_view(&resource) }),
     ))
 }
 
@@ -375,6 +380,7 @@ fn json_resource(
     check_media_type(headers, &[])?;
     let body = read_body(body)?;
     let parsed = match kind {
+        Kind::Secret => serde_json::from_slice::<Secret>(&body).map(Resource::Secret),
         Kind::Namespace => serde_json::from_slice::<Namespace>(&body).map(Resource::Namespace),
         Kind::Backend => serde_json::from_slice::<Backend>(&body).map(Resource::Backend),
         Kind::Route => serde_json::from_slice::<Route>(&body).map(Resource::Route),
@@ -384,6 +390,7 @@ fn json_resource(
 
 fn set_name(resource: &mut Resource, name: String) {
     match resource {
+        Resource::Secret(r) => r.name = name,
         Resource::Namespace(r) => r.name = name,
         Resource::Backend(r) => r.name = name,
         Resource::Route(r) => r.name = name,

@@ -1,37 +1,41 @@
 //! The Envoy view of Prism's policy: a pure translation of a [`Snapshot`] and
 //! the proxy fleet into standard xDS resources (Listener, RouteConfiguration,
-//! Cluster, ClusterLoadAssignment), so that a stock Envoy bootstrapped with
-//! only an ADS cluster pointing at Prism, or a proxyless gRPC client dialing
-//! `xds:///<host>`, routes per Prism policy.
+//! Cluster, ClusterLoadAssignment, and SDS Secrets), so that a stock Envoy
+//! bootstrapped with only an ADS cluster pointing at Prism, or a proxyless
+//! gRPC client dialing `xds:///<host>`, routes per Prism policy.
 //!
 //! It owns no IO and knows nothing of tonic or the store: the discovery server
 //! calls [`translate`] once per policy revision or fleet change and serves the
-//! result. Every resource is encoded deterministically (sorted input, no map
-//! field with more than one entry), because the discovery server versions a
-//! resource by hashing its bytes and prost encodes `HashMap`s in random order.
+//! result. Every resource is encoded deterministically (sorted input, maps
+//! written in key order by hand where they can hold more than one entry),
+//! because the discovery server versions a resource by hashing its bytes and
+//! prost encodes `HashMap`s in random order.
 //!
 //! The shape, chosen to look like what an Envoy or Istio user expects:
 //!
 //! - Listener `prism-http` binds [`EnvoyParams::listener_address`] and runs one
 //!   HttpConnectionManager whose routes come over ADS as RouteConfiguration
-//!   `prism-http`.
+//!   `prism-http`. Listener `prism-https` (at
+//!   [`EnvoyParams::tls_listener_address`], only while some namespace has a
+//!   `tls_secret`) runs the same manager behind TLS, one filter chain per such
+//!   namespace chosen by SNI, its certificate an SDS secret over ADS.
 //! - That RouteConfiguration has one VirtualHost per namespace, plus one per
-//!   host that a route is restricted to (`match.host`).
+//!   host that a route is restricted to (`match.host`). See `routes.rs`.
 //! - Every Backend is a Cluster of the same name (`ns/web`): EDS when all its
 //!   endpoints are `ip:port`, STRICT_DNS otherwise (Envoy's EDS accepts only IP
-//!   addresses).
+//!   addresses). See `clusters.rs`.
+//! - Every Secret is an SDS Secret of the same name (`ns/tls`), served only by
+//!   name to the Envoys whose listeners and clusters refer to it. See `tls.rs`.
 //! - The fleet of Prism proxies is Cluster `prism-proxy`, by locality.
 //! - Every exact host is also an API listener named after it, for gRPC clients
 //!   dialing `xds:///<host>`; those are served only when asked for by name.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Http2ProtocolOptions,
-    Locality, SocketAddress, address, config_source, socket_address,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality,
+    SocketAddress, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -39,22 +43,25 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, Listener, filter,
 };
-use envoy_types::pb::envoy::config::route::v3::{
-    Route as EnvoyRoute, RouteAction, RouteConfiguration, RouteMatch as EnvoyRouteMatch,
-    VirtualHost, route, route_action, route_match,
-};
+use envoy_types::pb::envoy::extensions::filters::http::buffer::v3::Buffer;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
-    ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config,
-};
 use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
 use envoy_types::util::pack_any;
-use prism_proto::pb::config::v1::route_match::Path;
-use prism_proto::{Backend, Endpoint, Kind, Namespace, Protocol, Resource, Route, Snapshot};
+use prism_proto::{Backend, Namespace, ProtoDuration, Resource, Route, Secret, Snapshot, defaults};
+
+mod clusters;
+mod routes;
+mod tls;
+
+#[cfg(test)]
+use clusters::HTTP_PROTOCOL_OPTIONS;
+use clusters::eds_cluster;
+#[cfg(test)]
+use routes::{BUFFER_FILTER, NAMESPACE_RATE_LIMIT_FILTER, ROUTE_RATE_LIMIT_FILTER};
 
 /// Type URL of `envoy.config.listener.v3.Listener` (LDS).
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -66,10 +73,14 @@ pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Type URL of `envoy.config.endpoint.v3.ClusterLoadAssignment` (EDS).
 pub const CLUSTER_LOAD_ASSIGNMENT: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// Type URL of `envoy.extensions.transport_sockets.tls.v3.Secret` (SDS).
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// Name of the socket listener, and of the RouteConfiguration it (and every
 /// API listener) asks for over RDS.
 pub const HTTP_LISTENER: &str = "prism-http";
+/// Name of the TLS socket listener.
+pub const HTTPS_LISTENER: &str = "prism-https";
 /// Name of the one RouteConfiguration.
 pub const HTTP_ROUTES: &str = "prism-http";
 /// Name of the Cluster (and ClusterLoadAssignment) of Prism's own proxies.
@@ -82,24 +93,19 @@ const STAT_PREFIX: &str = "prism_http";
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
 /// Well-known name of the HttpConnectionManager network filter.
 const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
-/// Key of `Cluster.typed_extension_protocol_options` for upstream HTTP settings.
-const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// Route timeout when neither the route nor its namespace sets one.
-const DEFAULT_ROUTE_TIMEOUT: Duration = Duration {
-    seconds: 15,
-    nanos: 0,
-};
+const DEFAULT_ROUTE_TIMEOUT: Duration = envoy_duration(defaults::REQUEST_TIMEOUT);
 /// Connect timeout when a backend sets none.
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration {
-    seconds: 5,
-    nanos: 0,
-};
+const DEFAULT_CONNECT_TIMEOUT: Duration = envoy_duration(defaults::CONNECT_TIMEOUT);
 
 /// Settings of the Envoy view.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EnvoyParams {
     /// Where the socket listener `prism-http` of every subscribing Envoy binds.
     pub listener_address: SocketAddr,
+    /// Where the TLS listener `prism-https` binds, when some namespace has a
+    /// `tls_secret`.
+    pub tls_listener_address: SocketAddr,
 }
 
 /// One proxy of the fleet, published as an endpoint of cluster `prism-proxy`.
@@ -121,7 +127,8 @@ pub struct FleetEndpoint {
 /// Every Envoy resource of one policy revision, by type, then name.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EnvoyResources {
-    /// What a wildcard LDS subscription gets: the socket listener `prism-http`.
+    /// What a wildcard LDS subscription gets: the socket listener
+    /// `prism-http`, and `prism-https` when some namespace serves TLS.
     pub listeners: BTreeMap<String, Any>,
     /// API listeners for proxyless gRPC (`xds:///<host>`), one per exact host,
     /// named after it. Served only to those who ask for them by name: an Envoy
@@ -133,6 +140,59 @@ pub struct EnvoyResources {
     pub clusters: BTreeMap<String, Any>,
     /// One ClusterLoadAssignment per EDS cluster, plus `prism-proxy`.
     pub cluster_load_assignments: BTreeMap<String, Any>,
+    /// One SDS Secret per Prism Secret, named alike. Served only by name.
+    pub secrets: BTreeMap<String, Any>,
+}
+
+/// The policy sorted for translation: what each part of the Envoy view needs
+/// to look up.
+struct Policy<'a> {
+    namespaces: Vec<&'a Namespace>,
+    /// `(namespace, route)`, in name order.
+    routes: Vec<(&'a str, &'a Route)>,
+    /// By full name, `namespace/name`.
+    backends: BTreeMap<&'a str, &'a Backend>,
+    secrets: Vec<&'a Secret>,
+}
+
+impl<'a> Policy<'a> {
+    fn of(snapshot: &'a Snapshot) -> Self {
+        let mut policy = Policy {
+            namespaces: Vec::new(),
+            routes: Vec::new(),
+            backends: BTreeMap::new(),
+            secrets: Vec::new(),
+        };
+        for versioned in snapshot.iter() {
+            match &versioned.resource {
+                Resource::Namespace(ns) => policy.namespaces.push(ns),
+                Resource::Route(route) => {
+                    policy.routes.push((versioned.resource.namespace(), route))
+                }
+                Resource::Backend(backend) => {
+                    policy.backends.insert(&backend.name, backend);
+                }
+                Resource::Secret(secret) => policy.secrets.push(secret),
+            }
+        }
+        policy
+    }
+
+    /// A backend of `namespace` by its local name.
+    fn backend(&self, namespace: &str, name: &str) -> Option<&'a Backend> {
+        self.backends
+            .get(format!("{namespace}/{name}").as_str())
+            .copied()
+    }
+
+    /// The backends a route forwards to, by local name, in listing order.
+    fn targets(&self, namespace: &str, route: &'a Route) -> Vec<&'a Backend> {
+        std::iter::once(route.backend.as_str())
+            .filter(|b| !b.is_empty())
+            .chain(route.backends.iter().map(|w| w.name.as_str()))
+            .filter_map(|name| self.backend(namespace, name))
+            .collect()
+    }
 }
 
 /// Translates `snapshot` and `fleet` into Envoy resources.
@@ -145,40 +205,28 @@ pub fn translate(
     fleet: &[FleetEndpoint],
     params: &EnvoyParams,
 ) -> EnvoyResources {
-    let namespaces: Vec<&Namespace> = snapshot
-        .of_kind(Kind::Namespace)
-        .filter_map(|v| match &v.resource {
-            Resource::Namespace(ns) => Some(ns),
-            _ => None,
-        })
-        .collect();
-    let routes: Vec<(&str, &Route)> = snapshot
-        .of_kind(Kind::Route)
-        .filter_map(|v| match &v.resource {
-            Resource::Route(route) => Some((v.resource.namespace(), route)),
-            _ => None,
-        })
-        .collect();
-
+    let policy = Policy::of(snapshot);
     let mut resources = EnvoyResources::default();
     resources.listeners.insert(
         HTTP_LISTENER.to_string(),
         pack_any(http_listener(params.listener_address)),
     );
+    if let Some(listener) = tls::https_listener(&policy, params.tls_listener_address) {
+        resources
+            .listeners
+            .insert(HTTPS_LISTENER.to_string(), pack_any(listener));
+    }
     resources.route_configurations.insert(
         HTTP_ROUTES.to_string(),
-        pack_any(route_configuration(&namespaces, &routes)),
+        routes::route_configuration(&policy),
     );
-    for host in api_listener_hosts(&namespaces, &routes) {
+    for host in api_listener_hosts(&policy) {
         resources
             .api_listeners
             .insert(host.to_string(), api_listener(host));
     }
-    for versioned in snapshot.of_kind(Kind::Backend) {
-        let Resource::Backend(backend) = &versioned.resource else {
-            continue;
-        };
-        let (cluster, assignment) = backend_cluster(backend);
+    for backend in policy.backends.values() {
+        let (cluster, assignment) = clusters::backend_cluster(backend, &policy);
         resources
             .clusters
             .insert(backend.name.clone(), pack_any(cluster));
@@ -186,6 +234,11 @@ pub fn translate(
             resources
                 .cluster_load_assignments
                 .insert(backend.name.clone(), pack_any(assignment));
+        }
+    }
+    for secret in &policy.secrets {
+        if let Some(sds) = tls::envoy_secret(secret) {
+            resources.secrets.insert(secret.name.clone(), pack_any(sds));
         }
     }
     resources.clusters.insert(
@@ -204,7 +257,7 @@ pub fn translate(
 ///
 /// Public so that the discovery server can answer for a host that
 /// [`translate`] cannot enumerate (one covered only by a wildcard namespace
-/// host such as `*.demo.test`).
+/// host such as `*.demo.test`, or by the catch-all `*`).
 pub fn api_listener(host: &str) -> Any {
     pack_any(Listener {
         name: host.to_string(),
@@ -218,12 +271,10 @@ pub fn api_listener(host: &str) -> Any {
 /// Hosts that get an API listener: every exact namespace host and every host a
 /// route is restricted to (which may sit under a wildcard namespace host).
 /// Wildcards cannot be dialed, so they get none.
-fn api_listener_hosts<'a>(
-    namespaces: &[&'a Namespace],
-    routes: &[(&str, &'a Route)],
-) -> BTreeSet<&'a str> {
-    let namespace_hosts = namespaces.iter().flat_map(|ns| ns.hosts.iter());
-    let route_hosts = routes
+fn api_listener_hosts<'a>(policy: &Policy<'a>) -> BTreeSet<&'a str> {
+    let namespace_hosts = policy.namespaces.iter().flat_map(|ns| ns.hosts.iter());
+    let route_hosts = policy
+        .routes
         .iter()
         .filter_map(|(_, r)| r.r#match.as_ref())
         .map(|m| &m.host);
@@ -239,35 +290,74 @@ fn http_listener(at: SocketAddr) -> Listener {
         name: HTTP_LISTENER.to_string(),
         address: Some(socket_address(&at.ip().to_string(), at.port())),
         filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: HCM_FILTER.to_string(),
-                config_type: Some(filter::ConfigType::TypedConfig(pack_any(
-                    http_connection_manager(),
-                ))),
-            }],
+            filters: vec![hcm_filter()],
             ..Default::default()
         }],
         ..Default::default()
     }
 }
 
-/// The HttpConnectionManager shared by the socket listener and every API
-/// listener: routes by RDS over ADS, router as the last (only) filter. Codec
-/// AUTO, so HTTP/1.1 and prior-knowledge HTTP/2 (gRPC) both work in clear text.
+/// The HttpConnectionManager as a listener's network filter.
+fn hcm_filter() -> Filter {
+    Filter {
+        name: HCM_FILTER.to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(
+            http_connection_manager(),
+        ))),
+    }
+}
+
+/// The HttpConnectionManager shared by the socket listeners and every API
+/// listener: routes by RDS over ADS; codec AUTO, so HTTP/1.1 and
+/// prior-knowledge HTTP/2 (gRPC) both work in clear text.
+///
+/// Filters, in order: the namespace rate limit, the route rate limit, the
+/// request body limit (buffer), the router. The first three are off unless a
+/// virtual host or route turns them on with its own config, and optional, so
+/// a proxyless gRPC client (which knows none of them) skips them instead of
+/// rejecting the listener.
 fn http_connection_manager() -> HttpConnectionManager {
+    let optional = |name: &str, config: Any| HttpFilter {
+        name: name.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
+        is_optional: true,
+        disabled: true,
+    };
     HttpConnectionManager {
         stat_prefix: STAT_PREFIX.to_string(),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: HTTP_ROUTES.to_string(),
         })),
-        http_filters: vec![HttpFilter {
-            name: ROUTER_FILTER.to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: vec![
+            optional(
+                routes::NAMESPACE_RATE_LIMIT_FILTER,
+                pack_any(LocalRateLimit {
+                    stat_prefix: "prism_namespace_rate_limit".to_string(),
+                    ..Default::default()
+                }),
+            ),
+            optional(
+                routes::ROUTE_RATE_LIMIT_FILTER,
+                pack_any(LocalRateLimit {
+                    stat_prefix: "prism_route_rate_limit".to_string(),
+                    ..Default::default()
+                }),
+            ),
+            optional(
+                routes::BUFFER_FILTER,
+                pack_any(Buffer {
+                    max_request_bytes: Some(UInt32Value { value: u32::MAX }),
+                }),
+            ),
+            HttpFilter {
+                name: ROUTER_FILTER.to_string(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    Router::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
         ..Default::default()
     }
 }
@@ -293,241 +383,31 @@ fn socket_address(host: &str, port: u16) -> Address {
     }
 }
 
-/// Routes of one namespace: those for every host, and those restricted to
-/// one host, each in match order.
-#[derive(Default)]
-struct NamespaceRoutes<'a> {
-    wide: Vec<&'a Route>,
-    by_host: BTreeMap<&'a str, Vec<&'a Route>>,
-}
-
-/// RouteConfiguration `prism-http`.
-///
-/// One VirtualHost per namespace (named after it), whose domains are its hosts,
-/// each also as `host:*` so a Host header with a port matches; wildcard hosts
-/// stay Envoy suffix wildcards (`*.demo.test`), and `ignore_port_in_host_matching`
-/// lets those match with a port too. A host that routes are restricted to gets
-/// its own VirtualHost `ns/host` (domains `host`, `host:*`) holding those routes
-/// first and then the namespace-wide ones, and leaves the namespace's
-/// VirtualHost. Envoy rejects a RouteConfiguration in which two VirtualHosts
-/// share a domain, or one has no domain, so a domain is given once (namespace
-/// hosts before route hosts, then in name order) and a VirtualHost left without
-/// domains is dropped: a namespace with no hosts cannot be reached anyway.
-fn route_configuration(namespaces: &[&Namespace], routes: &[(&str, &Route)]) -> RouteConfiguration {
-    let mut grouped: BTreeMap<&str, NamespaceRoutes<'_>> = BTreeMap::new();
-    for (ns, route) in routes {
-        let Some(m) = &route.r#match else { continue };
-        let group = grouped.entry(ns).or_default();
-        match m.host.as_str() {
-            "" => group.wide.push(route),
-            host => group.by_host.entry(host).or_default().push(route),
-        }
-    }
-    for group in grouped.values_mut() {
-        group
-            .wide
-            .sort_by(|a, b| match_order(a).cmp(&match_order(b)));
-        for host_routes in group.by_host.values_mut() {
-            host_routes.sort_by(|a, b| match_order(a).cmp(&match_order(b)));
-        }
-    }
-
-    let empty = NamespaceRoutes::default();
-    let mut claimed = BTreeSet::new();
-    let mut namespace_hosts = Vec::new();
-    let mut host_vhosts = Vec::new();
-    for ns in namespaces {
-        let group = grouped.get(ns.name.as_str()).unwrap_or(&empty);
-        let timeout = ns
-            .default_timeout
-            .as_ref()
-            .map_or(DEFAULT_ROUTE_TIMEOUT, |d| duration(d.seconds, d.nanos));
-        let envoy_routes = |routes: &[&Route]| -> Vec<EnvoyRoute> {
-            routes
-                .iter()
-                .filter_map(|r| envoy_route(&ns.name, r, &timeout))
-                .collect()
-        };
-        let wide = envoy_routes(&group.wide);
-        let own_hosts = ns
-            .hosts
-            .iter()
-            .filter(|h| !group.by_host.contains_key(h.as_str()));
-        let domains = claim(&mut claimed, own_hosts.flat_map(|h| domains_of(h)));
-        namespace_hosts.push(VirtualHost {
-            name: ns.name.clone(),
-            domains,
-            routes: wide.clone(),
-            ..Default::default()
-        });
-        for (host, routes) in &group.by_host {
-            let mut routes = envoy_routes(routes);
-            routes.extend(wide.iter().cloned());
-            host_vhosts.push(VirtualHost {
-                name: format!("{}/{host}", ns.name),
-                domains: domains_of(host),
-                routes,
-                ..Default::default()
-            });
-        }
-    }
-    // Namespace hosts were claimed above; route hosts take what is left.
-    for vhost in &mut host_vhosts {
-        vhost.domains = claim(&mut claimed, std::mem::take(&mut vhost.domains));
-    }
-    let mut virtual_hosts = namespace_hosts;
-    virtual_hosts.extend(host_vhosts);
-    virtual_hosts.retain(|vhost| !vhost.domains.is_empty());
-    virtual_hosts.sort_by(|a, b| a.name.cmp(&b.name));
-    RouteConfiguration {
-        name: HTTP_ROUTES.to_string(),
-        virtual_hosts,
-        ignore_port_in_host_matching: true,
-        ..Default::default()
+/// A std duration as Envoy's.
+const fn envoy_duration(d: std::time::Duration) -> Duration {
+    Duration {
+        // Policy durations are validated to at most 24h, and defaults are
+        // small: neither cast can truncate.
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
     }
 }
 
-/// `host` and, for an exact host, `host:*`. A second wildcard in a domain
-/// would never match, so a wildcard host stays as it is.
-fn domains_of(host: &str) -> Vec<String> {
-    if host.contains('*') {
-        vec![host.to_string()]
-    } else {
-        vec![host.to_string(), format!("{host}:*")]
-    }
+/// An optional policy duration as Envoy's, `default` when unset.
+fn duration_or(value: Option<&ProtoDuration>, default: std::time::Duration) -> Duration {
+    envoy_duration(defaults::duration_or(value, default))
 }
 
-/// The domains of `wanted` that no VirtualHost holds yet, now claimed.
-fn claim(claimed: &mut BTreeSet<String>, wanted: impl IntoIterator<Item = String>) -> Vec<String> {
-    wanted
-        .into_iter()
-        .filter(|d| claimed.insert(d.clone()))
-        .collect()
-}
-
-/// Envoy takes the first route that matches, so exact paths go first, then
-/// prefixes longest first; ties (which validation forbids) fall to the name.
-fn match_order(route: &Route) -> (u8, Reverse<usize>, &str, &str) {
-    let path = route.r#match.as_ref().and_then(|m| m.path.as_ref());
-    match path {
-        Some(Path::Exact(p)) => (0, Reverse(p.len()), p, &route.name),
-        Some(Path::Prefix(p)) => (1, Reverse(p.len()), p, &route.name),
-        None => (2, Reverse(0), "", &route.name),
-    }
-}
-
-/// A Prism route as an Envoy route to cluster `<ns>/<backend>`. A route
-/// without a path (which validation rejects) is left out: Envoy requires one.
-fn envoy_route(namespace: &str, route: &Route, namespace_timeout: &Duration) -> Option<EnvoyRoute> {
-    let path = match route.r#match.as_ref()?.path.as_ref()? {
-        Path::Exact(p) => route_match::PathSpecifier::Path(p.clone()),
-        Path::Prefix(p) => route_match::PathSpecifier::Prefix(p.clone()),
-    };
-    let timeout = route
-        .timeout
-        .as_ref()
-        .map_or(*namespace_timeout, |d| duration(d.seconds, d.nanos));
-    Some(EnvoyRoute {
-        name: route.name.clone(),
-        r#match: Some(EnvoyRouteMatch {
-            path_specifier: Some(path),
-            ..Default::default()
-        }),
-        action: Some(route::Action::Route(RouteAction {
-            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(format!(
-                "{namespace}/{}",
-                route.backend
-            ))),
-            timeout: Some(timeout),
-            ..Default::default()
-        })),
-        ..Default::default()
-    })
-}
-
-/// The Cluster of `backend`, and its ClusterLoadAssignment when it is EDS.
-///
-/// EDS when every endpoint is `ip:port` (the assignment served separately, as
-/// gRPC clients need: they support EDS and LOGICAL_DNS clusters only);
-/// otherwise STRICT_DNS with the assignment inline, resolving IPv4 first.
-/// HTTP2 and GRPC backends get explicit HTTP/2 upstream options; Envoy would
-/// otherwise speak HTTP/1.1 to them.
-fn backend_cluster(backend: &Backend) -> (Cluster, Option<ClusterLoadAssignment>) {
-    let connect_timeout = backend
-        .connect_timeout
-        .as_ref()
-        .map_or(DEFAULT_CONNECT_TIMEOUT, |d| duration(d.seconds, d.nanos));
-    let assignment = backend_assignment(backend);
-    let all_ip = backend
-        .endpoints
-        .iter()
-        .all(|e| e.address.parse::<SocketAddr>().is_ok());
-    let (mut cluster, assignment) = if all_ip {
-        (
-            eds_cluster(&backend.name, connect_timeout),
-            Some(assignment),
-        )
-    } else {
-        let cluster = Cluster {
-            name: backend.name.clone(),
-            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-                cluster::DiscoveryType::StrictDns as i32,
-            )),
-            connect_timeout: Some(connect_timeout),
-            lb_policy: cluster::LbPolicy::RoundRobin as i32,
-            dns_lookup_family: cluster::DnsLookupFamily::V4Preferred as i32,
-            load_assignment: Some(assignment),
-            ..Default::default()
-        };
-        (cluster, None)
-    };
-    if matches!(backend.protocol(), Protocol::Http2 | Protocol::Grpc) {
-        // One entry only: prost encodes a HashMap in random order.
-        cluster.typed_extension_protocol_options =
-            HashMap::from([(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(http2_options()))]);
-    }
-    (cluster, assignment)
-}
-
-/// Prism's (pbjson) Duration as Envoy's.
-fn duration(seconds: i64, nanos: i32) -> Duration {
-    Duration { seconds, nanos }
-}
-
-fn eds_cluster(name: &str, connect_timeout: Duration) -> Cluster {
-    Cluster {
-        name: name.to_string(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::Eds as i32,
-        )),
-        eds_cluster_config: Some(cluster::EdsClusterConfig {
-            eds_config: Some(ads()),
-            service_name: name.to_string(),
-        }),
-        connect_timeout: Some(connect_timeout),
-        lb_policy: cluster::LbPolicy::RoundRobin as i32,
-        ..Default::default()
-    }
-}
-
-fn http2_options() -> HttpProtocolOptions {
-    HttpProtocolOptions {
-        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-            ExplicitHttpConfig {
-                protocol_config: Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                    Http2ProtocolOptions::default(),
-                )),
-            },
-        )),
-        ..Default::default()
-    }
+/// A set policy duration as Envoy's.
+fn some_duration(value: Option<&ProtoDuration>) -> Option<Duration> {
+    value.and_then(defaults::to_std).map(envoy_duration)
 }
 
 /// The endpoints of `backend` by zone (one LocalityLbEndpoints each, zones in
 /// order), each with its weight (0 means 1). Every locality carries the sum of
 /// its weights: gRPC ignores a locality without weight.
 fn backend_assignment(backend: &Backend) -> ClusterLoadAssignment {
-    let mut by_zone: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
+    let mut by_zone: BTreeMap<&str, Vec<&prism_proto::Endpoint>> = BTreeMap::new();
     for endpoint in &backend.endpoints {
         by_zone.entry(&endpoint.zone).or_default().push(endpoint);
     }
@@ -541,7 +421,7 @@ fn backend_assignment(backend: &Backend) -> ClusterLoadAssignment {
                     Some(lb_endpoint(
                         &host,
                         port,
-                        e.weight.max(1),
+                        defaults::nonzero_or(e.weight, defaults::ENDPOINT_WEIGHT),
                         HealthStatus::Unknown,
                     ))
                 })

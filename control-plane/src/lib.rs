@@ -39,11 +39,18 @@ pub struct Config {
     /// Listener `prism-http` that Envoy proxies subscribing to this control
     /// plane bind).
     pub envoy_listener: SocketAddr,
+    /// Address of the TLS socket listener in the Envoy view (the Listener
+    /// `prism-https`, served while some namespace has a `tls_secret`).
+    pub envoy_tls_listener: SocketAddr,
 }
 
 /// Where Envoy proxies listen unless told otherwise.
 pub const DEFAULT_ENVOY_LISTENER: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 10000);
+
+/// Where Envoy proxies listen for TLS unless told otherwise.
+pub const DEFAULT_ENVOY_TLS_LISTENER: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 10443);
 
 impl Config {
     /// Settings with the store in `data_dir` and every other default.
@@ -51,6 +58,7 @@ impl Config {
         Self {
             data_dir: data_dir.into(),
             envoy_listener: DEFAULT_ENVOY_LISTENER,
+            envoy_tls_listener: DEFAULT_ENVOY_TLS_LISTENER,
         }
     }
 }
@@ -106,6 +114,7 @@ pub async fn run(
     .with_graceful_shutdown(stopped(stop_rx.clone()));
     let params = EnvoyParams {
         listener_address: config.envoy_listener,
+        tls_listener_address: config.envoy_tls_listener,
     };
     let discovery = Discovery::start(store.clone(), fleet, params, stop_rx.clone());
     let (health, health_service) = tonic_health::server::health_reporter();

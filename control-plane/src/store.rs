@@ -527,9 +527,10 @@ mod tests {
             r#match: Some(RouteMatch {
                 host: String::new(),
                 path: Some(route_match::Path::Prefix("/".into())),
+                ..Default::default()
             }),
             backend: backend.into(),
-            timeout: None,
+            ..Default::default()
         })
     }
 

@@ -286,9 +286,10 @@ mod tests {
                     r#match: Some(RouteMatch {
                         host: String::new(),
                         path: Some(route_match::Path::Prefix("/".into())),
+                        ..Default::default()
                     }),
                     backend: "upstream".into(),
-                    timeout: None,
+                    ..Default::default()
                 }),
             ],
         );

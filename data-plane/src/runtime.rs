@@ -12,13 +12,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::Authority;
+pub use prism_proto::defaults::{
+    CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT, REQUEST_TIMEOUT as DEFAULT_REQUEST_TIMEOUT,
+};
 use prism_proto::pb::config::v1::route_match::Path;
-use prism_proto::{Kind, Protocol, Resource, Snapshot};
-
-/// Whole-request timeout when neither the route nor its namespace sets one.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-/// Connect timeout when a backend sets none.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+use prism_proto::{Kind, Protocol, Resource, Route, Snapshot};
 
 /// A compiled, immutable view of the policy. Requests `load_full()` it once and
 /// keep that view until they finish, so none sees a half-applied config.
@@ -27,7 +25,7 @@ pub struct Runtime {
     /// Revision of the snapshot this runtime was compiled from; `None` until
     /// the first configuration is accepted.
     revision: Option<u64>,
-    /// Exact hosts, lowercase.
+    /// Exact hosts, lowercase, and the catch-all `*`.
     hosts: HashMap<String, Arc<RouteTable>>,
     /// Wildcard hosts as `(".suffix", table)`, longest suffix first.
     wildcards: Vec<(String, Arc<RouteTable>)>,
@@ -103,6 +101,15 @@ pub enum CompileError {
     },
     #[error("Route {route}: backend: backend `{backend}` does not exist")]
     MissingBackend { route: String, backend: String },
+    /// A field this proxy cannot honour yet. Refusing the snapshot (a NACK
+    /// the fleet view shows) beats serving it wrongly: a route that ignored
+    /// its methods would take requests it must not, one that ignored its
+    /// redirect would forward them.
+    #[error("{resource}: {field}: not supported by this proxy yet")]
+    Unsupported {
+        resource: String,
+        field: &'static str,
+    },
 }
 
 /// The addresses at which this proxy accepts client traffic.
@@ -175,6 +182,12 @@ impl Runtime {
             let Resource::Backend(spec) = &entry.resource else {
                 continue;
             };
+            if spec.tls.is_some() {
+                return Err(CompileError::Unsupported {
+                    resource: entry.resource.key().to_string(),
+                    field: "tls",
+                });
+            }
             let backend = match previous.backends.get(&spec.name) {
                 Some(old) if old.version == entry.version => Arc::clone(old),
                 _ => Arc::new(Backend::compile(spec, &entry.version, own)?),
@@ -195,6 +208,12 @@ impl Runtime {
             let Resource::Route(route) = &entry.resource else {
                 continue;
             };
+            if let Some(field) = unsupported(route) {
+                return Err(CompileError::Unsupported {
+                    resource: entry.resource.key().to_string(),
+                    field,
+                });
+            }
             let namespace = entry.resource.namespace();
             let backend_name = format!("{namespace}/{}", route.backend);
             let Some(backend) = backends.get(&backend_name) else {
@@ -219,6 +238,8 @@ impl Runtime {
             let path = match path {
                 Path::Exact(p) => PathMatch::Exact(p),
                 Path::Prefix(p) => PathMatch::Prefix(p),
+                // Refused by `unsupported` above.
+                Path::Regex(_) => continue,
             };
             by_namespace.entry(namespace).or_default().push(Entry {
                 host: m.host.as_str(),
@@ -233,6 +254,12 @@ impl Runtime {
             let Resource::Namespace(ns) = &entry.resource else {
                 continue;
             };
+            if !ns.rate_limits.is_empty() {
+                return Err(CompileError::Unsupported {
+                    resource: entry.resource.key().to_string(),
+                    field: "rate_limits",
+                });
+            }
             let routes = by_namespace.remove(ns.name.as_str()).unwrap_or_default();
             let wide: Vec<&Entry<'_>> = routes.iter().filter(|e| e.host.is_empty()).collect();
             // Every host named by a route or by the namespace gets a table of
@@ -287,16 +314,16 @@ impl Runtime {
     /// any case, with or without port) and `path` (without query).
     pub fn route(&self, host: &str, path: &str) -> Option<&Arc<RouteTarget>> {
         let host = normalize_host(host);
-        let table = match self.hosts.get(host.as_str()) {
-            Some(table) => table,
-            None => {
-                &self
-                    .wildcards
+        let table = self
+            .hosts
+            .get(host.as_str())
+            .or_else(|| {
+                self.wildcards
                     .iter()
-                    .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix))?
-                    .1
-            }
-        };
+                    .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix))
+                    .map(|(_, table)| table)
+            })
+            .or_else(|| self.hosts.get("*"))?;
         table.route(path)
     }
 
@@ -411,6 +438,33 @@ impl Backend {
     }
 }
 
+/// The first route field, in schema order, that this proxy cannot honour yet.
+fn unsupported(route: &Route) -> Option<&'static str> {
+    let m = route.r#match.as_ref();
+    [
+        (
+            "match.regex",
+            matches!(m.and_then(|m| m.path.as_ref()), Some(Path::Regex(_))),
+        ),
+        ("match.methods", m.is_some_and(|m| !m.methods.is_empty())),
+        ("match.headers", m.is_some_and(|m| !m.headers.is_empty())),
+        (
+            "match.query_params",
+            m.is_some_and(|m| !m.query_params.is_empty()),
+        ),
+        ("backends", !route.backends.is_empty()),
+        ("redirect", route.redirect.is_some()),
+        ("direct_response", route.direct_response.is_some()),
+        ("rewrite", route.rewrite.is_some()),
+        ("request_headers", route.request_headers.is_some()),
+        ("response_headers", route.response_headers.is_some()),
+        ("rate_limits", !route.rate_limits.is_empty()),
+        ("max_request_body_bytes", route.max_request_body_bytes > 0),
+    ]
+    .into_iter()
+    .find_map(|(field, used)| used.then_some(field))
+}
+
 /// Lowercase host without port; handles `[v6]:port`.
 fn normalize_host(host: &str) -> String {
     let host = host.trim();
@@ -476,9 +530,10 @@ mod tests {
             r#match: Some(RouteMatch {
                 host: host.into(),
                 path: Some(path),
+                ..Default::default()
             }),
             backend: backend.into(),
-            timeout: None,
+            ..Default::default()
         })
     }
 
@@ -656,6 +711,60 @@ mod tests {
 
     fn pbjson_duration(seconds: i64) -> pbjson_types::Duration {
         pbjson_types::Duration { seconds, nanos: 0 }
+    }
+
+    #[test]
+    fn the_catch_all_host_takes_what_no_other_host_does() {
+        let mut snapshot = sample();
+        snapshot.insert(namespace("fallback", &["*"]));
+        snapshot.insert(backend("fallback/web", &["127.0.0.1:3001"]));
+        snapshot.insert(route("fallback/all", "", prefix("/"), "web"));
+        let rt = Runtime::compile(&snapshot, &Runtime::unconfigured()).expect("compiles");
+        assert_eq!(routed(&rt, "other.test", "/"), Some("fallback/all"));
+        assert_eq!(routed(&rt, "b.demo.test", "/x"), Some("demo/root"));
+        assert_eq!(routed(&rt, "demo.local", "/"), Some("demo/root"));
+    }
+
+    #[test]
+    fn fields_not_supported_yet_are_refused_not_ignored() {
+        let mut methods = sample();
+        if let Resource::Route(mut r) = route("demo/get", "", prefix("/get"), "web") {
+            if let Some(m) = r.r#match.as_mut() {
+                m.methods = vec!["GET".into()];
+            }
+            methods.insert(Resource::Route(r));
+        }
+        let error = Runtime::compile(&methods, &Runtime::unconfigured())
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "Route demo/get: match.methods: not supported by this proxy yet"
+        );
+
+        let mut redirect = sample();
+        redirect.insert(Resource::Route(Route {
+            name: "demo/old".into(),
+            r#match: Some(RouteMatch {
+                path: Some(Path::Exact("/old".into())),
+                ..Default::default()
+            }),
+            redirect: Some(Default::default()),
+            ..Default::default()
+        }));
+        let error = Runtime::compile(&redirect, &Runtime::unconfigured())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                CompileError::Unsupported {
+                    field: "redirect",
+                    ..
+                }
+            ),
+            "{error}"
+        );
     }
 
     #[test]

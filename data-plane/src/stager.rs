@@ -330,14 +330,27 @@ mod tests {
             r#match: Some(RouteMatch {
                 host: String::new(),
                 path: Some(route_match::Path::Prefix("/".into())),
+                ..Default::default()
             }),
             backend: backend.into(),
-            timeout: None,
+            ..Default::default()
+        })
+    }
+
+    /// A CA bundle: the proxy takes Secrets like any other kind.
+    fn secret() -> Resource {
+        Resource::Secret(prism_proto::Secret {
+            name: "demo/ca".into(),
+            kind: Some(prism_proto::pb::config::v1::secret::Kind::CaBundle(
+                prism_proto::pb::config::v1::CaBundle {
+                    certificates: include_str!("../../tests/support/tls/ca.pem").into(),
+                },
+            )),
         })
     }
 
     /// Offers a full batch, returning the outcome of the last response.
-    fn batch(stager: &mut Stager, revision: u64, per_kind: [(&[Resource], &[&str]); 3]) -> Offer {
+    fn batch(stager: &mut Stager, revision: u64, per_kind: [(&[Resource], &[&str]); 4]) -> Offer {
         let mut last = Offer::Waiting;
         for (kind, (resources, removed)) in Kind::ALL.into_iter().zip(per_kind) {
             last = stager.offer(response(kind, revision, resources, removed));
@@ -350,6 +363,7 @@ mod tests {
             stager,
             revision,
             [
+                (&[secret()], &[]),
                 (&[namespace()], &[]),
                 (&[backend("demo/upstream")], &[]),
                 (&[route("upstream")], &[]),
@@ -360,6 +374,10 @@ mod tests {
     #[test]
     fn batch_is_complete_only_when_every_kind_has_the_same_revision() {
         let mut stager = Stager::default();
+        assert!(matches!(
+            stager.offer(response(Kind::Secret, 1, &[secret()], &[])),
+            Offer::Waiting
+        ));
         assert!(matches!(
             stager.offer(response(Kind::Namespace, 1, &[namespace()], &[])),
             Offer::Waiting
@@ -379,13 +397,14 @@ mod tests {
         };
         assert!(changed);
         assert_eq!(candidate.revision, 1);
-        assert_eq!(candidate.len(), 3);
+        assert_eq!(candidate.len(), 4);
+        assert!(candidate.contains(Kind::Secret, "demo/ca"));
         assert!(stager.accepted().is_none(), "not accepted before commit");
         assert_eq!(stager.commit().map(|s| s.revision), Some(1));
         let replies = stager.take_replies();
-        assert_eq!(replies.len(), 3);
+        assert_eq!(replies.len(), 4);
         assert!(replies.iter().all(|r| r.error.is_none()));
-        assert_eq!(replies[0].nonce, "1-Namespace");
+        assert_eq!(replies[0].nonce, "1-Secret");
         assert_eq!(
             stager
                 .initial_versions(Kind::Backend)
@@ -405,6 +424,7 @@ mod tests {
         assert_eq!(replies[0].nonce, "1-Namespace");
         assert!(replies[0].error.is_some());
         stager.offer(response(Kind::Namespace, 2, &[namespace()], &[]));
+        stager.offer(response(Kind::Secret, 2, &[], &[]));
         assert!(matches!(
             stager.offer(response(Kind::Route, 2, &[route("upstream")], &[])),
             Offer::Ready { .. }
@@ -421,7 +441,7 @@ mod tests {
         let outcome = batch(
             &mut stager,
             2,
-            [(&[], &[]), (&[], &[]), (&[route("x")], &[])],
+            [(&[], &[]), (&[], &[]), (&[], &[]), (&[route("x")], &[])],
         );
         let Offer::Rejected { revision, message } = outcome else {
             panic!("expected a rejection, got {outcome:?}");
@@ -432,7 +452,7 @@ mod tests {
             "Route demo/root: backend: backend `demo/x` does not exist"
         );
         let replies = stager.take_replies();
-        assert_eq!(replies.len(), 3, "every response of the batch is NACKed");
+        assert_eq!(replies.len(), 4, "every response of the batch is NACKed");
         assert!(
             replies
                 .iter()
@@ -446,6 +466,7 @@ mod tests {
             &mut stager,
             3,
             [
+                (&[], &[]),
                 (&[], &[]),
                 (&[backend("demo/x")], &["demo/upstream"]),
                 (&[route("x")], &[]),
@@ -469,6 +490,7 @@ mod tests {
         if let Some(any) = bad.resources[0].resource.as_mut() {
             any.type_url = Kind::Route.type_url().to_string();
         }
+        stager.offer(response(Kind::Secret, 1, &[], &[]));
         stager.offer(response(Kind::Namespace, 1, &[namespace()], &[]));
         stager.offer(bad);
         let outcome = stager.offer(response(Kind::Route, 1, &[], &[]));
@@ -479,7 +501,7 @@ mod tests {
             message.starts_with("Backend demo/upstream: type URL"),
             "{message}"
         );
-        assert_eq!(stager.take_replies().len(), 3);
+        assert_eq!(stager.take_replies().len(), 4);
         assert!(stager.accepted().is_none());
 
         let outcome = stager.offer(DeltaDiscoveryResponse {
@@ -496,7 +518,11 @@ mod tests {
         let mut stager = Stager::default();
         valid_batch(&mut stager, 1);
         stager.commit();
-        let outcome = batch(&mut stager, 2, [(&[], &[]), (&[], &[]), (&[], &[])]);
+        let outcome = batch(
+            &mut stager,
+            2,
+            [(&[], &[]), (&[], &[]), (&[], &[]), (&[], &[])],
+        );
         let Offer::Ready { changed, candidate } = outcome else {
             panic!("expected a ready batch, got {outcome:?}");
         };
@@ -505,7 +531,11 @@ mod tests {
         // The first batch is a change even when it is empty: it is the first
         // configuration.
         let mut fresh = Stager::default();
-        let outcome = batch(&mut fresh, 1, [(&[], &[]), (&[], &[]), (&[], &[])]);
+        let outcome = batch(
+            &mut fresh,
+            1,
+            [(&[], &[]), (&[], &[]), (&[], &[]), (&[], &[])],
+        );
         assert!(matches!(outcome, Offer::Ready { changed: true, .. }));
     }
 
@@ -524,11 +554,15 @@ mod tests {
             ["demo/root"]
         );
         // The server finds nothing to send: the batch is ready, unchanged.
-        let outcome = batch(&mut stager, 4, [(&[], &[]), (&[], &[]), (&[], &[])]);
+        let outcome = batch(
+            &mut stager,
+            4,
+            [(&[], &[]), (&[], &[]), (&[], &[]), (&[], &[])],
+        );
         let Offer::Ready { changed, candidate } = outcome else {
             panic!("expected a ready batch, got {outcome:?}");
         };
         assert!(!changed);
-        assert_eq!(candidate.len(), 3);
+        assert_eq!(candidate.len(), 4);
     }
 }

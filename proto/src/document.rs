@@ -18,8 +18,8 @@ pub enum DocumentError {
 }
 
 /// Parses and checks a policy document, returning its resources in document
-/// order (namespaces, backends, routes). Each resource is validated on its
-/// own; errors name the field as `backends[1].endpoints[0].address`.
+/// order (namespaces, backends, routes, secrets). Each resource is validated
+/// on its own; errors name the field as `backends[1].endpoints[0].address`.
 pub fn parse_policy(text: &str) -> Result<Vec<Resource>, DocumentError> {
     if text.trim().is_empty() {
         return Err(DocumentError::Empty);
@@ -44,6 +44,13 @@ pub fn parse_policy(text: &str) -> Result<Vec<Resource>, DocumentError> {
                 .into_iter()
                 .enumerate()
                 .map(|(i, r)| (format!("routes[{i}]"), Resource::Route(r))),
+        )
+        .chain(
+            policy
+                .secrets
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (format!("secrets[{i}]"), Resource::Secret(r))),
         )
         .collect();
     if resources.is_empty() {
@@ -70,6 +77,7 @@ pub fn policy_to_yaml<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> 
     let mut policy = Policy::default();
     for resource in resources {
         match resource {
+            Resource::Secret(r) => policy.secrets.push(r.clone()),
             Resource::Namespace(r) => policy.namespaces.push(r.clone()),
             Resource::Backend(r) => policy.backends.push(r.clone()),
             Resource::Route(r) => policy.routes.push(r.clone()),
@@ -152,6 +160,33 @@ routes:
                 .to_string()
                 .contains("namespaces[1].name")
         );
+    }
+
+    #[test]
+    fn secrets_are_read_validated_and_written() {
+        let cert = include_str!("../../tests/support/tls/server.pem");
+        let key = include_str!("../../tests/support/tls/server.key");
+        let indent = |pem: &str| pem.replace('\n', "\n          ");
+        let doc = format!(
+            "{QUICKSTART}secrets:\n  - name: demo/tls\n    tls_certificate:\n      \
+             certificate_chain: |\n          {}\n      private_key: |\n          {}\n",
+            indent(cert.trim_end()),
+            indent(key.trim_end())
+        );
+        let resources = parse_policy(&doc).expect("parses");
+        assert_eq!(resources.len(), 4);
+        let Resource::Secret(secret) = &resources[3] else {
+            panic!("expected a secret last, in document order")
+        };
+        assert_eq!(secret.name, "demo/tls");
+        let again = parse_policy(&policy_to_yaml(&resources)).expect("re-parses");
+        assert_eq!(again, resources);
+
+        let err =
+            parse_policy("secrets:\n  - name: demo/tls\n    ca_bundle: {certificates: nope}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("secrets[0].ca_bundle.certificates"), "{err}");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! prism-proto is Prism's contract: the policy schema (`prism.config.v1`), its
-//! JSON/YAML mapping, validation, and the Snapshot/Delta algebra that the
-//! control plane diffs and the proxy applies.
+//! JSON/YAML mapping, the defaults its comments promise (`defaults`),
+//! validation, and the Snapshot/Delta algebra that the control plane diffs and
+//! the proxy applies.
 //!
 //! It owns no IO: it never opens a socket or a file, spawns no task and knows
 //! nothing of sled, tonic or hyper. Both planes depend on it; nothing here
 //! depends on them.
 
+pub mod defaults;
 mod document;
 mod resource;
 mod snapshot;
@@ -16,7 +18,10 @@ pub use resource::{
     Kind, Resource, ResourceKey, TYPE_URL_PREFIX, UnknownKind, Versioned, version_of,
 };
 pub use snapshot::{Delta, Snapshot};
-pub use validate::{ValidationError, validate_resource, validate_snapshot};
+pub use validate::{
+    MAX_DIRECT_RESPONSE_BODY_BYTES, MAX_PEM_BYTES, MAX_REGEX_BYTES, ValidationError,
+    validate_resource, validate_snapshot,
+};
 
 /// Generated messages for the `prism.*` packages, with serde impls following the
 /// canonical proto3 JSON mapping (field names kept as in the .proto).
@@ -40,5 +45,7 @@ pub mod pb {
 }
 
 pub use pb::config::v1::{
-    Backend, Endpoint, LbPolicy, Namespace, Policy, Protocol, Route, RouteMatch,
+    Backend, Endpoint, LbPolicy, Namespace, Policy, Protocol, Route, RouteMatch, Secret,
 };
+/// The protobuf Duration of policy messages (pbjson's, for its JSON form).
+pub use pbjson_types::Duration as ProtoDuration;

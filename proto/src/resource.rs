@@ -1,20 +1,22 @@
-//! The three resource kinds as one enum, their names, type URLs and versions.
+//! The four resource kinds as one enum, their names, type URLs and versions.
 
 use std::fmt;
 use std::str::FromStr;
 
 use prost::Message;
 
-use crate::pb::config::v1::{Backend, Namespace, Route};
+use crate::pb::config::v1::{Backend, Namespace, Route, Secret};
 
 /// Prefix of every `Any` type URL.
 pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/";
 
-/// A kind of policy resource. The order of `ALL` is the order in which a
-/// revision is pushed: namespaces, then the backends they own, then the
+/// A kind of policy resource. The order of `ALL` (and of `Ord`) is the order
+/// in which a revision is pushed: secrets first, since namespaces and
+/// backends refer to them, then namespaces, the backends they own, and the
 /// routes that point at those backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
+    Secret,
     Namespace,
     Backend,
     Route,
@@ -28,8 +30,14 @@ pub struct ResourceKey {
 }
 
 /// One policy resource of any kind.
+///
+/// Unboxed although a Route is far larger than a Secret: resources live
+/// behind `Arc<Versioned>` in snapshots and are moved by value only while a
+/// write or a push is decoded, where a box per resource would cost more.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
+    Secret(Secret),
     Namespace(Namespace),
     Backend(Backend),
     Route(Route),
@@ -45,16 +53,17 @@ pub struct Versioned {
 
 /// The name given for a kind is none of Prism's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind `{0}`: expected one of namespaces, backends, routes")]
+#[error("unknown kind `{0}`: expected one of secrets, namespaces, backends, routes")]
 pub struct UnknownKind(pub String);
 
 impl Kind {
     /// Every kind, in push order.
-    pub const ALL: [Kind; 3] = [Kind::Namespace, Kind::Backend, Kind::Route];
+    pub const ALL: [Kind; 4] = [Kind::Secret, Kind::Namespace, Kind::Backend, Kind::Route];
 
     /// The message name, e.g. `Backend`.
     pub fn as_str(self) -> &'static str {
         match self {
+            Kind::Secret => "Secret",
             Kind::Namespace => "Namespace",
             Kind::Backend => "Backend",
             Kind::Route => "Route",
@@ -64,6 +73,7 @@ impl Kind {
     /// The collection name used in URLs and policy documents, e.g. `backends`.
     pub fn plural(self) -> &'static str {
         match self {
+            Kind::Secret => "secrets",
             Kind::Namespace => "namespaces",
             Kind::Backend => "backends",
             Kind::Route => "routes",
@@ -73,6 +83,7 @@ impl Kind {
     /// The xDS type URL, e.g. `type.googleapis.com/prism.config.v1.Backend`.
     pub fn type_url(self) -> &'static str {
         match self {
+            Kind::Secret => "type.googleapis.com/prism.config.v1.Secret",
             Kind::Namespace => "type.googleapis.com/prism.config.v1.Namespace",
             Kind::Backend => "type.googleapis.com/prism.config.v1.Backend",
             Kind::Route => "type.googleapis.com/prism.config.v1.Route",
@@ -102,6 +113,7 @@ impl FromStr for Kind {
     /// Accepts the singular or plural, any case: `route`, `Routes`, `ns` is not accepted.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
+            "secret" | "secrets" => Ok(Kind::Secret),
             "namespace" | "namespaces" => Ok(Kind::Namespace),
             "backend" | "backends" => Ok(Kind::Backend),
             "route" | "routes" => Ok(Kind::Route),
@@ -128,6 +140,7 @@ impl fmt::Display for ResourceKey {
 impl Resource {
     pub fn kind(&self) -> Kind {
         match self {
+            Resource::Secret(_) => Kind::Secret,
             Resource::Namespace(_) => Kind::Namespace,
             Resource::Backend(_) => Kind::Backend,
             Resource::Route(_) => Kind::Route,
@@ -136,6 +149,7 @@ impl Resource {
 
     pub fn name(&self) -> &str {
         match self {
+            Resource::Secret(r) => &r.name,
             Resource::Namespace(r) => &r.name,
             Resource::Backend(r) => &r.name,
             Resource::Route(r) => &r.name,
@@ -155,6 +169,7 @@ impl Resource {
     /// Protobuf encoding of the inner message.
     pub fn encode_to_vec(&self) -> Vec<u8> {
         match self {
+            Resource::Secret(r) => r.encode_to_vec(),
             Resource::Namespace(r) => r.encode_to_vec(),
             Resource::Backend(r) => r.encode_to_vec(),
             Resource::Route(r) => r.encode_to_vec(),
@@ -164,6 +179,7 @@ impl Resource {
     /// Decodes the protobuf encoding of a message of `kind`.
     pub fn decode(kind: Kind, bytes: &[u8]) -> Result<Resource, prost::DecodeError> {
         Ok(match kind {
+            Kind::Secret => Resource::Secret(Secret::decode(bytes)?),
             Kind::Namespace => Resource::Namespace(Namespace::decode(bytes)?),
             Kind::Backend => Resource::Backend(Backend::decode(bytes)?),
             Kind::Route => Resource::Route(Route::decode(bytes)?),
@@ -173,15 +189,18 @@ impl Resource {
     /// Parses the canonical JSON form of a message of `kind`.
     pub fn from_json(kind: Kind, json: serde_json::Value) -> Result<Resource, serde_json::Error> {
         Ok(match kind {
+            Kind::Secret => Resource::Secret(serde_json::from_value(json)?),
             Kind::Namespace => Resource::Namespace(serde_json::from_value(json)?),
             Kind::Backend => Resource::Backend(serde_json::from_value(json)?),
             Kind::Route => Resource::Route(serde_json::from_value(json)?),
         })
     }
 
-    /// The canonical JSON form.
+    /// The canonical JSON form. For a Secret this includes the key material:
+    /// whatever shows resources to people must show a redacted view instead.
     pub fn to_json(&self) -> serde_json::Value {
         let value = match self {
+            Resource::Secret(r) => serde_json::to_value(r),
             Resource::Namespace(r) => serde_json::to_value(r),
             Resource::Backend(r) => serde_json::to_value(r),
             Resource::Route(r) => serde_json::to_value(r),
@@ -211,4 +230,33 @@ pub fn version_of(bytes: &[u8]) -> String {
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_through_its_names() {
+        for kind in Kind::ALL {
+            assert_eq!(Kind::from_type_url(kind.type_url()), Some(kind));
+            assert_eq!(kind.plural().parse::<Kind>(), Ok(kind));
+            assert_eq!(kind.as_str().parse::<Kind>(), Ok(kind));
+            assert_eq!(
+                kind.type_url(),
+                format!("{TYPE_URL_PREFIX}prism.config.v1.{kind}")
+            );
+        }
+        assert_eq!("Secrets".parse::<Kind>(), Ok(Kind::Secret));
+        assert!(Kind::Secret.is_namespaced());
+        assert!("widgets".parse::<Kind>().is_err());
+    }
+
+    #[test]
+    fn secrets_are_pushed_first() {
+        assert_eq!(Kind::ALL[0], Kind::Secret);
+        let mut sorted = Kind::ALL;
+        sorted.sort();
+        assert_eq!(sorted, Kind::ALL, "Ord follows push order");
+    }
 }

@@ -1,12 +1,44 @@
 //! Validation: one set of rules, run by the admin API before a write (a 4xx
 //! naming the field) and by the proxy before an apply (a NACK with the reason).
+//!
+//! `validate_resource` checks what one resource can check alone; and
+//! `validate_snapshot` adds the rules between resources: owners and
+//! references exist and are of the right sort, a host belongs to one
+//! namespace, no two routes share a match. Messages never quote key material.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::pb::config::v1::{Backend, LbPolicy, Namespace, Protocol, Route, route_match};
+use rustls_pki_types::pem::{PemObject, SectionKind};
+
+use crate::defaults;
+use crate::pb::config::v1::{
+    Backend, BackendLimits, CircuitBreaker, HashPolicy, HeaderMutation, HealthCheck, KeyMatch,
+    LbPolicy, Namespace, OutlierDetection, Protocol, RateLimit, Redirect, RetryPolicy, Rewrite,
+    Route, RouteMatch, Secret, UpstreamTls, hash_policy, health_check, key_match, rewrite,
+    route_match, secret,
+};
 use crate::resource::{Kind, Resource, ResourceKey};
 use crate::snapshot::Snapshot;
+
+#[cfg(test)]
+mod tests;
+
+/// Longest regular expression accepted, in bytes.
+pub const MAX_REGEX_BYTES: usize = 1024;
+/// Largest PEM text accepted in one Secret field, in bytes.
+pub const MAX_PEM_BYTES: usize = 256 * 1024;
+/// Largest `direct_response.body`, in bytes.
+pub const MAX_DIRECT_RESPONSE_BODY_BYTES: usize = 64 * 1024;
+/// Most retries one route may ask for.
+pub const MAX_RETRIES: u32 = 10;
+/// Largest weight of an endpoint or of a weighted backend.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+/// Memory one compiled regular expression may take; patterns that blow up
+/// (`(a{100}){100}`) are refused rather than compiled.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Status codes a redirect may answer with (0 means the default, 302).
+const REDIRECT_STATUSES: [u32; 6] = [0, 301, 302, 303, 307, 308];
 
 /// A rule a resource breaks, naming the resource (when known) and the field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -54,10 +86,24 @@ impl ValidationError {
 }
 
 type Result<T = ()> = std::result::Result<T, ValidationError>;
+/// A check of one value; the caller names the field.
+type Check<T = ()> = std::result::Result<T, String>;
+
+/// Names the field of a value check's error.
+trait At<T> {
+    fn at(self, field: impl Into<String>) -> Result<T>;
+}
+
+impl<T> At<T> for Check<T> {
+    fn at(self, field: impl Into<String>) -> Result<T> {
+        self.map_err(|m| ValidationError::new(field, m))
+    }
+}
 
 /// Checks the rules that concern one resource alone.
 pub fn validate_resource(resource: &Resource) -> Result {
     match resource {
+        Resource::Secret(s) => validate_secret(s),
         Resource::Namespace(ns) => validate_namespace(ns),
         Resource::Backend(b) => validate_backend(b),
         Resource::Route(r) => validate_route(r),
@@ -65,12 +111,15 @@ pub fn validate_resource(resource: &Resource) -> Result {
 }
 
 /// Checks every resource and the rules between them: owners and references
-/// exist, a host belongs to one namespace, no two routes share a match.
+/// exist (a Secret reference names a Secret of the right sort), a host belongs
+/// to one namespace, a route's host is answered by its own namespace, and no
+/// two routes share a match.
 pub fn validate_snapshot(snapshot: &Snapshot) -> Result {
-    let mut host_owner: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut hosts = HostOwners::default();
     for entry in snapshot.iter() {
         let resource = &entry.resource;
-        validate_resource(resource).map_err(|e| e.in_resource(resource.key()))?;
+        let key = resource.key();
+        validate_resource(resource).map_err(|e| e.in_resource(key.clone()))?;
         if resource.kind().is_namespaced()
             && !snapshot.contains(Kind::Namespace, resource.namespace())
         {
@@ -78,74 +127,104 @@ pub fn validate_snapshot(snapshot: &Snapshot) -> Result {
                 "name",
                 format!("namespace `{}` does not exist", resource.namespace()),
             )
-            .in_resource(resource.key()));
+            .in_resource(key));
         }
-        if let Resource::Namespace(ns) = resource {
-            for (i, host) in ns.hosts.iter().enumerate() {
-                if let Some(owner) = host_owner.insert(host, &ns.name) {
-                    return Err(ValidationError::new(
-                        format!("hosts[{i}]"),
-                        format!("host `{host}` already belongs to namespace `{owner}`"),
-                    )
-                    .in_resource(resource.key()));
+        let refs = References {
+            snapshot,
+            namespace: resource.namespace(),
+        };
+        match resource {
+            Resource::Namespace(ns) => {
+                for (i, host) in ns.hosts.iter().enumerate() {
+                    if let Some(owner) = hosts.insert(host, &ns.name) {
+                        return Err(ValidationError::new(
+                            format!("hosts[{i}]"),
+                            format!("host `{host}` already belongs to namespace `{owner}`"),
+                        )
+                        .in_resource(key));
+                    }
+                }
+                refs.secret(&ns.tls_secret, SecretSort::TlsCertificate)
+                    .at("tls_secret")
+                    .map_err(|e| e.in_resource(key))?;
+            }
+            Resource::Backend(b) => {
+                if let Some(tls) = &b.tls {
+                    refs.secret(&tls.ca_secret, SecretSort::CaBundle)
+                        .at("tls.ca_secret")
+                        .and_then(|()| {
+                            refs.secret(&tls.client_certificate_secret, SecretSort::TlsCertificate)
+                                .at("tls.client_certificate_secret")
+                        })
+                        .map_err(|e| e.in_resource(key))?;
                 }
             }
+            Resource::Secret(_) | Resource::Route(_) => {}
         }
     }
-    let mut matches: BTreeMap<(&str, &str, &str, &str), &str> = BTreeMap::new();
+    let mut matches: BTreeMap<MatchKey, &str> = BTreeMap::new();
     for entry in snapshot.of_kind(Kind::Route) {
         let Resource::Route(route) = &entry.resource else {
             continue;
         };
         let key = entry.resource.key();
         let ns_name = entry.resource.namespace();
-        let backend = format!("{ns_name}/{}", route.backend);
-        if !snapshot.contains(Kind::Backend, &backend) {
-            return Err(ValidationError::new(
-                "backend",
-                format!("backend `{backend}` does not exist"),
-            )
-            .in_resource(key));
+        let refs = References {
+            snapshot,
+            namespace: ns_name,
+        };
+        let in_route = |e: ValidationError| e.in_resource(key.clone());
+        if !route.backend.is_empty() {
+            refs.backend(&route.backend)
+                .at("backend")
+                .map_err(in_route)?;
+        }
+        for (i, weighted) in route.backends.iter().enumerate() {
+            refs.backend(&weighted.name)
+                .at(format!("backends[{i}].name"))
+                .map_err(in_route)?;
         }
         let Some(m) = &route.r#match else { continue };
         if !m.host.is_empty() {
-            let hosts = match snapshot
-                .get(&ResourceKey::new(Kind::Namespace, ns_name))
-                .map(|v| &v.resource)
-            {
-                Some(Resource::Namespace(ns)) => ns.hosts.as_slice(),
-                _ => &[],
-            };
-            if !hosts.iter().any(|h| host_matches(h, &m.host)) {
-                return Err(ValidationError::new(
-                    "match.host",
-                    format!(
-                        "host `{}` is not one of namespace `{ns_name}`'s hosts",
-                        m.host
-                    ),
-                )
-                .in_resource(key));
+            match hosts.owner(&m.host) {
+                Some((owner, _)) if owner == ns_name => {}
+                Some((owner, pattern)) => {
+                    return Err(in_route(ValidationError::new(
+                        "match.host",
+                        format!(
+                            "host `{}` is answered by namespace `{owner}` (its host `{pattern}`), \
+                             so this route would never match",
+                            m.host
+                        ),
+                    )));
+                }
+                None => {
+                    return Err(in_route(ValidationError::new(
+                        "match.host",
+                        format!(
+                            "host `{}` is not one of namespace `{ns_name}`'s hosts",
+                            m.host
+                        ),
+                    )));
+                }
             }
         }
-        if let Some(path) = &m.path {
-            let (how, value) = match path {
-                route_match::Path::Prefix(p) => ("prefix", p.as_str()),
-                route_match::Path::Exact(p) => ("exact", p.as_str()),
-            };
-            if let Some(other) = matches.insert((ns_name, &m.host, how, value), &route.name) {
-                return Err(ValidationError::new(
-                    "match",
-                    format!("route `{other}` already has the same match"),
-                )
-                .in_resource(key));
-            }
+        if let Some(other) = matches.insert(MatchKey::of(ns_name, m), &route.name) {
+            return Err(in_route(ValidationError::new(
+                "match",
+                format!("route `{other}` already has the same match"),
+            )));
         }
     }
     Ok(())
 }
 
-/// Whether the namespace host pattern `pattern` (exact or `*.suffix`) covers `host`.
+/// Whether the namespace host pattern `pattern` (exact, `*.suffix` or the
+/// catch-all `*`) covers `host`.
 pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
     match pattern.strip_prefix("*.") {
         Some(suffix) => {
             host == pattern
@@ -157,10 +236,229 @@ pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
+/// Which namespace answers for which host pattern.
+#[derive(Default)]
+struct HostOwners<'a> {
+    owners: BTreeMap<&'a str, &'a str>,
+}
+
+impl<'a> HostOwners<'a> {
+    /// Records `pattern` as `namespace`'s; the previous owner if it had one.
+    fn insert(&mut self, pattern: &'a str, namespace: &'a str) -> Option<&'a str> {
+        self.owners.insert(pattern, namespace)
+    }
+
+    /// The namespace a request for `host` reaches, and the pattern that takes
+    /// it: exact first, then the longest wildcard, then `*`.
+    fn owner(&self, host: &str) -> Option<(&'a str, &'a str)> {
+        if let Some((pattern, ns)) = self.owners.get_key_value(host) {
+            return Some((ns, pattern));
+        }
+        self.owners
+            .iter()
+            .filter(|(pattern, _)| pattern.starts_with("*.") && host_matches(pattern, host))
+            .max_by_key(|(pattern, _)| pattern.len())
+            .or_else(|| self.owners.get_key_value("*"))
+            .map(|(pattern, ns)| (*ns, *pattern))
+    }
+}
+
+/// Everything that makes two route matches the same, order-insensitive.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct MatchKey {
+    namespace: String,
+    host: String,
+    path: (u8, String),
+    methods: Vec<String>,
+    headers: Vec<(String, String)>,
+    query_params: Vec<(String, String)>,
+}
+
+impl MatchKey {
+    fn of(namespace: &str, m: &RouteMatch) -> Self {
+        let path = match &m.path {
+            Some(route_match::Path::Exact(p)) => (0, p.clone()),
+            Some(route_match::Path::Prefix(p)) => (1, p.clone()),
+            Some(route_match::Path::Regex(p)) => (2, p.clone()),
+            None => (3, String::new()),
+        };
+        let mut methods = m.methods.clone();
+        methods.sort();
+        let rules = |list: &[KeyMatch], fold_case: bool| {
+            let mut rules: Vec<(String, String)> = list
+                .iter()
+                .map(|k| {
+                    let name = if fold_case {
+                        k.name.to_ascii_lowercase()
+                    } else {
+                        k.name.clone()
+                    };
+                    let rule = match &k.rule {
+                        Some(key_match::Rule::Exact(v)) => format!("exact:{v}"),
+                        Some(key_match::Rule::Regex(v)) => format!("regex:{v}"),
+                        Some(key_match::Rule::Present(_)) => "present".to_string(),
+                        Some(key_match::Rule::Absent(_)) => "absent".to_string(),
+                        None => String::new(),
+                    };
+                    (name, rule)
+                })
+                .collect();
+            rules.sort();
+            rules.dedup();
+            rules
+        };
+        MatchKey {
+            namespace: namespace.to_string(),
+            host: m.host.clone(),
+            path,
+            methods,
+            headers: rules(&m.headers, true),
+            query_params: rules(&m.query_params, false),
+        }
+    }
+}
+
+/// What a Secret reference must point at.
+#[derive(Clone, Copy)]
+enum SecretSort {
+    TlsCertificate,
+    CaBundle,
+}
+
+/// Resolves names relative to one namespace.
+struct References<'a> {
+    snapshot: &'a Snapshot,
+    namespace: &'a str,
+}
+
+impl References<'_> {
+    /// An empty name refers to nothing and passes.
+    fn secret(&self, name: &str, want: SecretSort) -> Check {
+        if name.is_empty() {
+            return Ok(());
+        }
+        let full = format!("{}/{name}", self.namespace);
+        let entry = self
+            .snapshot
+            .get(&ResourceKey::new(Kind::Secret, full.as_str()))
+            .ok_or_else(|| format!("secret `{full}` does not exist"))?;
+        let Resource::Secret(secret) = &entry.resource else {
+            return Err(format!("secret `{full}` does not exist"));
+        };
+        match (want, &secret.kind) {
+            (SecretSort::TlsCertificate, Some(secret::Kind::TlsCertificate(_)))
+            | (SecretSort::CaBundle, Some(secret::Kind::CaBundle(_))) => Ok(()),
+            (SecretSort::TlsCertificate, _) => Err(format!(
+                "secret `{full}` holds no `tls_certificate` (a certificate with its key)"
+            )),
+            (SecretSort::CaBundle, _) => Err(format!("secret `{full}` holds no `ca_bundle`")),
+        }
+    }
+
+    fn backend(&self, name: &str) -> Check {
+        let full = format!("{}/{name}", self.namespace);
+        if self.snapshot.contains(Kind::Backend, &full) {
+            Ok(())
+        } else {
+            Err(format!("backend `{full}` does not exist"))
+        }
+    }
+}
+
+fn validate_secret(s: &Secret) -> Result {
+    namespaced_name(&s.name)?;
+    match &s.kind {
+        None => Err(ValidationError::new(
+            "tls_certificate",
+            "one of `tls_certificate` or `ca_bundle` is required",
+        )),
+        Some(secret::Kind::TlsCertificate(tls)) => {
+            let pem =
+                pem_sections(&tls.certificate_chain).at("tls_certificate.certificate_chain")?;
+            if pem.certificates == 0 {
+                return Err(ValidationError::new(
+                    "tls_certificate.certificate_chain",
+                    "must hold at least one PEM `CERTIFICATE` block",
+                ));
+            }
+            if pem.private_keys > 0 {
+                return Err(ValidationError::new(
+                    "tls_certificate.certificate_chain",
+                    "must not hold a private key; it goes in `private_key`",
+                ));
+            }
+            let key = pem_sections(&tls.private_key).at("tls_certificate.private_key")?;
+            if key.private_keys != 1 || key.certificates > 0 {
+                return Err(ValidationError::new(
+                    "tls_certificate.private_key",
+                    "must hold exactly one unencrypted PEM private key (`PRIVATE KEY`, \
+                     `RSA PRIVATE KEY` or `EC PRIVATE KEY`) and nothing else",
+                ));
+            }
+            Ok(())
+        }
+        Some(secret::Kind::CaBundle(ca)) => {
+            let pem = pem_sections(&ca.certificates).at("ca_bundle.certificates")?;
+            if pem.certificates == 0 {
+                return Err(ValidationError::new(
+                    "ca_bundle.certificates",
+                    "must hold at least one PEM `CERTIFICATE` block",
+                ));
+            }
+            if pem.private_keys > 0 {
+                return Err(ValidationError::new(
+                    "ca_bundle.certificates",
+                    "must not hold a private key",
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// How many sections of each sort a PEM text holds.
+struct PemCounts {
+    certificates: usize,
+    private_keys: usize,
+}
+
+/// Reads the PEM structure of `text` (not the certificates inside: the proxy
+/// that loads them checks those, and that key and certificate belong
+/// together). The error never quotes the text.
+fn pem_sections(text: &str) -> Check<PemCounts> {
+    if text.is_empty() {
+        return Err("is required".into());
+    }
+    if text.len() > MAX_PEM_BYTES {
+        return Err(format!("is larger than {MAX_PEM_BYTES} bytes"));
+    }
+    let mut counts = PemCounts {
+        certificates: 0,
+        private_keys: 0,
+    };
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(text.as_bytes()) {
+        let (kind, der) =
+            section.map_err(|_| "is not valid PEM (a malformed or unterminated block)")?;
+        if der.is_empty() {
+            return Err("holds an empty PEM block".into());
+        }
+        match kind {
+            SectionKind::Certificate => counts.certificates += 1,
+            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                counts.private_keys += 1
+            }
+            _ => {}
+        }
+    }
+    Ok(counts)
+}
+
 fn validate_namespace(ns: &Namespace) -> Result {
-    dns_label(&ns.name).map_err(|m| ValidationError::new("name", m))?;
+    dns_label(&ns.name).at("name")?;
     for (i, host) in ns.hosts.iter().enumerate() {
-        hostname(host, true).map_err(|m| ValidationError::new(format!("hosts[{i}]"), m))?;
+        if host != "*" {
+            hostname(host, true).at(format!("hosts[{i}]"))?;
+        }
         if ns.hosts[..i].contains(host) {
             return Err(ValidationError::new(
                 format!("hosts[{i}]"),
@@ -169,7 +467,7 @@ fn validate_namespace(ns: &Namespace) -> Result {
         }
     }
     if let Some(d) = &ns.default_timeout {
-        positive_duration(d).map_err(|m| ValidationError::new("default_timeout", m))?;
+        positive_duration(d).at("default_timeout")?;
     }
     for key in ns.labels.keys() {
         if key.is_empty() || key.len() > 63 {
@@ -179,23 +477,65 @@ fn validate_namespace(ns: &Namespace) -> Result {
             ));
         }
     }
+    if !ns.tls_secret.is_empty() {
+        local_name(&ns.tls_secret, "secret").at("tls_secret")?;
+    }
+    rate_limits(&ns.rate_limits)
+}
+
+fn rate_limits(limits: &[RateLimit]) -> Result {
+    for (i, limit) in limits.iter().enumerate() {
+        let field = format!("rate_limits[{i}]");
+        if limit.requests_per_second == 0 {
+            return Err(ValidationError::new(
+                format!("{field}.requests_per_second"),
+                "is required, at least 1",
+            ));
+        }
+        if limit.burst != 0 && limit.burst < limit.requests_per_second {
+            return Err(ValidationError::new(
+                format!("{field}.burst"),
+                format!(
+                    "must be at least requests_per_second ({}), or 0 for that",
+                    limit.requests_per_second
+                ),
+            ));
+        }
+        if let Some(j) = limits[..i]
+            .iter()
+            .position(|l| l.per_client_ip == limit.per_client_ip)
+        {
+            return Err(ValidationError::new(
+                format!("{field}.per_client_ip"),
+                format!(
+                    "rate_limits[{j}] is also {}; give at most one shared and one \
+                     per-client-IP limit",
+                    if limit.per_client_ip {
+                        "per client IP"
+                    } else {
+                        "shared"
+                    }
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
 fn validate_backend(b: &Backend) -> Result {
     namespaced_name(&b.name)?;
-    if Protocol::try_from(b.protocol).is_err() {
+    let Ok(protocol) = Protocol::try_from(b.protocol) else {
         return Err(ValidationError::new(
             "protocol",
             format!("unknown protocol {}", b.protocol),
         ));
-    }
-    if LbPolicy::try_from(b.lb_policy).is_err() {
+    };
+    let Ok(lb_policy) = LbPolicy::try_from(b.lb_policy) else {
         return Err(ValidationError::new(
             "lb_policy",
             format!("unknown load-balancing policy {}", b.lb_policy),
         ));
-    }
+    };
     if b.endpoints.is_empty() {
         return Err(ValidationError::new(
             "endpoints",
@@ -203,21 +543,155 @@ fn validate_backend(b: &Backend) -> Result {
         ));
     }
     for (i, endpoint) in b.endpoints.iter().enumerate() {
-        address(&endpoint.address)
-            .map_err(|m| ValidationError::new(format!("endpoints[{i}].address"), m))?;
+        address(&endpoint.address).at(format!("endpoints[{i}].address"))?;
         if !endpoint.zone.is_empty() {
-            dns_label(&endpoint.zone)
-                .map_err(|m| ValidationError::new(format!("endpoints[{i}].zone"), m))?;
+            dns_label(&endpoint.zone).at(format!("endpoints[{i}].zone"))?;
         }
-        if endpoint.weight > 1_000_000 {
+        if endpoint.weight > MAX_WEIGHT {
             return Err(ValidationError::new(
                 format!("endpoints[{i}].weight"),
-                "weight must be at most 1000000",
+                format!("weight must be at most {MAX_WEIGHT}"),
             ));
         }
     }
     if let Some(d) = &b.connect_timeout {
-        positive_duration(d).map_err(|m| ValidationError::new("connect_timeout", m))?;
+        positive_duration(d).at("connect_timeout")?;
+    }
+    let hashing = matches!(lb_policy, LbPolicy::RingHash | LbPolicy::Maglev);
+    match (&b.hash_policy, hashing) {
+        (None, true) => {
+            return Err(ValidationError::new(
+                "hash_policy",
+                "is required with lb_policy RING_HASH or MAGLEV",
+            ));
+        }
+        (Some(_), false) => {
+            return Err(ValidationError::new(
+                "hash_policy",
+                "is allowed only with lb_policy RING_HASH or MAGLEV",
+            ));
+        }
+        (Some(policy), true) => hash(policy).map_err(|e| e.under("hash_policy"))?,
+        (None, false) => {}
+    }
+    if let Some(zone_aware) = &b.zone_aware {
+        percent(zone_aware.min_healthy_percent).at("zone_aware.min_healthy_percent")?;
+    }
+    if let Some(check) = &b.health_check {
+        health(check, protocol).map_err(|e| e.under("health_check"))?;
+    }
+    if let Some(outlier) = &b.outlier_detection {
+        outlier_detection(outlier).map_err(|e| e.under("outlier_detection"))?;
+    }
+    if let Some(breaker) = &b.circuit_breaker {
+        circuit_breaker(breaker).map_err(|e| e.under("circuit_breaker"))?;
+    }
+    if let Some(limits) = &b.limits {
+        backend_limits(limits).map_err(|e| e.under("limits"))?;
+    }
+    if let Some(tls) = &b.tls {
+        upstream_tls(tls).map_err(|e| e.under("tls"))?;
+    }
+    Ok(())
+}
+
+fn hash(policy: &HashPolicy) -> Result {
+    match &policy.key {
+        None => Err(ValidationError::new(
+            "",
+            "one of `header`, `cookie` or `client_ip` is required",
+        )),
+        Some(hash_policy::Key::Header(name)) => header_name(name).at("header"),
+        Some(hash_policy::Key::Cookie(name)) => token(name).at("cookie"),
+        Some(hash_policy::Key::ClientIp(set)) => {
+            if *set {
+                Ok(())
+            } else {
+                Err(ValidationError::new("client_ip", "must be true when given"))
+            }
+        }
+    }
+}
+
+fn health(check: &HealthCheck, protocol: Protocol) -> Result {
+    if let Some(d) = &check.interval {
+        positive_duration(d).at("interval")?;
+    }
+    if let Some(d) = &check.timeout {
+        positive_duration(d).at("timeout")?;
+    }
+    match &check.check {
+        None => Err(ValidationError::new(
+            "http",
+            "one of `http` or `grpc` is required",
+        )),
+        Some(health_check::Check::Http(http)) => {
+            path(&http.path).at("http.path")?;
+            if !http.host.is_empty() {
+                authority(&http.host).at("http.host")?;
+            }
+            Ok(())
+        }
+        Some(health_check::Check::Grpc(grpc)) => {
+            if !matches!(protocol, Protocol::Grpc | Protocol::Http2) {
+                return Err(ValidationError::new(
+                    "grpc",
+                    "gRPC health checks need protocol GRPC or HTTP2",
+                ));
+            }
+            printable(&grpc.service_name).at("grpc.service_name")
+        }
+    }
+}
+
+fn outlier_detection(o: &OutlierDetection) -> Result {
+    if let Some(d) = &o.base_ejection_time {
+        positive_duration(d).at("base_ejection_time")?;
+    }
+    if let Some(d) = &o.max_ejection_time {
+        positive_duration(d).at("max_ejection_time")?;
+    }
+    percent(o.max_ejection_percent).at("max_ejection_percent")?;
+    let base = defaults::duration_or(
+        o.base_ejection_time.as_ref(),
+        defaults::outlier::BASE_EJECTION_TIME,
+    );
+    let max = defaults::duration_or(
+        o.max_ejection_time.as_ref(),
+        defaults::outlier::MAX_EJECTION_TIME,
+    );
+    if max < base {
+        return Err(ValidationError::new(
+            "max_ejection_time",
+            format!("must be at least base_ejection_time ({base:?})"),
+        ));
+    }
+    Ok(())
+}
+
+fn circuit_breaker(c: &CircuitBreaker) -> Result {
+    if let Some(d) = &c.open_timeout {
+        positive_duration(d).at("open_timeout")?;
+    }
+    Ok(())
+}
+
+fn backend_limits(l: &BackendLimits) -> Result {
+    if let Some(d) = &l.idle_timeout {
+        positive_duration(d).at("idle_timeout")?;
+    }
+    Ok(())
+}
+
+fn upstream_tls(tls: &UpstreamTls) -> Result {
+    if !tls.ca_secret.is_empty() {
+        local_name(&tls.ca_secret, "secret").at("ca_secret")?;
+    }
+    if !tls.client_certificate_secret.is_empty() {
+        local_name(&tls.client_certificate_secret, "secret").at("client_certificate_secret")?;
+    }
+    if !tls.sni.is_empty() {
+        hostname(&tls.sni, false).at("sni")?;
     }
     Ok(())
 }
@@ -227,36 +701,271 @@ fn validate_route(r: &Route) -> Result {
     let Some(m) = &r.r#match else {
         return Err(ValidationError::new("match", "is required"));
     };
+    route_match(m).map_err(|e| e.under("match"))?;
+    let forwards = route_action(r)?;
+    if let Some(rewrite) = &r.rewrite {
+        if !forwards {
+            return Err(ValidationError::new(
+                "rewrite",
+                "applies only to routes that forward (`backend` or `backends`)",
+            ));
+        }
+        route_rewrite(rewrite, m).map_err(|e| e.under("rewrite"))?;
+    }
+    if let Some(mutation) = &r.request_headers {
+        header_mutation(mutation).map_err(|e| e.under("request_headers"))?;
+    }
+    if let Some(mutation) = &r.response_headers {
+        header_mutation(mutation).map_err(|e| e.under("response_headers"))?;
+    }
+    if let Some(d) = &r.timeout {
+        positive_duration(d).at("timeout")?;
+    }
+    if let Some(d) = &r.idle_timeout {
+        positive_duration(d).at("idle_timeout")?;
+    }
+    if let Some(retry) = &r.retry {
+        if !forwards {
+            return Err(ValidationError::new(
+                "retry",
+                "applies only to routes that forward (`backend` or `backends`)",
+            ));
+        }
+        retry_policy(retry).map_err(|e| e.under("retry"))?;
+    }
+    rate_limits(&r.rate_limits)
+}
+
+fn route_match(m: &RouteMatch) -> Result {
+    if m.host == "*" {
+        return Err(ValidationError::new(
+            "host",
+            "`*` is allowed only as a namespace host; leave `match.host` empty to match \
+             every host of the namespace",
+        ));
+    }
     if !m.host.is_empty() {
-        hostname(&m.host, false).map_err(|msg| ValidationError::new("match.host", msg))?;
+        hostname(&m.host, false).at("host")?;
     }
     match &m.path {
         None => {
             return Err(ValidationError::new(
-                "match",
-                "one of `prefix` or `exact` is required",
+                "",
+                "one of `prefix`, `exact` or `regex` is required",
             ));
         }
-        Some(route_match::Path::Prefix(p)) => {
-            path(p).map_err(|msg| ValidationError::new("match.prefix", msg))?
-        }
-        Some(route_match::Path::Exact(p)) => {
-            path(p).map_err(|msg| ValidationError::new("match.exact", msg))?
+        Some(route_match::Path::Prefix(p)) => path(p).at("prefix")?,
+        Some(route_match::Path::Exact(p)) => path(p).at("exact")?,
+        Some(route_match::Path::Regex(p)) => {
+            regex(p).at("regex")?;
         }
     }
-    if r.backend.is_empty() {
-        return Err(ValidationError::new("backend", "is required"));
+    for (i, method) in m.methods.iter().enumerate() {
+        http_method(method).at(format!("methods[{i}]"))?;
+        if m.methods[..i].contains(method) {
+            return Err(ValidationError::new(
+                format!("methods[{i}]"),
+                format!("`{method}` is listed twice"),
+            ));
+        }
     }
-    dns_label(&r.backend).map_err(|m| {
-        ValidationError::new(
-            "backend",
-            format!("{m} (name a backend of the route's own namespace, without `namespace/`)"),
-        )
-    })?;
-    if let Some(d) = &r.timeout {
-        positive_duration(d).map_err(|m| ValidationError::new("timeout", m))?;
+    for (i, header) in m.headers.iter().enumerate() {
+        key_match(header, true).map_err(|e| e.under(&format!("headers[{i}]")))?;
+    }
+    for (i, param) in m.query_params.iter().enumerate() {
+        key_match(param, false).map_err(|e| e.under(&format!("query_params[{i}]")))?;
     }
     Ok(())
+}
+
+fn key_match(k: &KeyMatch, header: bool) -> Result {
+    if header {
+        header_name(&k.name).at("name")?;
+    } else {
+        query_name(&k.name).at("name")?;
+    }
+    match &k.rule {
+        None => Err(ValidationError::new(
+            "",
+            "one of `exact`, `regex`, `present` or `absent` is required",
+        )),
+        Some(key_match::Rule::Exact(v)) if header => header_value(v).at("exact"),
+        Some(key_match::Rule::Exact(v)) => printable(v).at("exact"),
+        Some(key_match::Rule::Regex(p)) => regex(p).map(drop).at("regex"),
+        Some(key_match::Rule::Present(set)) => must_be_true(*set).at("present"),
+        Some(key_match::Rule::Absent(set)) => must_be_true(*set).at("absent"),
+    }
+}
+
+/// Checks that exactly one action is set; whether the route forwards.
+fn route_action(r: &Route) -> Result<bool> {
+    let set: Vec<&str> = [
+        ("backend", !r.backend.is_empty()),
+        ("backends", !r.backends.is_empty()),
+        ("redirect", r.redirect.is_some()),
+        ("direct_response", r.direct_response.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    match set.as_slice() {
+        [] => {
+            return Err(ValidationError::new(
+                "backend",
+                "one of `backend`, `backends`, `redirect` or `direct_response` is required",
+            ));
+        }
+        [_] => {}
+        [first, second, ..] => {
+            return Err(ValidationError::new(
+                *second,
+                format!(
+                    "only one of `backend`, `backends`, `redirect` or `direct_response` \
+                     may be set, and `{first}` is"
+                ),
+            ));
+        }
+    }
+    if !r.backend.is_empty() {
+        local_name(&r.backend, "backend").at("backend")?;
+    }
+    for (i, weighted) in r.backends.iter().enumerate() {
+        local_name(&weighted.name, "backend").at(format!("backends[{i}].name"))?;
+        if r.backends[..i].iter().any(|w| w.name == weighted.name) {
+            return Err(ValidationError::new(
+                format!("backends[{i}].name"),
+                format!("backend `{}` is listed twice", weighted.name),
+            ));
+        }
+        if weighted.weight == 0 || weighted.weight > MAX_WEIGHT {
+            return Err(ValidationError::new(
+                format!("backends[{i}].weight"),
+                format!("must be 1 to {MAX_WEIGHT}"),
+            ));
+        }
+    }
+    if let Some(redirect) = &r.redirect {
+        route_redirect(redirect).map_err(|e| e.under("redirect"))?;
+    }
+    if let Some(direct) = &r.direct_response {
+        if !(200..=599).contains(&direct.status) {
+            return Err(ValidationError::new(
+                "direct_response.status",
+                "must be 200 to 599",
+            ));
+        }
+        if direct.body.len() > MAX_DIRECT_RESPONSE_BODY_BYTES {
+            return Err(ValidationError::new(
+                "direct_response.body",
+                format!("is larger than {MAX_DIRECT_RESPONSE_BODY_BYTES} bytes"),
+            ));
+        }
+    }
+    Ok(!r.backend.is_empty() || !r.backends.is_empty())
+}
+
+fn route_redirect(r: &Redirect) -> Result {
+    if !matches!(r.scheme.as_str(), "" | "http" | "https") {
+        return Err(ValidationError::new(
+            "scheme",
+            format!("`{}` must be `http` or `https`", r.scheme),
+        ));
+    }
+    if !r.host.is_empty() {
+        hostname(&r.host, false).at("host")?;
+    }
+    if r.port > u32::from(u16::MAX) {
+        return Err(ValidationError::new("port", "must be 1 to 65535"));
+    }
+    if !r.path.is_empty() {
+        path(&r.path).at("path")?;
+    }
+    if !REDIRECT_STATUSES.contains(&r.status) {
+        return Err(ValidationError::new(
+            "status",
+            "must be 301, 302, 303, 307 or 308",
+        ));
+    }
+    Ok(())
+}
+
+fn route_rewrite(rewrite: &Rewrite, m: &RouteMatch) -> Result {
+    match &rewrite.path {
+        None => {}
+        Some(rewrite::Path::Prefix(p)) => {
+            if !matches!(m.path, Some(route_match::Path::Prefix(_))) {
+                return Err(ValidationError::new(
+                    "prefix",
+                    "is allowed only with `match.prefix`",
+                ));
+            }
+            path(p).at("prefix")?;
+        }
+        Some(rewrite::Path::Regex(r)) => {
+            let compiled = regex(&r.pattern).at("regex.pattern")?;
+            substitution(&r.substitution, compiled.captures_len() - 1).at("regex.substitution")?;
+        }
+    }
+    if !rewrite.host.is_empty() {
+        authority(&rewrite.host).at("host")?;
+    }
+    Ok(())
+}
+
+fn header_mutation(m: &HeaderMutation) -> Result {
+    for (list, values) in [("add", &m.add), ("set", &m.set)] {
+        for (i, header) in values.iter().enumerate() {
+            mutable_header(&header.name).at(format!("{list}[{i}].name"))?;
+            header_value(&header.value).at(format!("{list}[{i}].value"))?;
+        }
+    }
+    for (i, name) in m.remove.iter().enumerate() {
+        mutable_header(name).at(format!("remove[{i}]"))?;
+    }
+    Ok(())
+}
+
+fn retry_policy(r: &RetryPolicy) -> Result {
+    if r.num_retries > MAX_RETRIES {
+        return Err(ValidationError::new(
+            "num_retries",
+            format!("must be at most {MAX_RETRIES}"),
+        ));
+    }
+    for (i, on) in r.retry_on.iter().enumerate() {
+        if !defaults::retry::RETRY_ON_VALUES.contains(&on.as_str()) {
+            return Err(ValidationError::new(
+                format!("retry_on[{i}]"),
+                format!(
+                    "`{on}` is not one of {}",
+                    defaults::retry::RETRY_ON_VALUES.join(", ")
+                ),
+            ));
+        }
+        if r.retry_on[..i].contains(on) {
+            return Err(ValidationError::new(
+                format!("retry_on[{i}]"),
+                format!("`{on}` is listed twice"),
+            ));
+        }
+    }
+    for (field, value) in [
+        ("per_try_timeout", &r.per_try_timeout),
+        ("base_interval", &r.base_interval),
+        ("max_interval", &r.max_interval),
+    ] {
+        if let Some(d) = value {
+            positive_duration(d).at(field)?;
+        }
+    }
+    let base = defaults::retry_base_interval(r);
+    if defaults::retry_max_interval(r) < base {
+        return Err(ValidationError::new(
+            "max_interval",
+            format!("must be at least base_interval ({base:?})"),
+        ));
+    }
+    percent(r.budget_percent).at("budget_percent")
 }
 
 fn namespaced_name(name: &str) -> Result {
@@ -266,11 +975,22 @@ fn namespaced_name(name: &str) -> Result {
             format!("`{name}` must be `namespace/name`"),
         ));
     };
-    dns_label(ns).map_err(|m| ValidationError::new("name", format!("namespace part: {m}")))?;
-    dns_label(local).map_err(|m| ValidationError::new("name", format!("name part: {m}")))
+    dns_label(ns)
+        .map_err(|m| format!("namespace part: {m}"))
+        .at("name")?;
+    dns_label(local)
+        .map_err(|m| format!("name part: {m}"))
+        .at("name")
 }
 
-fn dns_label(s: &str) -> std::result::Result<(), String> {
+/// The name of a `sort` (backend, secret) of the referring resource's own
+/// namespace, given without `namespace/`.
+fn local_name(name: &str, sort: &str) -> Check {
+    dns_label(name)
+        .map_err(|m| format!("{m} (name a {sort} of the same namespace, without `namespace/`)"))
+}
+
+fn dns_label(s: &str) -> Check {
     if s.is_empty() {
         return Err("is required".into());
     }
@@ -288,7 +1008,7 @@ fn dns_label(s: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn hostname(host: &str, allow_wildcard: bool) -> std::result::Result<(), String> {
+fn hostname(host: &str, allow_wildcard: bool) -> Check {
     let bare = match host.strip_prefix("*.") {
         Some(rest) if allow_wildcard => rest,
         Some(_) => {
@@ -318,7 +1038,21 @@ fn hostname(host: &str, allow_wildcard: bool) -> std::result::Result<(), String>
     Ok(())
 }
 
-fn address(addr: &str) -> std::result::Result<(), String> {
+/// A host name, optionally with `:port`: what a Host header carries.
+fn authority(s: &str) -> Check {
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            match port.parse::<u16>() {
+                Ok(p) if p > 0 => {}
+                _ => return Err(format!("`{s}`: port must be 1 to 65535")),
+            }
+            hostname(host, false)
+        }
+        None => hostname(s, false),
+    }
+}
+
+fn address(addr: &str) -> Check {
     if addr.is_empty() {
         return Err("is required".into());
     }
@@ -336,7 +1070,7 @@ fn address(addr: &str) -> std::result::Result<(), String> {
         .map_err(|_| format!("`{addr}`: `{host}` is not an IP address or host name"))
 }
 
-fn path(p: &str) -> std::result::Result<(), String> {
+fn path(p: &str) -> Check {
     if !p.starts_with('/') {
         return Err(format!("`{p}` must start with '/'"));
     }
@@ -350,7 +1084,139 @@ fn path(p: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn positive_duration(d: &pbjson_types::Duration) -> std::result::Result<(), String> {
+/// Compiles `pattern` (whole-string semantics are the caller's), bounded in
+/// length and in compiled size.
+fn regex(pattern: &str) -> Check<regex::Regex> {
+    if pattern.is_empty() {
+        return Err("is required".into());
+    }
+    if pattern.len() > MAX_REGEX_BYTES {
+        return Err(format!("is longer than {MAX_REGEX_BYTES} bytes"));
+    }
+    regex::RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| {
+            let reason = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            format!("`{pattern}` is not a valid regular expression: {reason}")
+        })
+}
+
+/// A regex substitution: `\N` groups must exist in the pattern.
+fn substitution(s: &str, groups: usize) -> Check {
+    if s.bytes().any(|b| b.is_ascii_control()) {
+        return Err("must not contain control characters".into());
+    }
+    let bytes = s.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'\\'
+            && let Some(d) = bytes.get(i + 1).filter(|d| d.is_ascii_digit())
+        {
+            let group = usize::from(d - b'0');
+            if group > groups {
+                return Err(format!(
+                    "`\\{group}` names a group the pattern does not have ({groups})"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An HTTP method: a token, upper case (methods are case-sensitive, and
+/// `get` is not `GET`).
+fn http_method(m: &str) -> Check {
+    if http::Method::from_bytes(m.as_bytes()).is_err() || m.is_empty() {
+        return Err(format!("`{m}` is not an HTTP method token"));
+    }
+    if m.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(format!(
+            "`{m}`: methods are case-sensitive; write `{}`",
+            m.to_ascii_uppercase()
+        ));
+    }
+    Ok(())
+}
+
+fn header_name(name: &str) -> Check {
+    if name.is_empty() {
+        return Err("is required".into());
+    }
+    if name.starts_with(':') {
+        return Err(format!(
+            "`{name}`: pseudo-headers cannot be named here (use `match.host`, `match.methods`)"
+        ));
+    }
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map(drop)
+        .map_err(|_| format!("`{name}` is not a valid header name"))
+}
+
+/// A header a route may add, set or remove: not a pseudo-header and not
+/// `host` (set the host with `rewrite.host`).
+fn mutable_header(name: &str) -> Check {
+    header_name(name)?;
+    if name.eq_ignore_ascii_case("host") {
+        return Err("`host` cannot be changed here; use `rewrite.host`".into());
+    }
+    Ok(())
+}
+
+fn header_value(value: &str) -> Check {
+    http::HeaderValue::from_str(value)
+        .map(drop)
+        .map_err(|_| "is not a valid header value (visible ASCII, no line breaks)".into())
+}
+
+/// A query parameter name as it appears in the query string.
+fn query_name(name: &str) -> Check {
+    if name.is_empty() {
+        return Err("is required".into());
+    }
+    printable(name)?;
+    if name.contains(['&', '=', '#', ' ']) {
+        return Err(format!("`{name}` must not contain '&', '=', '#' or spaces"));
+    }
+    Ok(())
+}
+
+/// A cookie name: an HTTP token.
+fn token(name: &str) -> Check {
+    if name.is_empty() {
+        return Err("is required".into());
+    }
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map(drop)
+        .map_err(|_| format!("`{name}` is not a valid token"))
+}
+
+fn printable(s: &str) -> Check {
+    if s.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
+fn must_be_true(set: bool) -> Check {
+    if set {
+        Ok(())
+    } else {
+        Err("must be true when given".into())
+    }
+}
+
+fn percent(p: u32) -> Check {
+    if p > 100 {
+        return Err(format!("{p} is more than 100"));
+    }
+    Ok(())
+}
+
+fn positive_duration(d: &pbjson_types::Duration) -> Check {
     if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
         return Err("must be a positive duration".into());
     }
@@ -358,132 +1224,4 @@ fn positive_duration(d: &pbjson_types::Duration) -> std::result::Result<(), Stri
         return Err("must be at most 24h".into());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pb::config::v1::{Endpoint, RouteMatch};
-
-    fn ns(name: &str, hosts: &[&str]) -> Resource {
-        Resource::Namespace(Namespace {
-            name: name.into(),
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
-            ..Default::default()
-        })
-    }
-
-    fn backend(name: &str, addr: &str) -> Resource {
-        Resource::Backend(Backend {
-            name: name.into(),
-            endpoints: vec![Endpoint {
-                address: addr.into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-    }
-
-    fn route(name: &str, host: &str, prefix: &str, backend: &str) -> Resource {
-        Resource::Route(Route {
-            name: name.into(),
-            r#match: Some(RouteMatch {
-                host: host.into(),
-                path: Some(route_match::Path::Prefix(prefix.into())),
-            }),
-            backend: backend.into(),
-            timeout: None,
-        })
-    }
-
-    #[test]
-    fn a_consistent_policy_passes() {
-        let s = Snapshot::from_resources(
-            1,
-            [
-                ns("demo", &["demo.local", "*.demo.test"]),
-                backend("demo/web", "127.0.0.1:8081"),
-                route("demo/root", "a.demo.test", "/", "web"),
-            ],
-        );
-        assert_eq!(validate_snapshot(&s), Ok(()));
-    }
-
-    #[test]
-    fn field_errors_name_the_field() {
-        let err = validate_resource(&backend("demo/web", "127.0.0.1")).unwrap_err();
-        assert_eq!(err.field, "endpoints[0].address");
-        let err = validate_resource(&backend("web", "127.0.0.1:80")).unwrap_err();
-        assert_eq!(err.field, "name");
-        let err = validate_resource(&route("demo/r", "", "nope", "web")).unwrap_err();
-        assert_eq!(err.field, "match.prefix");
-        let err = validate_resource(&route("demo/r", "Demo.Local", "/", "web")).unwrap_err();
-        assert_eq!(err.field, "match.host");
-        let err = validate_resource(&ns("demo", &["a.test", "a.test"])).unwrap_err();
-        assert_eq!(err.field, "hosts[1]");
-    }
-
-    #[test]
-    fn dangling_references_are_rejected() {
-        let s = Snapshot::from_resources(
-            1,
-            [
-                ns("demo", &["demo.local"]),
-                route("demo/root", "", "/", "missing"),
-            ],
-        );
-        let err = validate_snapshot(&s).unwrap_err();
-        assert_eq!(err.field, "backend");
-        assert_eq!(
-            err.resource,
-            Some(ResourceKey::new(Kind::Route, "demo/root"))
-        );
-        assert!(err.message.contains("demo/missing"), "{err}");
-
-        let s = Snapshot::from_resources(1, [backend("ghost/web", "127.0.0.1:80")]);
-        assert!(
-            validate_snapshot(&s)
-                .unwrap_err()
-                .message
-                .contains("namespace `ghost`")
-        );
-    }
-
-    #[test]
-    fn hosts_belong_to_one_namespace_and_routes_stay_inside_theirs() {
-        let s = Snapshot::from_resources(1, [ns("a", &["x.test"]), ns("b", &["x.test"])]);
-        assert_eq!(validate_snapshot(&s).unwrap_err().field, "hosts[0]");
-
-        let s = Snapshot::from_resources(
-            1,
-            [
-                ns("a", &["x.test"]),
-                backend("a/web", "127.0.0.1:80"),
-                route("a/r", "y.test", "/", "web"),
-            ],
-        );
-        assert_eq!(validate_snapshot(&s).unwrap_err().field, "match.host");
-    }
-
-    #[test]
-    fn wildcard_hosts_cover_one_or_more_labels() {
-        assert!(host_matches("*.a.test", "x.a.test"));
-        assert!(host_matches("*.a.test", "y.x.a.test"));
-        assert!(!host_matches("*.a.test", "a.test"));
-        assert!(!host_matches("*.a.test", "xa.test"));
-    }
-
-    #[test]
-    fn two_routes_with_one_match_are_rejected() {
-        let s = Snapshot::from_resources(
-            1,
-            [
-                ns("a", &["x.test"]),
-                backend("a/web", "127.0.0.1:80"),
-                route("a/r1", "", "/", "web"),
-                route("a/r2", "", "/", "web"),
-            ],
-        );
-        assert_eq!(validate_snapshot(&s).unwrap_err().field, "match");
-    }
 }

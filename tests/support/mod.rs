@@ -136,6 +136,22 @@ impl ControlPlane {
         Self::launch(config, any, any).await
     }
 
+    /// A control plane on fresh ports whose Envoy view binds listener
+    /// `prism-http` at `envoy_listener` and `prism-https` at `envoy_tls_listener`.
+    pub async fn start_for_envoy_tls(
+        data_dir: &Path,
+        envoy_listener: SocketAddr,
+        envoy_tls_listener: SocketAddr,
+    ) -> Self {
+        let any = "127.0.0.1:0".parse().expect("an address");
+        let config = prism_control_plane::Config {
+            envoy_listener,
+            envoy_tls_listener,
+            ..prism_control_plane::Config::new(data_dir)
+        };
+        Self::launch(config, any, any).await
+    }
+
     async fn launch(
         config: prism_control_plane::Config,
         admin_addr: SocketAddr,

@@ -485,3 +485,130 @@ async fn the_actor_defaults_to_anonymous() {
     assert_eq!(history[0].actor, "anonymous");
     assert_eq!(history[0].action, "create");
 }
+
+const CERT: &str = include_str!("../../../tests/support/tls/server.pem");
+const KEY: &str = include_str!("../../../tests/support/tls/server.key");
+
+fn tls_secret(name: &str) -> Value {
+    json!({"name": name, "tls_certificate": {"certificate_chain": CERT, "private_key": KEY}})
+}
+
+/// Fails when `text` holds any of the PEM material of the test secret.
+fn assert_redacted(what: &str, text: &str) {
+    assert!(
+        !text.contains("BEGIN") && !text.contains(&KEY[40..80]) && !text.contains(&CERT[40..80]),
+        "{what} shows key material: {text}"
+    );
+}
+
+#[tokio::test]
+async fn secrets_are_served_redacted_everywhere() {
+    let h = Harness::new();
+    assert_eq!(h.apply(QUICKSTART, false).await.status, StatusCode::OK);
+
+    let created = h
+        .json(Method::POST, "/v1/secrets", tls_secret("demo/tls"))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_redacted("create", &created.body.to_string());
+    assert_eq!(created.body["resource"]["kind"], "tls_certificate");
+    assert_eq!(
+        created.body["resource"]["subject_alt_names"],
+        json!(["shop.test", "*.shop.test"])
+    );
+
+    let read = h.get("/v1/secrets/demo/tls").await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_redacted("read", &read.body.to_string());
+    assert_eq!(
+        read.body,
+        json!({
+            "name": "demo/tls",
+            "kind": "tls_certificate",
+            "subject": "CN=shop.test",
+            "subject_alt_names": ["shop.test", "*.shop.test"],
+            "not_after": "2126-11-03T14:52:27Z",
+            "certificates": 1,
+        })
+    );
+    let listed = h.get("/v1/secrets").await;
+    assert_eq!(listed.body["items"][0], read.body);
+    assert_redacted("list", &listed.body.to_string());
+
+    let mut body = tls_secret("demo/tls");
+    body["name"] = json!("");
+    let put = h.json(Method::PUT, "/v1/secrets/demo/tls", body).await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    assert_redacted("replace", &put.body.to_string());
+
+    // A document with a secret: the dry run and the change log name it only.
+    let indent = |pem: &str| pem.trim_end().replace('\n', "\n          ");
+    let document = format!(
+        "secrets:\n  - name: demo/other\n    tls_certificate:\n      certificate_chain: |\n          {}\n      private_key: |\n          {}\n",
+        indent(CERT),
+        indent(KEY)
+    );
+    let dry = h.apply(&document, true).await;
+    assert_eq!(dry.status, StatusCode::OK, "{}", dry.body);
+    assert_eq!(dry.body["changes"][0]["kind"], "Secret");
+    assert_redacted("dry run", &dry.body.to_string());
+    let applied = h.apply(&document, false).await;
+    assert_eq!(applied.status, StatusCode::OK, "{}", applied.body);
+    assert_redacted("apply", &applied.body.to_string());
+    assert_redacted("history", &h.get("/v1/history").await.body.to_string());
+
+    // A bad secret is refused without quoting it.
+    let bad = h
+        .json(
+            Method::POST,
+            "/v1/secrets",
+            json!({"name": "demo/bad", "tls_certificate": {"certificate_chain": CERT, "private_key": CERT}}),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&bad)["field"], "tls_certificate.private_key");
+    assert_redacted("error", &bad.body.to_string());
+}
+
+#[tokio::test]
+async fn a_referenced_secret_cannot_be_deleted() {
+    let h = Harness::new();
+    h.apply(QUICKSTART, false).await;
+    h.json(Method::POST, "/v1/secrets", tls_secret("demo/tls"))
+        .await;
+    let answer = h
+        .json(
+            Method::PUT,
+            "/v1/namespaces/demo",
+            json!({"name": "demo", "hosts": ["demo.local"], "tls_secret": "tls"}),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+
+    let revision = h.revision();
+    let refused = h
+        .call(Method::DELETE, "/v1/secrets/demo/tls", Body::empty())
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert_eq!(error(&refused)["field"], "tls_secret");
+    assert_eq!(error(&refused)["resource"], "Namespace demo");
+    assert_eq!(h.revision(), revision);
+
+    // A namespace cannot point at a secret that is not there either.
+    let dangling = h
+        .json(
+            Method::PUT,
+            "/v1/namespaces/demo",
+            json!({"name": "demo", "hosts": ["demo.local"], "tls_secret": "nope"}),
+        )
+        .await;
+    assert_eq!(dangling.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&dangling)["field"], "tls_secret");
+
+    // Once nothing refers to it, it goes.
+    h.json(Method::PUT, "/v1/namespaces/demo", ns("demo")).await;
+    let deleted = h
+        .call(Method::DELETE, "/v1/secrets/demo/tls", Body::empty())
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
+}

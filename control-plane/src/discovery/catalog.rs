@@ -29,25 +29,32 @@ pub enum TypeKind {
     Endpoint,
     Listener,
     Route,
+    /// SDS secrets (certificates and trust), served by name only.
+    Secret,
 }
 
 impl TypeKind {
     /// Envoy types in push order: clusters before endpoints before listeners
-    /// before routes (make before break).
-    pub const ENVOY: [TypeKind; 4] = [
+    /// before routes (make before break); secrets, which clusters and
+    /// listeners wait for while warming as they wait for endpoints, with the
+    /// endpoints.
+    pub const ENVOY: [TypeKind; 5] = [
         TypeKind::Cluster,
         TypeKind::Endpoint,
+        TypeKind::Secret,
         TypeKind::Listener,
         TypeKind::Route,
     ];
 
-    /// Every type, Prism's first.
-    pub const ALL: [TypeKind; 7] = [
+    /// Every type, Prism's first, in `Kind::ALL` order.
+    pub const ALL: [TypeKind; 9] = [
+        TypeKind::Prism(Kind::Secret),
         TypeKind::Prism(Kind::Namespace),
         TypeKind::Prism(Kind::Backend),
         TypeKind::Prism(Kind::Route),
         TypeKind::Cluster,
         TypeKind::Endpoint,
+        TypeKind::Secret,
         TypeKind::Listener,
         TypeKind::Route,
     ];
@@ -59,6 +66,7 @@ impl TypeKind {
             TypeKind::Endpoint => envoy::CLUSTER_LOAD_ASSIGNMENT,
             TypeKind::Listener => envoy::LISTENER,
             TypeKind::Route => envoy::ROUTE_CONFIGURATION,
+            TypeKind::Secret => envoy::SECRET,
         }
     }
 
@@ -143,16 +151,15 @@ impl Catalog {
             .snapshot
             .of_kind(Kind::Namespace)
             .any(|ns| match &ns.resource {
-                Resource::Namespace(ns) => {
-                    ns.hosts
-                        .iter()
-                        .any(|pattern| match pattern.strip_prefix("*.") {
+                Resource::Namespace(ns) => ns.hosts.iter().any(|pattern| {
+                    pattern == "*"
+                        || match pattern.strip_prefix("*.") {
                             Some(suffix) => host
                                 .strip_suffix(suffix)
                                 .is_some_and(|p| p.len() > 1 && p.ends_with('.')),
                             None => pattern == host,
-                        })
-                }
+                        }
+                }),
                 _ => false,
             });
         covered.then(|| {
@@ -211,6 +218,15 @@ impl Catalog {
         types.insert(
             TypeKind::Endpoint,
             envoy_entries(translated.cluster_load_assignments),
+        );
+        // Keys go only to those who name them, never to a wildcard subscriber.
+        let secrets = envoy_entries(translated.secrets).wildcard;
+        types.insert(
+            TypeKind::Secret,
+            TypeResources {
+                wildcard: BTreeMap::new(),
+                named_only: secrets,
+            },
         );
         Catalog {
             snapshot,

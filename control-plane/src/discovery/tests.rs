@@ -12,6 +12,7 @@ use prism_proto::Snapshot;
 fn catalog(snapshot: Snapshot) -> Arc<Catalog> {
     let params = EnvoyParams {
         listener_address: "127.0.0.1:10000".parse().expect("addr"),
+        tls_listener_address: "127.0.0.1:10443".parse().expect("addr"),
     };
     Arc::new(Catalog::build(
         Arc::new(snapshot),
@@ -22,10 +23,26 @@ fn catalog(snapshot: Snapshot) -> Arc<Catalog> {
     ))
 }
 
+/// Where `kind`'s response sits in a batch.
+fn at(kind: Kind) -> usize {
+    Kind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .expect("every kind is in ALL")
+}
+
 fn policy(revision: u64, port: u16) -> Snapshot {
     Snapshot::from_resources(
         revision,
         [
+            Resource::Secret(prism_proto::Secret {
+                name: "demo/ca".into(),
+                kind: Some(prism_proto::pb::config::v1::secret::Kind::CaBundle(
+                    prism_proto::pb::config::v1::CaBundle {
+                        certificates: include_str!("../../../tests/support/tls/ca.pem").into(),
+                    },
+                )),
+            }),
             Resource::Namespace(Namespace {
                 name: "demo".into(),
                 hosts: vec!["demo.local".into()],
@@ -44,9 +61,10 @@ fn policy(revision: u64, port: u16) -> Snapshot {
                 r#match: Some(RouteMatch {
                     host: String::new(),
                     path: Some(route_match::Path::Prefix("/".into())),
+                    ..Default::default()
                 }),
                 backend: "web".into(),
-                timeout: None,
+                ..Default::default()
             }),
         ],
     )
@@ -104,13 +122,14 @@ fn first_batch_carries_every_kind_at_one_revision() {
     let mut state = DeltaState::new(fleet.clone());
     let snap = snapshot(7, 1000);
     let batch = connect(&mut state, &snap);
-    assert_eq!(batch.len(), 3);
+    assert_eq!(batch.len(), 4);
     let kinds: Vec<_> = batch.iter().map(|r| r.type_url.as_str()).collect();
     assert_eq!(kinds, Kind::ALL.map(Kind::type_url));
     assert!(batch.iter().all(|r| r.system_version_info == "7"));
-    assert_eq!(names(&batch[1]), ["demo/web"]);
+    assert_eq!(names(&batch[at(Kind::Secret)]), ["demo/ca"]);
+    assert_eq!(names(&batch[at(Kind::Backend)]), ["demo/web"]);
     let nonces: std::collections::HashSet<_> = batch.iter().map(|r| r.nonce.clone()).collect();
-    assert_eq!(nonces.len(), 3, "every response has its own nonce");
+    assert_eq!(nonces.len(), 4, "every response has its own nonce");
 
     for response in &batch {
         assert!(
@@ -134,10 +153,12 @@ fn a_change_sends_only_what_changed_and_empty_responses_for_the_rest() {
     }
     let next = snapshot(2, 2000);
     let batch = state.on_catalog(&next);
-    assert_eq!(batch.len(), 3);
-    assert!(batch[0].resources.is_empty() && batch[0].removed_resources.is_empty());
-    assert_eq!(names(&batch[1]), ["demo/web"]);
-    assert!(batch[2].resources.is_empty());
+    assert_eq!(batch.len(), Kind::ALL.len());
+    for kind in [Kind::Secret, Kind::Namespace, Kind::Route] {
+        let response = &batch[at(kind)];
+        assert!(response.resources.is_empty() && response.removed_resources.is_empty());
+    }
+    assert_eq!(names(&batch[at(Kind::Backend)]), ["demo/web"]);
 
     // Nothing more until the batch is answered, however far the policy moves.
     assert!(state.on_catalog(&snapshot(3, 3000)).is_empty());
@@ -153,7 +174,17 @@ fn removals_are_named() {
     let mut smaller = policy(2, 1000);
     smaller.remove(&prism_proto::ResourceKey::new(Kind::Route, "demo/root"));
     let batch = state.on_catalog(&catalog(smaller));
-    assert_eq!(batch[2].removed_resources, ["demo/root"]);
+    assert_eq!(batch[at(Kind::Route)].removed_resources, ["demo/root"]);
+
+    // A secret is removed like any other resource.
+    let mut smaller = policy(3, 1000);
+    smaller.remove(&prism_proto::ResourceKey::new(Kind::Route, "demo/root"));
+    smaller.remove(&prism_proto::ResourceKey::new(Kind::Secret, "demo/ca"));
+    for response in &batch {
+        state.on_request(ack(response), &snap).expect("ack");
+    }
+    let batch = state.on_catalog(&catalog(smaller));
+    assert_eq!(batch[at(Kind::Secret)].removed_resources, ["demo/ca"]);
 }
 
 #[test]
@@ -181,7 +212,7 @@ fn a_nack_is_recorded_and_the_rejected_revision_is_not_resent() {
     // The next revision is diffed against what the proxy really holds.
     let fixed = snapshot(3, 3000);
     let batch = state.on_catalog(&fixed);
-    assert_eq!(names(&batch[1]), ["demo/web"]);
+    assert_eq!(names(&batch[at(Kind::Backend)]), ["demo/web"]);
 }
 
 #[test]
@@ -203,7 +234,7 @@ fn a_resumed_stream_gets_only_what_changed() {
             state.on_request(request, &snap).expect("accepted")
         })
         .collect();
-    assert_eq!(batch.len(), 3);
+    assert_eq!(batch.len(), Kind::ALL.len());
     assert!(
         batch
             .iter()
@@ -251,4 +282,39 @@ fn stale_nonces_are_ignored() {
     };
     assert!(state.on_request(stale, &snap).expect("ignored").is_empty());
     assert!(state.batch.is_some());
+}
+
+#[test]
+fn the_catch_all_host_answers_any_name_a_grpc_client_dials() {
+    let mut snapshot = policy(1, 1000);
+    assert!(
+        catalog(snapshot.clone())
+            .api_listener_for("other.test:50051")
+            .is_none()
+    );
+    snapshot.insert(Resource::Namespace(Namespace {
+        name: "fallback".into(),
+        hosts: vec!["*".into()],
+        ..Default::default()
+    }));
+    assert!(
+        catalog(snapshot)
+            .api_listener_for("other.test:50051")
+            .is_some()
+    );
+}
+
+#[test]
+fn envoy_secrets_are_served_by_name_only() {
+    let snap = snapshot(1, 1000);
+    let secrets = snap.resources(TypeKind::Secret).expect("the SDS type");
+    assert!(
+        secrets.wildcard.is_empty(),
+        "no key to a wildcard subscriber"
+    );
+    assert!(secrets.get("demo/ca").is_some());
+    assert_eq!(
+        TypeKind::from_url(crate::envoy::SECRET),
+        Some(TypeKind::Secret)
+    );
 }

@@ -1,9 +1,22 @@
-use envoy_types::pb::envoy::config::core::v3::SocketAddress;
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{Http2ProtocolOptions, SocketAddress};
 use envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint;
+use envoy_types::pb::envoy::config::route::v3::{
+    Route as EnvoyRoute, RouteAction, RouteConfiguration, VirtualHost, route, route_action,
+    route_match,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+    ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config,
+};
 use prism_proto::{parse_policy, validate_snapshot};
 use prost::{Message, Name};
 
 use super::*;
+
+mod l7;
 
 const POLICY: &str = r#"
 namespaces:
@@ -63,6 +76,7 @@ fn snapshot() -> Snapshot {
 fn params() -> EnvoyParams {
     EnvoyParams {
         listener_address: "0.0.0.0:10000".parse().expect("address"),
+        tls_listener_address: "0.0.0.0:10443".parse().expect("address"),
     }
 }
 
@@ -644,23 +658,33 @@ fn the_same_snapshot_always_encodes_to_the_same_bytes() {
 #[test]
 #[ignore = "needs an envoy binary"]
 fn envoy_accepts_the_translation() {
+    assert_envoy_accepts(&translated());
+    assert_envoy_accepts(&l7::l7());
+}
+
+fn assert_envoy_accepts(resources: &EnvoyResources) {
     use envoy_types::pb::envoy::config::bootstrap::v3::{Bootstrap, bootstrap};
     use envoy_types::pb::envoy::config::core::v3::{
         ApiConfigSource, GrpcService, Node, api_config_source, grpc_service,
     };
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as EnvoySecret;
 
-    let resources = translated();
-    let mut listener: Listener = unpack(resources.listeners.get(HTTP_LISTENER));
-    let Some(filter::ConfigType::TypedConfig(any)) =
-        &mut listener.filter_chains[0].filters[0].config_type
-    else {
-        panic!("a typed HCM")
-    };
-    let mut hcm: HttpConnectionManager = decode(any);
-    hcm.route_specifier = Some(http_connection_manager::RouteSpecifier::RouteConfig(
-        route_config(),
-    ));
-    *any = pack_any(hcm);
+    let routes: RouteConfiguration = unpack(resources.route_configurations.get(HTTP_ROUTES));
+    let mut listeners: Vec<Listener> = resources.listeners.values().map(decode).collect();
+    for chain in listeners
+        .iter_mut()
+        .flat_map(|l| l.filter_chains.iter_mut())
+    {
+        let Some(filter::ConfigType::TypedConfig(any)) = &mut chain.filters[0].config_type else {
+            panic!("a typed HCM")
+        };
+        let mut hcm: HttpConnectionManager = decode(any);
+        hcm.route_specifier = Some(http_connection_manager::RouteSpecifier::RouteConfig(
+            routes.clone(),
+        ));
+        *any = pack_any(hcm);
+    }
+    let secrets: Vec<EnvoySecret> = resources.secrets.values().map(decode).collect();
 
     let mut clusters: Vec<Cluster> = resources.clusters.values().map(decode).collect();
     for (name, any) in &resources.cluster_load_assignments {
@@ -680,8 +704,21 @@ fn envoy_accepts_the_translation() {
         cluster::DiscoveryType::Static as i32,
     ));
     xds.eds_cluster_config = None;
-    xds.typed_extension_protocol_options =
-        HashMap::from([(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(http2_options()))]);
+    xds.typed_extension_protocol_options = HashMap::from([(
+        HTTP_PROTOCOL_OPTIONS.to_string(),
+        pack_any(HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                ExplicitHttpConfig {
+                    protocol_config: Some(
+                        explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions::default(),
+                        ),
+                    ),
+                },
+            )),
+            ..Default::default()
+        }),
+    )]);
     xds.load_assignment = Some(ClusterLoadAssignment {
         cluster_name: "xds".into(),
         endpoints: vec![locality_endpoints(
@@ -700,9 +737,9 @@ fn envoy_accepts_the_translation() {
             ..Default::default()
         }),
         static_resources: Some(bootstrap::StaticResources {
-            listeners: vec![listener],
+            listeners,
             clusters,
-            ..Default::default()
+            secrets,
         }),
         dynamic_resources: Some(bootstrap::DynamicResources {
             ads_config: Some(ApiConfigSource {

@@ -113,7 +113,7 @@ impl Session {
     async fn batch(
         &mut self,
         revision: u64,
-        per_kind: [Vec<Resource>; 3],
+        per_kind: [Vec<Resource>; 4],
     ) -> Vec<DeltaDiscoveryRequest> {
         for (kind, resources) in Kind::ALL.into_iter().zip(per_kind) {
             let response = DeltaDiscoveryResponse {
@@ -126,7 +126,7 @@ impl Session {
             self.responses.send(Ok(response)).await.expect("send");
         }
         let mut answers = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..Kind::ALL.len() {
             answers.push(self.next_request().await);
         }
         answers
@@ -145,8 +145,10 @@ fn wire(resource: &Resource) -> WireResource {
     }
 }
 
-fn policy(backend: &str, address: SocketAddr) -> [Vec<Resource>; 3] {
+/// Secrets, namespaces, backends and routes, in `Kind::ALL` order.
+fn policy(backend: &str, address: SocketAddr) -> [Vec<Resource>; 4] {
     [
+        vec![],
         vec![Resource::Namespace(Namespace {
             name: "demo".into(),
             hosts: vec!["demo.local".into()],
@@ -165,9 +167,10 @@ fn policy(backend: &str, address: SocketAddr) -> [Vec<Resource>; 3] {
             r#match: Some(RouteMatch {
                 host: String::new(),
                 path: Some(route_match::Path::Prefix("/".into())),
+                ..Default::default()
             }),
             backend: backend.into(),
-            timeout: None,
+            ..Default::default()
         })],
     ]
 }
@@ -282,6 +285,8 @@ async fn run_subscribes_applies_nacks_and_resumes() {
         .expect("proxy reconnects")
         .expect("session");
     let subscribe = session.next_request().await;
+    assert_eq!(subscribe.type_url, Kind::Secret.type_url());
+    let subscribe = session.next_request().await;
     assert_eq!(subscribe.type_url, Kind::Namespace.type_url());
     let versions = subscribe.initial_resource_versions;
     assert_eq!(versions.keys().collect::<Vec<_>>(), ["demo"]);
@@ -312,7 +317,7 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
         dir.path(),
         crate::subset::describe(&namespaces, &selector),
     );
-    let [namespaces_v, backends_v, routes_v] = policy("upstream", dead);
+    let [_, namespaces_v, backends_v, routes_v] = policy("upstream", dead);
     let restored = Snapshot::from_resources(
         6,
         namespaces_v.into_iter().chain(backends_v).chain(routes_v),
@@ -376,7 +381,7 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
     }
 
     // Nothing changed: empty responses are ACKed and the revision moves on.
-    let answers = session.batch(7, [vec![], vec![], vec![]]).await;
+    let answers = session.batch(7, [vec![], vec![], vec![], vec![]]).await;
     assert!(
         answers.iter().all(|a| a.error_detail.is_none()),
         "{answers:?}"
@@ -384,7 +389,15 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
     // A change is applied and saved; shutdown waits for the save.
     let (_, upstream) = bind().await;
     let answers = session
-        .batch(8, [vec![], policy("upstream", upstream)[1].clone(), vec![]])
+        .batch(
+            8,
+            [
+                vec![],
+                vec![],
+                policy("upstream", upstream)[2].clone(),
+                vec![],
+            ],
+        )
         .await;
     assert!(
         answers.iter().all(|a| a.error_detail.is_none()),

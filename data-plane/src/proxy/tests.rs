@@ -110,12 +110,14 @@ fn policy(routes: &[(&str, &str, &[SocketAddr])], timeout: Option<Duration>) -> 
             r#match: Some(RouteMatch {
                 host: String::new(),
                 path: Some(route_match::Path::Prefix(prefix.to_string())),
+                ..Default::default()
             }),
             backend: backend.to_string(),
             timeout: timeout.map(|t| pbjson_types::Duration {
                 seconds: 0,
                 nanos: i32::try_from(t.as_nanos()).expect("short timeout"),
             }),
+            ..Default::default()
         }));
     }
     let snapshot = Snapshot::from_resources(1, resources);
