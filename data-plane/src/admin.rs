@@ -9,7 +9,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::discovery::Status;
+use crate::config::discovery::Status;
 use crate::server::{self, Body, full};
 
 /// Serves the admin endpoints on `listener` until `shutdown` turns true.
@@ -88,7 +88,7 @@ mod tests {
     use prism_proto::{Resource, Snapshot};
 
     use super::*;
-    use crate::discovery::Nack;
+    use crate::config::discovery::Nack;
 
     async fn get(path: &str, status: &Status) -> (StatusCode, String) {
         let request = Request::get(path).body(()).expect("request");

@@ -11,14 +11,11 @@
 //! request ever sees a half-applied configuration.
 
 mod admin;
-mod discovery;
+mod config;
 mod error;
-mod last_good;
 mod proxy;
 mod runtime;
 mod server;
-mod stager;
-mod subset;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -32,10 +29,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::config::{discovery, last_good, subset};
+
+pub use config::last_good::FILE_NAME as LAST_GOOD_FILE;
+pub use config::subset::{SubsetError, parse_namespaces, parse_selector};
 pub use error::Error;
-pub use last_good::FILE_NAME as LAST_GOOD_FILE;
 pub use runtime::{Backend, CompileError, OwnAddresses, RouteTarget, Runtime};
-pub use subset::{SubsetError, parse_namespaces, parse_selector};
 
 /// How long shutdown waits for the last accepted snapshot to reach the disk.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);

@@ -308,9 +308,9 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
     let namespaces = vec!["demo".to_string()];
     let selector: std::collections::BTreeMap<_, _> =
         [("env".to_string(), "prod".to_string())].into();
-    let file = crate::last_good::LastGood::new(
+    let file = crate::config::last_good::LastGood::new(
         dir.path(),
-        crate::subset::describe(&namespaces, &selector),
+        crate::config::subset::describe(&namespaces, &selector),
     );
     let [namespaces_v, backends_v, routes_v] = policy("upstream", dead);
     let restored = Snapshot::from_resources(
