@@ -13,9 +13,8 @@
 mod admin;
 mod config;
 mod error;
-mod proxy;
+mod http;
 mod runtime;
-mod server;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -30,14 +29,16 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{discovery, last_good, subset};
+use crate::runtime::{OwnAddresses, Runtime};
 
 pub use config::last_good::FILE_NAME as LAST_GOOD_FILE;
 pub use config::subset::{SubsetError, parse_namespaces, parse_selector};
 pub use error::Error;
-pub use runtime::{Backend, CompileError, OwnAddresses, RouteTarget, Runtime};
 
 /// How long shutdown waits for the last accepted snapshot to reach the disk.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bootstrap settings of one proxy.
 #[derive(Clone, Debug)]
@@ -124,13 +125,18 @@ pub async fn run(
         "Starting the proxy."
     );
     let writer = last_good.map(|file| tokio::spawn(last_good::write_loop(file, last_good_rx)));
-    let proxy = tokio::spawn(proxy::serve(
+    let server = http::server::Params {
+        header_read_timeout: HEADER_READ_TIMEOUT,
+    };
+    let proxy = tokio::spawn(http::serve(
         listeners.proxy,
         Arc::clone(&runtime),
+        server,
         stop_rx.clone(),
     ));
     let admin = tokio::spawn(admin::serve(
         listeners.admin,
+        server,
         Arc::from(config.node_id.as_str()),
         status_rx,
         stop_rx,
@@ -181,7 +187,7 @@ async fn restore(
     let Some(snapshot) = last_good::restore(file).await else {
         return (None, Runtime::unconfigured());
     };
-    match Runtime::compile_for(&snapshot, &Runtime::unconfigured(), own) {
+    match Runtime::compile(&snapshot, &Runtime::unconfigured(), own) {
         Ok(runtime) => (Some(snapshot), runtime),
         Err(error) => {
             warn!(

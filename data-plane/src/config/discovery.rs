@@ -184,7 +184,7 @@ impl Subscriber {
     ) {
         let revision = candidate.revision;
         let compiled = if changed {
-            Runtime::compile_for(candidate, &self.runtime.load(), &self.own).map(Some)
+            Runtime::compile(candidate, &self.runtime.load(), &self.own).map(Some)
         } else {
             Ok(None)
         };

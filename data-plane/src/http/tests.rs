@@ -1,14 +1,33 @@
+//! The proxy's request path end to end: a real listener, real upstreams and
+//! a runtime stored the way the discovery client stores it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::Frame;
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use prism_proto::pb::config::v1::{Endpoint, Namespace, Route, RouteMatch, route_match};
 use prism_proto::{Resource, Snapshot};
+use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::server::ClientAddr;
 use super::*;
+use crate::runtime::OwnAddresses;
+
+/// How long any wait in these tests may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, error::BoxError>;
 
 /// A running proxy; dropping it stops the server.
 struct Proxy {
@@ -23,11 +42,17 @@ async fn bind() -> (TcpListener, SocketAddr) {
     (listener, addr)
 }
 
+fn params() -> server::Params {
+    server::Params {
+        header_read_timeout: Duration::from_secs(10),
+    }
+}
+
 async fn start_proxy() -> Proxy {
     let (listener, addr) = bind().await;
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::unconfigured()));
     let (stop, stopped) = watch::channel(false);
-    tokio::spawn(serve(listener, Arc::clone(&runtime), stopped));
+    tokio::spawn(serve(listener, Arc::clone(&runtime), params(), stopped));
     Proxy {
         addr,
         runtime,
@@ -37,47 +62,71 @@ async fn start_proxy() -> Proxy {
 
 impl Proxy {
     fn apply(&self, snapshot: &Snapshot) {
-        let next = Runtime::compile(snapshot, &self.runtime.load()).expect("compiles");
+        let next = Runtime::compile(snapshot, &self.runtime.load(), &OwnAddresses::default())
+            .expect("compiles");
         self.runtime.store(Arc::new(next));
     }
 }
 
-/// An upstream that echoes the request body and reports what it saw in headers.
-async fn echo_upstream(name: &'static str) -> SocketAddr {
+/// An upstream answering every request with `handler`; it runs until the test ends.
+async fn upstream<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Response<BoxBody>> + Send + 'static,
+{
     let (listener, addr) = bind().await;
     let (stop, stopped) = watch::channel(false);
+    let service = tower::service_fn(move |request| {
+        let response = handler(request);
+        async move { Ok::<_, Infallible>(response.await) }
+    });
     tokio::spawn(async move {
         let _stop = stop;
-        server::serve(
-            listener,
-            stopped,
-            move |request: Request<Incoming>, _| async move {
-                let seen = |h: &str| {
-                    request
-                        .headers()
-                        .get(h)
-                        .cloned()
-                        .unwrap_or(HeaderValue::from_static(""))
-                };
-                let mut response = Response::builder()
-                    .header("x-upstream", name)
-                    .header("x-seen-host", seen("host"))
-                    .header("x-seen-xff", seen("x-forwarded-for"))
-                    .header("x-seen-proto", seen("x-forwarded-proto"))
-                    .header("x-seen-path", request.uri().to_string())
-                    .header("x-seen-connection", seen("connection"))
-                    .header("connection", "keep-alive");
-                if request.headers().contains_key("keep-alive") {
-                    response = response.header("x-seen-keep-alive", "yes");
-                }
-                response
-                    .body(request.into_body().boxed_unsync())
-                    .expect("response")
-            },
-        )
-        .await;
+        server::serve(listener, params(), stopped, service).await;
     });
     addr
+}
+
+fn boxed<B>(body: B) -> BoxBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<error::BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// An upstream that echoes the request body and reports what it saw in headers.
+async fn echo_upstream(name: &'static str) -> SocketAddr {
+    upstream(move |request: Request<Incoming>| async move {
+        let seen = |h: &str| {
+            request
+                .headers()
+                .get(h)
+                .cloned()
+                .unwrap_or(HeaderValue::from_static(""))
+        };
+        let peer = request
+            .extensions()
+            .get::<ClientAddr>()
+            .map(|c| c.0.to_string())
+            .unwrap_or_default();
+        let mut response = Response::builder()
+            .header("x-upstream", name)
+            .header("x-seen-host", seen("host"))
+            .header("x-seen-xff", seen("x-forwarded-for"))
+            .header("x-seen-proto", seen("x-forwarded-proto"))
+            .header("x-seen-path", request.uri().to_string())
+            .header("x-seen-connection", seen("connection"))
+            .header("x-seen-hop", seen("x-hop"))
+            .header("x-seen-te", seen("te"))
+            .header("x-seen-peer", peer)
+            .header("connection", "keep-alive");
+        if request.headers().contains_key("keep-alive") {
+            response = response.header("x-seen-keep-alive", "yes");
+        }
+        response.body(boxed(request.into_body())).expect("response")
+    })
+    .await
 }
 
 /// A port nothing listens on.
@@ -88,6 +137,14 @@ async fn dead_port() -> SocketAddr {
 }
 
 fn policy(routes: &[(&str, &str, &[SocketAddr])], timeout: Option<Duration>) -> Snapshot {
+    policy_at(1, routes, timeout)
+}
+
+fn policy_at(
+    revision: u64,
+    routes: &[(&str, &str, &[SocketAddr])],
+    timeout: Option<Duration>,
+) -> Snapshot {
     let mut resources = vec![Resource::Namespace(Namespace {
         name: "demo".into(),
         hosts: vec!["demo.local".into()],
@@ -118,7 +175,7 @@ fn policy(routes: &[(&str, &str, &[SocketAddr])], timeout: Option<Duration>) -> 
             }),
         }));
     }
-    let snapshot = Snapshot::from_resources(1, resources);
+    let snapshot = Snapshot::from_resources(revision, resources);
     prism_proto::validate_snapshot(&snapshot).expect("valid policy");
     snapshot
 }
@@ -157,12 +214,24 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
         .unwrap_or_default()
 }
 
+/// An HTTP/2 (prior knowledge) connection to the proxy.
+async fn h2c(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    sender
+}
+
 #[tokio::test]
 async fn answers_503_before_the_first_configuration() {
     let proxy = start_proxy().await;
-    let (status, _, body) = send(&proxy, "demo.local", "/", "").await;
+    let (status, headers, body) = send(&proxy, "demo.local", "/", "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body, "no configuration yet\n");
+    assert_eq!(header_str(&headers, "via"), "1.1 prism");
 }
 
 #[tokio::test]
@@ -197,6 +266,32 @@ async fn forwards_to_the_matching_upstream() {
 }
 
 #[tokio::test]
+async fn headers_named_in_connection_are_not_forwarded() {
+    let web = echo_upstream("web").await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/", "web", &[web])], None));
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .header(header::CONNECTION, "x-hop")
+        .header("x-hop", "for this hop only")
+        .header(header::TE, "trailers")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers();
+    assert_eq!(
+        header_str(headers, "x-seen-hop"),
+        "",
+        "named header forwarded"
+    );
+    // hyper's client pool adds nothing here, so the upstream saw no Connection.
+    assert_eq!(header_str(headers, "x-seen-connection"), "");
+    // `te: trailers` is for HTTP/2 upstreams only.
+    assert_eq!(header_str(headers, "x-seen-te"), "");
+}
+
+#[tokio::test]
 async fn round_robins_across_endpoints() {
     let (a, b) = (echo_upstream("a").await, echo_upstream("b").await);
     let proxy = start_proxy().await;
@@ -210,16 +305,29 @@ async fn round_robins_across_endpoints() {
 }
 
 #[tokio::test]
+async fn an_unchanged_backend_keeps_its_pooled_connection_across_applies() {
+    let (web, api) = (echo_upstream("web").await, echo_upstream("api").await);
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/", "web", &[web])], None));
+    let (_, first, _) = send(&proxy, "demo.local", "/", "").await;
+    // A new revision that adds a route and backend but leaves `web` alone.
+    proxy.apply(&policy_at(
+        2,
+        &[("/", "web", &[web]), ("/api/", "api", &[api])],
+        None,
+    ));
+    let (_, second, _) = send(&proxy, "demo.local", "/", "").await;
+    let peer = |h: &HeaderMap| header_str(h, "x-seen-peer").to_string();
+    assert!(!peer(&first).is_empty());
+    assert_eq!(peer(&first), peer(&second), "the pool was not kept");
+}
+
+#[tokio::test]
 async fn h2c_clients_are_served_and_keep_their_authority() {
     let web = echo_upstream("web").await;
     let proxy = start_proxy().await;
     proxy.apply(&policy(&[("/", "web", &[web])], None));
-    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(connection);
+    let mut sender = h2c(&proxy).await;
     let request = Request::post("http://demo.local/h2")
         .body(Full::new(Bytes::from_static(b"over h2")))
         .expect("request");
@@ -238,18 +346,46 @@ async fn h2c_clients_are_served_and_keep_their_authority() {
 }
 
 #[tokio::test]
+async fn grpc_callers_get_errors_as_grpc_statuses() {
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/app/", "web", &[dead_port().await])], None));
+    let mut sender = h2c(&proxy).await;
+    let call = |path: &str| {
+        Request::post(format!("http://demo.local{path}"))
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    for (path, code, message) in [
+        (
+            "/pkg.Svc/Call",
+            "12",
+            "no route for host demo.local path /pkg.Svc/Call",
+        ),
+        ("/app/Call", "14", "upstream connect error"),
+    ] {
+        let response = sender.send_request(call(path)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let headers = response.headers();
+        assert_eq!(header_str(headers, "grpc-status"), code, "{path}");
+        assert_eq!(header_str(headers, "grpc-message"), message, "{path}");
+        assert!(response.body().is_end_stream(), "trailers-only: no body");
+    }
+}
+
+#[tokio::test]
 async fn response_body_streams_without_buffering() {
-    let (listener, upstream) = bind().await;
-    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
     let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(server::serve(listener, stopped, move |_request, _| {
+    let upstream = upstream(move |_request| {
         let chunk_rx = Arc::clone(&chunk_rx);
         async move {
             let rx = chunk_rx.lock().await.take().expect("one request");
-            Response::new(StreamBody::new(ReceiverStream::new(rx)).boxed_unsync())
+            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
         }
-    }));
+    })
+    .await;
     let proxy = start_proxy().await;
     proxy.apply(&policy(&[("/", "web", &[upstream])], None));
 
@@ -263,7 +399,7 @@ async fn response_body_streams_without_buffering() {
         .await
         .expect("send");
     let mut body = response.await.expect("task").expect("response").into_body();
-    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+    let first = tokio::time::timeout(DEADLINE, body.frame())
         .await
         .expect("first chunk arrives before the upstream finishes")
         .expect("frame")
@@ -276,7 +412,6 @@ async fn response_body_streams_without_buffering() {
     drop(chunks);
     let rest = body.collect().await.expect("rest").to_bytes();
     assert_eq!(rest, "second");
-    drop(stop);
 }
 
 #[tokio::test]
@@ -305,12 +440,11 @@ async fn closed_upstream_port_is_502() {
 
 #[tokio::test]
 async fn slow_upstream_is_504_after_the_route_timeout() {
-    let (listener, slow) = bind().await;
-    let (_stop, stopped) = watch::channel(false);
-    tokio::spawn(server::serve(listener, stopped, |_request, _| async {
+    let slow = upstream(|_request| async {
         tokio::time::sleep(Duration::from_secs(30)).await;
-        Response::new(server::full("late"))
-    }));
+        Response::new(boxed(Full::new(Bytes::from_static(b"late"))))
+    })
+    .await;
     let proxy = start_proxy().await;
     proxy.apply(&policy(
         &[("/", "web", &[slow])],
@@ -319,4 +453,42 @@ async fn slow_upstream_is_504_after_the_route_timeout() {
     let (status, _, body) = send(&proxy, "demo.local", "/", "").await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(body, "upstream request timeout\n");
+}
+
+#[tokio::test]
+async fn the_route_timeout_cuts_a_body_that_is_still_streaming() {
+    // The head and a first chunk come at once; the rest never does.
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
+    let stalls = upstream(move |_request| {
+        let chunk_rx = Arc::clone(&chunk_rx);
+        async move {
+            let rx = chunk_rx.lock().await.take().expect("one request");
+            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+        }
+    })
+    .await;
+    chunks
+        .send(Ok(Frame::data(Bytes::from_static(b"start"))))
+        .await
+        .expect("send");
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(
+        &[("/", "web", &[stalls])],
+        Some(Duration::from_millis(300)),
+    ));
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("frame").expect("data");
+    assert_eq!(first.into_data().expect("data"), "start");
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("the body ends by the route timeout");
+    assert!(rest.is_err(), "a cut body is an error, not a clean end");
+    drop(chunks);
 }
