@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use http::Request;
-use hyper::body::Incoming;
 use tower::{Layer, Service};
 
+use super::body::ReplayBody;
 use super::route::Routed;
 use crate::runtime::Route;
 
@@ -25,7 +25,7 @@ pub(crate) struct Picked {
     pub route: Arc<Route>,
     /// Index into the backend's endpoints, from [`Balancer::pick`].
     pub endpoint: usize,
-    pub request: Request<Incoming>,
+    pub request: Request<ReplayBody>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tower::Service;
 
 use super::backend::Picked;
+use super::body::ReplayBody;
 use super::error::{BoxError, ProxyError};
 use crate::runtime::Route;
 
@@ -38,7 +39,7 @@ pub(crate) struct Params {
 /// One backend's pooled upstream client.
 #[derive(Clone, Debug)]
 pub(crate) struct Client {
-    inner: legacy::Client<Connector, Incoming>,
+    inner: legacy::Client<Connector, ReplayBody>,
     params: Params,
 }
 
@@ -187,7 +188,7 @@ impl Service<Picked> for Forward {
 }
 
 /// Sends `request`, already addressed to an endpoint, with `client`.
-fn send(client: &Client, mut request: Request<Incoming>) -> legacy::ResponseFuture {
+fn send(client: &Client, mut request: Request<ReplayBody>) -> legacy::ResponseFuture {
     if client.is_http2() {
         *request.version_mut() = Version::HTTP_2;
     } else {
@@ -235,5 +236,52 @@ fn classify(error: legacy::Error) -> ProxyError {
         ProxyError::Connect(error.into())
     } else {
         ProxyError::Upstream(error.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prism_proto::Snapshot;
+
+    use super::*;
+    use crate::http::error::Chain;
+    use crate::runtime::Runtime;
+    use crate::runtime::tests::{backend, compile, namespace, prefix, route};
+
+    #[tokio::test]
+    async fn an_upstream_error_says_where_it_happened_and_keeps_its_cause() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dead = listener.local_addr().expect("addr");
+        drop(listener);
+        let snapshot = Snapshot::from_resources(
+            1,
+            [
+                namespace("demo", &["demo.local"]),
+                backend("demo/web", &[&dead.to_string()]),
+                route("demo/root", "", prefix("/"), "web"),
+            ],
+        );
+        let runtime = compile(&snapshot, &Runtime::unconfigured());
+        let route = Arc::clone(runtime.route("demo.local", "/").expect("route"));
+        let request = Request::get("/x")
+            .body(ReplayBody::empty())
+            .expect("request");
+        let error = Forward
+            .call(Picked {
+                route,
+                endpoint: 0,
+                request,
+            })
+            .await
+            .map(|_| ())
+            .expect_err("nothing listens");
+        assert_eq!(ProxyError::classify(&*error).kind(), "connect");
+        let chain = Chain(&*error).to_string();
+        let expected =
+            format!("route demo/root, backend demo/web, endpoint {dead}: upstream connect error: ");
+        assert!(chain.starts_with(&expected), "{chain}");
+        assert!(chain.len() > expected.len(), "the cause is kept: {chain}");
     }
 }

@@ -6,6 +6,7 @@
 //! become responses in [`respond`] and nowhere else.
 
 pub(crate) mod backend;
+pub(crate) mod body;
 pub(crate) mod endpoint;
 pub(crate) mod error;
 pub(crate) mod normalize;

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use super::body::ReplayBody;
 use super::error::{BoxError, ProxyError};
 use crate::runtime::{Route, Runtime};
 
@@ -21,7 +22,7 @@ use crate::runtime::{Route, Runtime};
 #[derive(Debug)]
 pub(crate) struct Routed {
     pub route: Arc<Route>,
-    pub request: Request<Incoming>,
+    pub request: Request<ReplayBody>,
 }
 
 #[derive(Clone, Debug)]
@@ -89,7 +90,10 @@ where
         };
         match route {
             Ok(route) => ResponseFuture::Routed {
-                inner: self.inner.call(Routed { route, request }),
+                inner: self.inner.call(Routed {
+                    route,
+                    request: request.map(ReplayBody::new),
+                }),
             },
             Err(error) => ResponseFuture::Failed { error: Some(error) },
         }

@@ -456,6 +456,46 @@ async fn slow_upstream_is_504_after_the_route_timeout() {
 }
 
 #[tokio::test]
+async fn the_route_timeout_starts_once_the_request_has_been_received() {
+    let web = echo_upstream("web").await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(
+        &[("/", "web", &[web])],
+        Some(Duration::from_millis(300)),
+    ));
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let request = Request::post(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(StreamBody::new(ReceiverStream::new(chunk_rx)))
+        .expect("request");
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = tokio::spawn(client.request(request));
+    // The upload takes twice the route timeout; as with Envoy, the timer only
+    // starts once it is complete, and the echoed response then finishes.
+    for chunk in ["a", "b", "c", "d"] {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        chunks
+            .send(Ok(Frame::data(Bytes::from(chunk))))
+            .await
+            .expect("send");
+    }
+    drop(chunks);
+    let response = tokio::time::timeout(DEADLINE, response)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the body is not cut")
+        .to_bytes();
+    assert_eq!(body, "abcd");
+}
+
+#[tokio::test]
 async fn the_route_timeout_cuts_a_body_that_is_still_streaming() {
     // The head and a first chunk come at once; the rest never does.
     let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);

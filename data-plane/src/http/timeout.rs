@@ -1,7 +1,9 @@
-//! The timeout stage: the route timeout bounds the whole response, head and
-//! body, as Envoy's route `timeout` does. A response head that does not come
-//! in time becomes `504`; a body still streaming at the deadline is cut (the
-//! connection or HTTP/2 stream is reset), since its status has already gone out.
+//! The timeout stage: the route timeout means what Envoy's route `timeout`
+//! means. It starts once the whole request has been received (at once for a
+//! request without a body) and bounds the whole response, head and body. A
+//! response head that does not come in time becomes `504`; a body still
+//! streaming at the deadline is cut (the connection or HTTP/2 stream is reset),
+//! since its status has already gone out.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,15 +18,25 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tower::{Layer, Service};
 use tracing::debug;
 
+use super::body::BodyEnd;
 use super::error::{BoxError, ProxyError};
 use super::route::Routed;
 
 /// The timeout stage's part of a route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Params {
-    /// How long the whole response may take, from the request to the end of
-    /// the response body.
+    /// How long the whole response may take, from the end of the request to
+    /// the end of the response body.
     pub response: Duration,
+}
+
+/// When the route timeout runs out: `timeout` after the request ended.
+#[derive(Clone, Debug)]
+struct Deadline {
+    timeout: Duration,
+    /// The request body, still streaming when the request was sent on; `None`
+    /// when it had already ended, so the timer started with the request.
+    body: Option<BodyEnd>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -41,6 +53,7 @@ pin_project! {
         inner: F,
         #[pin]
         sleep: Sleep,
+        deadline: Deadline,
     }
 }
 
@@ -51,6 +64,7 @@ pin_project! {
         body: B,
         #[pin]
         sleep: Sleep,
+        deadline: Deadline,
     }
 }
 
@@ -75,10 +89,17 @@ where
     }
 
     fn call(&mut self, routed: Routed) -> Self::Future {
-        let deadline = Instant::now() + routed.route.timeout.response;
+        let timeout = routed.route.timeout.response;
+        // The soonest the timeout can run out: the request cannot end earlier.
+        let sleep = sleep_until(Instant::now() + timeout);
+        let deadline = Deadline {
+            timeout,
+            body: routed.request.body().end(),
+        };
         ResponseFuture {
             inner: self.inner.call(routed),
-            sleep: sleep_until(deadline),
+            sleep,
+            deadline,
         }
     }
 }
@@ -90,20 +111,44 @@ where
     type Output = Result<Response<TimeoutBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         // The inner future first: a response that is ready wins, and the timer
         // is only registered when something actually has to wait.
         if let Poll::Ready(result) = this.inner.poll(cx) {
-            let deadline = this.sleep.deadline();
+            let (at, deadline) = (this.sleep.deadline(), this.deadline.clone());
             return Poll::Ready(result.map(|response| {
                 response.map(|body| TimeoutBody {
                     body,
-                    sleep: sleep_until(deadline),
+                    sleep: sleep_until(at),
+                    deadline,
                 })
             }));
         }
-        ready!(this.sleep.poll(cx));
+        ready!(this.deadline.poll_expired(this.sleep.as_mut(), cx));
         Poll::Ready(Err(ProxyError::Timeout.into()))
+    }
+}
+
+impl Deadline {
+    /// Ready once the route timeout has run out. When `sleep` fires while the
+    /// request is still streaming, or ended later than it was armed for, it
+    /// is moved to the real deadline instead.
+    fn poll_expired(&self, mut sleep: Pin<&mut Sleep>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(sleep.as_mut().poll(cx));
+            let Some(body) = &self.body else {
+                return Poll::Ready(());
+            };
+            let now = Instant::now();
+            let next = match body.at() {
+                Some(end) => end + self.timeout,
+                None => now + self.timeout,
+            };
+            if next <= now {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(next);
+        }
     }
 }
 
@@ -123,7 +168,7 @@ where
         if let Poll::Ready(frame) = this.body.poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        ready!(this.sleep.poll(cx));
+        ready!(this.deadline.poll_expired(this.sleep, cx));
         debug!("The route timeout cut a response body.");
         Poll::Ready(Some(Err(ProxyError::Timeout.into())))
     }
