@@ -37,8 +37,8 @@ pub use error::Error;
 
 /// How long shutdown waits for the last accepted snapshot to reach the disk.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// [`Config::header_read_timeout`] unless set.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bootstrap settings of one proxy.
 #[derive(Clone, Debug)]
@@ -63,6 +63,11 @@ pub struct Config {
     /// Serve only namespaces whose labels hold every one of these pairs (see
     /// [`parse_selector`]); empty means all. Reported like `namespaces`.
     pub selector: BTreeMap<String, String>,
+    /// How long a client may take to send a request's headers (HTTP/1), from
+    /// when its connection opens or its previous response was sent; so also
+    /// how long an idle HTTP/1 connection is kept. [`DEFAULT_HEADER_READ_TIMEOUT`]
+    /// unless set.
+    pub header_read_timeout: Duration,
 }
 
 /// Listeners bound by the caller, so tests can bind `127.0.0.1:0`.
@@ -126,7 +131,7 @@ pub async fn run(
     );
     let writer = last_good.map(|file| tokio::spawn(last_good::write_loop(file, last_good_rx)));
     let server = http::server::Params {
-        header_read_timeout: HEADER_READ_TIMEOUT,
+        header_read_timeout: config.header_read_timeout,
     };
     let proxy = tokio::spawn(http::serve(
         listeners.proxy,

@@ -131,9 +131,11 @@ async fn connection<S, B>(
     // hyper's header read timeout starts once the connection is known to be
     // HTTP/1; a client that sends nothing at all never gets that far, so the
     // first byte gets the same bound.
+    // (`readable()` may wake spuriously; a peek really waits for a byte.)
+    let mut first = [0u8; 1];
     tokio::select! {
-        first = tokio::time::timeout(params.header_read_timeout, stream.readable()) => {
-            if first.is_err() {
+        peeked = tokio::time::timeout(params.header_read_timeout, stream.peek(&mut first)) => {
+            if peeked.is_err() {
                 debug!(%remote, "Closing a connection that sent nothing.");
                 return;
             }

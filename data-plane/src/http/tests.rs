@@ -49,10 +49,14 @@ fn params() -> server::Params {
 }
 
 async fn start_proxy() -> Proxy {
+    start_proxy_with(params()).await
+}
+
+async fn start_proxy_with(params: server::Params) -> Proxy {
     let (listener, addr) = bind().await;
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::unconfigured()));
     let (stop, stopped) = watch::channel(false);
-    tokio::spawn(serve(listener, Arc::clone(&runtime), params(), stopped));
+    tokio::spawn(serve(listener, Arc::clone(&runtime), params, stopped));
     Proxy {
         addr,
         runtime,
@@ -531,4 +535,32 @@ async fn the_route_timeout_cuts_a_body_that_is_still_streaming() {
         .expect("the body ends by the route timeout");
     assert!(rest.is_err(), "a cut body is an error, not a clean end");
     drop(chunks);
+}
+
+/// Reads until the proxy closes the connection, failing after [`DEADLINE`].
+async fn closed_by_proxy(mut stream: TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let start = tokio::time::Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut sink))
+        .await
+        .expect("the proxy closes the connection")
+        .ok();
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn a_client_that_dribbles_its_headers_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let limit = Duration::from_millis(200);
+    let proxy = start_proxy_with(server::Params {
+        header_read_timeout: limit,
+    })
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(b"GET / HT").await.expect("write");
+    assert!(closed_by_proxy(stream).await >= limit);
+    // One that sends nothing at all is cut off too.
+    let silent = TcpStream::connect(proxy.addr).await.expect("connect");
+    assert!(closed_by_proxy(silent).await >= limit);
 }

@@ -219,6 +219,7 @@ async fn run_subscribes_applies_nacks_and_resumes() {
         data_dir: None,
         namespaces: vec![],
         selector: Default::default(),
+        header_read_timeout: crate::DEFAULT_HEADER_READ_TIMEOUT,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
@@ -328,6 +329,7 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
         data_dir: Some(dir.path().to_path_buf()),
         namespaces,
         selector,
+        header_read_timeout: crate::DEFAULT_HEADER_READ_TIMEOUT,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
@@ -414,6 +416,7 @@ async fn an_invalid_subset_is_refused_before_starting() {
         data_dir: None,
         namespaces: vec!["a,b".into()],
         selector: Default::default(),
+        header_read_timeout: crate::DEFAULT_HEADER_READ_TIMEOUT,
     };
     let result = crate::run(config, crate::Listeners { proxy, admin }, async {}).await;
     assert!(
