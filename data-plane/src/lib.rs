@@ -1,14 +1,14 @@
-//! prism-data-plane is Prism's proxy. It owns the discovery client (one xDS
-//! delta ADS stream to the control plane), the staging and validation of each
-//! revision, the compiled [`Runtime`] behind one `ArcSwap`, the last-known-good
-//! snapshot on disk (served at startup before the control plane answers), the
-//! proxy listener with its pooled upstream clients, and the proxy's own admin
-//! listener. It reports the namespace subset it serves (`--namespaces`,
-//! `--selector`) to the control plane, which does the filtering.
+//! prism-data-plane is Prism's proxy, in three rooms: `config` (how policy
+//! arrives: the xDS delta ADS client, the staging and validation of each
+//! revision, the last-known-good snapshot on disk and the namespace subset
+//! this proxy asks for), `runtime` (what a policy compiles to, behind one
+//! `ArcSwap`: route matcher and backends, each with its own pooled client) and
+//! `http` (the request path as a tower stack, from the listener to the
+//! upstream). `admin` is the proxy's own admin listener.
 //!
 //! It must not touch the control plane's code or storage: `prism-proto` is the
-//! only ground the two planes share. tonic is used only in `discovery`, and no
-//! request ever sees a half-applied configuration.
+//! only ground the two planes share. tonic is used only in `config::discovery`,
+//! and no request ever sees a half-applied configuration.
 
 mod admin;
 mod config;
