@@ -5,6 +5,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -110,6 +111,15 @@ pub enum Command {
         /// Serve only namespaces whose labels match every pair, e.g. `env=prod,tier=web`.
         #[arg(long, env = "PRISM_SELECTOR", value_parser = prism_data_plane::parse_selector)]
         selector: Option<BTreeMap<String, String>>,
+        /// How long a client may take to send a request's headers, e.g. `10s`
+        /// or `500ms`; also how long an idle HTTP/1 connection is kept.
+        #[arg(
+            long,
+            env = "PRISM_HEADER_READ_TIMEOUT",
+            default_value = "10s",
+            value_parser = parse_duration
+        )]
+        header_read_timeout: Duration,
     },
     /// A small HTTP server that names itself in every answer.
     DemoUpstream {
@@ -234,6 +244,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             namespaces,
             selector,
+            header_read_timeout,
         } => {
             let proxy = bind("proxy", listen).await?;
             let admin = bind("proxy admin", admin_addr).await?;
@@ -251,6 +262,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 data_dir: Some(data_dir),
                 namespaces: namespaces.unwrap_or_default(),
                 selector: selector.unwrap_or_default(),
+                header_read_timeout,
             };
             prism_data_plane::run(
                 config,
@@ -293,6 +305,30 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A positive duration such as `10s`, `2.5s`, `500ms` or `1m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let seconds_per_unit = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        _ => {
+            return Err(format!(
+                "`{text}` is not a duration such as `10s` or `500ms`"
+            ));
+        }
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .and_then(|n| Duration::try_from_secs_f64(n * seconds_per_unit).ok())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("`{text}` is not a positive duration such as `10s` or `500ms`"))
 }
 
 /// `<host name>-<pid>`: unique enough for a proxy that was given no id.
@@ -360,6 +396,34 @@ mod tests {
         let selector = selector.expect("a selector");
         assert_eq!(selector.get("env").map(String::as_str), Some("prod"));
         assert_eq!(selector.get("tier").map(String::as_str), Some("web"));
+    }
+
+    #[test]
+    fn header_read_timeout_defaults_to_10s_and_takes_units() {
+        let timeout = |args: &[&str]| match proxy_flags(args) {
+            Ok(Command::Proxy {
+                header_read_timeout,
+                ..
+            }) => header_read_timeout,
+            other => panic!("the flags parse: {other:?}"),
+        };
+        assert_eq!(timeout(&[]), prism_data_plane::DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(
+            timeout(&["--header-read-timeout", "250ms"]),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            timeout(&["--header-read-timeout", "2.5s"]),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            timeout(&["--header-read-timeout", "1m"]),
+            Duration::from_secs(60)
+        );
+        for bad in ["0s", "10", "ten", "1h"] {
+            let error = proxy_flags(&["--header-read-timeout", bad]).expect_err(bad);
+            assert!(error.to_string().contains(bad), "{error}");
+        }
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub async fn run(
             data_dir: Some(config.data_dir.join("proxy")),
             namespaces: Vec::new(),
             selector: Default::default(),
+            header_read_timeout: prism_data_plane::DEFAULT_HEADER_READ_TIMEOUT,
         },
         prism_data_plane::Listeners {
             proxy,

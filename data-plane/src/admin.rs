@@ -1,29 +1,36 @@
 //! The proxy's own admin listener: readiness, liveness and a dump of the
 //! accepted configuration. Read-only; it never changes the runtime.
 
+use std::convert::Infallible;
+use std::future::ready;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{Method, StatusCode, header};
+use http_body_util::Full;
 use hyper::{Request, Response};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::discovery::Status;
-use crate::server::{self, Body, full};
+use crate::config::discovery::Status;
+use crate::http::server;
+
+type Body = Full<Bytes>;
 
 /// Serves the admin endpoints on `listener` until `shutdown` turns true.
 pub(crate) async fn serve(
     listener: TcpListener,
+    params: server::Params,
     node_id: Arc<str>,
     status: watch::Receiver<Status>,
     shutdown: watch::Receiver<bool>,
 ) {
-    server::serve(listener, shutdown, move |request, _remote| {
+    let service = tower::service_fn(move |request| {
         let response = respond(&request, &node_id, &status.borrow());
-        async move { response }
-    })
-    .await;
+        ready(Ok::<_, Infallible>(response))
+    });
+    server::serve(listener, params, shutdown, service).await;
 }
 
 fn respond<B>(request: &Request<B>, node_id: &str, status: &Status) -> Response<Body> {
@@ -36,7 +43,7 @@ fn respond<B>(request: &Request<B>, node_id: &str, status: &Status) -> Response<
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "no configuration yet\n"),
         "/config_dump" => {
             let dump = config_dump(node_id, status);
-            let mut response = Response::new(full(format!("{dump:#}\n")));
+            let mut response = Response::new(Body::from(format!("{dump:#}\n")));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
@@ -72,7 +79,7 @@ fn config_dump(node_id: &str, status: &Status) -> serde_json::Value {
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut response = Response::new(full(body));
+    let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -88,7 +95,7 @@ mod tests {
     use prism_proto::{Resource, Snapshot};
 
     use super::*;
-    use crate::discovery::Nack;
+    use crate::config::discovery::Nack;
 
     async fn get(path: &str, status: &Status) -> (StatusCode, String) {
         let request = Request::get(path).body(()).expect("request");

@@ -1,24 +1,20 @@
-//! prism-data-plane is Prism's proxy. It owns the discovery client (one xDS
-//! delta ADS stream to the control plane), the staging and validation of each
-//! revision, the compiled [`Runtime`] behind one `ArcSwap`, the last-known-good
-//! snapshot on disk (served at startup before the control plane answers), the
-//! proxy listener with its pooled upstream clients, and the proxy's own admin
-//! listener. It reports the namespace subset it serves (`--namespaces`,
-//! `--selector`) to the control plane, which does the filtering.
+//! prism-data-plane is Prism's proxy, in three rooms: `config` (how policy
+//! arrives: the xDS delta ADS client, the staging and validation of each
+//! revision, the last-known-good snapshot on disk and the namespace subset
+//! this proxy asks for), `runtime` (what a policy compiles to, behind one
+//! `ArcSwap`: route matcher and backends, each with its own pooled client) and
+//! `http` (the request path as a tower stack, from the listener to the
+//! upstream). `admin` is the proxy's own admin listener.
 //!
 //! It must not touch the control plane's code or storage: `prism-proto` is the
-//! only ground the two planes share. tonic is used only in `discovery`, and no
-//! request ever sees a half-applied configuration.
+//! only ground the two planes share. tonic is used only in `config::discovery`,
+//! and no request ever sees a half-applied configuration.
 
 mod admin;
-mod discovery;
+mod config;
 mod error;
-mod last_good;
-mod proxy;
+mod http;
 mod runtime;
-mod server;
-mod stager;
-mod subset;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -32,13 +28,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::config::{discovery, last_good, subset};
+use crate::runtime::{OwnAddresses, Runtime};
+
+pub use config::last_good::FILE_NAME as LAST_GOOD_FILE;
+pub use config::subset::{SubsetError, parse_namespaces, parse_selector};
 pub use error::Error;
-pub use last_good::FILE_NAME as LAST_GOOD_FILE;
-pub use runtime::{Backend, CompileError, OwnAddresses, RouteTarget, Runtime};
-pub use subset::{SubsetError, parse_namespaces, parse_selector};
 
 /// How long shutdown waits for the last accepted snapshot to reach the disk.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// [`Config::header_read_timeout`] unless set.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bootstrap settings of one proxy.
 #[derive(Clone, Debug)]
@@ -63,6 +63,11 @@ pub struct Config {
     /// Serve only namespaces whose labels hold every one of these pairs (see
     /// [`parse_selector`]); empty means all. Reported like `namespaces`.
     pub selector: BTreeMap<String, String>,
+    /// How long a client may take to send a request's headers (HTTP/1), from
+    /// when its connection opens or its previous response was sent; so also
+    /// how long an idle HTTP/1 connection is kept. [`DEFAULT_HEADER_READ_TIMEOUT`]
+    /// unless set.
+    pub header_read_timeout: Duration,
 }
 
 /// Listeners bound by the caller, so tests can bind `127.0.0.1:0`.
@@ -125,13 +130,18 @@ pub async fn run(
         "Starting the proxy."
     );
     let writer = last_good.map(|file| tokio::spawn(last_good::write_loop(file, last_good_rx)));
-    let proxy = tokio::spawn(proxy::serve(
+    let server = http::server::Params {
+        header_read_timeout: config.header_read_timeout,
+    };
+    let proxy = tokio::spawn(http::serve(
         listeners.proxy,
         Arc::clone(&runtime),
+        server,
         stop_rx.clone(),
     ));
     let admin = tokio::spawn(admin::serve(
         listeners.admin,
+        server,
         Arc::from(config.node_id.as_str()),
         status_rx,
         stop_rx,
@@ -182,7 +192,7 @@ async fn restore(
     let Some(snapshot) = last_good::restore(file).await else {
         return (None, Runtime::unconfigured());
     };
-    match Runtime::compile_for(&snapshot, &Runtime::unconfigured(), own) {
+    match Runtime::compile(&snapshot, &Runtime::unconfigured(), own) {
         Ok(runtime) => (Some(snapshot), runtime),
         Err(error) => {
             warn!(

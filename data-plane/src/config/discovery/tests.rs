@@ -222,6 +222,7 @@ async fn run_subscribes_applies_nacks_and_resumes() {
         data_dir: None,
         namespaces: vec![],
         selector: Default::default(),
+        header_read_timeout: crate::DEFAULT_HEADER_READ_TIMEOUT,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
@@ -313,9 +314,9 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
     let namespaces = vec!["demo".to_string()];
     let selector: std::collections::BTreeMap<_, _> =
         [("env".to_string(), "prod".to_string())].into();
-    let file = crate::last_good::LastGood::new(
+    let file = crate::config::last_good::LastGood::new(
         dir.path(),
-        crate::subset::describe(&namespaces, &selector),
+        crate::config::subset::describe(&namespaces, &selector),
     );
     let [_, namespaces_v, backends_v, routes_v] = policy("upstream", dead);
     let restored = Snapshot::from_resources(
@@ -333,6 +334,7 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
         data_dir: Some(dir.path().to_path_buf()),
         namespaces,
         selector,
+        header_read_timeout: crate::DEFAULT_HEADER_READ_TIMEOUT,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
@@ -427,6 +429,7 @@ async fn an_invalid_subset_is_refused_before_starting() {
         data_dir: None,
         namespaces: vec!["a,b".into()],
         selector: Default::default(),
+        header_read_timeout: crate::DEFAULT_HEADER_READ_TIMEOUT,
     };
     let result = crate::run(config, crate::Listeners { proxy, admin }, async {}).await;
     assert!(

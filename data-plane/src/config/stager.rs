@@ -343,7 +343,7 @@ mod tests {
             name: "demo/ca".into(),
             kind: Some(prism_proto::pb::config::v1::secret::Kind::CaBundle(
                 prism_proto::pb::config::v1::CaBundle {
-                    certificates: include_str!("../../tests/support/tls/ca.pem").into(),
+                    certificates: include_str!("../../../tests/support/tls/ca.pem").into(),
                 },
             )),
         })

@@ -18,9 +18,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
+use crate::Config;
+use crate::config::stager::{Offer, Reply, Stager};
+use crate::config::subset;
 use crate::runtime::{OwnAddresses, Runtime};
-use crate::stager::{Offer, Reply, Stager};
-use crate::{Config, subset};
 
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
 const INVALID_ARGUMENT: i32 = 3;
@@ -183,7 +184,7 @@ impl Subscriber {
     ) {
         let revision = candidate.revision;
         let compiled = if changed {
-            Runtime::compile_for(candidate, &self.runtime.load(), &self.own).map(Some)
+            Runtime::compile(candidate, &self.runtime.load(), &self.own).map(Some)
         } else {
             Ok(None)
         };

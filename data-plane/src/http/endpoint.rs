@@ -1,0 +1,287 @@
+//! The endpoint stage, innermost: send the request to the picked endpoint
+//! through its backend's own pooled [`Client`], and classify what went wrong.
+//!
+//! Every backend owns one client, built when the backend is compiled and
+//! dropped with it: its pool, its connect timeout and its protocol are the
+//! backend's alone, and nothing here reads the live runtime.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::header;
+use http::uri::{self, PathAndQuery, Scheme, Uri};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pin_project_lite::pin_project;
+use tokio::net::TcpStream;
+use tower::Service;
+
+use super::backend::Picked;
+use super::body::ReplayBody;
+use super::error::{BoxError, ProxyError};
+use crate::runtime::Route;
+
+/// How a backend's client connects and speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Params {
+    /// HTTP/2 with prior knowledge (HTTP2 and GRPC backends), else HTTP/1.1.
+    pub http2: bool,
+    pub connect_timeout: Duration,
+}
+
+/// One backend's pooled upstream client.
+#[derive(Clone, Debug)]
+pub(crate) struct Client {
+    inner: legacy::Client<Connector, ReplayBody>,
+    params: Params,
+}
+
+/// Opens a backend's upstream connections: TCP within the backend's connect
+/// timeout. Upstream TLS becomes a step after the TCP connect, here.
+#[derive(Clone, Debug)]
+pub(crate) struct Connector {
+    tcp: HttpConnector,
+    timeout: Duration,
+}
+
+/// The upstream connect timed out (the backend's `connect_timeout`).
+#[derive(Debug, thiserror::Error)]
+#[error("connect timed out")]
+struct ConnectTimedOut;
+
+/// The innermost service: forwards a [`Picked`] request with its backend's client.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Forward;
+
+/// Where an upstream error happened: context for the log, wrapped around the
+/// [`ProxyError`] that the client's answer is made from.
+#[derive(Debug, thiserror::Error)]
+#[error("route {}, backend {}, endpoint {}", .route.name, .route.backend.name, .route.backend.endpoints[*.endpoint].address)]
+struct AtEndpoint {
+    route: Arc<Route>,
+    endpoint: usize,
+    #[source]
+    error: ProxyError,
+}
+
+pin_project! {
+    pub(crate) struct ResponseFuture {
+        #[pin]
+        state: State,
+        route: Option<Arc<Route>>,
+        endpoint: usize,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State {
+        Sent { #[pin] inner: legacy::ResponseFuture },
+        Failed { error: Option<ProxyError> },
+    }
+}
+
+impl Client {
+    pub(crate) fn new(params: &Params) -> Self {
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        // The timeout is the connector's own, below, so it can be told apart.
+        tcp.set_connect_timeout(None);
+        let connector = Connector {
+            tcp,
+            timeout: params.connect_timeout,
+        };
+        let inner = legacy::Client::builder(TokioExecutor::new())
+            .http2_only(params.http2)
+            .build(connector);
+        Self {
+            inner,
+            params: *params,
+        }
+    }
+
+    pub(crate) fn is_http2(&self) -> bool {
+        self.params.http2
+    }
+
+    #[cfg(test)]
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.params.connect_timeout
+    }
+}
+
+impl Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    // Boxed: this runs once per new connection, not per request.
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.tcp.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(ConnectTimedOut.into()),
+            }
+        })
+    }
+}
+
+impl Service<Picked> for Forward {
+    type Response = Response<Incoming>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Each backend's pool takes any number of requests; there is nothing
+        // to wait for before knowing which backend a request goes to.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, picked: Picked) -> ResponseFuture {
+        let Picked {
+            route,
+            endpoint,
+            mut request,
+        } = picked;
+        let backend = &route.backend;
+        let mut parts = uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        // `endpoint` came from the backend's own balancer: it is in range.
+        parts.authority = Some(backend.endpoints[endpoint].address.clone());
+        parts.path_and_query = Some(
+            request
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        let state = match Uri::from_parts(parts) {
+            Ok(uri) => {
+                *request.uri_mut() = uri;
+                State::Sent {
+                    inner: send(&backend.client, request),
+                }
+            }
+            Err(error) => State::Failed {
+                error: Some(ProxyError::Upstream(error.into())),
+            },
+        };
+        ResponseFuture {
+            state,
+            route: Some(route),
+            endpoint,
+        }
+    }
+}
+
+/// Sends `request`, already addressed to an endpoint, with `client`.
+fn send(client: &Client, mut request: Request<ReplayBody>) -> legacy::ResponseFuture {
+    if client.is_http2() {
+        *request.version_mut() = Version::HTTP_2;
+    } else {
+        *request.version_mut() = Version::HTTP_11;
+        // `te: trailers` only means something to HTTP/2 (gRPC) upstreams.
+        request.headers_mut().remove(header::TE);
+    }
+    client.inner.request(request)
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Incoming>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let error = match this.state.project() {
+            StateProj::Sent { inner } => match ready!(inner.poll(cx)) {
+                Ok(response) => return Poll::Ready(Ok(response)),
+                Err(error) => classify(error),
+            },
+            StateProj::Failed { error } => error.take().unwrap_or(ProxyError::Internal),
+        };
+        Poll::Ready(Err(match this.route.take() {
+            Some(route) => AtEndpoint {
+                route,
+                endpoint: *this.endpoint,
+                error,
+            }
+            .into(),
+            None => error.into(),
+        }))
+    }
+}
+
+/// What an upstream client error means, found by walking its cause chain.
+fn classify(error: legacy::Error) -> ProxyError {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(&error);
+    while let Some(e) = cause {
+        if e.is::<ConnectTimedOut>() {
+            return ProxyError::ConnectTimeout;
+        }
+        cause = e.source();
+    }
+    if error.is_connect() {
+        ProxyError::Connect(error.into())
+    } else {
+        ProxyError::Upstream(error.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prism_proto::Snapshot;
+
+    use super::*;
+    use crate::http::error::Chain;
+    use crate::runtime::Runtime;
+    use crate::runtime::tests::{backend, compile, namespace, prefix, route};
+
+    #[tokio::test]
+    async fn an_upstream_error_says_where_it_happened_and_keeps_its_cause() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dead = listener.local_addr().expect("addr");
+        drop(listener);
+        let snapshot = Snapshot::from_resources(
+            1,
+            [
+                namespace("demo", &["demo.local"]),
+                backend("demo/web", &[&dead.to_string()]),
+                route("demo/root", "", prefix("/"), "web"),
+            ],
+        );
+        let runtime = compile(&snapshot, &Runtime::unconfigured());
+        let route = Arc::clone(runtime.route("demo.local", "/").expect("route"));
+        let request = Request::get("/x")
+            .body(ReplayBody::empty())
+            .expect("request");
+        let error = Forward
+            .call(Picked {
+                route,
+                endpoint: 0,
+                request,
+            })
+            .await
+            .map(|_| ())
+            .expect_err("nothing listens");
+        assert_eq!(ProxyError::classify(&*error).kind(), "connect");
+        let chain = Chain(&*error).to_string();
+        let expected =
+            format!("route demo/root, backend demo/web, endpoint {dead}: upstream connect error: ");
+        assert!(chain.starts_with(&expected), "{chain}");
+        assert!(chain.len() > expected.len(), "the cause is kept: {chain}");
+    }
+}

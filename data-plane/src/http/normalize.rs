@@ -1,0 +1,173 @@
+//! Normalize: the request and response as a proxy passes them on. Headers
+//! that describe one connection are removed (RFC 9110 §7.6.1), the upstream
+//! learns who asked (`x-forwarded-for`, `x-forwarded-proto`) and for which
+//! host, and every response says it came `via` Prism.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use super::respond::VIA;
+use super::server::ClientAddr;
+
+/// Headers that describe one connection, never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct NormalizeLayer;
+
+#[derive(Clone, Debug)]
+pub(crate) struct Normalize<S> {
+    inner: S,
+}
+
+pin_project! {
+    pub(crate) struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<S> Layer<S> for NormalizeLayer {
+    type Service = Normalize<S>;
+
+    fn layer(&self, inner: S) -> Normalize<S> {
+        Normalize { inner }
+    }
+}
+
+impl<S, ReqB, B> Service<Request<ReqB>> for Normalize<S>
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
+        // HTTP/2 clients send `:authority`, not Host; keep what the client
+        // asked for as the upstream Host rather than the endpoint address.
+        if !request.headers().contains_key(header::HOST)
+            && let Some(authority) = request.uri().authority()
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            request.headers_mut().insert(header::HOST, value);
+        }
+        let client = request.extensions().get::<ClientAddr>().copied();
+        let headers = request.headers_mut();
+        strip_hop_by_hop(headers, true);
+        if let Some(ClientAddr(client)) = client {
+            append_forwarded_for(headers, &client.ip().to_string());
+        }
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        ResponseFuture {
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut response = ready!(self.project().inner.poll(cx))?;
+        let headers = response.headers_mut();
+        strip_hop_by_hop(headers, false);
+        headers.append(header::VIA, VIA);
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// Removes hop-by-hop headers and those the Connection header names. With
+/// `keep_te_trailers`, `te: trailers` survives: gRPC over HTTP/2 requires it,
+/// and the endpoint stage drops it again toward HTTP/1 upstreams.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = keep_te_trailers
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &str) {
+    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
+        _ => ip.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_and_hop_by_hop_headers_go_and_te_trailers_may_stay() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("x-hop, close"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert("x-end-to-end", HeaderValue::from_static("1"));
+        let mut toward_upstream = headers.clone();
+        strip_hop_by_hop(&mut toward_upstream, true);
+        assert_eq!(
+            toward_upstream
+                .keys()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>(),
+            ["x-end-to-end", "te"]
+        );
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(
+            headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["x-end-to-end"]
+        );
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_what_earlier_proxies_wrote() {
+        let mut headers = HeaderMap::new();
+        append_forwarded_for(&mut headers, "10.0.0.1");
+        assert_eq!(headers[X_FORWARDED_FOR], "10.0.0.1");
+        append_forwarded_for(&mut headers, "10.0.0.2");
+        assert_eq!(headers[X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
+    }
+}

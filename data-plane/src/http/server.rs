@@ -1,0 +1,184 @@
+//! The accept loop shared by the proxy and admin listeners: HTTP/1.1 and h2c
+//! on one port (hyper-util's auto builder) with the server's limits, the
+//! client address put into every request's extensions, and a bounded drain
+//! on shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::Service;
+use tracing::{debug, warn};
+
+use super::error::{BoxError, Chain};
+
+/// How long connections may take to finish in-flight requests after shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server's limits, from the proxy's bootstrap [`crate::Config`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Params {
+    /// How long a client may take to send a request's headers, counted from
+    /// when the connection opens or the previous response was sent. It also
+    /// bounds how long an idle HTTP/1 connection stays open.
+    pub header_read_timeout: Duration,
+}
+
+/// The address of the client that opened the connection, in every request's
+/// extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClientAddr(pub SocketAddr);
+
+/// Puts [`ClientAddr`] into each request of one connection.
+#[derive(Clone, Debug)]
+struct SetClientAddr<S> {
+    client: ClientAddr,
+    inner: S,
+}
+
+/// Serves `service` on `listener` until `shutdown` turns true, then stops
+/// accepting, lets open connections finish (bounded) and returns.
+pub(crate) async fn serve<S, B>(
+    listener: TcpListener,
+    params: Params,
+    mut shutdown: watch::Receiver<bool>,
+    service: S,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(params.header_read_timeout);
+    let builder = Arc::new(builder);
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, remote)) => {
+                    if let Err(error) = stream.set_nodelay(true) {
+                        debug!(%error, "Failed to set TCP_NODELAY.");
+                    }
+                    connections.spawn(connection(
+                        stream,
+                        remote,
+                        Arc::clone(&builder),
+                        params,
+                        shutdown.clone(),
+                        service.clone(),
+                    ));
+                }
+                Err(error) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    warn!(%error, "Failed to accept a connection.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        debug!("Connections still open after the drain timeout; closing them.");
+        connections.abort_all();
+    }
+}
+
+/// Resolves once shutdown is signalled (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // An error means the sender is dropped: nobody can keep us running.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn connection<S, B>(
+    stream: TcpStream,
+    remote: SocketAddr,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    params: Params,
+    mut shutdown: watch::Receiver<bool>,
+    service: S,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    // hyper's header read timeout starts once the connection is known to be
+    // HTTP/1; a client that sends nothing at all never gets that far, so the
+    // first byte gets the same bound.
+    // (`readable()` may wake spuriously; a peek really waits for a byte.)
+    let mut first = [0u8; 1];
+    tokio::select! {
+        peeked = tokio::time::timeout(params.header_read_timeout, stream.peek(&mut first)) => {
+            if peeked.is_err() {
+                debug!(%remote, "Closing a connection that sent nothing.");
+                return;
+            }
+        }
+        () = stopped(&mut shutdown) => return,
+    }
+    let service = TowerToHyperService::new(SetClientAddr {
+        client: ClientAddr(remote),
+        inner: service,
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    debug!(error = %Chain(&*error), %remote, "Connection ended with an error.");
+                }
+                break;
+            }
+            () = stopped(&mut shutdown), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+        }
+    }
+}
+
+impl<S, B> Service<Request<B>> for SetClientAddr<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> S::Future {
+        request.extensions_mut().insert(self.client);
+        self.inner.call(request)
+    }
+}

@@ -1,0 +1,568 @@
+//! The proxy's request path end to end: a real listener, real upstreams and
+//! a runtime stored the way the discovery client stores it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prism_proto::pb::config::v1::{Endpoint, Namespace, Route, RouteMatch, route_match};
+use prism_proto::{Resource, Snapshot};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::server::ClientAddr;
+use super::*;
+use crate::runtime::OwnAddresses;
+
+/// How long any wait in these tests may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, error::BoxError>;
+
+/// A running proxy; dropping it stops the server.
+struct Proxy {
+    addr: SocketAddr,
+    runtime: Arc<ArcSwap<Runtime>>,
+    _stop: watch::Sender<bool>,
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+fn params() -> server::Params {
+    server::Params {
+        header_read_timeout: Duration::from_secs(10),
+    }
+}
+
+async fn start_proxy() -> Proxy {
+    start_proxy_with(params()).await
+}
+
+async fn start_proxy_with(params: server::Params) -> Proxy {
+    let (listener, addr) = bind().await;
+    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::unconfigured()));
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(serve(listener, Arc::clone(&runtime), params, stopped));
+    Proxy {
+        addr,
+        runtime,
+        _stop: stop,
+    }
+}
+
+impl Proxy {
+    fn apply(&self, snapshot: &Snapshot) {
+        let next = Runtime::compile(snapshot, &self.runtime.load(), &OwnAddresses::default())
+            .expect("compiles");
+        self.runtime.store(Arc::new(next));
+    }
+}
+
+/// An upstream answering every request with `handler`; it runs until the test ends.
+async fn upstream<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Response<BoxBody>> + Send + 'static,
+{
+    let (listener, addr) = bind().await;
+    let (stop, stopped) = watch::channel(false);
+    let service = tower::service_fn(move |request| {
+        let response = handler(request);
+        async move { Ok::<_, Infallible>(response.await) }
+    });
+    tokio::spawn(async move {
+        let _stop = stop;
+        server::serve(listener, params(), stopped, service).await;
+    });
+    addr
+}
+
+fn boxed<B>(body: B) -> BoxBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<error::BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// An upstream that echoes the request body and reports what it saw in headers.
+async fn echo_upstream(name: &'static str) -> SocketAddr {
+    upstream(move |request: Request<Incoming>| async move {
+        let seen = |h: &str| {
+            request
+                .headers()
+                .get(h)
+                .cloned()
+                .unwrap_or(HeaderValue::from_static(""))
+        };
+        let peer = request
+            .extensions()
+            .get::<ClientAddr>()
+            .map(|c| c.0.to_string())
+            .unwrap_or_default();
+        let mut response = Response::builder()
+            .header("x-upstream", name)
+            .header("x-seen-host", seen("host"))
+            .header("x-seen-xff", seen("x-forwarded-for"))
+            .header("x-seen-proto", seen("x-forwarded-proto"))
+            .header("x-seen-path", request.uri().to_string())
+            .header("x-seen-connection", seen("connection"))
+            .header("x-seen-hop", seen("x-hop"))
+            .header("x-seen-te", seen("te"))
+            .header("x-seen-peer", peer)
+            .header("connection", "keep-alive");
+        if request.headers().contains_key("keep-alive") {
+            response = response.header("x-seen-keep-alive", "yes");
+        }
+        response.body(boxed(request.into_body())).expect("response")
+    })
+    .await
+}
+
+/// A port nothing listens on.
+async fn dead_port() -> SocketAddr {
+    let (listener, addr) = bind().await;
+    drop(listener);
+    addr
+}
+
+fn policy(routes: &[(&str, &str, &[SocketAddr])], timeout: Option<Duration>) -> Snapshot {
+    policy_at(1, routes, timeout)
+}
+
+fn policy_at(
+    revision: u64,
+    routes: &[(&str, &str, &[SocketAddr])],
+    timeout: Option<Duration>,
+) -> Snapshot {
+    let mut resources = vec![Resource::Namespace(Namespace {
+        name: "demo".into(),
+        hosts: vec!["demo.local".into()],
+        ..Default::default()
+    })];
+    for (i, (prefix, backend, endpoints)) in routes.iter().enumerate() {
+        resources.push(Resource::Backend(prism_proto::Backend {
+            name: format!("demo/{backend}"),
+            endpoints: endpoints
+                .iter()
+                .map(|a| Endpoint {
+                    address: a.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }));
+        resources.push(Resource::Route(Route {
+            name: format!("demo/r{i}"),
+            r#match: Some(RouteMatch {
+                host: String::new(),
+                path: Some(route_match::Path::Prefix(prefix.to_string())),
+                ..Default::default()
+            }),
+            backend: backend.to_string(),
+            timeout: timeout.map(|t| pbjson_types::Duration {
+                seconds: 0,
+                nanos: i32::try_from(t.as_nanos()).expect("short timeout"),
+            }),
+            ..Default::default()
+        }));
+    }
+    let snapshot = Snapshot::from_resources(revision, resources);
+    prism_proto::validate_snapshot(&snapshot).expect("valid policy");
+    snapshot
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn send(
+    proxy: &Proxy,
+    host: &str,
+    path: &str,
+    body: &'static str,
+) -> (StatusCode, HeaderMap, String) {
+    let request = Request::post(format!("http://{}{path}", proxy.addr))
+        .header(header::HOST, host)
+        .header("keep-alive", "timeout=5")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("request");
+    let response = client().request(request).await.expect("response");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// An HTTP/2 (prior knowledge) connection to the proxy.
+async fn h2c(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+#[tokio::test]
+async fn answers_503_before_the_first_configuration() {
+    let proxy = start_proxy().await;
+    let (status, headers, body) = send(&proxy, "demo.local", "/", "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, "no configuration yet\n");
+    assert_eq!(header_str(&headers, "via"), "1.1 prism");
+}
+
+#[tokio::test]
+async fn forwards_to_the_matching_upstream() {
+    let (web, api) = (echo_upstream("web").await, echo_upstream("api").await);
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(
+        &[("/", "web", &[web]), ("/api/", "api", &[api])],
+        None,
+    ));
+
+    let (status, headers, body) = send(&proxy, "Demo.Local:8080", "/api/v1?x=1", "hello").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(header_str(&headers, "x-upstream"), "api");
+    assert_eq!(body, "hello");
+    assert_eq!(header_str(&headers, "x-seen-host"), "Demo.Local:8080");
+    assert_eq!(header_str(&headers, "x-seen-path"), "/api/v1?x=1");
+    assert_eq!(header_str(&headers, "x-seen-xff"), "127.0.0.1");
+    assert_eq!(header_str(&headers, "x-seen-proto"), "http");
+    assert!(
+        !headers.contains_key("x-seen-keep-alive"),
+        "hop-by-hop header forwarded"
+    );
+    assert_eq!(header_str(&headers, "via"), "1.1 prism");
+    assert!(
+        !headers.contains_key("connection"),
+        "hop-by-hop header returned"
+    );
+
+    let (_, headers, _) = send(&proxy, "demo.local", "/index.html", "").await;
+    assert_eq!(header_str(&headers, "x-upstream"), "web");
+}
+
+#[tokio::test]
+async fn headers_named_in_connection_are_not_forwarded() {
+    let web = echo_upstream("web").await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/", "web", &[web])], None));
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .header(header::CONNECTION, "x-hop")
+        .header("x-hop", "for this hop only")
+        .header(header::TE, "trailers")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers();
+    assert_eq!(
+        header_str(headers, "x-seen-hop"),
+        "",
+        "named header forwarded"
+    );
+    // hyper's client pool adds nothing here, so the upstream saw no Connection.
+    assert_eq!(header_str(headers, "x-seen-connection"), "");
+    // `te: trailers` is for HTTP/2 upstreams only.
+    assert_eq!(header_str(headers, "x-seen-te"), "");
+}
+
+#[tokio::test]
+async fn round_robins_across_endpoints() {
+    let (a, b) = (echo_upstream("a").await, echo_upstream("b").await);
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/", "web", &[a, b])], None));
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (_, headers, _) = send(&proxy, "demo.local", "/", "").await;
+        seen.push(header_str(&headers, "x-upstream").to_string());
+    }
+    assert_eq!(seen, ["a", "b", "a", "b"]);
+}
+
+#[tokio::test]
+async fn an_unchanged_backend_keeps_its_pooled_connection_across_applies() {
+    let (web, api) = (echo_upstream("web").await, echo_upstream("api").await);
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/", "web", &[web])], None));
+    let (_, first, _) = send(&proxy, "demo.local", "/", "").await;
+    // A new revision that adds a route and backend but leaves `web` alone.
+    proxy.apply(&policy_at(
+        2,
+        &[("/", "web", &[web]), ("/api/", "api", &[api])],
+        None,
+    ));
+    let (_, second, _) = send(&proxy, "demo.local", "/", "").await;
+    let peer = |h: &HeaderMap| header_str(h, "x-seen-peer").to_string();
+    assert!(!peer(&first).is_empty());
+    assert_eq!(peer(&first), peer(&second), "the pool was not kept");
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served_and_keep_their_authority() {
+    let web = echo_upstream("web").await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/", "web", &[web])], None));
+    let mut sender = h2c(&proxy).await;
+    let request = Request::post("http://demo.local/h2")
+        .body(Full::new(Bytes::from_static(b"over h2")))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), Version::HTTP_2);
+    assert_eq!(header_str(response.headers(), "x-upstream"), "web");
+    assert_eq!(header_str(response.headers(), "x-seen-host"), "demo.local");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, "over h2");
+}
+
+#[tokio::test]
+async fn grpc_callers_get_errors_as_grpc_statuses() {
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/app/", "web", &[dead_port().await])], None));
+    let mut sender = h2c(&proxy).await;
+    let call = |path: &str| {
+        Request::post(format!("http://demo.local{path}"))
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    for (path, code, message) in [
+        (
+            "/pkg.Svc/Call",
+            "12",
+            "no route for host demo.local path /pkg.Svc/Call",
+        ),
+        ("/app/Call", "14", "upstream connect error"),
+    ] {
+        let response = sender.send_request(call(path)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let headers = response.headers();
+        assert_eq!(header_str(headers, "grpc-status"), code, "{path}");
+        assert_eq!(header_str(headers, "grpc-message"), message, "{path}");
+        assert!(response.body().is_end_stream(), "trailers-only: no body");
+    }
+}
+
+#[tokio::test]
+async fn response_body_streams_without_buffering() {
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
+    let upstream = upstream(move |_request| {
+        let chunk_rx = Arc::clone(&chunk_rx);
+        async move {
+            let rx = chunk_rx.lock().await.take().expect("one request");
+            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+        }
+    })
+    .await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/", "web", &[upstream])], None));
+
+    let request = Request::get(format!("http://{}/stream", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::spawn(client().request(request));
+    chunks
+        .send(Ok(Frame::data(Bytes::from_static(b"first"))))
+        .await
+        .expect("send");
+    let mut body = response.await.expect("task").expect("response").into_body();
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("first chunk arrives before the upstream finishes")
+        .expect("frame")
+        .expect("data");
+    assert_eq!(first.into_data().expect("data"), "first");
+    chunks
+        .send(Ok(Frame::data(Bytes::from_static(b"second"))))
+        .await
+        .expect("send");
+    drop(chunks);
+    let rest = body.collect().await.expect("rest").to_bytes();
+    assert_eq!(rest, "second");
+}
+
+#[tokio::test]
+async fn unknown_host_or_path_is_404() {
+    let web = echo_upstream("web").await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/app/", "web", &[web])], None));
+    let (status, headers, body) = send(&proxy, "other.local", "/x", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body, "no route for host other.local path /x\n");
+    assert!(header_str(&headers, "content-type").starts_with("text/plain"));
+    let (status, _, body) = send(&proxy, "demo.local", "/x", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body, "no route for host demo.local path /x\n");
+}
+
+#[tokio::test]
+async fn closed_upstream_port_is_502() {
+    let dead = dead_port().await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/", "web", &[dead])], None));
+    let (status, _, body) = send(&proxy, "demo.local", "/", "").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(body, "upstream connect error\n");
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_after_the_route_timeout() {
+    let slow = upstream(|_request| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Response::new(boxed(Full::new(Bytes::from_static(b"late"))))
+    })
+    .await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(
+        &[("/", "web", &[slow])],
+        Some(Duration::from_millis(200)),
+    ));
+    let (status, _, body) = send(&proxy, "demo.local", "/", "").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(body, "upstream request timeout\n");
+}
+
+#[tokio::test]
+async fn the_route_timeout_starts_once_the_request_has_been_received() {
+    let web = echo_upstream("web").await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(
+        &[("/", "web", &[web])],
+        Some(Duration::from_millis(300)),
+    ));
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let request = Request::post(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(StreamBody::new(ReceiverStream::new(chunk_rx)))
+        .expect("request");
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = tokio::spawn(client.request(request));
+    // The upload takes twice the route timeout; as with Envoy, the timer only
+    // starts once it is complete, and the echoed response then finishes.
+    for chunk in ["a", "b", "c", "d"] {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        chunks
+            .send(Ok(Frame::data(Bytes::from(chunk))))
+            .await
+            .expect("send");
+    }
+    drop(chunks);
+    let response = tokio::time::timeout(DEADLINE, response)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the body is not cut")
+        .to_bytes();
+    assert_eq!(body, "abcd");
+}
+
+#[tokio::test]
+async fn the_route_timeout_cuts_a_body_that_is_still_streaming() {
+    // The head and a first chunk come at once; the rest never does.
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
+    let stalls = upstream(move |_request| {
+        let chunk_rx = Arc::clone(&chunk_rx);
+        async move {
+            let rx = chunk_rx.lock().await.take().expect("one request");
+            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+        }
+    })
+    .await;
+    chunks
+        .send(Ok(Frame::data(Bytes::from_static(b"start"))))
+        .await
+        .expect("send");
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(
+        &[("/", "web", &[stalls])],
+        Some(Duration::from_millis(300)),
+    ));
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("frame").expect("data");
+    assert_eq!(first.into_data().expect("data"), "start");
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("the body ends by the route timeout");
+    assert!(rest.is_err(), "a cut body is an error, not a clean end");
+    drop(chunks);
+}
+
+/// Reads until the proxy closes the connection, failing after [`DEADLINE`].
+async fn closed_by_proxy(mut stream: TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let start = tokio::time::Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut sink))
+        .await
+        .expect("the proxy closes the connection")
+        .ok();
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn a_client_that_dribbles_its_headers_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let limit = Duration::from_millis(200);
+    let proxy = start_proxy_with(server::Params {
+        header_read_timeout: limit,
+    })
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(b"GET / HT").await.expect("write");
+    assert!(closed_by_proxy(stream).await >= limit);
+    // One that sends nothing at all is cut off too.
+    let silent = TcpStream::connect(proxy.addr).await.expect("connect");
+    assert!(closed_by_proxy(silent).await >= limit);
+}

@@ -1,0 +1,247 @@
+//! A compiled backend and everything it owns: its endpoints, its balancer
+//! state and its own pooled upstream client. A backend whose version did not
+//! change is carried into the next runtime as the same `Arc`, so an unchanged
+//! backend keeps its pool and its balancer position.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::uri::Authority;
+use prism_proto::Protocol;
+
+use super::{CompileError, DEFAULT_CONNECT_TIMEOUT};
+use crate::http::{backend, endpoint};
+
+/// An upstream cluster as the request path sees it.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    /// Full name, `namespace/name`.
+    pub name: String,
+    /// Content version of the backend resource.
+    pub version: String,
+    /// Never empty: [`Backend::compile`] refuses a backend without endpoints.
+    pub endpoints: Vec<Endpoint>,
+    pub balancer: backend::Balancer,
+    /// The pool of connections to this backend's endpoints.
+    pub client: endpoint::Client,
+}
+
+/// One address of a backend.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    /// `host:port`, the authority of upstream requests.
+    pub address: Authority,
+}
+
+/// The addresses at which this proxy accepts client traffic.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct OwnAddresses {
+    listeners: Vec<SocketAddr>,
+    advertised: String,
+}
+
+impl Backend {
+    pub(super) fn compile(
+        spec: &prism_proto::Backend,
+        version: &str,
+        own: &OwnAddresses,
+    ) -> Result<Backend, CompileError> {
+        let endpoints = spec
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(index, e)| {
+                e.address
+                    .parse::<Authority>()
+                    .ok()
+                    .filter(|a| a.port_u16().is_some())
+                    .map(|address| Endpoint { address })
+                    .ok_or_else(|| CompileError::Endpoint {
+                        backend: spec.name.clone(),
+                        index,
+                        address: e.address.clone(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(CompileError::NoEndpoints {
+                backend: spec.name.clone(),
+            });
+        }
+        if let Some((index, endpoint)) = endpoints
+            .iter()
+            .enumerate()
+            .find(|(_, e)| own.contains(&e.address))
+        {
+            return Err(CompileError::Loop {
+                backend: spec.name.clone(),
+                index,
+                address: endpoint.address.to_string(),
+            });
+        }
+        let protocol = Protocol::try_from(spec.protocol).unwrap_or(Protocol::Http1);
+        let client = endpoint::Client::new(&endpoint::Params {
+            http2: matches!(protocol, Protocol::Http2 | Protocol::Grpc),
+            connect_timeout: prism_proto::defaults::duration_or(
+                spec.connect_timeout.as_ref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+        });
+        Ok(Backend {
+            name: spec.name.clone(),
+            version: version.to_string(),
+            endpoints,
+            balancer: backend::Balancer::default(),
+            client,
+        })
+    }
+}
+
+impl OwnAddresses {
+    /// The proxy listening on `listener` and advertised as `advertised`.
+    pub(crate) fn new(listener: SocketAddr, advertised: &str) -> Self {
+        Self {
+            listeners: vec![listener],
+            advertised: advertised.to_ascii_lowercase(),
+        }
+    }
+
+    /// Whether `endpoint` reaches this proxy's own listener.
+    pub(crate) fn contains(&self, endpoint: &Authority) -> bool {
+        if !self.advertised.is_empty() && endpoint.as_str().eq_ignore_ascii_case(&self.advertised) {
+            return true;
+        }
+        let Some(port) = endpoint.port_u16() else {
+            return false;
+        };
+        let host = endpoint
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let ip = match host.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) if host.eq_ignore_ascii_case("localhost") => Some(IpAddr::from([127, 0, 0, 1])),
+            Err(_) => None,
+        };
+        let Some(ip) = ip else {
+            return false;
+        };
+        self.listeners.iter().any(|own| {
+            own.port() == port
+                && (own.ip() == ip
+                    || (own.ip().is_loopback() && ip.is_loopback())
+                    || (own.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prism_proto::Snapshot;
+
+    use super::*;
+    use crate::runtime::Runtime;
+    use crate::runtime::tests::{backend, compile, namespace, sample};
+
+    #[test]
+    fn round_robin_cycles_through_endpoints() {
+        let snapshot = Snapshot::from_resources(
+            1,
+            [
+                namespace("n", &["n.local"]),
+                backend("n/b", &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]),
+            ],
+        );
+        let rt = compile(&snapshot, &Runtime::unconfigured());
+        let b = rt.backend("n/b").expect("backend");
+        let picked: Vec<&str> = (0..6)
+            .map(|_| {
+                b.endpoints[b.balancer.pick(b.endpoints.len())]
+                    .address
+                    .as_str()
+            })
+            .collect();
+        assert_eq!(
+            picked,
+            [
+                "127.0.0.1:1",
+                "127.0.0.1:2",
+                "127.0.0.1:3",
+                "127.0.0.1:1",
+                "127.0.0.1:2",
+                "127.0.0.1:3"
+            ]
+        );
+    }
+
+    #[test]
+    fn each_backend_gets_its_own_client_with_its_connect_timeout_and_protocol() {
+        let spec = |name: &str, protocol: Protocol, seconds: i64| prism_proto::Backend {
+            name: name.into(),
+            protocol: protocol.into(),
+            connect_timeout: (seconds > 0).then_some(pbjson_types::Duration { seconds, nanos: 0 }),
+            endpoints: vec![prism_proto::pb::config::v1::Endpoint {
+                address: "127.0.0.1:1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let own = OwnAddresses::default();
+        let grpc = Backend::compile(&spec("n/g", Protocol::Grpc, 2), "v1", &own).expect("compiles");
+        assert!(grpc.client.is_http2());
+        assert_eq!(grpc.client.connect_timeout(), Duration::from_secs(2));
+        let plain =
+            Backend::compile(&spec("n/p", Protocol::Http1, 0), "v1", &own).expect("compiles");
+        assert!(!plain.client.is_http2());
+        assert_eq!(plain.client.connect_timeout(), DEFAULT_CONNECT_TIMEOUT);
+    }
+
+    #[test]
+    fn a_backend_without_endpoints_is_refused() {
+        let spec = prism_proto::Backend {
+            name: "n/empty".into(),
+            ..Default::default()
+        };
+        let error = Backend::compile(&spec, "v1", &OwnAddresses::default())
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            error,
+            CompileError::NoEndpoints {
+                backend: "n/empty".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_backend_pointing_at_the_proxy_itself_is_refused() {
+        let own = OwnAddresses::new(
+            "0.0.0.0:8080".parse().expect("addr"),
+            "proxy-a.internal:8080",
+        );
+        for looping in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "PROXY-A.internal:8080",
+            "0.0.0.0:8080",
+        ] {
+            assert!(
+                own.contains(&looping.parse().expect("authority")),
+                "{looping}"
+            );
+        }
+        for fine in ["127.0.0.1:8081", "10.0.0.9:8080", "other.internal:8080"] {
+            assert!(!own.contains(&fine.parse().expect("authority")), "{fine}");
+        }
+        let own = OwnAddresses::new("127.0.0.1:2001".parse().expect("addr"), "");
+        let error = Runtime::compile(&sample(), &Runtime::unconfigured(), &own)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("127.0.0.1:2001") && error.contains("loop"),
+            "{error}"
+        );
+    }
+}
