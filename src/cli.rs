@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -102,6 +103,10 @@ pub enum Command {
         /// Serve only namespaces whose labels match every pair, e.g. `env=prod,tier=web`.
         #[arg(long, env = "PRISM_SELECTOR", value_parser = prism_data_plane::parse_selector)]
         selector: Option<BTreeMap<String, String>>,
+        /// Worker threads serving traffic; by default one per CPU this process
+        /// may run on (its affinity mask and cgroup quota count).
+        #[arg(long, env = "PRISM_WORKERS")]
+        workers: Option<NonZeroUsize>,
     },
     /// A small HTTP server that names itself in every answer.
     DemoUpstream {
@@ -148,7 +153,16 @@ pub fn main(cli: Cli) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Command::Proxy {
+        workers: Some(workers),
+        ..
+    } = &cli.command
+    {
+        builder.worker_threads(workers.get());
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -223,6 +237,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             namespaces,
             selector,
+            workers: _,
         } => {
             let proxy = bind("proxy", listen).await?;
             let admin = bind("proxy admin", admin_addr).await?;
@@ -349,6 +364,19 @@ mod tests {
         let selector = selector.expect("a selector");
         assert_eq!(selector.get("env").map(String::as_str), Some("prod"));
         assert_eq!(selector.get("tier").map(String::as_str), Some("web"));
+    }
+
+    #[test]
+    fn proxy_workers_flag_parses_and_refuses_zero() {
+        let Ok(Command::Proxy { workers, .. }) = proxy_flags(&["--workers", "1"]) else {
+            panic!("the flag parses");
+        };
+        assert_eq!(workers.map(NonZeroUsize::get), Some(1));
+        let Ok(Command::Proxy { workers, .. }) = proxy_flags(&[]) else {
+            panic!("no flags parse");
+        };
+        assert_eq!(workers, None, "unset means one per available CPU");
+        assert!(proxy_flags(&["--workers", "0"]).is_err());
     }
 
     #[test]
