@@ -264,7 +264,8 @@ mod tests {
             ],
         );
         let runtime = compile(&snapshot, &Runtime::unconfigured());
-        let route = Arc::clone(runtime.route("demo.local", "/").expect("route"));
+        let route =
+            Arc::clone(crate::runtime::tests::lookup(&runtime, "demo.local", "/").expect("route"));
         let request = Request::get("/x")
             .body(ReplayBody::empty())
             .expect("request");

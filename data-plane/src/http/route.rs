@@ -16,7 +16,7 @@ use tower::{Layer, Service};
 
 use super::body::ReplayBody;
 use super::error::{BoxError, ProxyError};
-use crate::runtime::{Route, Runtime};
+use crate::runtime::{Probe, Route, Runtime};
 
 /// A request below the route stage.
 #[derive(Debug)]
@@ -80,8 +80,14 @@ where
         } else {
             let host = request_host(&request);
             let path = request.uri().path();
+            let probe = Probe {
+                method: request.method(),
+                path,
+                query: request.uri().query(),
+                headers: request.headers(),
+            };
             runtime
-                .route(host, path)
+                .route(host, &probe)
                 .cloned()
                 .ok_or_else(|| ProxyError::NoRoute {
                     host: host.to_string(),
