@@ -6,6 +6,7 @@
 //! did not change is carried over as the same `Arc`, so it keeps its state —
 //! its connection pool and its balancer position — across applies.
 
+mod action;
 mod backend;
 mod matcher;
 
@@ -23,6 +24,7 @@ use matcher::{Entry, Matcher};
 
 pub(crate) use matcher::Probe;
 
+pub(crate) use action::{Action, HeaderMutation};
 pub(crate) use backend::{Backend, OwnAddresses};
 
 /// A compiled, immutable view of the policy. A request `load_full()`s it once,
@@ -44,8 +46,14 @@ pub(crate) struct Runtime {
 pub(crate) struct Route {
     /// Full route name, `namespace/name`.
     pub name: String,
-    pub backend: Arc<Backend>,
+    /// Forward (to a backend picked per request), redirect or respond.
+    pub action: Action,
     pub timeout: timeout::Params,
+    /// Applied to the request on its way upstream.
+    pub request_headers: HeaderMutation,
+    /// Applied to every response the route gives: the upstream's, a
+    /// redirect or a direct response.
+    pub response_headers: HeaderMutation,
 }
 
 /// Why a snapshot could not be compiled (it passed validation, so this is
@@ -137,13 +145,7 @@ impl Runtime {
                 });
             }
             let namespace = entry.resource.namespace();
-            let backend_name = format!("{namespace}/{}", spec.backend);
-            let Some(backend) = backends.get(&backend_name) else {
-                return Err(CompileError::MissingBackend {
-                    route: spec.name.clone(),
-                    backend: backend_name,
-                });
-            };
+            let action = Action::compile(spec, namespace, |name| backends.get(name).cloned())?;
             if spec
                 .r#match
                 .as_ref()
@@ -160,8 +162,18 @@ impl Runtime {
                 .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
             let route = Arc::new(Route {
                 name: spec.name.clone(),
-                backend: Arc::clone(backend),
+                action,
                 timeout: timeout::Params { response },
+                request_headers: HeaderMutation::compile(
+                    spec.request_headers.as_ref(),
+                    &spec.name,
+                    "request_headers",
+                )?,
+                response_headers: HeaderMutation::compile(
+                    spec.response_headers.as_ref(),
+                    &spec.name,
+                    "response_headers",
+                )?,
             });
             by_namespace
                 .entry(namespace)
@@ -214,17 +226,22 @@ impl Runtime {
 /// The first route field, in schema order, that this proxy cannot honour yet.
 fn unsupported(route: &prism_proto::Route) -> Option<&'static str> {
     [
-        ("backends", !route.backends.is_empty()),
-        ("redirect", route.redirect.is_some()),
-        ("direct_response", route.direct_response.is_some()),
-        ("rewrite", route.rewrite.is_some()),
-        ("request_headers", route.request_headers.is_some()),
-        ("response_headers", route.response_headers.is_some()),
         ("rate_limits", !route.rate_limits.is_empty()),
         ("max_request_body_bytes", route.max_request_body_bytes > 0),
     ]
     .into_iter()
     .find_map(|(field, used)| used.then_some(field))
+}
+
+#[cfg(test)]
+impl Route {
+    /// The first backend of a forwarding route.
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
+        match &self.action {
+            Action::Forward(forward) => forward.backends().next().expect("a backend"),
+            _ => panic!("route {} does not forward", self.name),
+        }
+    }
 }
 
 fn namespace_timeout(snapshot: &Snapshot, namespace: &str) -> Option<Duration> {
@@ -338,7 +355,7 @@ pub(crate) mod tests {
         ));
         // The route that uses it points at the very same backend, pool and all.
         let route = lookup(&second, "demo.local", "/").expect("route");
-        assert!(Arc::ptr_eq(&web, &route.backend));
+        assert!(Arc::ptr_eq(&web, route.backend()));
         assert!(!Arc::ptr_eq(
             first.backend("api/svc").expect("backend"),
             second.backend("api/svc").expect("backend")
@@ -415,22 +432,17 @@ pub(crate) mod tests {
             "Route demo/get: max_request_body_bytes: not supported by this proxy yet"
         );
 
-        let mut redirect = sample();
-        redirect.insert(Resource::Route(pb::Route {
-            name: "demo/old".into(),
-            r#match: Some(RouteMatch {
-                path: Some(Path::Exact("/old".into())),
-                ..Default::default()
-            }),
-            redirect: Some(Default::default()),
-            ..Default::default()
-        }));
-        let error = refused(&redirect);
+        let mut limited = sample();
+        if let Resource::Route(mut r) = route("demo/limited", "", prefix("/l"), "web") {
+            r.rate_limits = vec![Default::default()];
+            limited.insert(Resource::Route(r));
+        }
+        let error = refused(&limited);
         assert!(
             matches!(
                 error,
                 CompileError::Unsupported {
-                    field: "redirect",
+                    field: "rate_limits",
                     ..
                 }
             ),
