@@ -9,11 +9,13 @@
 
 pub mod defaults;
 mod document;
+mod order;
 mod resource;
 mod snapshot;
 mod validate;
 
 pub use document::{DocumentError, parse_policy, policy_to_yaml};
+pub use order::{MatchOrder, match_order};
 pub use resource::{
     Kind, Resource, ResourceKey, TYPE_URL_PREFIX, UnknownKind, Versioned, version_of,
 };

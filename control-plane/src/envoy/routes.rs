@@ -2,7 +2,6 @@
 //! host, each Prism route as an Envoy route (match, action, header changes,
 //! retries, rate limits, body limit).
 
-use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -36,6 +35,7 @@ use prism_proto::pb::config::v1::{
 };
 use prism_proto::{
     Backend, LbPolicy, MAX_DIRECT_RESPONSE_BODY_BYTES, Namespace, Route, RouteMatch, defaults,
+    match_order,
 };
 use prost::Message;
 
@@ -233,31 +233,6 @@ fn claim(claimed: &mut BTreeSet<String>, wanted: impl IntoIterator<Item = String
         .into_iter()
         .filter(|d| claimed.insert(d.clone()))
         .collect()
-}
-
-/// Envoy takes the first route that matches, so (as `RouteMatch` in the
-/// schema says) exact paths go first, then prefixes longest first, then
-/// regexes; among routes with the same path rule, more conditions (methods,
-/// headers, query parameters) first; then by name.
-fn match_order(route: &Route) -> (u8, Reverse<usize>, &str, Reverse<usize>, &str) {
-    let m = route.r#match.as_ref();
-    let conditions = m.map_or(0, |m| {
-        usize::from(!m.methods.is_empty()) + m.headers.len() + m.query_params.len()
-    });
-    let (rank, path) = match m.and_then(|m| m.path.as_ref()) {
-        Some(Path::Exact(p)) => (0, p.as_str()),
-        Some(Path::Prefix(p)) => (1, p.as_str()),
-        Some(Path::Regex(p)) => (2, p.as_str()),
-        None => (3, ""),
-    };
-    let length = if rank < 2 { path.len() } else { 0 };
-    (
-        rank,
-        Reverse(length),
-        path,
-        Reverse(conditions),
-        &route.name,
-    )
 }
 
 /// A Prism route as an Envoy route. A route without a path (which

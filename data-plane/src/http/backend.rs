@@ -11,7 +11,7 @@ use tower::{Layer, Service};
 
 use super::body::ReplayBody;
 use super::route::Routed;
-use crate::runtime::Route;
+use crate::runtime::{Backend, Route};
 
 /// Round robin over a backend's endpoints.
 #[derive(Debug, Default)]
@@ -23,6 +23,8 @@ pub(crate) struct Balancer {
 #[derive(Debug)]
 pub(crate) struct Picked {
     pub route: Arc<Route>,
+    /// The backend the route stage picked.
+    pub backend: Arc<Backend>,
     /// Index into the backend's endpoints, from [`Balancer::pick`].
     pub endpoint: usize,
     pub request: Request<ReplayBody>,
@@ -64,12 +66,16 @@ where
     }
 
     fn call(&mut self, routed: Routed) -> S::Future {
-        let Routed { route, request } = routed;
-        let backend = &route.backend;
+        let Routed {
+            route,
+            backend,
+            request,
+        } = routed;
         // A compiled backend always has at least one endpoint.
         let endpoint = backend.balancer.pick(backend.endpoints.len());
         self.inner.call(Picked {
             route,
+            backend,
             endpoint,
             request,
         })

@@ -26,7 +26,7 @@ use tower::Service;
 use super::backend::Picked;
 use super::body::ReplayBody;
 use super::error::{BoxError, ProxyError};
-use crate::runtime::Route;
+use crate::runtime::{Backend, Route};
 
 /// How a backend's client connects and speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,9 +63,10 @@ pub(crate) struct Forward;
 /// Where an upstream error happened: context for the log, wrapped around the
 /// [`ProxyError`] that the client's answer is made from.
 #[derive(Debug, thiserror::Error)]
-#[error("route {}, backend {}, endpoint {}", .route.name, .route.backend.name, .route.backend.endpoints[*.endpoint].address)]
+#[error("route {}, backend {}, endpoint {}", .route.name, .backend.name, .backend.endpoints[*.endpoint].address)]
 struct AtEndpoint {
     route: Arc<Route>,
+    backend: Arc<Backend>,
     endpoint: usize,
     #[source]
     error: ProxyError,
@@ -75,7 +76,7 @@ pin_project! {
     pub(crate) struct ResponseFuture {
         #[pin]
         state: State,
-        route: Option<Arc<Route>>,
+        route: Option<(Arc<Route>, Arc<Backend>)>,
         endpoint: usize,
     }
 }
@@ -153,10 +154,10 @@ impl Service<Picked> for Forward {
     fn call(&mut self, picked: Picked) -> ResponseFuture {
         let Picked {
             route,
+            backend,
             endpoint,
             mut request,
         } = picked;
-        let backend = &route.backend;
         let mut parts = uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
         // `endpoint` came from the backend's own balancer: it is in range.
@@ -181,7 +182,7 @@ impl Service<Picked> for Forward {
         };
         ResponseFuture {
             state,
-            route: Some(route),
+            route: Some((route, backend)),
             endpoint,
         }
     }
@@ -212,8 +213,9 @@ impl Future for ResponseFuture {
             StateProj::Failed { error } => error.take().unwrap_or(ProxyError::Internal),
         };
         Poll::Ready(Err(match this.route.take() {
-            Some(route) => AtEndpoint {
+            Some((route, backend)) => AtEndpoint {
                 route,
+                backend,
                 endpoint: *this.endpoint,
                 error,
             }
@@ -264,13 +266,16 @@ mod tests {
             ],
         );
         let runtime = compile(&snapshot, &Runtime::unconfigured());
-        let route = Arc::clone(runtime.route("demo.local", "/").expect("route"));
+        let route =
+            Arc::clone(crate::runtime::tests::lookup(&runtime, "demo.local", "/").expect("route"));
         let request = Request::get("/x")
             .body(ReplayBody::empty())
             .expect("request");
+        let backend = Arc::clone(route.backend());
         let error = Forward
             .call(Picked {
                 route,
+                backend,
                 endpoint: 0,
                 request,
             })

@@ -1,29 +1,44 @@
 //! The route stage: the request's one `load_full()` of the runtime, then
-//! host + path → [`Route`]. Below this stage a request travels as [`Routed`]:
-//! the route it matched (and through it its backend, pool and parameters)
-//! stays with it to the end, whatever is applied meanwhile.
+//! host + path (+ method, headers, query) → [`Route`], and the route's action:
+//! a redirect or a direct response is answered here; a forward picks one of
+//! the route's weighted backends, rewrites the path and host, changes the
+//! request's headers, and passes it down as [`Routed`]: the route and the
+//! backend it picked (its pool and parameters) stay with it to the end,
+//! whatever is applied meanwhile. The route's response header changes are
+//! applied to the response head on the way back.
 
 use std::future::Future;
+use std::ops::Not;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use arc_swap::ArcSwap;
-use http::{Request, Response, header};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::body::ReplayBody;
 use super::error::{BoxError, ProxyError};
-use crate::runtime::{Route, Runtime};
+use crate::runtime::{Action, Backend, Probe, Route, Runtime};
 
 /// A request below the route stage.
 #[derive(Debug)]
 pub(crate) struct Routed {
     pub route: Arc<Route>,
+    /// The backend picked for this request from the route's split.
+    pub backend: Arc<Backend>,
     pub request: Request<ReplayBody>,
 }
+
+/// A response of the route stage: the upstream's, or its own (a redirect or
+/// a direct response).
+pub(crate) type RouteBody<B> = Either<B, Full<Bytes>>;
 
 #[derive(Clone, Debug)]
 pub(crate) struct RouteLayer {
@@ -39,7 +54,13 @@ pub(crate) struct Router<S> {
 pin_project! {
     #[project = ResponseFutureProj]
     pub(crate) enum ResponseFuture<F> {
-        Routed { #[pin] inner: F },
+        Routed {
+            #[pin]
+            inner: F,
+            // Set when the route changes response headers.
+            route: Option<Arc<Route>>,
+        },
+        Local { response: Option<Response<Full<Bytes>>> },
         Failed { error: Option<ProxyError> },
     }
 }
@@ -65,7 +86,7 @@ impl<S, B> Service<Request<Incoming>> for Router<S>
 where
     S: Service<Routed, Response = Response<B>, Error = BoxError>,
 {
-    type Response = Response<B>;
+    type Response = Response<RouteBody<B>>;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future>;
 
@@ -73,30 +94,94 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let runtime = self.runtime.load_full();
-        let route = if !runtime.is_configured() {
-            Err(ProxyError::NotConfigured)
-        } else {
-            let host = request_host(&request);
-            let path = request.uri().path();
-            runtime
-                .route(host, path)
-                .cloned()
-                .ok_or_else(|| ProxyError::NoRoute {
-                    host: host.to_string(),
-                    path: path.to_string(),
-                })
-        };
-        match route {
-            Ok(route) => ResponseFuture::Routed {
-                inner: self.inner.call(Routed {
-                    route,
-                    request: request.map(ReplayBody::new),
-                }),
-            },
-            Err(error) => ResponseFuture::Failed { error: Some(error) },
+        if !runtime.is_configured() {
+            return ResponseFuture::failed(ProxyError::NotConfigured);
         }
+        let host = request_host(&request);
+        let path = request.uri().path();
+        let probe = Probe {
+            method: request.method(),
+            path,
+            query: request.uri().query(),
+            headers: request.headers(),
+        };
+        let Some(route) = runtime.route(host, &probe) else {
+            return ResponseFuture::failed(ProxyError::NoRoute {
+                host: host.to_string(),
+                path: path.to_string(),
+            });
+        };
+        let forward = match &route.action {
+            Action::Forward(forward) => forward,
+            Action::Redirect(redirect) => {
+                let scheme = request.uri().scheme_str().unwrap_or_else(|| {
+                    request
+                        .headers()
+                        .get("x-forwarded-proto")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("http")
+                });
+                let uri = request.uri();
+                let Some(location) = redirect.location(scheme, host, uri.path(), uri.query())
+                else {
+                    return ResponseFuture::failed(ProxyError::Internal);
+                };
+                let mut response = Response::new(Full::new(Bytes::new()));
+                *response.status_mut() = redirect.status;
+                response.headers_mut().insert(header::LOCATION, location);
+                route.response_headers.apply(response.headers_mut());
+                return ResponseFuture::Local {
+                    response: Some(response),
+                };
+            }
+            Action::Respond(respond) => {
+                let mut response = Response::new(Full::new(respond.body.clone()));
+                *response.status_mut() = respond.status;
+                if !route.response_headers.writes(&header::CONTENT_TYPE) {
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; charset=utf-8"),
+                    );
+                }
+                route.response_headers.apply(response.headers_mut());
+                return ResponseFuture::Local {
+                    response: Some(response),
+                };
+            }
+        };
+        let backend = Arc::clone(forward.pick());
+        if let Some(new_path) = forward.rewrite.path(request.uri().path()) {
+            match with_path(request.uri(), &new_path) {
+                Some(uri) => *request.uri_mut() = uri,
+                // The rewrite made a path that is no URI path.
+                None => return ResponseFuture::failed(ProxyError::Internal),
+            }
+        }
+        if let Some(host) = &forward.rewrite.host {
+            request.headers_mut().insert(header::HOST, host.clone());
+        }
+        route.request_headers.apply(request.headers_mut());
+        let respond_route = route
+            .response_headers
+            .is_empty()
+            .not()
+            .then(|| Arc::clone(route));
+        ResponseFuture::Routed {
+            inner: self.inner.call(Routed {
+                route: Arc::clone(route),
+                backend,
+                request: request.map(ReplayBody::new),
+            }),
+            route: respond_route,
+        }
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    fn failed(error: ProxyError) -> Self {
+        ResponseFuture::Failed { error: Some(error) }
     }
 }
 
@@ -104,16 +189,40 @@ impl<F, B> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, BoxError>>,
 {
-    type Output = Result<Response<B>, BoxError>;
+    type Output = Result<Response<RouteBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ResponseFutureProj::Routed { inner } => inner.poll(cx),
+            ResponseFutureProj::Routed { inner, route } => {
+                let mut response = ready!(inner.poll(cx))?;
+                if let Some(route) = route.take() {
+                    route.response_headers.apply(response.headers_mut());
+                }
+                Poll::Ready(Ok(response.map(Either::Left)))
+            }
+            ResponseFutureProj::Local { response } => Poll::Ready(
+                response
+                    .take()
+                    .map(|r| r.map(Either::Right))
+                    .ok_or_else(|| ProxyError::Internal.into()),
+            ),
             ResponseFutureProj::Failed { error } => {
                 Poll::Ready(Err(error.take().unwrap_or(ProxyError::Internal).into()))
             }
         }
     }
+}
+
+/// `uri` with its path replaced by `path`, keeping the query.
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let path_and_query = match uri.query() {
+        Some(query) => PathAndQuery::try_from(format!("{path}?{query}")),
+        None => PathAndQuery::try_from(path),
+    }
+    .ok()?;
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).ok()
 }
 
 /// The host a request is for: `:authority` (HTTP/2, or an absolute-form

@@ -1,59 +1,138 @@
-//! The route matcher: host (exact, then the longest wildcard suffix, then
-//! the catch-all `*`; port ignored) → path (exact, then the longest prefix) → [`Route`].
+//! The route matcher, compiled once per apply, in the order `RouteMatch` in
+//! the schema defines: the request's host picks one host table (exact host,
+//! then the longest wildcard suffix, then the catch-all `*`; port ignored);
+//! within it the routes for that exact host are tried before the
+//! namespace-wide ones, each tier exact path → prefix (longest first) →
+//! regex, and within one path rule the routes sorted by
+//! [`prism_proto::match_order`] (more conditions first, then name). The first
+//! route whose conditions (methods, headers, query parameters) hold wins.
+//!
+//! A lookup allocates nothing: hosts are lowercased into a stack buffer, exact
+//! paths and prefixes are hash lookups (one per distinct prefix length), all
+//! regex paths of a tier are one multi-pattern automaton, and the query string
+//! is scanned in place.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use http::{HeaderMap, HeaderName, Method};
+use prism_proto::pb::config::v1::key_match::Rule as KeyRule;
+use prism_proto::pb::config::v1::route_match::Path;
+use prism_proto::pb::config::v1::{KeyMatch, RouteMatch};
 use prism_proto::{Kind, Resource, Snapshot};
+use regex_automata::meta;
 
-use super::Route;
+use super::{CompileError, Route};
 
 /// Host tables of every namespace.
 #[derive(Debug, Default)]
-pub(super) struct Matcher {
+pub(crate) struct Matcher {
     /// Exact hosts, lowercase, and the catch-all `*`.
-    hosts: HashMap<String, Arc<RouteTable>>,
-    /// Wildcard hosts as `(".suffix", table)`, longest suffix first.
-    wildcards: Vec<(String, Arc<RouteTable>)>,
+    hosts: HashMap<Box<str>, HostTable>,
+    /// Wildcard hosts by suffix with its leading dot (`*.example.com` is
+    /// `.example.com`), so a host's suffixes can be looked up label by label.
+    wildcards: HashMap<Box<str>, HostTable>,
 }
 
-/// A route while compiling: the host and path it matches, and its target.
+/// What a route is matched on, borrowed from the request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Probe<'a> {
+    pub method: &'a Method,
+    /// Path without the query.
+    pub path: &'a str,
+    /// Raw query string, without `?`.
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// A route while compiling: its spec and what it compiled to.
 pub(super) struct Entry<'a> {
-    pub host: &'a str,
-    pub path: PathMatch<'a>,
+    pub spec: &'a prism_proto::Route,
     pub route: Arc<Route>,
 }
 
-pub(super) enum PathMatch<'a> {
-    Exact(&'a str),
-    Prefix(&'a str),
+/// The routes that answer for one host: those for exactly that host, then the
+/// namespace's wide ones (shared by all its hosts).
+#[derive(Debug, Clone)]
+struct HostTable {
+    specific: Option<Arc<Tier>>,
+    wide: Arc<Tier>,
 }
 
-/// The routes that answer for one host.
+/// Routes of one tier, indexed by path rule.
 #[derive(Debug, Default)]
-struct RouteTable {
-    exact: HashMap<String, Arc<Route>>,
-    /// Prefix routes, longest prefix first.
-    prefixes: Vec<(String, Arc<Route>)>,
+struct Tier {
+    exact: HashMap<Box<str>, Vec<Candidate>>,
+    /// Distinct prefix lengths, longest first.
+    prefix_lengths: Vec<usize>,
+    prefixes: HashMap<Box<str>, Vec<Candidate>>,
+    regexes: Option<Regexes>,
 }
+
+/// Distinct regex paths of a tier, in match order.
+#[derive(Debug)]
+struct Regexes {
+    /// All patterns, anchored to the whole path; leftmost-first, so a match
+    /// reports the first pattern (in match order) that matches.
+    set: meta::Regex,
+    /// The same patterns one by one, for when the first match's conditions
+    /// fail and later patterns must be tried.
+    each: Vec<regex::Regex>,
+    /// Routes by pattern index.
+    routes: Vec<Vec<Candidate>>,
+}
+
+/// A route and the conditions it needs besides its path.
+#[derive(Debug)]
+struct Candidate {
+    conditions: Conditions,
+    route: Arc<Route>,
+}
+
+#[derive(Debug, Default)]
+struct Conditions {
+    methods: Vec<Method>,
+    headers: Vec<(HeaderName, Rule)>,
+    query: Vec<(Box<str>, Rule)>,
+}
+
+#[derive(Debug)]
+enum Rule {
+    Exact(Box<str>),
+    /// Anchored to the whole value.
+    Regex(regex::Regex),
+    Present,
+    Absent,
+}
+
+/// Longest host looked up; a DNS name is at most 253 bytes.
+const MAX_HOST: usize = 255;
 
 impl Matcher {
     /// Host tables for the namespaces of `snapshot`, from their routes.
     pub(super) fn build(
         snapshot: &Snapshot,
         mut by_namespace: HashMap<&str, Vec<Entry<'_>>>,
-    ) -> Matcher {
-        let mut hosts: HashMap<String, Arc<RouteTable>> = HashMap::new();
-        let mut wildcards = Vec::new();
+    ) -> Result<Matcher, CompileError> {
+        let mut matcher = Matcher::default();
         for entry in snapshot.of_kind(Kind::Namespace) {
             let Resource::Namespace(ns) = &entry.resource else {
                 continue;
             };
-            let routes = by_namespace.remove(ns.name.as_str()).unwrap_or_default();
-            let wide: Vec<&Entry<'_>> = routes.iter().filter(|e| e.host.is_empty()).collect();
-            // Every host named by a route or by the namespace gets a table of
-            // its own routes first, then the namespace-wide ones, so a route
-            // for one host overrides a namespace-wide route with the same match.
+            let mut routes = by_namespace.remove(ns.name.as_str()).unwrap_or_default();
+            routes.sort_by(|a, b| {
+                prism_proto::match_order(a.spec).cmp(&prism_proto::match_order(b.spec))
+            });
+            let host_of = |e: &Entry<'_>| {
+                e.spec
+                    .r#match
+                    .as_ref()
+                    .map_or(String::new(), |m| m.host.to_ascii_lowercase())
+            };
+            let wide = Arc::new(Tier::build(
+                routes.iter().filter(|e| host_of(e).is_empty()),
+            )?);
+            // Every host named by the namespace or by a route gets a table.
             let mut named: Vec<String> = ns
                 .hosts
                 .iter()
@@ -61,84 +140,292 @@ impl Matcher {
                 .map(|h| h.to_ascii_lowercase())
                 .collect();
             for entry in &routes {
-                let host = entry.host.to_ascii_lowercase();
+                let host = host_of(entry);
                 if !host.is_empty() && !named.contains(&host) {
                     named.push(host);
                 }
             }
             for host in named {
-                let specific = routes.iter().filter(|e| e.host.eq_ignore_ascii_case(&host));
-                let table = RouteTable::build(specific.chain(wide.iter().copied()));
-                hosts.insert(host, Arc::new(table));
+                let specific: Vec<&Entry<'_>> =
+                    routes.iter().filter(|e| host_of(e) == host).collect();
+                let specific = if specific.is_empty() {
+                    None
+                } else {
+                    Some(Arc::new(Tier::build(specific.into_iter())?))
+                };
+                let table = HostTable {
+                    specific,
+                    wide: Arc::clone(&wide),
+                };
+                matcher.hosts.insert(host.into(), table);
             }
             for pattern in ns.hosts.iter().filter(|h| h.starts_with("*.")) {
-                let table = RouteTable::build(wide.iter().copied());
-                // Keep the leading dot: `*.example.com` matches `a.example.com`
-                // but not `example.com`.
-                wildcards.push((pattern[1..].to_ascii_lowercase(), Arc::new(table)));
+                // Keep the leading dot: `*.example.com` matches
+                // `a.example.com` but not `example.com`.
+                let table = HostTable {
+                    specific: None,
+                    wide: Arc::clone(&wide),
+                };
+                matcher
+                    .wildcards
+                    .insert(pattern[1..].to_ascii_lowercase().into(), table);
             }
         }
-        wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        Matcher { hosts, wildcards }
+        Ok(matcher)
     }
 
-    /// The route for `host` and `path`.
-    pub(super) fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
-        let host = normalize_host(host);
+    /// The route for a request to `host` (any case, with or without port).
+    pub(crate) fn route(&self, host: &str, probe: &Probe<'_>) -> Option<&Arc<Route>> {
+        let mut buffer = [0u8; MAX_HOST];
+        let host = normalize_host(host, &mut buffer);
         let table = self
             .hosts
-            .get(host.as_str())
-            .or_else(|| {
-                self.wildcards
-                    .iter()
-                    .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix))
-                    .map(|(_, table)| table)
-            })
+            .get(host)
+            .or_else(|| self.wildcard(host))
             .or_else(|| self.hosts.get("*"))?;
-        table.route(path)
+        table
+            .specific
+            .as_ref()
+            .and_then(|tier| tier.route(probe))
+            .or_else(|| table.wide.route(probe))
+    }
+
+    /// The longest wildcard suffix of `host`: suffixes are tried from the
+    /// first dot on, so the first found is the longest. The suffix never
+    /// starts at 0, so at least one label is left for the `*`.
+    fn wildcard(&self, host: &str) -> Option<&HostTable> {
+        if self.wildcards.is_empty() {
+            return None;
+        }
+        host.char_indices()
+            .filter(|&(i, c)| c == '.' && i > 0)
+            .find_map(|(i, _)| self.wildcards.get(&host[i..]))
     }
 }
 
-impl RouteTable {
-    /// Builds a table from routes in priority order: the first route with a
-    /// given match wins.
-    fn build<'a: 'b, 'b>(entries: impl Iterator<Item = &'b Entry<'a>>) -> RouteTable {
-        let mut table = RouteTable::default();
+impl Tier {
+    /// A tier from its routes, already in match order.
+    fn build<'a: 'b, 'b>(
+        entries: impl Iterator<Item = &'b Entry<'a>>,
+    ) -> Result<Tier, CompileError> {
+        let mut tier = Tier::default();
+        let mut patterns: Vec<&str> = Vec::new();
+        let mut pattern_routes: Vec<Vec<Candidate>> = Vec::new();
         for entry in entries {
-            match entry.path {
-                PathMatch::Exact(path) => {
-                    table
-                        .exact
-                        .entry(path.to_string())
-                        .or_insert_with(|| Arc::clone(&entry.route));
-                }
-                PathMatch::Prefix(path) => {
-                    if !table.prefixes.iter().any(|(p, _)| p == path) {
-                        table
-                            .prefixes
-                            .push((path.to_string(), Arc::clone(&entry.route)));
+            let Some(m) = entry.spec.r#match.as_ref() else {
+                continue;
+            };
+            let candidate = Candidate {
+                conditions: Conditions::compile(m, &entry.spec.name)?,
+                route: Arc::clone(&entry.route),
+            };
+            match &m.path {
+                Some(Path::Exact(p)) => tier
+                    .exact
+                    .entry(p.as_str().into())
+                    .or_default()
+                    .push(candidate),
+                Some(Path::Prefix(p)) => {
+                    if !tier.prefix_lengths.contains(&p.len()) {
+                        tier.prefix_lengths.push(p.len());
                     }
+                    tier.prefixes
+                        .entry(p.as_str().into())
+                        .or_default()
+                        .push(candidate);
                 }
+                Some(Path::Regex(p)) => match patterns.iter().position(|q| q == p) {
+                    Some(i) => pattern_routes[i].push(candidate),
+                    None => {
+                        patterns.push(p);
+                        pattern_routes.push(vec![candidate]);
+                    }
+                },
+                None => {}
             }
         }
-        table
-            .prefixes
-            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        table
+        tier.prefix_lengths.sort_unstable_by(|a, b| b.cmp(a));
+        if !patterns.is_empty() {
+            let anchored: Vec<String> = patterns.iter().map(|p| anchor(p)).collect();
+            let set = meta::Regex::builder()
+                .configure(meta::Config::new().nfa_size_limit(None))
+                .build_many(&anchored)
+                .map_err(|e| CompileError::Regex {
+                    pattern: e
+                        .pattern()
+                        .and_then(|p| patterns.get(p.as_usize()))
+                        .map_or_else(String::new, |p| p.to_string()),
+                    reason: e.to_string(),
+                })?;
+            let each = anchored
+                .iter()
+                .map(|p| compile_regex(p))
+                .collect::<Result<_, _>>()?;
+            tier.regexes = Some(Regexes {
+                set,
+                each,
+                routes: pattern_routes,
+            });
+        }
+        Ok(tier)
     }
 
-    fn route(&self, path: &str) -> Option<&Arc<Route>> {
-        self.exact.get(path).or_else(|| {
-            self.prefixes
-                .iter()
-                .find(|(prefix, _)| path.starts_with(prefix.as_str()))
-                .map(|(_, t)| t)
-        })
+    fn route(&self, probe: &Probe<'_>) -> Option<&Arc<Route>> {
+        let path = probe.path;
+        if let Some(route) = self.exact.get(path).and_then(|c| first(c, probe)) {
+            return Some(route);
+        }
+        for &len in &self.prefix_lengths {
+            let Some(prefix) = path.get(..len) else {
+                continue;
+            };
+            if let Some(route) = self.prefixes.get(prefix).and_then(|c| first(c, probe)) {
+                return Some(route);
+            }
+        }
+        let regexes = self.regexes.as_ref()?;
+        let found = regexes.set.search(&regex_automata::Input::new(path))?;
+        let start = found.pattern().as_usize();
+        if let Some(route) = first(&regexes.routes[start], probe) {
+            return Some(route);
+        }
+        // The first matching pattern's conditions failed: try the later
+        // patterns one by one (rare: only routes that share a path shape
+        // but differ in conditions get here).
+        regexes
+            .each
+            .iter()
+            .zip(&regexes.routes)
+            .skip(start + 1)
+            .filter(|(regex, _)| regex.is_match(path))
+            .find_map(|(_, candidates)| first(candidates, probe))
     }
 }
 
-/// Lowercase host without port; handles `[v6]:port`.
-fn normalize_host(host: &str) -> String {
+/// The first candidate whose conditions hold.
+fn first<'c>(candidates: &'c [Candidate], probe: &Probe<'_>) -> Option<&'c Arc<Route>> {
+    candidates
+        .iter()
+        .find(|c| c.conditions.hold(probe))
+        .map(|c| &c.route)
+}
+
+impl Conditions {
+    fn compile(m: &RouteMatch, route: &str) -> Result<Conditions, CompileError> {
+        let invalid = |field: String, reason: String| CompileError::Match {
+            route: route.to_string(),
+            field,
+            reason,
+        };
+        let methods = m
+            .methods
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                Method::from_bytes(name.as_bytes())
+                    .map_err(|e| invalid(format!("match.methods[{i}]"), e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        let headers = m
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let name = HeaderName::from_bytes(k.name.to_ascii_lowercase().as_bytes())
+                    .map_err(|e| invalid(format!("match.headers[{i}].name"), e.to_string()))?;
+                Ok((name, Rule::compile(k, route)?))
+            })
+            .collect::<Result<_, CompileError>>()?;
+        let query = m
+            .query_params
+            .iter()
+            .map(|k| Ok((k.name.as_str().into(), Rule::compile(k, route)?)))
+            .collect::<Result<_, CompileError>>()?;
+        Ok(Conditions {
+            methods,
+            headers,
+            query,
+        })
+    }
+
+    fn hold(&self, probe: &Probe<'_>) -> bool {
+        (self.methods.is_empty() || self.methods.contains(probe.method))
+            && self.headers.iter().all(|(name, rule)| {
+                let mut values = probe.headers.get_all(name).iter();
+                match rule {
+                    Rule::Present => values.next().is_some(),
+                    Rule::Absent => values.next().is_none(),
+                    Rule::Exact(_) | Rule::Regex(_) => {
+                        values.any(|v| v.to_str().is_ok_and(|v| rule.accepts(v)))
+                    }
+                }
+            })
+            && self.query.iter().all(|(name, rule)| {
+                let mut values = query_values(probe.query, name);
+                match rule {
+                    Rule::Present => values.next().is_some(),
+                    Rule::Absent => values.next().is_none(),
+                    Rule::Exact(_) | Rule::Regex(_) => values.any(|v| rule.accepts(v)),
+                }
+            })
+    }
+}
+
+impl Rule {
+    fn compile(k: &KeyMatch, route: &str) -> Result<Rule, CompileError> {
+        Ok(match &k.rule {
+            Some(KeyRule::Exact(v)) => Rule::Exact(v.as_str().into()),
+            Some(KeyRule::Regex(p)) => Rule::Regex(compile_regex(&anchor(p))?),
+            Some(KeyRule::Present(_)) => Rule::Present,
+            Some(KeyRule::Absent(_)) => Rule::Absent,
+            // Validation requires a rule; none is refused, not read as "any".
+            None => {
+                return Err(CompileError::Match {
+                    route: route.to_string(),
+                    field: format!("{}: rule", k.name),
+                    reason: "one rule is required".into(),
+                });
+            }
+        })
+    }
+
+    fn accepts(&self, value: &str) -> bool {
+        match self {
+            Rule::Exact(v) => **v == *value,
+            Rule::Regex(r) => r.is_match(value),
+            Rule::Present | Rule::Absent => true,
+        }
+    }
+}
+
+/// Values of the query parameter `name`, raw (not percent-decoded), scanned
+/// in place. A parameter without `=` has the empty value.
+fn query_values<'q>(query: Option<&'q str>, name: &'q str) -> impl Iterator<Item = &'q str> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(move |pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key == name && !pair.is_empty()).then_some(value)
+        })
+}
+
+/// `pattern` matching only the whole input.
+fn anchor(pattern: &str) -> String {
+    format!(r"\A(?:{pattern})\z")
+}
+
+fn compile_regex(pattern: &str) -> Result<regex::Regex, CompileError> {
+    regex::Regex::new(pattern).map_err(|e| CompileError::Regex {
+        pattern: pattern.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Lowercase host without port or trailing dot, written into `buffer`;
+/// handles `[v6]:port`. A host too long to be a DNS name comes back empty,
+/// which no table but `*` takes.
+fn normalize_host<'b>(host: &str, buffer: &'b mut [u8; MAX_HOST]) -> &'b str {
     let host = host.trim();
     let bare = if let Some(rest) = host.strip_prefix('[') {
         rest.split_once(']').map_or(rest, |(inside, _)| inside)
@@ -147,94 +434,15 @@ fn normalize_host(host: &str) -> String {
             .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
             .map_or(host, |(h, _)| h)
     };
-    bare.trim_end_matches('.').to_ascii_lowercase()
+    let bare = bare.trim_end_matches('.').as_bytes();
+    let Some(out) = buffer.get_mut(..bare.len()) else {
+        return "";
+    };
+    out.copy_from_slice(bare);
+    out.make_ascii_lowercase();
+    // ASCII lowercasing of valid UTF-8 is valid UTF-8.
+    std::str::from_utf8(out).unwrap_or_default()
 }
 
 #[cfg(test)]
-mod tests {
-    use prism_proto::pb::config::v1::route_match::Path;
-
-    use super::*;
-    use crate::runtime::Runtime;
-    use crate::runtime::tests::{backend, compile, namespace, route, sample};
-
-    fn routed<'a>(rt: &'a Runtime, host: &str, path: &str) -> Option<&'a str> {
-        rt.route(host, path).map(|t| t.name.as_str())
-    }
-
-    #[test]
-    fn the_catch_all_host_takes_what_no_other_host_does() {
-        let mut snapshot = sample();
-        snapshot.insert(namespace("fallback", &["*"]));
-        snapshot.insert(backend("fallback/web", &["127.0.0.1:3001"]));
-        snapshot.insert(route("fallback/all", "", Path::Prefix("/".into()), "web"));
-        let rt = compile(&snapshot, &Runtime::unconfigured());
-        assert_eq!(routed(&rt, "other.test", "/"), Some("fallback/all"));
-        assert_eq!(routed(&rt, "b.demo.test", "/x"), Some("demo/root"));
-        assert_eq!(routed(&rt, "demo.local", "/"), Some("demo/root"));
-    }
-
-    #[test]
-    fn exact_host_beats_wildcard_and_longest_wildcard_wins() {
-        let rt = compile(&sample(), &Runtime::unconfigured());
-        assert_eq!(rt.revision(), Some(7));
-        assert_eq!(routed(&rt, "demo.local", "/x"), Some("demo/root"));
-        assert_eq!(routed(&rt, "b.demo.test", "/x"), Some("demo/root"));
-        // A route for one host covered by a wildcard gets an exact entry.
-        assert_eq!(routed(&rt, "a.demo.test", "/x"), Some("demo/only-a"));
-        assert_eq!(routed(&rt, "a.demo.test", "/static/x"), Some("demo/static"));
-        // `*.api.demo.test` is a longer suffix than `*.demo.test`.
-        assert_eq!(routed(&rt, "x.api.demo.test", "/x"), Some("api/all"));
-        // A wildcard does not match its bare suffix.
-        assert_eq!(routed(&rt, "demo.test", "/x"), None);
-    }
-
-    #[test]
-    fn exact_path_beats_prefix_and_longest_prefix_wins() {
-        let rt = compile(&sample(), &Runtime::unconfigured());
-        assert_eq!(
-            routed(&rt, "demo.local", "/static/health"),
-            Some("demo/health")
-        );
-        assert_eq!(
-            routed(&rt, "demo.local", "/static/health/x"),
-            Some("demo/static")
-        );
-        assert_eq!(
-            routed(&rt, "demo.local", "/static/img/a.png"),
-            Some("demo/static-img")
-        );
-        assert_eq!(
-            routed(&rt, "demo.local", "/static/a.css"),
-            Some("demo/static")
-        );
-        assert_eq!(routed(&rt, "demo.local", "/"), Some("demo/root"));
-    }
-
-    #[test]
-    fn host_is_case_insensitive_and_port_is_ignored() {
-        let rt = compile(&sample(), &Runtime::unconfigured());
-        assert_eq!(routed(&rt, "DEMO.local:8080", "/"), Some("demo/root"));
-        assert_eq!(routed(&rt, "Api.Example.COM", "/"), Some("api/all"));
-        assert_eq!(normalize_host("[::1]:8080"), "::1");
-    }
-
-    #[test]
-    fn unknown_host_or_path_matches_nothing() {
-        let rt = compile(&sample(), &Runtime::unconfigured());
-        assert!(rt.route("other.local", "/").is_none());
-        let only_exact = Snapshot::from_resources(
-            1,
-            [
-                namespace("n", &["n.local"]),
-                backend("n/b", &["127.0.0.1:1"]),
-                route("n/r", "", Path::Exact("/a".into()), "b"),
-            ],
-        );
-        let rt = compile(&only_exact, &Runtime::unconfigured());
-        assert!(rt.route("n.local", "/a/b").is_none());
-        assert!(rt.route("n.local", "/a").is_some());
-        assert!(!Runtime::unconfigured().is_configured());
-        assert!(Runtime::unconfigured().route("n.local", "/a").is_none());
-    }
-}
+mod tests;

@@ -6,6 +6,7 @@
 //! did not change is carried over as the same `Arc`, so it keeps its state —
 //! its connection pool and its balancer position — across applies.
 
+mod action;
 mod backend;
 mod matcher;
 
@@ -16,12 +17,14 @@ use std::time::Duration;
 pub(crate) use prism_proto::defaults::{
     CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT, REQUEST_TIMEOUT as DEFAULT_REQUEST_TIMEOUT,
 };
-use prism_proto::pb::config::v1::route_match::Path;
 use prism_proto::{Kind, Resource, Snapshot};
 
 use crate::http::timeout;
-use matcher::{Entry, Matcher, PathMatch};
+use matcher::{Entry, Matcher};
 
+pub(crate) use matcher::Probe;
+
+pub(crate) use action::{Action, HeaderMutation};
 pub(crate) use backend::{Backend, OwnAddresses};
 
 /// A compiled, immutable view of the policy. A request `load_full()`s it once,
@@ -43,8 +46,14 @@ pub(crate) struct Runtime {
 pub(crate) struct Route {
     /// Full route name, `namespace/name`.
     pub name: String,
-    pub backend: Arc<Backend>,
+    /// Forward (to a backend picked per request), redirect or respond.
+    pub action: Action,
     pub timeout: timeout::Params,
+    /// Applied to the request on its way upstream.
+    pub request_headers: HeaderMutation,
+    /// Applied to every response the route gives: the upstream's, a
+    /// redirect or a direct response.
+    pub response_headers: HeaderMutation,
 }
 
 /// Why a snapshot could not be compiled (it passed validation, so this is
@@ -67,6 +76,16 @@ pub(crate) enum CompileError {
     },
     #[error("Backend {backend}: endpoints: at least one endpoint is required")]
     NoEndpoints { backend: String },
+    /// A regular expression the proxy's engine refuses (validation already
+    /// bounds them, so this is a tier of many patterns growing too large).
+    #[error("Regular expression `{pattern}`: {reason}")]
+    Regex { pattern: String, reason: String },
+    #[error("Route {route}: {field}: {reason}")]
+    Match {
+        route: String,
+        field: String,
+        reason: String,
+    },
     #[error("Route {route}: backend: backend `{backend}` does not exist")]
     MissingBackend { route: String, backend: String },
     /// A field this proxy cannot honour yet. Refusing the snapshot (a NACK
@@ -126,15 +145,15 @@ impl Runtime {
                 });
             }
             let namespace = entry.resource.namespace();
-            let backend_name = format!("{namespace}/{}", spec.backend);
-            let Some(backend) = backends.get(&backend_name) else {
-                return Err(CompileError::MissingBackend {
-                    route: spec.name.clone(),
-                    backend: backend_name,
-                });
-            };
-            let Some(m) = &spec.r#match else { continue };
-            let Some(path) = &m.path else { continue };
+            let action = Action::compile(spec, namespace, |name| backends.get(name).cloned())?;
+            if spec
+                .r#match
+                .as_ref()
+                .and_then(|m| m.path.as_ref())
+                .is_none()
+            {
+                continue;
+            }
             let response = spec
                 .timeout
                 .as_ref()
@@ -143,20 +162,23 @@ impl Runtime {
                 .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
             let route = Arc::new(Route {
                 name: spec.name.clone(),
-                backend: Arc::clone(backend),
+                action,
                 timeout: timeout::Params { response },
+                request_headers: HeaderMutation::compile(
+                    spec.request_headers.as_ref(),
+                    &spec.name,
+                    "request_headers",
+                )?,
+                response_headers: HeaderMutation::compile(
+                    spec.response_headers.as_ref(),
+                    &spec.name,
+                    "response_headers",
+                )?,
             });
-            let path = match path {
-                Path::Exact(p) => PathMatch::Exact(p),
-                Path::Prefix(p) => PathMatch::Prefix(p),
-                // Refused by `unsupported` above.
-                Path::Regex(_) => continue,
-            };
-            by_namespace.entry(namespace).or_default().push(Entry {
-                host: m.host.as_str(),
-                path,
-                route,
-            });
+            by_namespace
+                .entry(namespace)
+                .or_default()
+                .push(Entry { spec, route });
         }
 
         for entry in snapshot.of_kind(Kind::Namespace) {
@@ -172,7 +194,7 @@ impl Runtime {
 
         Ok(Runtime {
             revision: Some(snapshot.revision),
-            matcher: Matcher::build(snapshot, by_namespace),
+            matcher: Matcher::build(snapshot, by_namespace)?,
             backends,
         })
     }
@@ -189,9 +211,9 @@ impl Runtime {
     }
 
     /// The route for a request to `host` (a Host header or `:authority`,
-    /// any case, with or without port) and `path` (without query).
-    pub(crate) fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
-        self.matcher.route(host, path)
+    /// any case, with or without port) that looks like `probe`.
+    pub(crate) fn route(&self, host: &str, probe: &Probe<'_>) -> Option<&Arc<Route>> {
+        self.matcher.route(host, probe)
     }
 
     /// A backend by full name.
@@ -203,29 +225,23 @@ impl Runtime {
 
 /// The first route field, in schema order, that this proxy cannot honour yet.
 fn unsupported(route: &prism_proto::Route) -> Option<&'static str> {
-    let m = route.r#match.as_ref();
     [
-        (
-            "match.regex",
-            matches!(m.and_then(|m| m.path.as_ref()), Some(Path::Regex(_))),
-        ),
-        ("match.methods", m.is_some_and(|m| !m.methods.is_empty())),
-        ("match.headers", m.is_some_and(|m| !m.headers.is_empty())),
-        (
-            "match.query_params",
-            m.is_some_and(|m| !m.query_params.is_empty()),
-        ),
-        ("backends", !route.backends.is_empty()),
-        ("redirect", route.redirect.is_some()),
-        ("direct_response", route.direct_response.is_some()),
-        ("rewrite", route.rewrite.is_some()),
-        ("request_headers", route.request_headers.is_some()),
-        ("response_headers", route.response_headers.is_some()),
         ("rate_limits", !route.rate_limits.is_empty()),
         ("max_request_body_bytes", route.max_request_body_bytes > 0),
     ]
     .into_iter()
     .find_map(|(field, used)| used.then_some(field))
+}
+
+#[cfg(test)]
+impl Route {
+    /// The first backend of a forwarding route.
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
+        match &self.action {
+            Action::Forward(forward) => forward.backends().next().expect("a backend"),
+            _ => panic!("route {} does not forward", self.name),
+        }
+    }
 }
 
 fn namespace_timeout(snapshot: &Snapshot, namespace: &str) -> Option<Duration> {
@@ -241,6 +257,7 @@ fn namespace_timeout(snapshot: &Snapshot, namespace: &str) -> Option<Duration> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use prism_proto::pb::config::v1::route_match::Path;
     use prism_proto::pb::config::v1::{self as pb, Endpoint, Namespace, RouteMatch};
 
     use super::*;
@@ -278,6 +295,18 @@ pub(crate) mod tests {
             backend: backend.into(),
             ..Default::default()
         })
+    }
+
+    /// The route a plain `GET` of `path` on `host` takes.
+    pub(crate) fn lookup<'a>(rt: &'a Runtime, host: &str, path: &str) -> Option<&'a Arc<Route>> {
+        let headers = http::HeaderMap::new();
+        let probe = Probe {
+            method: &http::Method::GET,
+            path,
+            query: None,
+            headers: &headers,
+        };
+        rt.route(host, &probe)
     }
 
     pub(crate) fn prefix(p: &str) -> Path {
@@ -325,8 +354,8 @@ pub(crate) mod tests {
             second.backend("demo/web").expect("backend")
         ));
         // The route that uses it points at the very same backend, pool and all.
-        let route = second.route("demo.local", "/").expect("route");
-        assert!(Arc::ptr_eq(&web, &route.backend));
+        let route = lookup(&second, "demo.local", "/").expect("route");
+        assert!(Arc::ptr_eq(&web, route.backend()));
         assert!(!Arc::ptr_eq(
             first.backend("api/svc").expect("backend"),
             second.backend("api/svc").expect("backend")
@@ -353,7 +382,7 @@ pub(crate) mod tests {
             snapshot.insert(Resource::Route(r));
         }
         let rt = compile(&snapshot, &Runtime::unconfigured());
-        let timeout = |h: &str, p: &str| rt.route(h, p).map(|t| t.timeout.response);
+        let timeout = |h: &str, p: &str| lookup(&rt, h, p).map(|t| t.timeout.response);
         assert_eq!(timeout("demo.local", "/slow"), Some(Duration::from_secs(1)));
         assert_eq!(
             timeout("api.example.com", "/"),
@@ -393,34 +422,27 @@ pub(crate) mod tests {
                 .map(|_| ())
                 .unwrap_err()
         };
-        let mut methods = sample();
+        let mut limited = sample();
         if let Resource::Route(mut r) = route("demo/get", "", prefix("/get"), "web") {
-            if let Some(m) = r.r#match.as_mut() {
-                m.methods = vec!["GET".into()];
-            }
-            methods.insert(Resource::Route(r));
+            r.max_request_body_bytes = 10;
+            limited.insert(Resource::Route(r));
         }
         assert_eq!(
-            refused(&methods).to_string(),
-            "Route demo/get: match.methods: not supported by this proxy yet"
+            refused(&limited).to_string(),
+            "Route demo/get: max_request_body_bytes: not supported by this proxy yet"
         );
 
-        let mut redirect = sample();
-        redirect.insert(Resource::Route(pb::Route {
-            name: "demo/old".into(),
-            r#match: Some(RouteMatch {
-                path: Some(Path::Exact("/old".into())),
-                ..Default::default()
-            }),
-            redirect: Some(Default::default()),
-            ..Default::default()
-        }));
-        let error = refused(&redirect);
+        let mut limited = sample();
+        if let Resource::Route(mut r) = route("demo/limited", "", prefix("/l"), "web") {
+            r.rate_limits = vec![Default::default()];
+            limited.insert(Resource::Route(r));
+        }
+        let error = refused(&limited);
         assert!(
             matches!(
                 error,
                 CompileError::Unsupported {
-                    field: "redirect",
+                    field: "rate_limits",
                     ..
                 }
             ),
