@@ -6,6 +6,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::time::Duration;
 
 /// The error type at every tower boundary of the request path.
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
@@ -37,6 +38,10 @@ pub(crate) enum ProxyError {
     Timeout,
     #[error("upstream request failed")]
     Upstream(#[source] BoxError),
+    /// A rate limit of the route or its namespace refused the request; a
+    /// token is there again after `retry_after`.
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
     /// An error no stage classified: a bug, reported without detail.
     #[error("internal error")]
     Internal,
@@ -58,13 +63,14 @@ impl ProxyError {
             ProxyError::ConnectTimeout => "connect_timeout",
             ProxyError::Timeout => "timeout",
             ProxyError::Upstream(_) => "upstream",
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Internal => "internal",
         }
     }
 
     pub(crate) fn blame(&self) -> Blame {
         match self {
-            ProxyError::NoRoute { .. } => Blame::Client,
+            ProxyError::NoRoute { .. } | ProxyError::RateLimited { .. } => Blame::Client,
             ProxyError::NotConfigured | ProxyError::Internal => Blame::Proxy,
             ProxyError::Connect(_)
             | ProxyError::ConnectTimeout

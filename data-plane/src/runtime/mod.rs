@@ -19,6 +19,7 @@ pub(crate) use prism_proto::defaults::{
 use prism_proto::pb::config::v1::route_match::Path;
 use prism_proto::{Kind, Resource, Snapshot};
 
+use crate::http::ratelimit::{self, Limits};
 use crate::http::timeout;
 use matcher::{Entry, Matcher, PathMatch};
 
@@ -35,6 +36,10 @@ pub(crate) struct Runtime {
     matcher: Matcher,
     /// Backends by full name (`namespace/name`), for reuse by the next compile.
     backends: HashMap<String, Arc<Backend>>,
+    /// Rate limits by namespace name and by route name, for reuse by the next
+    /// compile: limits compiled from the same spec keep their buckets.
+    namespace_limits: HashMap<String, Arc<Limits>>,
+    route_limits: HashMap<String, Arc<Limits>>,
 }
 
 /// A matched route: where the request goes and the parameters of the stages
@@ -45,6 +50,7 @@ pub(crate) struct Route {
     pub name: String,
     pub backend: Arc<Backend>,
     pub timeout: timeout::Params,
+    pub rate_limit: ratelimit::Params,
 }
 
 /// Why a snapshot could not be compiled (it passed validation, so this is
@@ -113,6 +119,17 @@ impl Runtime {
             backends.insert(spec.name.clone(), backend);
         }
 
+        let mut namespace_limits = HashMap::new();
+        for entry in snapshot.of_kind(Kind::Namespace) {
+            if let Resource::Namespace(ns) = &entry.resource
+                && let Some(limits) =
+                    Limits::compile(&ns.rate_limits, previous.namespace_limits.get(&ns.name))
+            {
+                namespace_limits.insert(ns.name.clone(), limits);
+            }
+        }
+        let mut route_limits = HashMap::new();
+
         // Routes grouped by namespace; the matcher builds each host's table.
         let mut by_namespace: HashMap<&str, Vec<Entry<'_>>> = HashMap::new();
         for entry in snapshot.of_kind(Kind::Route) {
@@ -141,10 +158,19 @@ impl Runtime {
                 .and_then(prism_proto::defaults::to_std)
                 .or_else(|| namespace_timeout(snapshot, namespace))
                 .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+            let own_limits =
+                Limits::compile(&spec.rate_limits, previous.route_limits.get(&spec.name));
+            if let Some(limits) = &own_limits {
+                route_limits.insert(spec.name.clone(), Arc::clone(limits));
+            }
             let route = Arc::new(Route {
                 name: spec.name.clone(),
                 backend: Arc::clone(backend),
                 timeout: timeout::Params { response },
+                rate_limit: ratelimit::Params {
+                    namespace: namespace_limits.get(namespace).cloned(),
+                    route: own_limits,
+                },
             });
             let path = match path {
                 Path::Exact(p) => PathMatch::Exact(p),
@@ -159,21 +185,12 @@ impl Runtime {
             });
         }
 
-        for entry in snapshot.of_kind(Kind::Namespace) {
-            if let Resource::Namespace(ns) = &entry.resource
-                && !ns.rate_limits.is_empty()
-            {
-                return Err(CompileError::Unsupported {
-                    resource: entry.resource.key().to_string(),
-                    field: "rate_limits",
-                });
-            }
-        }
-
         Ok(Runtime {
             revision: Some(snapshot.revision),
             matcher: Matcher::build(snapshot, by_namespace),
             backends,
+            namespace_limits,
+            route_limits,
         })
     }
 
@@ -221,7 +238,6 @@ fn unsupported(route: &prism_proto::Route) -> Option<&'static str> {
         ("rewrite", route.rewrite.is_some()),
         ("request_headers", route.request_headers.is_some()),
         ("response_headers", route.response_headers.is_some()),
-        ("rate_limits", !route.rate_limits.is_empty()),
         ("max_request_body_bytes", route.max_request_body_bytes > 0),
     ]
     .into_iter()
