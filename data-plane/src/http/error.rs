@@ -42,6 +42,9 @@ pub(crate) enum ProxyError {
     /// token is there again after `retry_after`.
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
+    /// The request body is longer than the route's `max_request_body_bytes`.
+    #[error("request body too large")]
+    BodyTooLarge,
     /// An error no stage classified: a bug, reported without detail.
     #[error("internal error")]
     Internal,
@@ -64,13 +67,16 @@ impl ProxyError {
             ProxyError::Timeout => "timeout",
             ProxyError::Upstream(_) => "upstream",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::Internal => "internal",
         }
     }
 
     pub(crate) fn blame(&self) -> Blame {
         match self {
-            ProxyError::NoRoute { .. } | ProxyError::RateLimited { .. } => Blame::Client,
+            ProxyError::NoRoute { .. }
+            | ProxyError::RateLimited { .. }
+            | ProxyError::BodyTooLarge => Blame::Client,
             ProxyError::NotConfigured | ProxyError::Internal => Blame::Proxy,
             ProxyError::Connect(_)
             | ProxyError::ConnectTimeout

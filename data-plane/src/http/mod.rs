@@ -7,6 +7,7 @@
 
 pub(crate) mod backend;
 pub(crate) mod body;
+pub(crate) mod bodylimit;
 pub(crate) mod endpoint;
 pub(crate) mod error;
 pub(crate) mod normalize;
@@ -28,7 +29,11 @@ use crate::runtime::Runtime;
 /// The proxy's request path, outermost first.
 pub(crate) type Stack = respond::Respond<
     normalize::Normalize<
-        route::Router<ratelimit::RateLimit<timeout::Timeout<backend::Balance<endpoint::Forward>>>>,
+        route::Router<
+            ratelimit::RateLimit<
+                bodylimit::BodyLimit<timeout::Timeout<backend::Balance<endpoint::Forward>>>,
+            >,
+        >,
     >,
 >;
 
@@ -45,6 +50,8 @@ pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>) -> Stack {
         .layer(route::RouteLayer::new(runtime))
         // The namespace's and the route's token buckets: 429 when empty.
         .layer(ratelimit::RateLimitLayer)
+        // The route's max_request_body_bytes: 413 beyond it.
+        .layer(bodylimit::BodyLimitLayer)
         // The route timeout bounds the whole response.
         .layer(timeout::TimeoutLayer)
         // An endpoint of the route's backend.

@@ -252,6 +252,7 @@ fn http_status(error: &ProxyError) -> StatusCode {
         ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -264,7 +265,7 @@ fn grpc_code(error: &ProxyError) -> u16 {
         | ProxyError::Upstream(_) => grpc::UNAVAILABLE,
         ProxyError::NoRoute { .. } => grpc::UNIMPLEMENTED,
         ProxyError::Timeout => grpc::DEADLINE_EXCEEDED,
-        ProxyError::RateLimited { .. } => grpc::RESOURCE_EXHAUSTED,
+        ProxyError::RateLimited { .. } | ProxyError::BodyTooLarge => grpc::RESOURCE_EXHAUSTED,
         ProxyError::Internal => grpc::INTERNAL,
     }
 }
@@ -345,6 +346,7 @@ mod tests {
                 429,
                 grpc::RESOURCE_EXHAUSTED,
             ),
+            (ProxyError::BodyTooLarge, 413, grpc::RESOURCE_EXHAUSTED),
         ];
         for (error, status, code) in cases {
             assert_eq!(http_status(&error).as_u16(), status, "{error}");

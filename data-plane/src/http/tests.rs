@@ -689,3 +689,51 @@ async fn a_per_client_ip_limit_keeps_a_bucket_per_address() {
     assert_eq!(from([127, 0, 0, 1]).await, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(from([127, 0, 0, 2]).await, StatusCode::OK, "another client");
 }
+
+/// An upstream that reads the whole request body before it answers with its length.
+async fn counting_upstream() -> SocketAddr {
+    upstream(|request: Request<Incoming>| async move {
+        let length = match request.into_body().collect().await {
+            Ok(body) => body.to_bytes().len().to_string(),
+            Err(_) => "broken".to_string(),
+        };
+        Response::new(boxed(Full::new(Bytes::from(length))))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_body_over_the_route_limit_gets_413() {
+    let web = counting_upstream().await;
+    let proxy = start_proxy().await;
+    let mut snapshot = policy(&[("/", "web", &[web])], None);
+    edit_route(&mut snapshot, "demo/r0", |r| r.max_request_body_bytes = 4);
+    proxy.apply(&snapshot);
+
+    let (status, _, body) = send(&proxy, "demo.local", "/", "four").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "4"));
+    // Announced by content-length: refused before anything goes upstream.
+    let (status, _, body) = send(&proxy, "demo.local", "/", "fives").await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body, "request body too large\n");
+
+    // Streamed without a length: refused once it crosses the limit.
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let request = Request::post(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(StreamBody::new(ReceiverStream::new(chunk_rx)))
+        .expect("request");
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = tokio::spawn(client.request(request));
+    for chunk in ["abc", "def"] {
+        // The proxy may stop reading once it has refused the body.
+        let _ = chunks.send(Ok(Frame::data(Bytes::from(chunk)))).await;
+    }
+    drop(chunks);
+    let response = tokio::time::timeout(DEADLINE, response)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}

@@ -51,6 +51,8 @@ pub(crate) struct Route {
     pub backend: Arc<Backend>,
     pub timeout: timeout::Params,
     pub rate_limit: ratelimit::Params,
+    /// The longest request body the route takes; unlimited when `None`.
+    pub max_request_body_bytes: Option<u64>,
 }
 
 /// Why a snapshot could not be compiled (it passed validation, so this is
@@ -171,6 +173,8 @@ impl Runtime {
                     namespace: namespace_limits.get(namespace).cloned(),
                     route: own_limits,
                 },
+                max_request_body_bytes: (spec.max_request_body_bytes > 0)
+                    .then_some(spec.max_request_body_bytes),
             });
             let path = match path {
                 Path::Exact(p) => PathMatch::Exact(p),
@@ -238,7 +242,6 @@ fn unsupported(route: &prism_proto::Route) -> Option<&'static str> {
         ("rewrite", route.rewrite.is_some()),
         ("request_headers", route.request_headers.is_some()),
         ("response_headers", route.response_headers.is_some()),
-        ("max_request_body_bytes", route.max_request_body_bytes > 0),
     ]
     .into_iter()
     .find_map(|(field, used)| used.then_some(field))
