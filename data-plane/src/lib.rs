@@ -35,6 +35,12 @@ pub use config::last_good::FILE_NAME as LAST_GOOD_FILE;
 pub use config::subset::{SubsetError, parse_namespaces, parse_selector};
 pub use error::Error;
 
+/// Internals that benchmarks measure; not an API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::http::ratelimit::bench::Bucket;
+}
+
 /// How long shutdown waits for the last accepted snapshot to reach the disk.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`Config::header_read_timeout`] unless set.

@@ -37,6 +37,11 @@ pub(crate) struct ReplayBody<B = Incoming> {
 #[derive(Debug)]
 pub(crate) struct BodyEnd<B = Incoming>(Arc<Mutex<Shared<B>>>);
 
+/// The body went past the route's `max_request_body_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than the route allows")]
+pub(crate) struct BodyTooLarge;
+
 /// A copy could not be served: the body went past [`REPLAY_LIMIT`] or failed
 /// while an earlier copy read it.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +75,9 @@ struct Shared<B> {
     trailers: Option<HeaderMap>,
     /// When `source` reached its end.
     ended: Option<Instant>,
+    /// Bytes read from `source` so far, and the most it may yield.
+    total: u64,
+    limit: u64,
 }
 
 impl<B> ReplayBody<B>
@@ -92,6 +100,8 @@ where
                     failed: false,
                     trailers: None,
                     ended: None,
+                    total: 0,
+                    limit: u64::MAX,
                 })),
                 next: 0,
                 trailers_sent: false,
@@ -122,6 +132,14 @@ where
             state,
             hint: self.hint,
         })
+    }
+
+    /// Fails the body with [`BodyTooLarge`] once more than `max` bytes have
+    /// come from the client.
+    pub(crate) fn limit(&mut self, max: u64) {
+        if let State::Shared { shared, .. } = &self.state {
+            lock(shared).limit = max;
+        }
     }
 
     /// Tells when the body ends; `None` when it had ended on arrival.
@@ -217,6 +235,11 @@ where
             }
         };
         if let Some(data) = frame.data_ref() {
+            shared.total += data.len() as u64;
+            if shared.total > shared.limit {
+                shared.failed = true;
+                return Poll::Ready(Some(Err(BodyTooLarge.into())));
+            }
             shared.record(data);
             *next += 1;
         } else if let Some(trailers) = frame.trailers_ref() {

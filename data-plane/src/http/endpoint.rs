@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tower::Service;
 
 use super::backend::Picked;
-use super::body::ReplayBody;
+use super::body::{BodyTooLarge, ReplayBody};
 use super::error::{BoxError, ProxyError};
 use crate::runtime::{Backend, Route};
 
@@ -231,6 +231,9 @@ fn classify(error: legacy::Error) -> ProxyError {
     while let Some(e) = cause {
         if e.is::<ConnectTimedOut>() {
             return ProxyError::ConnectTimeout;
+        }
+        if e.is::<BodyTooLarge>() {
+            return ProxyError::BodyTooLarge;
         }
         cause = e.source();
     }

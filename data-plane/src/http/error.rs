@@ -6,6 +6,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::time::Duration;
 
 /// The error type at every tower boundary of the request path.
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
@@ -37,6 +38,13 @@ pub(crate) enum ProxyError {
     Timeout,
     #[error("upstream request failed")]
     Upstream(#[source] BoxError),
+    /// A rate limit of the route or its namespace refused the request; a
+    /// token is there again after `retry_after`.
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+    /// The request body is longer than the route's `max_request_body_bytes`.
+    #[error("request body too large")]
+    BodyTooLarge,
     /// An error no stage classified: a bug, reported without detail.
     #[error("internal error")]
     Internal,
@@ -58,13 +66,17 @@ impl ProxyError {
             ProxyError::ConnectTimeout => "connect_timeout",
             ProxyError::Timeout => "timeout",
             ProxyError::Upstream(_) => "upstream",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::Internal => "internal",
         }
     }
 
     pub(crate) fn blame(&self) -> Blame {
         match self {
-            ProxyError::NoRoute { .. } => Blame::Client,
+            ProxyError::NoRoute { .. }
+            | ProxyError::RateLimited { .. }
+            | ProxyError::BodyTooLarge => Blame::Client,
             ProxyError::NotConfigured | ProxyError::Internal => Blame::Proxy,
             ProxyError::Connect(_)
             | ProxyError::ConnectTimeout

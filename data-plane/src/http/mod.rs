@@ -7,9 +7,11 @@
 
 pub(crate) mod backend;
 pub(crate) mod body;
+pub(crate) mod bodylimit;
 pub(crate) mod endpoint;
 pub(crate) mod error;
 pub(crate) mod normalize;
+pub(crate) mod ratelimit;
 pub(crate) mod respond;
 pub(crate) mod route;
 pub(crate) mod server;
@@ -26,7 +28,13 @@ use crate::runtime::Runtime;
 
 /// The proxy's request path, outermost first.
 pub(crate) type Stack = respond::Respond<
-    normalize::Normalize<route::Router<timeout::Timeout<backend::Balance<endpoint::Forward>>>>,
+    normalize::Normalize<
+        route::Router<
+            ratelimit::RateLimit<
+                bodylimit::BodyLimit<timeout::Timeout<backend::Balance<endpoint::Forward>>>,
+            >,
+        >,
+    >,
 >;
 
 /// The request path, in the order of DESIGN.md: server limits → rate limit →
@@ -40,6 +48,10 @@ pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>) -> Stack {
         .layer(normalize::NormalizeLayer)
         // One runtime view per request; host + path → route.
         .layer(route::RouteLayer::new(runtime))
+        // The namespace's and the route's token buckets: 429 when empty.
+        .layer(ratelimit::RateLimitLayer)
+        // The route's max_request_body_bytes: 413 beyond it.
+        .layer(bodylimit::BodyLimitLayer)
         // The route timeout bounds the whole response.
         .layer(timeout::TimeoutLayer)
         // An endpoint of the route's backend.

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -30,6 +31,7 @@ const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// gRPC status codes (`google.rpc.Code`) the proxy answers with.
 mod grpc {
     pub const DEADLINE_EXCEEDED: u16 = 4;
+    pub const RESOURCE_EXHAUSTED: u16 = 8;
     pub const UNIMPLEMENTED: u16 = 12;
     pub const INTERNAL: u16 = 13;
     pub const UNAVAILABLE: u16 = 14;
@@ -227,8 +229,20 @@ fn error_response<B>(error: &ProxyError, grpc: bool) -> Response<ResponseBody<B>
             text: Some(Bytes::from(message + "\n")),
         };
     }
+    if let ProxyError::RateLimited { retry_after } = error {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, retry_after_seconds(*retry_after));
+    }
     response.headers_mut().insert(header::VIA, VIA);
     response
+}
+
+/// `retry-after` in whole seconds, rounded up: a client that waits that long
+/// finds a token.
+fn retry_after_seconds(wait: Duration) -> HeaderValue {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(seconds.max(1))
 }
 
 fn http_status(error: &ProxyError) -> StatusCode {
@@ -237,6 +251,8 @@ fn http_status(error: &ProxyError) -> StatusCode {
         ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
         ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -249,6 +265,7 @@ fn grpc_code(error: &ProxyError) -> u16 {
         | ProxyError::Upstream(_) => grpc::UNAVAILABLE,
         ProxyError::NoRoute { .. } => grpc::UNIMPLEMENTED,
         ProxyError::Timeout => grpc::DEADLINE_EXCEEDED,
+        ProxyError::RateLimited { .. } | ProxyError::BodyTooLarge => grpc::RESOURCE_EXHAUSTED,
         ProxyError::Internal => grpc::INTERNAL,
     }
 }
@@ -322,11 +339,26 @@ mod tests {
             (ProxyError::Timeout, 504, grpc::DEADLINE_EXCEEDED),
             (ProxyError::Upstream(boxed()), 502, grpc::UNAVAILABLE),
             (ProxyError::Internal, 500, grpc::INTERNAL),
+            (
+                ProxyError::RateLimited {
+                    retry_after: Duration::from_millis(1),
+                },
+                429,
+                grpc::RESOURCE_EXHAUSTED,
+            ),
+            (ProxyError::BodyTooLarge, 413, grpc::RESOURCE_EXHAUSTED),
         ];
         for (error, status, code) in cases {
             assert_eq!(http_status(&error).as_u16(), status, "{error}");
             assert_eq!(grpc_code(&error), code, "{error}");
         }
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up() {
+        assert_eq!(retry_after_seconds(Duration::from_millis(1)), "1");
+        assert_eq!(retry_after_seconds(Duration::from_secs(2)), "2");
+        assert_eq!(retry_after_seconds(Duration::from_millis(2001)), "3");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use prism_proto::pb::config::v1::{Endpoint, Namespace, Route, RouteMatch, route_match};
+use prism_proto::pb::config::v1::{Endpoint, Namespace, RateLimit, Route, RouteMatch, route_match};
 use prism_proto::{Resource, Snapshot};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
@@ -565,6 +565,177 @@ async fn a_client_that_dribbles_its_headers_is_cut_off() {
     // One that sends nothing at all is cut off too.
     let silent = TcpStream::connect(proxy.addr).await.expect("connect");
     assert!(closed_by_proxy(silent).await >= limit);
+}
+
+/// `snapshot` with route `name` changed by `edit`.
+fn edit_route(snapshot: &mut Snapshot, name: &str, edit: impl FnOnce(&mut Route)) {
+    let key = prism_proto::ResourceKey::new(prism_proto::Kind::Route, name);
+    let Some(Resource::Route(mut route)) = snapshot.get(&key).map(|e| e.resource.clone()) else {
+        panic!("no route {name}");
+    };
+    edit(&mut route);
+    snapshot.insert(Resource::Route(route));
+    prism_proto::validate_snapshot(snapshot).expect("valid policy");
+}
+
+/// `snapshot` with namespace `demo` changed by `edit`.
+fn edit_namespace(snapshot: &mut Snapshot, edit: impl FnOnce(&mut Namespace)) {
+    let key = prism_proto::ResourceKey::new(prism_proto::Kind::Namespace, "demo");
+    let Some(Resource::Namespace(mut ns)) = snapshot.get(&key).map(|e| e.resource.clone()) else {
+        panic!("no namespace demo");
+    };
+    edit(&mut ns);
+    snapshot.insert(Resource::Namespace(ns));
+    prism_proto::validate_snapshot(snapshot).expect("valid policy");
+}
+
+fn rate_limit(per_second: u32, burst: u32, per_client_ip: bool) -> RateLimit {
+    RateLimit {
+        requests_per_second: per_second,
+        burst,
+        per_client_ip,
+    }
+}
+
+#[tokio::test]
+async fn a_route_rate_limit_answers_429_with_retry_after_and_grpc_resource_exhausted() {
+    let web = echo_upstream("web").await;
+    let proxy = start_proxy().await;
+    let mut snapshot = policy(&[("/", "web", &[web])], None);
+    edit_route(&mut snapshot, "demo/r0", |r| {
+        r.rate_limits = vec![rate_limit(1, 2, false)];
+    });
+    proxy.apply(&snapshot);
+
+    for _ in 0..2 {
+        let (status, headers, _) = send(&proxy, "demo.local", "/", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(header_str(&headers, "x-upstream"), "web");
+    }
+    let (status, headers, body) = send(&proxy, "demo.local", "/", "").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header_str(&headers, "retry-after"), "1");
+    assert_eq!(body, "rate limited\n");
+    assert!(!headers.contains_key("x-upstream"), "reached the upstream");
+
+    let request = Request::post(format!("http://{}/pkg.Svc/Call", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(header_str(response.headers(), "grpc-status"), "8");
+    assert_eq!(
+        header_str(response.headers(), "grpc-message"),
+        "rate limited"
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_rate_limit_is_shared_by_its_routes_and_survives_applies() {
+    let (web, api) = (echo_upstream("web").await, echo_upstream("api").await);
+    let proxy = start_proxy().await;
+    let limited = |revision, api_endpoints: &[SocketAddr]| {
+        let mut snapshot = policy_at(
+            revision,
+            &[("/", "web", &[web]), ("/api/", "api", api_endpoints)],
+            None,
+        );
+        edit_namespace(&mut snapshot, |ns| {
+            ns.rate_limits = vec![rate_limit(1, 1, false)];
+        });
+        snapshot
+    };
+    proxy.apply(&limited(1, &[api]));
+    let (status, _, _) = send(&proxy, "demo.local", "/", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = send(&proxy, "demo.local", "/api/x", "").await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "one bucket per namespace"
+    );
+    // A change elsewhere in the policy leaves the namespace's bucket as it was.
+    proxy.apply(&limited(2, &[api, web]));
+    let (status, _, _) = send(&proxy, "demo.local", "/", "").await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the bucket was refilled"
+    );
+}
+
+#[tokio::test]
+async fn a_per_client_ip_limit_keeps_a_bucket_per_address() {
+    let web = echo_upstream("web").await;
+    let proxy = start_proxy().await;
+    let mut snapshot = policy(&[("/", "web", &[web])], None);
+    edit_route(&mut snapshot, "demo/r0", |r| {
+        r.rate_limits = vec![rate_limit(1, 1, true)];
+    });
+    proxy.apply(&snapshot);
+    let from = |ip: [u8; 4]| {
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(std::net::IpAddr::from(ip)));
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+        let request = Request::get(format!("http://{}/", proxy.addr))
+            .header(header::HOST, "demo.local")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        async move { client.request(request).await.expect("response").status() }
+    };
+    assert_eq!(from([127, 0, 0, 1]).await, StatusCode::OK);
+    assert_eq!(from([127, 0, 0, 1]).await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(from([127, 0, 0, 2]).await, StatusCode::OK, "another client");
+}
+
+/// An upstream that reads the whole request body before it answers with its length.
+async fn counting_upstream() -> SocketAddr {
+    upstream(|request: Request<Incoming>| async move {
+        let length = match request.into_body().collect().await {
+            Ok(body) => body.to_bytes().len().to_string(),
+            Err(_) => "broken".to_string(),
+        };
+        Response::new(boxed(Full::new(Bytes::from(length))))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_body_over_the_route_limit_gets_413() {
+    let web = counting_upstream().await;
+    let proxy = start_proxy().await;
+    let mut snapshot = policy(&[("/", "web", &[web])], None);
+    edit_route(&mut snapshot, "demo/r0", |r| r.max_request_body_bytes = 4);
+    proxy.apply(&snapshot);
+
+    let (status, _, body) = send(&proxy, "demo.local", "/", "four").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "4"));
+    // Announced by content-length: refused before anything goes upstream.
+    let (status, _, body) = send(&proxy, "demo.local", "/", "fives").await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body, "request body too large\n");
+
+    // Streamed without a length: refused once it crosses the limit.
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let request = Request::post(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(StreamBody::new(ReceiverStream::new(chunk_rx)))
+        .expect("request");
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = tokio::spawn(client.request(request));
+    for chunk in ["abc", "def"] {
+        // The proxy may stop reading once it has refused the body.
+        let _ = chunks.send(Ok(Frame::data(Bytes::from(chunk)))).await;
+    }
+    drop(chunks);
+    let response = tokio::time::timeout(DEADLINE, response)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
 
 mod routing;

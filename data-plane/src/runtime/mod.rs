@@ -19,6 +19,7 @@ pub(crate) use prism_proto::defaults::{
 };
 use prism_proto::{Kind, Resource, Snapshot};
 
+use crate::http::ratelimit::{self, Limits};
 use crate::http::timeout;
 use matcher::{Entry, Matcher};
 
@@ -38,6 +39,10 @@ pub(crate) struct Runtime {
     matcher: Matcher,
     /// Backends by full name (`namespace/name`), for reuse by the next compile.
     backends: HashMap<String, Arc<Backend>>,
+    /// Rate limits by namespace name and by route name, for reuse by the next
+    /// compile: limits compiled from the same spec keep their buckets.
+    namespace_limits: HashMap<String, Arc<Limits>>,
+    route_limits: HashMap<String, Arc<Limits>>,
 }
 
 /// A matched route: where the request goes and the parameters of the stages
@@ -54,6 +59,9 @@ pub(crate) struct Route {
     /// Applied to every response the route gives: the upstream's, a
     /// redirect or a direct response.
     pub response_headers: HeaderMutation,
+    pub rate_limit: ratelimit::Params,
+    /// The longest request body the route takes; unlimited when `None`.
+    pub max_request_body_bytes: Option<u64>,
 }
 
 /// Why a snapshot could not be compiled (it passed validation, so this is
@@ -132,18 +140,23 @@ impl Runtime {
             backends.insert(spec.name.clone(), backend);
         }
 
+        let mut namespace_limits = HashMap::new();
+        for entry in snapshot.of_kind(Kind::Namespace) {
+            if let Resource::Namespace(ns) = &entry.resource
+                && let Some(limits) =
+                    Limits::compile(&ns.rate_limits, previous.namespace_limits.get(&ns.name))
+            {
+                namespace_limits.insert(ns.name.clone(), limits);
+            }
+        }
+        let mut route_limits = HashMap::new();
+
         // Routes grouped by namespace; the matcher builds each host's table.
         let mut by_namespace: HashMap<&str, Vec<Entry<'_>>> = HashMap::new();
         for entry in snapshot.of_kind(Kind::Route) {
             let Resource::Route(spec) = &entry.resource else {
                 continue;
             };
-            if let Some(field) = unsupported(spec) {
-                return Err(CompileError::Unsupported {
-                    resource: entry.resource.key().to_string(),
-                    field,
-                });
-            }
             let namespace = entry.resource.namespace();
             let action = Action::compile(spec, namespace, |name| backends.get(name).cloned())?;
             if spec
@@ -160,6 +173,11 @@ impl Runtime {
                 .and_then(prism_proto::defaults::to_std)
                 .or_else(|| namespace_timeout(snapshot, namespace))
                 .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+            let own_limits =
+                Limits::compile(&spec.rate_limits, previous.route_limits.get(&spec.name));
+            if let Some(limits) = &own_limits {
+                route_limits.insert(spec.name.clone(), Arc::clone(limits));
+            }
             let route = Arc::new(Route {
                 name: spec.name.clone(),
                 action,
@@ -174,6 +192,12 @@ impl Runtime {
                     &spec.name,
                     "response_headers",
                 )?,
+                rate_limit: ratelimit::Params {
+                    namespace: namespace_limits.get(namespace).cloned(),
+                    route: own_limits,
+                },
+                max_request_body_bytes: (spec.max_request_body_bytes > 0)
+                    .then_some(spec.max_request_body_bytes),
             });
             by_namespace
                 .entry(namespace)
@@ -181,21 +205,12 @@ impl Runtime {
                 .push(Entry { spec, route });
         }
 
-        for entry in snapshot.of_kind(Kind::Namespace) {
-            if let Resource::Namespace(ns) = &entry.resource
-                && !ns.rate_limits.is_empty()
-            {
-                return Err(CompileError::Unsupported {
-                    resource: entry.resource.key().to_string(),
-                    field: "rate_limits",
-                });
-            }
-        }
-
         Ok(Runtime {
             revision: Some(snapshot.revision),
             matcher: Matcher::build(snapshot, by_namespace)?,
             backends,
+            namespace_limits,
+            route_limits,
         })
     }
 
@@ -221,16 +236,6 @@ impl Runtime {
     pub(crate) fn backend(&self, name: &str) -> Option<&Arc<Backend>> {
         self.backends.get(name)
     }
-}
-
-/// The first route field, in schema order, that this proxy cannot honour yet.
-fn unsupported(route: &prism_proto::Route) -> Option<&'static str> {
-    [
-        ("rate_limits", !route.rate_limits.is_empty()),
-        ("max_request_body_bytes", route.max_request_body_bytes > 0),
-    ]
-    .into_iter()
-    .find_map(|(field, used)| used.then_some(field))
 }
 
 #[cfg(test)]
@@ -417,36 +422,21 @@ pub(crate) mod tests {
 
     #[test]
     fn fields_not_supported_yet_are_refused_not_ignored() {
-        let refused = |snapshot: &Snapshot| {
-            Runtime::compile(snapshot, &Runtime::unconfigured(), &OwnAddresses::default())
-                .map(|_| ())
-                .unwrap_err()
-        };
-        let mut limited = sample();
-        if let Resource::Route(mut r) = route("demo/get", "", prefix("/get"), "web") {
-            r.max_request_body_bytes = 10;
-            limited.insert(Resource::Route(r));
+        let mut snapshot = sample();
+        if let Resource::Backend(mut b) = backend("demo/tls", &["127.0.0.1:4001"]) {
+            b.tls = Some(Default::default());
+            snapshot.insert(Resource::Backend(b));
         }
+        let error = Runtime::compile(
+            &snapshot,
+            &Runtime::unconfigured(),
+            &OwnAddresses::default(),
+        )
+        .map(|_| ())
+        .unwrap_err();
         assert_eq!(
-            refused(&limited).to_string(),
-            "Route demo/get: max_request_body_bytes: not supported by this proxy yet"
-        );
-
-        let mut limited = sample();
-        if let Resource::Route(mut r) = route("demo/limited", "", prefix("/l"), "web") {
-            r.rate_limits = vec![Default::default()];
-            limited.insert(Resource::Route(r));
-        }
-        let error = refused(&limited);
-        assert!(
-            matches!(
-                error,
-                CompileError::Unsupported {
-                    field: "rate_limits",
-                    ..
-                }
-            ),
-            "{error}"
+            error.to_string(),
+            "Backend demo/tls: tls: not supported by this proxy yet"
         );
     }
 }
