@@ -37,6 +37,9 @@ pub(crate) enum ProxyError {
     Timeout,
     #[error("upstream request failed")]
     Upstream(#[source] BoxError),
+    /// The proxy-wide concurrency limit is reached.
+    #[error("proxy overloaded")]
+    Overloaded,
     /// An error no stage classified: a bug, reported without detail.
     #[error("internal error")]
     Internal,
@@ -58,6 +61,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout => "connect_timeout",
             ProxyError::Timeout => "timeout",
             ProxyError::Upstream(_) => "upstream",
+            ProxyError::Overloaded => "overloaded",
             ProxyError::Internal => "internal",
         }
     }
@@ -65,7 +69,9 @@ impl ProxyError {
     pub(crate) fn blame(&self) -> Blame {
         match self {
             ProxyError::NoRoute { .. } => Blame::Client,
-            ProxyError::NotConfigured | ProxyError::Internal => Blame::Proxy,
+            ProxyError::NotConfigured | ProxyError::Overloaded | ProxyError::Internal => {
+                Blame::Proxy
+            }
             ProxyError::Connect(_)
             | ProxyError::ConnectTimeout
             | ProxyError::Timeout
