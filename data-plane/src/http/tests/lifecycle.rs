@@ -492,3 +492,30 @@ async fn a_backend_removed_from_policy_finishes_its_requests_then_closes_its_poo
         .expect("a's pooled connection is closed")
         .expect("upstream running");
 }
+
+#[tokio::test]
+async fn an_h2_header_list_over_64_kib_is_431_for_that_stream_only() {
+    let up = echo_upstream("a").await;
+    let proxy = start_proxy().await;
+    proxy.apply(&policy(&[("/", "a", &[up])], None));
+    let mut sender = h2c(&proxy).await;
+    let request = |headers: usize| {
+        let mut request = Request::get("http://demo.local/").body(Full::<Bytes>::default());
+        let value = HeaderValue::from_str(&"v".repeat(1000)).expect("value");
+        if let Ok(request) = &mut request {
+            for i in 0..headers {
+                let name = http::HeaderName::try_from(format!("x-h{i}")).expect("name");
+                request.headers_mut().insert(name, value.clone());
+            }
+        }
+        request.expect("request")
+    };
+    let status =
+        |response: Result<Response<Incoming>, hyper::Error>| response.expect("response").status();
+    assert_eq!(status(sender.send_request(request(70)).await), 431);
+    // The connection stays up, and a header list under the limit passes.
+    assert_eq!(
+        status(sender.send_request(request(60)).await),
+        StatusCode::OK
+    );
+}
