@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::client::{AdminClient, Output};
@@ -49,6 +49,8 @@ pub enum Command {
         proxy_admin_addr: SocketAddr,
         #[arg(long, env = "PRISM_DEMO_ADDR", default_value = "127.0.0.1:8081")]
         demo_addr: SocketAddr,
+        #[command(flatten)]
+        limits: LimitFlags,
     },
     /// The control plane: sled store, admin API, xDS discovery server.
     ControlPlane {
@@ -112,20 +114,13 @@ pub enum Command {
         /// Serve only namespaces whose labels match every pair, e.g. `env=prod,tier=web`.
         #[arg(long, env = "PRISM_SELECTOR", value_parser = prism_data_plane::parse_selector)]
         selector: Option<BTreeMap<String, String>>,
-        /// How long a client may take to send a request's headers, e.g. `10s`
-        /// or `500ms`; also how long an idle HTTP/1 connection is kept.
-        #[arg(
-            long,
-            env = "PRISM_HEADER_READ_TIMEOUT",
-            default_value = "10s",
-            value_parser = parse_duration
-        )]
-        header_read_timeout: Duration,
         /// Worker threads serving traffic; by default one per CPU this process
         /// may run on (its affinity mask and cgroup quota count). One runs
         /// everything on the main thread.
         #[arg(long, env = "PRISM_WORKERS")]
         workers: Option<NonZeroUsize>,
+        #[command(flatten)]
+        limits: LimitFlags,
     },
     /// A small HTTP server that names itself in every answer.
     DemoUpstream {
@@ -216,6 +211,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             proxy_addr,
             proxy_admin_addr,
             demo_addr,
+            limits,
         } => {
             let config = UpConfig {
                 data_dir,
@@ -226,6 +222,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 demo_addr,
                 node_id: default_node_id(),
                 zone: "local".into(),
+                limits: limits.into(),
             };
             crate::up::run(config, shutdown_signal()).await
         }
@@ -267,8 +264,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             namespaces,
             selector,
-            header_read_timeout,
             workers: _,
+            limits,
         } => {
             let proxy = bind("proxy", listen).await?;
             let admin = bind("proxy admin", admin_addr).await?;
@@ -286,7 +283,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 data_dir: Some(data_dir),
                 namespaces: namespaces.unwrap_or_default(),
                 selector: selector.unwrap_or_default(),
-                header_read_timeout,
+                limits: limits.into(),
             };
             prism_data_plane::run(
                 config,
@@ -327,6 +324,84 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status => {
             print!("{}", client.status().await?);
             Ok(())
+        }
+    }
+}
+
+/// The proxy listener's wire limits, timeouts and drain
+/// ([`prism_data_plane::Limits`], whose defaults these repeat and a test holds
+/// them to).
+#[derive(Args, Clone, Copy, Debug)]
+pub struct LimitFlags {
+    /// How long a client may take to send a request's headers, e.g. `10s`
+    /// or `500ms`; also how long an idle HTTP/1 connection is kept.
+    #[arg(
+        long,
+        env = "PRISM_HEADER_READ_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    header_read_timeout: Duration,
+    /// How long a client connection with no request in flight is kept open.
+    #[arg(
+        long,
+        env = "PRISM_IDLE_TIMEOUT",
+        default_value = "60s",
+        value_parser = parse_duration
+    )]
+    idle_timeout: Duration,
+    /// The largest request header block in bytes (431 beyond it); at least 8192.
+    #[arg(
+        long,
+        env = "PRISM_MAX_REQUEST_HEADER_BYTES",
+        default_value_t = 65536,
+        value_parser = clap::value_parser!(u32).range(i64::from(prism_data_plane::MIN_MAX_REQUEST_HEADER_BYTES)..)
+    )]
+    max_request_header_bytes: u32,
+    /// The most headers an HTTP/1 request may have (431 beyond it).
+    #[arg(
+        long,
+        env = "PRISM_MAX_REQUEST_HEADERS",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_request_headers: u32,
+    /// HTTP/2 streams a client connection may have open at once.
+    #[arg(
+        long,
+        env = "PRISM_MAX_CONCURRENT_STREAMS",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_concurrent_streams: u32,
+    /// Requests in flight across the proxy; beyond it clients get 503 at once.
+    #[arg(
+        long,
+        env = "PRISM_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_concurrent_requests: u32,
+    /// On SIGTERM or Ctrl-C, how long in-flight requests may take to finish.
+    #[arg(
+        long,
+        env = "PRISM_DRAIN_TIMEOUT",
+        default_value = "20s",
+        value_parser = parse_duration
+    )]
+    drain_timeout: Duration,
+}
+
+impl From<LimitFlags> for prism_data_plane::Limits {
+    fn from(flags: LimitFlags) -> Self {
+        prism_data_plane::Limits {
+            header_read_timeout: flags.header_read_timeout,
+            idle_timeout: flags.idle_timeout,
+            max_request_header_bytes: flags.max_request_header_bytes,
+            max_request_headers: flags.max_request_headers,
+            max_concurrent_streams: flags.max_concurrent_streams,
+            max_concurrent_requests: flags.max_concurrent_requests,
+            drain_timeout: flags.drain_timeout,
         }
     }
 }
@@ -422,15 +497,67 @@ mod tests {
         assert_eq!(selector.get("tier").map(String::as_str), Some("web"));
     }
 
+    fn proxy_limits(args: &[&str]) -> Result<prism_data_plane::Limits, clap::Error> {
+        match proxy_flags(args)? {
+            Command::Proxy { limits, .. } => Ok(limits.into()),
+            other => panic!("a proxy command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn limit_flags_default_to_the_proxy_defaults_in_proxy_and_up() {
+        assert_eq!(
+            proxy_limits(&[]).expect("parse"),
+            prism_data_plane::Limits::default()
+        );
+        match Cli::try_parse_from(["prism", "up"]).map(|cli| cli.command) {
+            Ok(Command::Up { limits, .. }) => assert_eq!(
+                prism_data_plane::Limits::from(limits),
+                prism_data_plane::Limits::default()
+            ),
+            other => panic!("up parses: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn limit_flags_parse_and_refuse_what_cannot_work() {
+        let limits = proxy_limits(&[
+            "--idle-timeout",
+            "5m",
+            "--max-request-header-bytes",
+            "8192",
+            "--max-request-headers",
+            "20",
+            "--max-concurrent-streams",
+            "7",
+            "--max-concurrent-requests",
+            "3",
+            "--drain-timeout",
+            "2.5s",
+        ])
+        .expect("parse");
+        assert_eq!(limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(limits.max_request_header_bytes, 8192);
+        assert_eq!(limits.max_request_headers, 20);
+        assert_eq!(limits.max_concurrent_streams, 7);
+        assert_eq!(limits.max_concurrent_requests, 3);
+        assert_eq!(limits.drain_timeout, Duration::from_millis(2500));
+        for (flag, bad) in [
+            ("--max-request-header-bytes", "8191"),
+            ("--max-request-headers", "0"),
+            ("--max-concurrent-streams", "0"),
+            ("--max-concurrent-requests", "0"),
+            ("--drain-timeout", "0s"),
+            ("--idle-timeout", "0s"),
+        ] {
+            let error = proxy_limits(&[flag, bad]).expect_err(flag);
+            assert!(error.to_string().contains(bad), "{error}");
+        }
+    }
+
     #[test]
     fn header_read_timeout_defaults_to_10s_and_takes_units() {
-        let timeout = |args: &[&str]| match proxy_flags(args) {
-            Ok(Command::Proxy {
-                header_read_timeout,
-                ..
-            }) => header_read_timeout,
-            other => panic!("the flags parse: {other:?}"),
-        };
+        let timeout = |args: &[&str]| proxy_limits(args).expect("parse").header_read_timeout;
         assert_eq!(timeout(&[]), prism_data_plane::DEFAULT_HEADER_READ_TIMEOUT);
         assert_eq!(
             timeout(&["--header-read-timeout", "250ms"]),

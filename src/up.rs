@@ -21,6 +21,8 @@ pub struct UpConfig {
     pub demo_addr: SocketAddr,
     pub node_id: String,
     pub zone: String,
+    /// The proxy listener's wire limits, timeouts and drain.
+    pub limits: prism_data_plane::Limits,
 }
 
 /// Binds `addr`, naming what it is for when that fails (most often: in use).
@@ -67,7 +69,7 @@ pub async fn run(
             data_dir: Some(config.data_dir.join("proxy")),
             namespaces: Vec::new(),
             selector: Default::default(),
-            header_read_timeout: prism_data_plane::DEFAULT_HEADER_READ_TIMEOUT,
+            limits: config.limits,
         },
         prism_data_plane::Listeners {
             proxy,

@@ -141,6 +141,8 @@ async fn prism_up_serves_the_quickstart() {
             "127.0.0.1:0",
             "--demo-addr",
             "127.0.0.1:0",
+            "--drain-timeout",
+            "2s",
             "--data-dir",
         ])
         .arg(dir.path().join("data"))
@@ -190,6 +192,22 @@ async fn prism_up_serves_the_quickstart() {
         .expect("join");
     assert!(ok && out.contains("local"), "{out}");
 
-    let _ = child.kill();
-    let _ = child.wait();
+    // SIGTERM: everything drains and the process exits cleanly, in bounded time.
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(term.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("prism up did not exit on SIGTERM");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
 }

@@ -43,8 +43,28 @@ pub mod bench {
 
 /// How long shutdown waits for the last accepted snapshot to reach the disk.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// [`Config::header_read_timeout`] unless set.
+/// [`Limits::header_read_timeout`] unless set.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// [`Limits::idle_timeout`] unless set: AWS ALB's default, above the 30-60 s
+/// idle expiry of common client pools' keep-alive probes.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// [`Limits::max_request_header_bytes`] unless set: 64 KiB, Envoy's 60 KiB
+/// rounded up.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: u32 = 64 * 1024;
+/// [`Limits::max_request_header_bytes`] at least: hyper's smallest HTTP/1
+/// read buffer.
+pub const MIN_MAX_REQUEST_HEADER_BYTES: u32 = 8 * 1024;
+/// [`Limits::max_request_headers`] unless set (hyper's and Envoy's 100).
+pub const DEFAULT_MAX_REQUEST_HEADERS: u32 = 100;
+/// [`Limits::max_concurrent_streams`] unless set: the RFC 9113 recommended
+/// minimum, and Envoy's edge-proxy setting.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// [`Limits::max_concurrent_requests`] unless set.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: u32 = 10_000;
+/// [`Limits::drain_timeout`] unless set: Kubernetes sends SIGKILL 30 s after
+/// SIGTERM by default; 20 s of drain leaves room for saving the last-known-good
+/// snapshot (bounded at 5 s) before that.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Bootstrap settings of one proxy.
 #[derive(Clone, Debug)]
@@ -69,11 +89,50 @@ pub struct Config {
     /// Serve only namespaces whose labels hold every one of these pairs (see
     /// [`parse_selector`]); empty means all. Reported like `namespaces`.
     pub selector: BTreeMap<String, String>,
+    /// The proxy listener's wire limits, timeouts and drain.
+    pub limits: Limits,
+}
+
+/// What the proxy listener accepts from clients, how long it waits for them
+/// and how long it drains on shutdown. [`Limits::default`] holds the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
     /// How long a client may take to send a request's headers (HTTP/1), from
     /// when its connection opens or its previous response was sent; so also
-    /// how long an idle HTTP/1 connection is kept. [`DEFAULT_HEADER_READ_TIMEOUT`]
-    /// unless set.
+    /// how long an idle HTTP/1 connection is kept.
     pub header_read_timeout: Duration,
+    /// How long a connection with no request in flight is kept open (HTTP/1
+    /// and HTTP/2; an idle HTTP/1 connection is also bound by
+    /// `header_read_timeout`, whichever is shorter).
+    pub idle_timeout: Duration,
+    /// The largest request header block: HTTP/1 request line and headers
+    /// (`431` and a closed connection beyond it), HTTP/2 header list size
+    /// (`431` for that stream). At least [`MIN_MAX_REQUEST_HEADER_BYTES`].
+    pub max_request_header_bytes: u32,
+    /// The most headers an HTTP/1 request may have (`431` beyond it).
+    pub max_request_headers: u32,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: a stream beyond it is refused.
+    pub max_concurrent_streams: u32,
+    /// Requests in flight across the whole proxy; beyond it a request is
+    /// answered `503` (gRPC `UNAVAILABLE`) at once instead of queueing.
+    pub max_concurrent_requests: u32,
+    /// On shutdown, how long in-flight requests may take to finish before
+    /// their connections are closed.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_request_header_bytes: DEFAULT_MAX_REQUEST_HEADER_BYTES,
+            max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
 }
 
 /// Listeners bound by the caller, so tests can bind `127.0.0.1:0`.
@@ -137,7 +196,7 @@ pub async fn run(
     );
     let writer = last_good.map(|file| tokio::spawn(last_good::write_loop(file, last_good_rx)));
     let server = http::server::Params {
-        header_read_timeout: config.header_read_timeout,
+        limits: config.limits,
     };
     let proxy = tokio::spawn(http::serve(
         listeners.proxy,

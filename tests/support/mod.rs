@@ -314,7 +314,7 @@ impl Proxy {
             data_dir: Some(data_dir.to_path_buf()),
             namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
             selector: Default::default(),
-            header_read_timeout: prism_data_plane::DEFAULT_HEADER_READ_TIMEOUT,
+            limits: Default::default(),
         };
         let task = tokio::spawn(async move {
             prism_data_plane::run(

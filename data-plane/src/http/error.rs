@@ -45,6 +45,9 @@ pub(crate) enum ProxyError {
     /// The request body is longer than the route's `max_request_body_bytes`.
     #[error("request body too large")]
     BodyTooLarge,
+    /// The proxy-wide concurrency limit is reached.
+    #[error("proxy overloaded")]
+    Overloaded,
     /// An error no stage classified: a bug, reported without detail.
     #[error("internal error")]
     Internal,
@@ -68,6 +71,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => "upstream",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::Overloaded => "overloaded",
             ProxyError::Internal => "internal",
         }
     }
@@ -77,7 +81,9 @@ impl ProxyError {
             ProxyError::NoRoute { .. }
             | ProxyError::RateLimited { .. }
             | ProxyError::BodyTooLarge => Blame::Client,
-            ProxyError::NotConfigured | ProxyError::Internal => Blame::Proxy,
+            ProxyError::NotConfigured | ProxyError::Overloaded | ProxyError::Internal => {
+                Blame::Proxy
+            }
             ProxyError::Connect(_)
             | ProxyError::ConnectTimeout
             | ProxyError::Timeout

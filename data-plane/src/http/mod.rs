@@ -10,7 +10,10 @@ pub(crate) mod body;
 pub(crate) mod bodylimit;
 pub(crate) mod endpoint;
 pub(crate) mod error;
+pub(crate) mod idle;
+pub(crate) mod inflight;
 pub(crate) mod normalize;
+pub(crate) mod overload;
 pub(crate) mod ratelimit;
 pub(crate) mod respond;
 pub(crate) mod route;
@@ -28,10 +31,12 @@ use crate::runtime::Runtime;
 
 /// The proxy's request path, outermost first.
 pub(crate) type Stack = respond::Respond<
-    normalize::Normalize<
-        route::Router<
-            ratelimit::RateLimit<
-                bodylimit::BodyLimit<timeout::Timeout<backend::Balance<endpoint::Forward>>>,
+    overload::ConcurrencyLimit<
+        normalize::Normalize<
+            route::Router<
+                ratelimit::RateLimit<
+                    bodylimit::BodyLimit<timeout::Timeout<backend::Balance<endpoint::Forward>>>,
+                >,
             >,
         >,
     >,
@@ -39,11 +44,16 @@ pub(crate) type Stack = respond::Respond<
 
 /// The request path, in the order of DESIGN.md: server limits → rate limit →
 /// route → timeout → retry → balance → circuit breaker → endpoint client.
-/// The server's limits are hyper's, set per connection in [`server::serve`].
-pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>) -> Stack {
+/// The server's wire limits are hyper's, set per connection in
+/// [`server::serve`]; the proxy-wide concurrency limit is the first stage.
+pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>, max_concurrent_requests: u32) -> Stack {
     ServiceBuilder::new()
         // Every error below becomes an HTTP or gRPC response here.
         .layer(respond::RespondLayer)
+        // Past the proxy-wide limit of requests in flight: 503 at once.
+        .layer(overload::ConcurrencyLimitLayer::new(
+            max_concurrent_requests,
+        ))
         // Hop-by-hop headers out; x-forwarded-*, Host and via in.
         .layer(normalize::NormalizeLayer)
         // One runtime view per request; host + path → route.
@@ -67,7 +77,8 @@ pub(crate) async fn serve(
     params: server::Params,
     shutdown: watch::Receiver<bool>,
 ) {
-    server::serve(listener, params, shutdown, stack(runtime)).await;
+    let stack = stack(runtime, params.limits.max_concurrent_requests);
+    server::serve(listener, params, shutdown, stack).await;
 }
 
 #[cfg(test)]

@@ -247,7 +247,7 @@ fn retry_after_seconds(wait: Duration) -> HeaderValue {
 
 fn http_status(error: &ProxyError) -> StatusCode {
     match error {
-        ProxyError::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+        ProxyError::NotConfigured | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
         ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -260,6 +260,7 @@ fn http_status(error: &ProxyError) -> StatusCode {
 fn grpc_code(error: &ProxyError) -> u16 {
     match error {
         ProxyError::NotConfigured
+        | ProxyError::Overloaded
         | ProxyError::Connect(_)
         | ProxyError::ConnectTimeout
         | ProxyError::Upstream(_) => grpc::UNAVAILABLE,
@@ -338,6 +339,7 @@ mod tests {
             (ProxyError::ConnectTimeout, 504, grpc::UNAVAILABLE),
             (ProxyError::Timeout, 504, grpc::DEADLINE_EXCEEDED),
             (ProxyError::Upstream(boxed()), 502, grpc::UNAVAILABLE),
+            (ProxyError::Overloaded, 503, grpc::UNAVAILABLE),
             (ProxyError::Internal, 500, grpc::INTERNAL),
             (
                 ProxyError::RateLimited {

@@ -1,7 +1,9 @@
 //! The accept loop shared by the proxy and admin listeners: HTTP/1.1 and h2c
-//! on one port (hyper-util's auto builder) with the server's limits, the
-//! client address put into every request's extensions, and a bounded drain
-//! on shutdown.
+//! on one port (hyper-util's auto builder) with the server's wire limits
+//! ([`crate::Limits`]), the client address put into every request's
+//! extensions, an idle timeout per connection, and a bounded drain on
+//! shutdown: stop accepting, `Connection: close` on HTTP/1.1 and GOAWAY on
+//! HTTP/2, let in-flight requests finish until the drain timeout, then close.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,17 +24,22 @@ use tower::Service;
 use tracing::{debug, warn};
 
 use super::error::{BoxError, Chain};
+use super::idle::{Active, Activity};
+use super::inflight;
+use crate::{Limits, MIN_MAX_REQUEST_HEADER_BYTES};
 
-/// How long connections may take to finish in-flight requests after shutdown.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 rapid-reset defence (CVE-2023-44487): streams a client may open and
+/// reset before the server has accepted them, before GOAWAY. h2's default.
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// HTTP/2: streams the server may reset for a client's protocol errors
+/// before GOAWAY (RUSTSEC-2024-0003). hyper's default.
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
-/// The server's limits, from the proxy's bootstrap [`crate::Config`].
+/// The server's settings, from the proxy's bootstrap [`crate::Config`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Params {
-    /// How long a client may take to send a request's headers, counted from
-    /// when the connection opens or the previous response was sent. It also
-    /// bounds how long an idle HTTP/1 connection stays open.
-    pub header_read_timeout: Duration,
+    /// Wire limits, timeouts and the drain.
+    pub limits: Limits,
 }
 
 /// The address of the client that opened the connection, in every request's
@@ -40,10 +47,12 @@ pub(crate) struct Params {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ClientAddr(pub SocketAddr);
 
-/// Puts [`ClientAddr`] into each request of one connection.
+/// Puts [`ClientAddr`] into each request of one connection, and counts the
+/// request in the connection's [`Activity`] until its response ends.
 #[derive(Clone, Debug)]
 struct SetClientAddr<S> {
     client: ClientAddr,
+    activity: Arc<Activity>,
     inner: S,
 }
 
@@ -64,12 +73,8 @@ pub(crate) async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(params.header_read_timeout);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(builder(&params.limits));
+    let drain_timeout = params.limits.drain_timeout;
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -99,10 +104,37 @@ pub(crate) async fn serve<S, B>(
     }
     drop(listener);
     let drain = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+    if tokio::time::timeout(drain_timeout, drain).await.is_err() {
         debug!("Connections still open after the drain timeout; closing them.");
         connections.abort_all();
     }
+}
+
+/// The connection builder with `limits` applied.
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let header_bytes = limits
+        .max_request_header_bytes
+        .max(MIN_MAX_REQUEST_HEADER_BYTES);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // Request line and headers beyond the read buffer: hyper answers 431
+        // and closes. (hyper panics below its minimum, hence the max above.)
+        .max_buf_size(usize::try_from(header_bytes).unwrap_or(usize::MAX))
+        // More headers: 431 and closed too. Up to 100 they stay on the stack.
+        .max_headers(usize::try_from(limits.max_request_headers).unwrap_or(usize::MAX));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // A larger header list gets 431 on its stream; CONTINUATION frames
+        // are bounded by it too (h2 ≥ 0.4.4).
+        .max_header_list_size(header_bytes)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS);
+    builder
 }
 
 /// Resolves once shutdown is signalled (or its sender is gone).
@@ -134,7 +166,7 @@ async fn connection<S, B>(
     // (`readable()` may wake spuriously; a peek really waits for a byte.)
     let mut first = [0u8; 1];
     tokio::select! {
-        peeked = tokio::time::timeout(params.header_read_timeout, stream.peek(&mut first)) => {
+        peeked = tokio::time::timeout(params.limits.header_read_timeout, stream.peek(&mut first)) => {
             if peeked.is_err() {
                 debug!(%remote, "Closing a connection that sent nothing.");
                 return;
@@ -142,8 +174,10 @@ async fn connection<S, B>(
         }
         () = stopped(&mut shutdown) => return,
     }
+    let activity = Activity::new();
     let service = TowerToHyperService::new(SetClientAddr {
         client: ClientAddr(remote),
+        activity: Arc::clone(&activity),
         inner: service,
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -161,24 +195,29 @@ async fn connection<S, B>(
                 conn.as_mut().graceful_shutdown();
                 draining = true;
             }
+            () = activity.idle(params.limits.idle_timeout), if !draining => {
+                debug!(%remote, "Closing an idle connection.");
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
         }
     }
 }
 
-impl<S, B> Service<Request<B>> for SetClientAddr<S>
+impl<S, B, ResB> Service<Request<B>> for SetClientAddr<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<ResB>>,
 {
-    type Response = S::Response;
+    type Response = Response<inflight::Body<ResB, Active>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = inflight::ResponseFuture<S::Future, Active>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> S::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         request.extensions_mut().insert(self.client);
-        self.inner.call(request)
+        inflight::ResponseFuture::new(self.inner.call(request), self.activity.start())
     }
 }

@@ -24,6 +24,8 @@ use super::server::ClientAddr;
 use super::*;
 use crate::runtime::OwnAddresses;
 
+mod lifecycle;
+
 /// How long any wait in these tests may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -44,7 +46,7 @@ async fn bind() -> (TcpListener, SocketAddr) {
 
 fn params() -> server::Params {
     server::Params {
-        header_read_timeout: Duration::from_secs(10),
+        limits: crate::Limits::default(),
     }
 }
 
@@ -556,7 +558,10 @@ async fn a_client_that_dribbles_its_headers_is_cut_off() {
     use tokio::io::AsyncWriteExt;
     let limit = Duration::from_millis(200);
     let proxy = start_proxy_with(server::Params {
-        header_read_timeout: limit,
+        limits: crate::Limits {
+            header_read_timeout: limit,
+            ..Default::default()
+        },
     })
     .await;
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");

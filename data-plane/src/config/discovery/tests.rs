@@ -222,7 +222,7 @@ async fn run_subscribes_applies_nacks_and_resumes() {
         data_dir: None,
         namespaces: vec![],
         selector: Default::default(),
-        header_read_timeout: crate::DEFAULT_HEADER_READ_TIMEOUT,
+        limits: Default::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
@@ -334,7 +334,7 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
         data_dir: Some(dir.path().to_path_buf()),
         namespaces,
         selector,
-        header_read_timeout: crate::DEFAULT_HEADER_READ_TIMEOUT,
+        limits: Default::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
@@ -429,7 +429,7 @@ async fn an_invalid_subset_is_refused_before_starting() {
         data_dir: None,
         namespaces: vec!["a,b".into()],
         selector: Default::default(),
-        header_read_timeout: crate::DEFAULT_HEADER_READ_TIMEOUT,
+        limits: Default::default(),
     };
     let result = crate::run(config, crate::Listeners { proxy, admin }, async {}).await;
     assert!(

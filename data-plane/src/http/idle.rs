@@ -1,0 +1,107 @@
+//! The server's idle timeout: a connection with no request in flight for the
+//! whole timeout is shut down gracefully (HTTP/1 closes, HTTP/2 sends GOAWAY).
+//! Each connection keeps one [`Activity`]; each request holds an [`Active`]
+//! until its response body ends ([`super::inflight`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// What one connection is doing: requests in flight and when the last ended.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// When the last request ended, in milliseconds after `opened`.
+    last_end_ms: AtomicU64,
+}
+
+/// One request in flight on a connection, until dropped.
+#[derive(Debug)]
+pub(crate) struct Active(Arc<Activity>);
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn start(self: &Arc<Self>) -> Active {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Active(Arc::clone(self))
+    }
+
+    /// Resolves once no request has been in flight for `timeout`.
+    pub(crate) async fn idle(&self, timeout: Duration) {
+        loop {
+            let now = Instant::now();
+            // Acquire pairs with the Release in `Active::drop`: a count of 0
+            // comes with the end time stored before it.
+            let deadline = if self.in_flight.load(Ordering::Acquire) == 0 {
+                let last_end = Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed));
+                let deadline = self.opened + last_end + timeout;
+                if now >= deadline {
+                    return;
+                }
+                deadline
+            } else {
+                // Busy: look again a whole timeout later at the earliest.
+                now + timeout
+            };
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        // Rounded up, so the connection is never closed early.
+        let ended = activity.opened.elapsed().as_micros().div_ceil(1000);
+        let ended = u64::try_from(ended).unwrap_or(u64::MAX);
+        activity.last_end_ms.fetch_max(ended, Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_once_no_request_was_in_flight_for_the_whole_timeout() {
+        let activity = Activity::new();
+        let start = Instant::now();
+        activity.idle(TIMEOUT).await;
+        assert_eq!(
+            start.elapsed(),
+            TIMEOUT,
+            "a connection that never asked anything"
+        );
+
+        let request = activity.start();
+        let start = Instant::now();
+        let idle = activity.idle(TIMEOUT);
+        tokio::pin!(idle);
+        tokio::select! {
+            () = &mut idle => panic!("idle while a request is in flight"),
+            () = tokio::time::sleep(3 * TIMEOUT) => {}
+        }
+        drop(request);
+        let ended = Instant::now();
+        idle.await;
+        assert_eq!(ended.duration_since(start), 3 * TIMEOUT);
+        assert!(
+            ended.elapsed() >= TIMEOUT,
+            "counted from the end of the last request"
+        );
+        assert!(ended.elapsed() <= TIMEOUT + Duration::from_millis(1));
+    }
+}
