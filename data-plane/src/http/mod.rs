@@ -14,6 +14,7 @@ pub(crate) mod respond;
 pub(crate) mod route;
 pub(crate) mod server;
 pub(crate) mod timeout;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 
@@ -55,7 +56,19 @@ pub(crate) async fn serve(
     params: server::Params,
     shutdown: watch::Receiver<bool>,
 ) {
-    server::serve(listener, params, shutdown, stack(runtime)).await;
+    server::serve(listener, None, params, shutdown, stack(runtime)).await;
+}
+
+/// Serves the proxy over TLS on `listener` until `shutdown` turns true.
+pub(crate) async fn serve_tls(
+    listener: TcpListener,
+    runtime: Arc<ArcSwap<Runtime>>,
+    params: server::Params,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), rustls::Error> {
+    let acceptor = tls::acceptor(Arc::clone(&runtime))?;
+    server::serve(listener, Some(acceptor), params, shutdown, stack(runtime)).await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! The accept loop shared by the proxy and admin listeners: HTTP/1.1 and h2c
-//! on one port (hyper-util's auto builder) with the server's limits, the
-//! client address put into every request's extensions, and a bounded drain
-//! on shutdown.
+//! The accept loop shared by the proxy, TLS and admin listeners: HTTP/1.1 and
+//! h2c on one port (hyper-util's auto builder), or the same after a TLS
+//! handshake ([`super::tls`]), with the server's limits, the client address
+//! put into every request's extensions, and a bounded drain on shutdown.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -12,16 +12,19 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Body;
 use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tower::Service;
 use tracing::{debug, warn};
 
 use super::error::{BoxError, Chain};
+use super::tls::{self, Tls};
 
 /// How long connections may take to finish in-flight requests after shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,17 +43,21 @@ pub(crate) struct Params {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ClientAddr(pub SocketAddr);
 
-/// Puts [`ClientAddr`] into each request of one connection.
+/// Puts [`ClientAddr`] (and [`Tls`] on a TLS connection) into each request
+/// of one connection.
 #[derive(Clone, Debug)]
 struct SetClientAddr<S> {
     client: ClientAddr,
+    tls: bool,
     inner: S,
 }
 
-/// Serves `service` on `listener` until `shutdown` turns true, then stops
-/// accepting, lets open connections finish (bounded) and returns.
+/// Serves `service` on `listener` (over TLS with `tls`) until `shutdown`
+/// turns true, then stops accepting, lets open connections finish (bounded)
+/// and returns.
 pub(crate) async fn serve<S, B>(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
     service: S,
@@ -82,6 +89,7 @@ pub(crate) async fn serve<S, B>(
                     connections.spawn(connection(
                         stream,
                         remote,
+                        tls.clone(),
                         Arc::clone(&builder),
                         params,
                         shutdown.clone(),
@@ -111,9 +119,11 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection<S, B>(
     stream: TcpStream,
     remote: SocketAddr,
+    tls: Option<TlsAcceptor>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
@@ -128,6 +138,28 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let client = ClientAddr(remote);
+    if let Some(acceptor) = tls {
+        let stream = tokio::select! {
+            accepted = tls::handshake(&acceptor, stream, params.header_read_timeout) => {
+                match accepted {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        debug!(error = %Chain(&error), %remote, "Closing a TLS connection.");
+                        return;
+                    }
+                }
+            }
+            () = stopped(&mut shutdown) => return,
+        };
+        let service = SetClientAddr {
+            client,
+            tls: true,
+            inner: service,
+        };
+        serve_connection(TokioIo::new(stream), remote, &builder, shutdown, service).await;
+        return;
+    }
     // hyper's header read timeout starts once the connection is known to be
     // HTTP/1; a client that sends nothing at all never gets that far, so the
     // first byte gets the same bound.
@@ -142,11 +174,34 @@ async fn connection<S, B>(
         }
         () = stopped(&mut shutdown) => return,
     }
-    let service = TowerToHyperService::new(SetClientAddr {
-        client: ClientAddr(remote),
+    let service = SetClientAddr {
+        client,
+        tls: false,
         inner: service,
-    });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    };
+    serve_connection(TokioIo::new(stream), remote, &builder, shutdown, service).await;
+}
+
+/// Serves one accepted connection, plain or TLS, until it ends or, after
+/// shutdown, has finished its in-flight requests.
+async fn serve_connection<I, S, B>(
+    io: I,
+    remote: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    mut shutdown: watch::Receiver<bool>,
+    service: SetClientAddr<S>,
+) where
+    I: Read + Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let conn = builder.serve_connection(io, TowerToHyperService::new(service));
     tokio::pin!(conn);
     let mut draining = false;
     loop {
@@ -179,6 +234,9 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> S::Future {
         request.extensions_mut().insert(self.client);
+        if self.tls {
+            request.extensions_mut().insert(Tls);
+        }
         self.inner.call(request)
     }
 }

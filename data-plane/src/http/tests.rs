@@ -24,6 +24,8 @@ use super::server::ClientAddr;
 use super::*;
 use crate::runtime::OwnAddresses;
 
+mod tls;
+
 /// How long any wait in these tests may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -86,7 +88,7 @@ where
     });
     tokio::spawn(async move {
         let _stop = stop;
-        server::serve(listener, params(), stopped, service).await;
+        server::serve(listener, None, params(), stopped, service).await;
     });
     addr
 }

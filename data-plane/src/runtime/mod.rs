@@ -8,6 +8,7 @@
 
 mod backend;
 mod matcher;
+pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub(crate) struct Runtime {
     matcher: Matcher,
     /// Backends by full name (`namespace/name`), for reuse by the next compile.
     backends: HashMap<String, Arc<Backend>>,
+    /// The TLS listener's certificates, by SNI.
+    certificates: tls::Certificates,
 }
 
 /// A matched route: where the request goes and the parameters of the stages
@@ -64,6 +67,12 @@ pub(crate) enum CompileError {
         backend: String,
         index: usize,
         address: String,
+    },
+    #[error("{resource}: {field}: {reason}")]
+    Tls {
+        resource: String,
+        field: &'static str,
+        reason: String,
     },
     #[error("Backend {backend}: endpoints: at least one endpoint is required")]
     NoEndpoints { backend: String },
@@ -100,15 +109,21 @@ impl Runtime {
             let Resource::Backend(spec) = &entry.resource else {
                 continue;
             };
-            if spec.tls.is_some() {
-                return Err(CompileError::Unsupported {
-                    resource: entry.resource.key().to_string(),
-                    field: "tls",
-                });
-            }
+            // A backend is also rebuilt when a Secret its TLS uses changed.
+            let secrets = spec.tls.as_ref().map_or_else(String::new, |t| {
+                tls::secret_versions(snapshot, entry.resource.namespace(), t)
+            });
             let backend = match previous.backends.get(&spec.name) {
-                Some(old) if old.version == entry.version => Arc::clone(old),
-                _ => Arc::new(Backend::compile(spec, &entry.version, own)?),
+                Some(old) if old.version == entry.version && old.secrets == secrets => {
+                    Arc::clone(old)
+                }
+                _ => Arc::new(Backend::compile(
+                    snapshot,
+                    spec,
+                    &entry.version,
+                    secrets,
+                    own,
+                )?),
             };
             backends.insert(spec.name.clone(), backend);
         }
@@ -174,6 +189,7 @@ impl Runtime {
             revision: Some(snapshot.revision),
             matcher: Matcher::build(snapshot, by_namespace),
             backends,
+            certificates: tls::Certificates::compile(snapshot)?,
         })
     }
 
@@ -192,6 +208,11 @@ impl Runtime {
     /// any case, with or without port) and `path` (without query).
     pub(crate) fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
         self.matcher.route(host, path)
+    }
+
+    /// The TLS listener's certificates.
+    pub(crate) fn certificates(&self) -> &tls::Certificates {
+        &self.certificates
     }
 
     /// A backend by full name.
