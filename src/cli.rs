@@ -45,6 +45,9 @@ pub enum Command {
         xds_addr: SocketAddr,
         #[arg(long, env = "PRISM_PROXY_ADDR", default_value = "127.0.0.1:8080")]
         proxy_addr: SocketAddr,
+        /// The proxy's TLS listener (certificates from namespaces' `tls_secret`).
+        #[arg(long, env = "PRISM_PROXY_TLS_ADDR", default_value = "127.0.0.1:8443")]
+        proxy_tls_addr: SocketAddr,
         #[arg(long, env = "PRISM_PROXY_ADMIN_ADDR", default_value = "127.0.0.1:9901")]
         proxy_admin_addr: SocketAddr,
         #[arg(long, env = "PRISM_DEMO_ADDR", default_value = "127.0.0.1:8081")]
@@ -86,6 +89,9 @@ pub enum Command {
         control_plane: String,
         #[arg(long, env = "PRISM_PROXY_ADDR", default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
+        /// The TLS listener: each namespace's `tls_secret` certificate, by SNI.
+        #[arg(long, env = "PRISM_PROXY_TLS_ADDR", default_value = "0.0.0.0:8443")]
+        tls_listen: SocketAddr,
         #[arg(long, env = "PRISM_PROXY_ADMIN_ADDR", default_value = "127.0.0.1:9901")]
         admin_addr: SocketAddr,
         /// Unique id of this proxy in the fleet; host name and pid by default.
@@ -209,6 +215,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             admin_addr,
             xds_addr,
             proxy_addr,
+            proxy_tls_addr,
             proxy_admin_addr,
             demo_addr,
             limits,
@@ -218,6 +225,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 admin_addr,
                 xds_addr,
                 proxy_addr,
+                proxy_tls_addr,
                 proxy_admin_addr,
                 demo_addr,
                 node_id: default_node_id(),
@@ -256,6 +264,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Proxy {
             control_plane,
             listen,
+            tls_listen,
             admin_addr,
             node_id,
             zone,
@@ -268,11 +277,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             limits,
         } => {
             let proxy = bind("proxy", listen).await?;
+            let tls = bind("proxy TLS", tls_listen).await?;
             let admin = bind("proxy admin", admin_addr).await?;
             let proxy_addr = proxy.local_addr()?;
             println!(
-                "listening: proxy=http://{proxy_addr} admin=http://{}",
-                admin.local_addr()?
+                "listening: proxy=http://{proxy_addr} admin=http://{} tls=https://{}",
+                admin.local_addr()?,
+                tls.local_addr()?
             );
             let config = prism_data_plane::Config {
                 control_plane,
@@ -287,7 +298,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             prism_data_plane::run(
                 config,
-                prism_data_plane::Listeners { proxy, admin },
+                prism_data_plane::Listeners {
+                    proxy,
+                    tls: Some(tls),
+                    admin,
+                },
                 shutdown_signal(),
             )
             .await

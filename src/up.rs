@@ -17,6 +17,7 @@ pub struct UpConfig {
     pub admin_addr: SocketAddr,
     pub xds_addr: SocketAddr,
     pub proxy_addr: SocketAddr,
+    pub proxy_tls_addr: SocketAddr,
     pub proxy_admin_addr: SocketAddr,
     pub demo_addr: SocketAddr,
     pub node_id: String,
@@ -40,11 +41,13 @@ pub async fn run(
     let admin = bind("admin API", config.admin_addr).await?;
     let xds = bind("discovery server", config.xds_addr).await?;
     let proxy = bind("proxy", config.proxy_addr).await?;
+    let proxy_tls = bind("proxy TLS", config.proxy_tls_addr).await?;
     let proxy_admin = bind("proxy admin", config.proxy_admin_addr).await?;
     let demo_listener = bind("demo upstream", config.demo_addr).await?;
     let (admin_addr, xds_addr) = (admin.local_addr()?, xds.local_addr()?);
-    let (proxy_addr, proxy_admin_addr, demo_addr) = (
+    let (proxy_addr, proxy_tls_addr, proxy_admin_addr, demo_addr) = (
         proxy.local_addr()?,
+        proxy_tls.local_addr()?,
         proxy_admin.local_addr()?,
         demo_listener.local_addr()?,
     );
@@ -73,6 +76,7 @@ pub async fn run(
         },
         prism_data_plane::Listeners {
             proxy,
+            tls: Some(proxy_tls),
             admin: proxy_admin,
         },
         stopped(stop_rx.clone()),
@@ -83,6 +87,7 @@ pub async fn run(
     println!("  admin API      http://{admin_addr}/v1/");
     println!("  discovery      http://{xds_addr}  (xDS v3, gRPC)");
     println!("  proxy          http://{proxy_addr}");
+    println!("  proxy TLS      https://{proxy_tls_addr}");
     println!("  proxy admin    http://{proxy_admin_addr}/config_dump");
     println!("  demo upstream  http://{demo_addr}");
     println!();

@@ -4,6 +4,11 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::{ControlPlane, eventually, get};
 
@@ -135,6 +140,8 @@ async fn prism_up_serves_the_quickstart() {
             "127.0.0.1:0",
             "--proxy-addr",
             "127.0.0.1:0",
+            "--proxy-tls-addr",
+            "127.0.0.1:0",
         ])
         .args([
             "--proxy-admin-addr",
@@ -158,7 +165,10 @@ async fn prism_up_serves_the_quickstart() {
             break;
         }
         let words: Vec<&str> = line.split_whitespace().collect();
-        if let Some(at) = words.iter().position(|w| w.starts_with("http://")) {
+        if let Some(at) = words
+            .iter()
+            .position(|w| w.starts_with("http://") || w.starts_with("https://"))
+        {
             urls.insert(words[..at].join(" "), words[at].to_string());
         }
     }
@@ -187,6 +197,24 @@ async fn prism_up_serves_the_quickstart() {
     })
     .await;
     assert!(answer.body.contains("Prism demo upstream"), "{answer:?}");
+
+    // The README's TLS step: deploy/examples/tls.yaml, then https with the demo CA.
+    let tls_example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/tls.yaml");
+    let admin2 = admin.clone();
+    let (ok, _, err) =
+        tokio::task::spawn_blocking(move || prism(&admin2, &["apply", "-f", tls_example]))
+            .await
+            .expect("join");
+    assert!(ok, "{err}");
+    let tls_addr = urls["proxy TLS"].trim_start_matches("https://").to_string();
+    let answer = eventually("the quickstart answers over TLS", || async {
+        get_over_tls(&tls_addr, "demo.local")
+            .await
+            .filter(|answer| answer.starts_with("HTTP/1.1 200"))
+    })
+    .await;
+    assert!(answer.contains("Prism demo upstream"), "{answer}");
+
     let (ok, out, _) = tokio::task::spawn_blocking(move || prism(&admin, &["status"]))
         .await
         .expect("join");
@@ -210,4 +238,33 @@ async fn prism_up_serves_the_quickstart() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status}");
+}
+
+/// `GET /` for `host` over TLS to `addr`, trusting only the demo CA of
+/// deploy/examples/tls: the raw HTTP/1.1 answer, or `None` if the handshake
+/// or the exchange failed.
+async fn get_over_tls(addr: &str, host: &str) -> Option<String> {
+    let ca = include_bytes!("../deploy/examples/tls/demo-ca.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert.expect("demo CA")).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let name = ServerName::try_from(host.to_string()).expect("server name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await.ok()?;
+    Some(String::from_utf8_lossy(&answer).into_owned())
 }

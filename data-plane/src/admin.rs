@@ -30,7 +30,7 @@ pub(crate) async fn serve(
         let response = respond(&request, &node_id, &status.borrow());
         ready(Ok::<_, Infallible>(response))
     });
-    server::serve(listener, params, shutdown, service).await;
+    server::serve(listener, None, params, shutdown, service).await;
 }
 
 fn respond<B>(request: &Request<B>, node_id: &str, status: &Status) -> Response<Body> {
@@ -152,6 +152,21 @@ mod tests {
         assert_eq!(
             dump["last_nack"]["message"],
             "Route demo/r: backend: missing"
+        );
+    }
+
+    #[tokio::test]
+    async fn config_dump_names_secrets_without_their_key_material() {
+        let leaf = crate::test_ca::TestCa::new().issue(&["demo.local"]);
+        let status = Status {
+            accepted: Some(Snapshot::from_resources(1, [leaf.secret("demo/cert")])),
+            last_nack: None,
+        };
+        let (_, body) = get("/config_dump", &status).await;
+        assert!(body.contains("demo/cert"), "{body}");
+        assert!(
+            !body.contains("PRIVATE") && !body.contains("BEGIN"),
+            "{body}"
         );
     }
 }

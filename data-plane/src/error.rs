@@ -18,4 +18,7 @@ pub enum Error {
     /// A serving task panicked or was cancelled before shutdown finished.
     #[error("a proxy task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The TLS listener's configuration could not be built.
+    #[error("TLS listener: {source}")]
+    Tls { source: rustls::Error },
 }

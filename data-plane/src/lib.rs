@@ -15,6 +15,8 @@ mod config;
 mod error;
 mod http;
 mod runtime;
+#[cfg(test)]
+mod test_ca;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -140,6 +142,9 @@ impl Default for Limits {
 pub struct Listeners {
     /// Client traffic: HTTP/1.1 and h2c.
     pub proxy: TcpListener,
+    /// Client traffic over TLS (HTTP/1.1 and HTTP/2 by ALPN), with each
+    /// namespace's certificate chosen by SNI; none when `None`.
+    pub tls: Option<TcpListener>,
     /// The proxy admin: `/ready`, `/healthz`, `/config_dump`.
     pub admin: TcpListener,
 }
@@ -188,6 +193,7 @@ pub async fn run(
         node_id = %config.node_id,
         control_plane = %config.control_plane,
         proxy = ?listeners.proxy.local_addr().ok(),
+        tls = ?listeners.tls.as_ref().and_then(|l| l.local_addr().ok()),
         admin = ?listeners.admin.local_addr().ok(),
         restored_revision = ?restored.as_ref().map(|s| s.revision),
         namespaces = %subset::namespaces_metadata(&config.namespaces),
@@ -204,6 +210,14 @@ pub async fn run(
         server,
         stop_rx.clone(),
     ));
+    let tls = listeners.tls.map(|listener| {
+        tokio::spawn(http::serve_tls(
+            listener,
+            Arc::clone(&runtime),
+            server,
+            stop_rx.clone(),
+        ))
+    });
     let admin = tokio::spawn(admin::serve(
         listeners.admin,
         server,
@@ -231,6 +245,9 @@ pub async fn run(
     let (proxy, admin) = tokio::join!(proxy, admin);
     proxy?;
     admin?;
+    if let Some(tls) = tls {
+        tls.await?.map_err(|source| Error::Tls { source })?;
+    }
     if let Err(error) = discovery.await
         && !error.is_cancelled()
     {

@@ -319,7 +319,11 @@ impl Proxy {
         let task = tokio::spawn(async move {
             prism_data_plane::run(
                 config,
-                prism_data_plane::Listeners { proxy, admin },
+                prism_data_plane::Listeners {
+                    proxy,
+                    tls: None,
+                    admin,
+                },
                 async {
                     let _ = stopped.await;
                 },

@@ -244,7 +244,12 @@ fn decode(bytes: &[u8], subset: &str) -> Result<Snapshot, LoadError> {
 }
 
 fn write_and_rename(temp: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new().write(true).create_new(true).open(temp)?;
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    // The snapshot holds Secrets, private keys among them: owner only.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(temp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);
@@ -314,6 +319,20 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .filter(|name| name.ends_with(".tmp"))
             .collect()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_snapshot_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = LastGood::new(dir.path(), "namespaces=;selector=".into());
+        file.store(&snapshot(1)).expect("store");
+        let mode = fs::metadata(file.path())
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::error::Error as StdError;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -17,22 +18,29 @@ use http::uri::{self, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pin_project_lite::pin_project;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use tower::Service;
 
 use super::backend::Picked;
 use super::body::{BodyTooLarge, ReplayBody};
 use super::error::{BoxError, ProxyError};
+use crate::runtime::tls;
 use crate::runtime::{Backend, Route};
 
 /// How a backend's client connects and speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) struct Params {
     /// HTTP/2 with prior knowledge (HTTP2 and GRPC backends), else HTTP/1.1.
     pub http2: bool,
+    /// TLS to the endpoints after the TCP connect; plaintext when `None`.
+    pub tls: Option<tls::UpstreamParams>,
     pub connect_timeout: Duration,
 }
 
@@ -40,16 +48,32 @@ pub(crate) struct Params {
 #[derive(Clone, Debug)]
 pub(crate) struct Client {
     inner: legacy::Client<Connector, ReplayBody>,
-    params: Params,
+    http2: bool,
+    #[cfg(test)]
+    connect_timeout: Duration,
 }
 
-/// Opens a backend's upstream connections: TCP within the backend's connect
-/// timeout. Upstream TLS becomes a step after the TCP connect, here.
+/// Opens a backend's upstream connections: TCP and, for a TLS backend, the
+/// TLS handshake, together within the backend's connect timeout.
 #[derive(Clone, Debug)]
 pub(crate) struct Connector {
     tcp: HttpConnector,
+    tls: Option<tls::UpstreamParams>,
     timeout: Duration,
 }
+
+/// An upstream connection, plain or TLS.
+#[derive(Debug)]
+pub(crate) enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// The endpoint's host is not a valid TLS server name (and the backend's
+/// `tls.sni` names none).
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a valid TLS server name; set the backend's tls.sni")]
+struct InvalidServerName(String);
 
 /// The upstream connect timed out (the backend's `connect_timeout`).
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +121,7 @@ impl Client {
         tcp.set_connect_timeout(None);
         let connector = Connector {
             tcp,
+            tls: params.tls.clone(),
             timeout: params.connect_timeout,
         };
         let inner = legacy::Client::builder(TokioExecutor::new())
@@ -104,22 +129,24 @@ impl Client {
             .build(connector);
         Self {
             inner,
-            params: *params,
+            http2: params.http2,
+            #[cfg(test)]
+            connect_timeout: params.connect_timeout,
         }
     }
 
     pub(crate) fn is_http2(&self) -> bool {
-        self.params.http2
+        self.http2
     }
 
     #[cfg(test)]
     pub(crate) fn connect_timeout(&self) -> Duration {
-        self.params.connect_timeout
+        self.connect_timeout
     }
 }
 
 impl Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<Upstream>;
     type Error = BoxError;
     // Boxed: this runs once per new connection, not per request.
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
@@ -129,14 +156,112 @@ impl Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let host = uri.host().unwrap_or_default().to_string();
         let connecting = self.tcp.call(uri);
+        let tls = self.tls.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            match tokio::time::timeout(timeout, connecting).await {
-                Ok(result) => result.map_err(Into::into),
+            let connect = async move {
+                let tcp = connecting.await?.into_inner();
+                let Some(tls) = tls else {
+                    return Ok(Upstream::Plain(tcp));
+                };
+                let server_name = match tls.server_name {
+                    Some(name) => name,
+                    None => server_name_of(&host)?,
+                };
+                let stream = TlsConnector::from(tls.config)
+                    .connect(server_name, tcp)
+                    .await?;
+                Ok::<_, BoxError>(Upstream::Tls(Box::new(stream)))
+            };
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(result) => result.map(TokioIo::new),
                 Err(_) => Err(ConnectTimedOut.into()),
             }
         })
+    }
+}
+
+/// The server name of an endpoint host: a DNS name or an IP address (an IPv6
+/// one without its brackets).
+fn server_name_of(host: &str) -> Result<ServerName<'static>, BoxError> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(bare.to_string()).map_err(|_| InvalidServerName(host.to_string()).into())
+}
+
+impl Connection for Upstream {
+    fn connected(&self) -> Connected {
+        match self {
+            Upstream::Plain(tcp) => tcp.connected(),
+            Upstream::Tls(tls) => {
+                let (tcp, session) = tls.get_ref();
+                let connected = tcp.connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Upstream::Plain(s) => s.is_write_vectored(),
+            Upstream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

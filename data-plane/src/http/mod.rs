@@ -19,6 +19,7 @@ pub(crate) mod respond;
 pub(crate) mod route;
 pub(crate) mod server;
 pub(crate) mod timeout;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 
@@ -77,8 +78,27 @@ pub(crate) async fn serve(
     params: server::Params,
     shutdown: watch::Receiver<bool>,
 ) {
+    server::serve(
+        listener,
+        None,
+        params,
+        shutdown,
+        stack(runtime, params.limits.max_concurrent_requests),
+    )
+    .await;
+}
+
+/// Serves the proxy over TLS on `listener` until `shutdown` turns true.
+pub(crate) async fn serve_tls(
+    listener: TcpListener,
+    runtime: Arc<ArcSwap<Runtime>>,
+    params: server::Params,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), rustls::Error> {
+    let acceptor = tls::acceptor(Arc::clone(&runtime))?;
     let stack = stack(runtime, params.limits.max_concurrent_requests);
-    server::serve(listener, params, shutdown, stack).await;
+    server::serve(listener, Some(acceptor), params, shutdown, stack).await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use tower::{Layer, Service};
 
 use super::respond::VIA;
 use super::server::ClientAddr;
+use super::tls::Tls;
 
 /// Headers that describe one connection, never forwarded.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -27,6 +28,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const HTTP: HeaderValue = HeaderValue::from_static("http");
+const HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct NormalizeLayer;
@@ -73,12 +76,17 @@ where
             request.headers_mut().insert(header::HOST, value);
         }
         let client = request.extensions().get::<ClientAddr>().copied();
+        let proto = if request.extensions().get::<Tls>().is_some() {
+            HTTPS
+        } else {
+            HTTP
+        };
         let headers = request.headers_mut();
         strip_hop_by_hop(headers, true);
         if let Some(ClientAddr(client)) = client {
             append_forwarded_for(headers, &client.ip().to_string());
         }
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO, proto);
         ResponseFuture {
             inner: self.inner.call(request),
         }

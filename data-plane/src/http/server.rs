@@ -1,5 +1,6 @@
-//! The accept loop shared by the proxy and admin listeners: HTTP/1.1 and h2c
-//! on one port (hyper-util's auto builder) with the server's wire limits
+//! The accept loop shared by the proxy, TLS and admin listeners: HTTP/1.1 and
+//! h2c on one port (hyper-util's auto builder), or the same after a TLS
+//! handshake ([`super::tls`]), with the server's wire limits
 //! ([`crate::Limits`]), the client address put into every request's
 //! extensions, an idle timeout per connection, and a bounded drain on
 //! shutdown: stop accepting, `Connection: close` on HTTP/1.1 and GOAWAY on
@@ -14,18 +15,21 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Body;
 use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tower::Service;
 use tracing::{debug, warn};
 
 use super::error::{BoxError, Chain};
 use super::idle::{Active, Activity};
 use super::inflight;
+use super::tls::{self, Tls};
 use crate::{Limits, MIN_MAX_REQUEST_HEADER_BYTES};
 
 /// HTTP/2 rapid-reset defence (CVE-2023-44487): streams a client may open and
@@ -47,19 +51,23 @@ pub(crate) struct Params {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ClientAddr(pub SocketAddr);
 
-/// Puts [`ClientAddr`] into each request of one connection, and counts the
-/// request in the connection's [`Activity`] until its response ends.
+/// Puts [`ClientAddr`] (and [`Tls`] on a TLS connection) into each request
+/// of one connection, and counts the request in the connection's
+/// [`Activity`] until its response ends.
 #[derive(Clone, Debug)]
 struct SetClientAddr<S> {
     client: ClientAddr,
+    tls: bool,
     activity: Arc<Activity>,
     inner: S,
 }
 
-/// Serves `service` on `listener` until `shutdown` turns true, then stops
-/// accepting, lets open connections finish (bounded) and returns.
+/// Serves `service` on `listener` (over TLS with `tls`) until `shutdown`
+/// turns true, then stops accepting, lets open connections finish (bounded)
+/// and returns.
 pub(crate) async fn serve<S, B>(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
     service: S,
@@ -87,6 +95,7 @@ pub(crate) async fn serve<S, B>(
                     connections.spawn(connection(
                         stream,
                         remote,
+                        tls.clone(),
                         Arc::clone(&builder),
                         params,
                         shutdown.clone(),
@@ -143,9 +152,11 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection<S, B>(
     stream: TcpStream,
     remote: SocketAddr,
+    tls: Option<TlsAcceptor>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
@@ -160,6 +171,37 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let client = ClientAddr(remote);
+    if let Some(acceptor) = tls {
+        let stream = tokio::select! {
+            accepted = tls::handshake(&acceptor, stream, params.limits.header_read_timeout) => {
+                match accepted {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        debug!(error = %Chain(&error), %remote, "Closing a TLS connection.");
+                        return;
+                    }
+                }
+            }
+            () = stopped(&mut shutdown) => return,
+        };
+        let service = SetClientAddr {
+            client,
+            tls: true,
+            activity: Activity::new(),
+            inner: service,
+        };
+        serve_connection(
+            TokioIo::new(stream),
+            remote,
+            &builder,
+            params,
+            shutdown,
+            service,
+        )
+        .await;
+        return;
+    }
     // hyper's header read timeout starts once the connection is known to be
     // HTTP/1; a client that sends nothing at all never gets that far, so the
     // first byte gets the same bound.
@@ -174,13 +216,45 @@ async fn connection<S, B>(
         }
         () = stopped(&mut shutdown) => return,
     }
-    let activity = Activity::new();
-    let service = TowerToHyperService::new(SetClientAddr {
-        client: ClientAddr(remote),
-        activity: Arc::clone(&activity),
+    let service = SetClientAddr {
+        client,
+        tls: false,
+        activity: Activity::new(),
         inner: service,
-    });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    };
+    serve_connection(
+        TokioIo::new(stream),
+        remote,
+        &builder,
+        params,
+        shutdown,
+        service,
+    )
+    .await;
+}
+
+/// Serves one accepted connection, plain or TLS, until it ends or, after
+/// shutdown, has finished its in-flight requests.
+async fn serve_connection<I, S, B>(
+    io: I,
+    remote: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    params: Params,
+    mut shutdown: watch::Receiver<bool>,
+    service: SetClientAddr<S>,
+) where
+    I: Read + Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let activity = Arc::clone(&service.activity);
+    let conn = builder.serve_connection(io, TowerToHyperService::new(service));
     tokio::pin!(conn);
     let mut draining = false;
     loop {
@@ -218,6 +292,9 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         request.extensions_mut().insert(self.client);
+        if self.tls {
+            request.extensions_mut().insert(Tls);
+        }
         inflight::ResponseFuture::new(self.inner.call(request), self.activity.start())
     }
 }

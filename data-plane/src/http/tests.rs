@@ -25,6 +25,7 @@ use super::*;
 use crate::runtime::OwnAddresses;
 
 mod lifecycle;
+mod tls;
 
 /// How long any wait in these tests may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -88,7 +89,7 @@ where
     });
     tokio::spawn(async move {
         let _stop = stop;
-        server::serve(listener, params(), stopped, service).await;
+        server::serve(listener, None, params(), stopped, service).await;
     });
     addr
 }

@@ -383,7 +383,13 @@ mod tests {
                     ..Default::default()
                 };
                 sum += w;
-                let backend = Backend::compile(&spec, "1", &OwnAddresses::default());
+                let backend = Backend::compile(
+                    &prism_proto::Snapshot::empty(1),
+                    &spec,
+                    "1",
+                    String::new(),
+                    &OwnAddresses::default(),
+                );
                 (Arc::new(backend.expect("compiles")), sum)
             })
             .collect();

@@ -6,9 +6,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::uri::Authority;
-use prism_proto::Protocol;
+use prism_proto::{Protocol, Snapshot};
 
-use super::{CompileError, DEFAULT_CONNECT_TIMEOUT};
+use super::{CompileError, DEFAULT_CONNECT_TIMEOUT, tls};
 use crate::http::{backend, endpoint};
 
 /// An upstream cluster as the request path sees it.
@@ -18,6 +18,9 @@ pub(crate) struct Backend {
     pub name: String,
     /// Content version of the backend resource.
     pub version: String,
+    /// Content versions of the Secrets its upstream TLS uses
+    /// ([`tls::secret_versions`]); empty without TLS.
+    pub secrets: String,
     /// Never empty: [`Backend::compile`] refuses a backend without endpoints.
     pub endpoints: Vec<Endpoint>,
     pub balancer: backend::Balancer,
@@ -40,9 +43,12 @@ pub(crate) struct OwnAddresses {
 }
 
 impl Backend {
+    /// Compiles `spec`; the Secrets its `tls` names are read from `snapshot`.
     pub(super) fn compile(
+        snapshot: &Snapshot,
         spec: &prism_proto::Backend,
         version: &str,
+        secrets: String,
         own: &OwnAddresses,
     ) -> Result<Backend, CompileError> {
         let endpoints = spec
@@ -79,8 +85,25 @@ impl Backend {
             });
         }
         let protocol = Protocol::try_from(spec.protocol).unwrap_or(Protocol::Http1);
+        let http2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc);
+        let tls = match &spec.tls {
+            Some(tls) => {
+                let namespace = spec.name.split_once('/').map_or("", |(ns, _)| ns);
+                Some(
+                    tls::UpstreamParams::compile(snapshot, namespace, tls, http2).map_err(
+                        |(field, reason)| CompileError::Tls {
+                            resource: format!("Backend {}", spec.name),
+                            field,
+                            reason,
+                        },
+                    )?,
+                )
+            }
+            None => None,
+        };
         let client = endpoint::Client::new(&endpoint::Params {
-            http2: matches!(protocol, Protocol::Http2 | Protocol::Grpc),
+            http2,
+            tls,
             connect_timeout: prism_proto::defaults::duration_or(
                 spec.connect_timeout.as_ref(),
                 DEFAULT_CONNECT_TIMEOUT,
@@ -89,6 +112,7 @@ impl Backend {
         Ok(Backend {
             name: spec.name.clone(),
             version: version.to_string(),
+            secrets,
             endpoints,
             balancer: backend::Balancer::default(),
             client,
@@ -188,11 +212,25 @@ mod tests {
             ..Default::default()
         };
         let own = OwnAddresses::default();
-        let grpc = Backend::compile(&spec("n/g", Protocol::Grpc, 2), "v1", &own).expect("compiles");
+        let none = Snapshot::empty(1);
+        let grpc = Backend::compile(
+            &none,
+            &spec("n/g", Protocol::Grpc, 2),
+            "v1",
+            String::new(),
+            &own,
+        )
+        .expect("compiles");
         assert!(grpc.client.is_http2());
         assert_eq!(grpc.client.connect_timeout(), Duration::from_secs(2));
-        let plain =
-            Backend::compile(&spec("n/p", Protocol::Http1, 0), "v1", &own).expect("compiles");
+        let plain = Backend::compile(
+            &none,
+            &spec("n/p", Protocol::Http1, 0),
+            "v1",
+            String::new(),
+            &own,
+        )
+        .expect("compiles");
         assert!(!plain.client.is_http2());
         assert_eq!(plain.client.connect_timeout(), DEFAULT_CONNECT_TIMEOUT);
     }
@@ -203,9 +241,15 @@ mod tests {
             name: "n/empty".into(),
             ..Default::default()
         };
-        let error = Backend::compile(&spec, "v1", &OwnAddresses::default())
-            .map(|_| ())
-            .unwrap_err();
+        let error = Backend::compile(
+            &Snapshot::empty(1),
+            &spec,
+            "v1",
+            String::new(),
+            &OwnAddresses::default(),
+        )
+        .map(|_| ())
+        .unwrap_err();
         assert_eq!(
             error,
             CompileError::NoEndpoints {

@@ -9,6 +9,7 @@
 mod action;
 mod backend;
 mod matcher;
+pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub(crate) struct Runtime {
     /// compile: limits compiled from the same spec keep their buckets.
     namespace_limits: HashMap<String, Arc<Limits>>,
     route_limits: HashMap<String, Arc<Limits>>,
+    /// The TLS listener's certificates, by SNI.
+    certificates: tls::Certificates,
 }
 
 /// A matched route: where the request goes and the parameters of the stages
@@ -82,6 +85,12 @@ pub(crate) enum CompileError {
         index: usize,
         address: String,
     },
+    #[error("{resource}: {field}: {reason}")]
+    Tls {
+        resource: String,
+        field: &'static str,
+        reason: String,
+    },
     #[error("Backend {backend}: endpoints: at least one endpoint is required")]
     NoEndpoints { backend: String },
     /// A regular expression the proxy's engine refuses (validation already
@@ -96,15 +105,6 @@ pub(crate) enum CompileError {
     },
     #[error("Route {route}: backend: backend `{backend}` does not exist")]
     MissingBackend { route: String, backend: String },
-    /// A field this proxy cannot honour yet. Refusing the snapshot (a NACK
-    /// the fleet view shows) beats serving it wrongly: a route that ignored
-    /// its methods would take requests it must not, one that ignored its
-    /// redirect would forward them.
-    #[error("{resource}: {field}: not supported by this proxy yet")]
-    Unsupported {
-        resource: String,
-        field: &'static str,
-    },
 }
 
 impl Runtime {
@@ -127,15 +127,21 @@ impl Runtime {
             let Resource::Backend(spec) = &entry.resource else {
                 continue;
             };
-            if spec.tls.is_some() {
-                return Err(CompileError::Unsupported {
-                    resource: entry.resource.key().to_string(),
-                    field: "tls",
-                });
-            }
+            // A backend is also rebuilt when a Secret its TLS uses changed.
+            let secrets = spec.tls.as_ref().map_or_else(String::new, |t| {
+                tls::secret_versions(snapshot, entry.resource.namespace(), t)
+            });
             let backend = match previous.backends.get(&spec.name) {
-                Some(old) if old.version == entry.version => Arc::clone(old),
-                _ => Arc::new(Backend::compile(spec, &entry.version, own)?),
+                Some(old) if old.version == entry.version && old.secrets == secrets => {
+                    Arc::clone(old)
+                }
+                _ => Arc::new(Backend::compile(
+                    snapshot,
+                    spec,
+                    &entry.version,
+                    secrets,
+                    own,
+                )?),
             };
             backends.insert(spec.name.clone(), backend);
         }
@@ -211,6 +217,7 @@ impl Runtime {
             backends,
             namespace_limits,
             route_limits,
+            certificates: tls::Certificates::compile(snapshot)?,
         })
     }
 
@@ -229,6 +236,11 @@ impl Runtime {
     /// any case, with or without port) that looks like `probe`.
     pub(crate) fn route(&self, host: &str, probe: &Probe<'_>) -> Option<&Arc<Route>> {
         self.matcher.route(host, probe)
+    }
+
+    /// The TLS listener's certificates.
+    pub(crate) fn certificates(&self) -> &tls::Certificates {
+        &self.certificates
     }
 
     /// A backend by full name.
@@ -417,26 +429,6 @@ pub(crate) mod tests {
                 route: "demo/lost".into(),
                 backend: "demo/nowhere".into(),
             }
-        );
-    }
-
-    #[test]
-    fn fields_not_supported_yet_are_refused_not_ignored() {
-        let mut snapshot = sample();
-        if let Resource::Backend(mut b) = backend("demo/tls", &["127.0.0.1:4001"]) {
-            b.tls = Some(Default::default());
-            snapshot.insert(Resource::Backend(b));
-        }
-        let error = Runtime::compile(
-            &snapshot,
-            &Runtime::unconfigured(),
-            &OwnAddresses::default(),
-        )
-        .map(|_| ())
-        .unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "Backend demo/tls: tls: not supported by this proxy yet"
         );
     }
 }

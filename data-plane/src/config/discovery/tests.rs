@@ -227,7 +227,11 @@ async fn run_subscribes_applies_nacks_and_resumes() {
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
         config,
-        crate::Listeners { proxy, admin },
+        crate::Listeners {
+            proxy,
+            tls: None,
+            admin,
+        },
         async move {
             let _ = stopped.await;
         },
@@ -339,7 +343,11 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
         config,
-        crate::Listeners { proxy, admin },
+        crate::Listeners {
+            proxy,
+            tls: None,
+            admin,
+        },
         async move {
             let _ = stopped.await;
         },
@@ -431,7 +439,16 @@ async fn an_invalid_subset_is_refused_before_starting() {
         selector: Default::default(),
         limits: Default::default(),
     };
-    let result = crate::run(config, crate::Listeners { proxy, admin }, async {}).await;
+    let result = crate::run(
+        config,
+        crate::Listeners {
+            proxy,
+            tls: None,
+            admin,
+        },
+        async {},
+    )
+    .await;
     assert!(
         matches!(result, Err(crate::Error::InvalidSubset(_))),
         "{result:?}"
