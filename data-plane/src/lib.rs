@@ -11,6 +11,8 @@
 //! and no request ever sees a half-applied configuration.
 
 mod admin;
+#[doc(hidden)]
+pub mod bench;
 mod config;
 mod error;
 mod http;
