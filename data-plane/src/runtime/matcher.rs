@@ -24,14 +24,18 @@ use regex_automata::meta;
 
 use super::{CompileError, Route};
 
+/// The lookup maps: keys are fixed at compile and never come from a
+/// request, so a fast hash (not SipHash) is safe; it halves a lookup's cost.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Host tables of every namespace.
 #[derive(Debug, Default)]
 pub(crate) struct Matcher {
     /// Exact hosts, lowercase, and the catch-all `*`.
-    hosts: HashMap<Box<str>, HostTable>,
+    hosts: Map<Box<str>, HostTable>,
     /// Wildcard hosts by suffix with its leading dot (`*.example.com` is
     /// `.example.com`), so a host's suffixes can be looked up label by label.
-    wildcards: HashMap<Box<str>, HostTable>,
+    wildcards: Map<Box<str>, HostTable>,
 }
 
 /// What a route is matched on, borrowed from the request.
@@ -62,10 +66,10 @@ struct HostTable {
 /// Routes of one tier, indexed by path rule.
 #[derive(Debug, Default)]
 struct Tier {
-    exact: HashMap<Box<str>, Vec<Candidate>>,
+    exact: Map<Box<str>, Vec<Candidate>>,
     /// Distinct prefix lengths, longest first.
     prefix_lengths: Vec<usize>,
-    prefixes: HashMap<Box<str>, Vec<Candidate>>,
+    prefixes: Map<Box<str>, Vec<Candidate>>,
     regexes: Option<Regexes>,
 }
 
