@@ -11,6 +11,8 @@
 //! and no request ever sees a half-applied configuration.
 
 mod admin;
+#[doc(hidden)]
+pub mod bench;
 mod config;
 mod error;
 mod http;
@@ -36,12 +38,6 @@ use crate::runtime::{OwnAddresses, Runtime};
 pub use config::last_good::FILE_NAME as LAST_GOOD_FILE;
 pub use config::subset::{SubsetError, parse_namespaces, parse_selector};
 pub use error::Error;
-
-/// Internals that benchmarks measure; not an API.
-#[doc(hidden)]
-pub mod bench {
-    pub use crate::http::ratelimit::bench::Bucket;
-}
 
 /// How long shutdown waits for the last accepted snapshot to reach the disk.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);

@@ -24,14 +24,18 @@ use regex_automata::meta;
 
 use super::{CompileError, Route};
 
+/// The lookup maps: keys are fixed at compile and never come from a
+/// request, so a fast hash (not SipHash) is safe; it halves a lookup's cost.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Host tables of every namespace.
 #[derive(Debug, Default)]
 pub(crate) struct Matcher {
     /// Exact hosts, lowercase, and the catch-all `*`.
-    hosts: HashMap<Box<str>, HostTable>,
+    hosts: Map<Box<str>, HostTable>,
     /// Wildcard hosts by suffix with its leading dot (`*.example.com` is
     /// `.example.com`), so a host's suffixes can be looked up label by label.
-    wildcards: HashMap<Box<str>, HostTable>,
+    wildcards: Map<Box<str>, HostTable>,
 }
 
 /// What a route is matched on, borrowed from the request.
@@ -62,10 +66,10 @@ struct HostTable {
 /// Routes of one tier, indexed by path rule.
 #[derive(Debug, Default)]
 struct Tier {
-    exact: HashMap<Box<str>, Vec<Candidate>>,
+    exact: Map<Box<str>, Vec<Candidate>>,
     /// Distinct prefix lengths, longest first.
     prefix_lengths: Vec<usize>,
-    prefixes: HashMap<Box<str>, Vec<Candidate>>,
+    prefixes: Map<Box<str>, Vec<Candidate>>,
     regexes: Option<Regexes>,
 }
 
@@ -123,15 +127,18 @@ impl Matcher {
             routes.sort_by(|a, b| {
                 prism_proto::match_order(a.spec).cmp(&prism_proto::match_order(b.spec))
             });
-            let host_of = |e: &Entry<'_>| {
-                e.spec
+            // Routes by their host, lowercase; "" for namespace-wide ones.
+            let mut by_host: HashMap<String, Vec<&Entry<'_>>> = HashMap::new();
+            for entry in &routes {
+                let host = entry
+                    .spec
                     .r#match
                     .as_ref()
-                    .map_or(String::new(), |m| m.host.to_ascii_lowercase())
-            };
-            let wide = Arc::new(Tier::build(
-                routes.iter().filter(|e| host_of(e).is_empty()),
-            )?);
+                    .map_or(String::new(), |m| m.host.to_ascii_lowercase());
+                by_host.entry(host).or_default().push(entry);
+            }
+            let wide = by_host.remove("").unwrap_or_default();
+            let wide = Arc::new(Tier::build(wide.into_iter())?);
             // Every host named by the namespace or by a route gets a table.
             let mut named: Vec<String> = ns
                 .hosts
@@ -139,19 +146,17 @@ impl Matcher {
                 .filter(|h| !h.starts_with("*."))
                 .map(|h| h.to_ascii_lowercase())
                 .collect();
-            for entry in &routes {
-                let host = host_of(entry);
-                if !host.is_empty() && !named.contains(&host) {
-                    named.push(host);
-                }
-            }
+            named.extend(
+                by_host
+                    .keys()
+                    .filter(|h| !named.contains(h))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
             for host in named {
-                let specific: Vec<&Entry<'_>> =
-                    routes.iter().filter(|e| host_of(e) == host).collect();
-                let specific = if specific.is_empty() {
-                    None
-                } else {
-                    Some(Arc::new(Tier::build(specific.into_iter())?))
+                let specific = match by_host.remove(&host) {
+                    Some(entries) => Some(Arc::new(Tier::build(entries.into_iter())?)),
+                    None => None,
                 };
                 let table = HostTable {
                     specific,
