@@ -112,7 +112,6 @@ where
 
     /// A copy that yields the whole body again from its start, or `None` when
     /// the body is too long (or broke) to be replayed.
-    #[cfg_attr(not(test), expect(dead_code, reason = "the retry stage's to call"))]
     pub(crate) fn replay(&self) -> Option<Self> {
         let state = match &self.state {
             State::Empty => State::Empty,

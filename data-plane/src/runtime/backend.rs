@@ -9,7 +9,7 @@ use http::uri::Authority;
 use prism_proto::Protocol;
 
 use super::{CompileError, DEFAULT_CONNECT_TIMEOUT};
-use crate::http::{backend, endpoint};
+use crate::http::{backend, endpoint, retry};
 
 /// An upstream cluster as the request path sees it.
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub(crate) struct Backend {
     /// Never empty: [`Backend::compile`] refuses a backend without endpoints.
     pub endpoints: Vec<Endpoint>,
     pub balancer: backend::Balancer,
+    /// Requests and retries in flight, for the routes' retry budgets.
+    pub retry_budget: retry::Budget,
     /// The pool of connections to this backend's endpoints.
     pub client: endpoint::Client,
 }
@@ -91,6 +93,7 @@ impl Backend {
             version: version.to_string(),
             endpoints,
             balancer: backend::Balancer::default(),
+            retry_budget: retry::Budget::default(),
             client,
         })
     }

@@ -20,7 +20,7 @@ use prism_proto::pb::config::v1::route_match::Path;
 use prism_proto::{Kind, Resource, Snapshot};
 
 use crate::http::ratelimit::{self, Limits};
-use crate::http::timeout;
+use crate::http::{retry, timeout};
 use matcher::{Entry, Matcher, PathMatch};
 
 pub(crate) use backend::{Backend, OwnAddresses};
@@ -53,6 +53,8 @@ pub(crate) struct Route {
     pub rate_limit: ratelimit::Params,
     /// The longest request body the route takes; unlimited when `None`.
     pub max_request_body_bytes: Option<u64>,
+    /// Retries; none when `None`.
+    pub retry: Option<retry::Params>,
 }
 
 /// Why a snapshot could not be compiled (it passed validation, so this is
@@ -175,6 +177,7 @@ impl Runtime {
                 },
                 max_request_body_bytes: (spec.max_request_body_bytes > 0)
                     .then_some(spec.max_request_body_bytes),
+                retry: spec.retry.as_ref().map(retry::Params::compile),
             });
             let path = match path {
                 Path::Exact(p) => PathMatch::Exact(p),
