@@ -218,8 +218,34 @@ impl Budget {
         true
     }
 
+    /// Whether nothing is in flight.
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.active.load(Ordering::Relaxed) == 0 && self.retries.load(Ordering::Relaxed) == 0
+    }
+
     fn retry_done(&self) {
         self.retries.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// [`Budget::try_retry`] on `route`'s backend, counted until the guard
+    /// drops, even when the request is dropped mid-retry (route timeout,
+    /// client gone).
+    fn try_retry_guarded(route: &Arc<Route>, params: &Params) -> Option<InFlight> {
+        route
+            .backend
+            .retry_budget
+            .try_retry(params)
+            .then(|| InFlight(Arc::clone(route)))
+    }
+}
+
+/// A retry in flight to a backend, for its retry budget.
+struct InFlight(Arc<Route>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.backend.retry_budget.retry_done();
     }
 }
 
@@ -333,7 +359,6 @@ where
     S: Service<Routed, Response = Response<Incoming>, Error = BoxError> + Clone,
 {
     let _active = Budget::enter(&route);
-    let budget = &route.backend.retry_budget;
     let mut outcome = bounded(params.per_try_timeout, first).await;
     for attempt in 0..params.retries {
         if !params.wants(&outcome, idempotent) {
@@ -343,10 +368,10 @@ where
         let Some(next) = spare.take().and_then(|s| copy(&s).map(|c| (c, s))) else {
             break;
         };
-        if !budget.try_retry(&params) {
+        let Some(_in_flight) = Budget::try_retry_guarded(&route, &params) else {
             debug!(route = %route.name, "The retry budget refused a retry.");
             break;
-        }
+        };
         let (routed, kept) = next;
         spare = Some(kept);
         let wait = backoff(
@@ -359,7 +384,6 @@ where
         tokio::time::sleep(wait).await;
         let try_ = inner.clone().oneshot(routed);
         outcome = bounded(params.per_try_timeout, try_).await;
-        budget.retry_done();
     }
     outcome
 }

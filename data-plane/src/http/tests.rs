@@ -906,4 +906,36 @@ async fn the_retry_budget_stops_a_retry_storm() {
     // flight at a time, about 10 + 3.
     let tries = seen.load(std::sync::atomic::Ordering::SeqCst);
     assert!(tries <= 16, "{tries} tries");
+    let runtime = proxy.runtime.load();
+    let backend = runtime.backend("demo/web").expect("backend");
+    assert!(backend.retry_budget.is_idle(), "the budget leaked");
+}
+
+#[tokio::test]
+async fn a_try_slower_than_per_try_timeout_is_retried() {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&seen);
+    // The first try hangs far past the per-try timeout; the second is quick.
+    let web = upstream(move |_request: Request<Incoming>| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                tokio::time::sleep(DEADLINE).await;
+            }
+            Response::new(boxed(Full::new(Bytes::from_static(b"quick"))))
+        }
+    })
+    .await;
+    let proxy = start_proxy().await;
+    proxy.apply(&retrying(&[web], |r| {
+        r.per_try_timeout = Some(pbjson_types::Duration {
+            seconds: 0,
+            nanos: 100_000_000,
+        });
+    }));
+    let (status, _, body) = tokio::time::timeout(DEADLINE / 2, send_get(&proxy))
+        .await
+        .expect("in time");
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "quick"));
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
