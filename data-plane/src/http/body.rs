@@ -75,6 +75,8 @@ struct Shared<B> {
     trailers: Option<HeaderMap>,
     /// When `source` reached its end.
     ended: Option<Instant>,
+    /// When a frame last came from `source`.
+    last: Option<Instant>,
     /// Bytes read from `source` so far, and the most it may yield.
     total: u64,
     limit: u64,
@@ -100,6 +102,7 @@ where
                     failed: false,
                     trailers: None,
                     ended: None,
+                    last: None,
                     total: 0,
                     limit: u64::MAX,
                 })),
@@ -154,6 +157,11 @@ impl<B> BodyEnd<B> {
     /// When the body ended, if it has.
     pub(crate) fn at(&self) -> Option<Instant> {
         lock(&self.0).ended
+    }
+
+    /// When the client last sent a frame of the body, if it has.
+    pub(crate) fn last_frame(&self) -> Option<Instant> {
+        lock(&self.0).last
     }
 }
 
@@ -233,6 +241,7 @@ where
                 return Poll::Ready(None);
             }
         };
+        shared.last = Some(Instant::now());
         if let Some(data) = frame.data_ref() {
             shared.total += data.len() as u64;
             if shared.total > shared.limit {

@@ -939,3 +939,93 @@ async fn a_try_slower_than_per_try_timeout_is_retried() {
     assert_eq!((status, body.as_str()), (StatusCode::OK, "quick"));
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn a_response_idle_past_the_idle_timeout_is_cut() {
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
+    // The head and one chunk come at once, then the body stalls.
+    let web = upstream(move |_request: Request<Incoming>| {
+        let chunk_rx = Arc::clone(&chunk_rx);
+        async move {
+            let rx = chunk_rx.lock().await.take().expect("one request");
+            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+        }
+    })
+    .await;
+    chunks
+        .send(Ok(Frame::data(Bytes::from_static(b"first"))))
+        .await
+        .expect("send");
+    let proxy = start_proxy().await;
+    let mut snapshot = policy(&[("/", "web", &[web])], None);
+    edit_route(&mut snapshot, "demo/r0", |r| {
+        r.idle_timeout = Some(pbjson_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        });
+    });
+    proxy.apply(&snapshot);
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(DEADLINE, response.into_body().collect())
+        .await
+        .expect("cut in time, long before the route timeout");
+    assert!(body.is_err(), "the stalled body was not cut");
+    drop(chunks);
+}
+
+#[tokio::test]
+async fn a_request_body_still_streaming_keeps_the_idle_timeout_off() {
+    // Answers at once with a body that never moves, and drains the request.
+    let web = upstream(|request: Request<Incoming>| async move {
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        tokio::spawn(async move {
+            let _tx = tx;
+            let _ = request.into_body().collect().await;
+            tokio::time::sleep(DEADLINE).await;
+        });
+        Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+    })
+    .await;
+    let proxy = start_proxy().await;
+    let mut snapshot = policy(&[("/", "web", &[web])], None);
+    edit_route(&mut snapshot, "demo/r0", |r| {
+        r.idle_timeout = Some(pbjson_types::Duration {
+            seconds: 0,
+            nanos: 300_000_000,
+        });
+    });
+    proxy.apply(&snapshot);
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let request = Request::post(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(StreamBody::new(ReceiverStream::new(chunk_rx)))
+        .expect("request");
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.request(request).await.expect("response");
+    let started = tokio::time::Instant::now();
+    let body = tokio::spawn(response.into_body().collect());
+    // The upload moves every 100 ms for 900 ms: three idle timeouts' worth.
+    for _ in 0..9 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        chunks
+            .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .expect("send");
+    }
+    let result = tokio::time::timeout(DEADLINE, body)
+        .await
+        .expect("cut in time")
+        .expect("task");
+    assert!(result.is_err(), "the stalled body was not cut");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut while the request was still moving"
+    );
+    drop(chunks);
+}

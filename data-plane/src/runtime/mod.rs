@@ -170,7 +170,13 @@ impl Runtime {
             let route = Arc::new(Route {
                 name: spec.name.clone(),
                 backend: Arc::clone(backend),
-                timeout: timeout::Params { response },
+                timeout: timeout::Params {
+                    response,
+                    idle: spec
+                        .idle_timeout
+                        .as_ref()
+                        .and_then(prism_proto::defaults::to_std),
+                },
                 rate_limit: ratelimit::Params {
                     namespace: namespace_limits.get(namespace).cloned(),
                     route: own_limits,
