@@ -10,6 +10,7 @@ use http::Request;
 use tower::{Layer, Service};
 
 use super::body::ReplayBody;
+use super::retry::Tried;
 use super::route::Routed;
 use crate::runtime::{Backend, Route};
 
@@ -72,7 +73,12 @@ where
             request,
         } = routed;
         // A compiled backend always has at least one endpoint.
-        let endpoint = backend.balancer.pick(backend.endpoints.len());
+        let endpoints = backend.endpoints.len();
+        let mut endpoint = backend.balancer.pick(endpoints);
+        // A retry goes to an endpoint its request has not tried, where one exists.
+        if let Some(tried) = request.extensions().get::<Tried>() {
+            endpoint = tried.avoid(endpoint, endpoints);
+        }
         self.inner.call(Picked {
             route,
             backend,

@@ -75,6 +75,8 @@ struct Shared<B> {
     trailers: Option<HeaderMap>,
     /// When `source` reached its end.
     ended: Option<Instant>,
+    /// When a frame last came from `source`.
+    last: Option<Instant>,
     /// Bytes read from `source` so far, and the most it may yield.
     total: u64,
     limit: u64,
@@ -100,6 +102,7 @@ where
                     failed: false,
                     trailers: None,
                     ended: None,
+                    last: None,
                     total: 0,
                     limit: u64::MAX,
                 })),
@@ -112,7 +115,6 @@ where
 
     /// A copy that yields the whole body again from its start, or `None` when
     /// the body is too long (or broke) to be replayed.
-    #[cfg_attr(not(test), expect(dead_code, reason = "the retry stage's to call"))]
     pub(crate) fn replay(&self) -> Option<Self> {
         let state = match &self.state {
             State::Empty => State::Empty,
@@ -155,6 +157,11 @@ impl<B> BodyEnd<B> {
     /// When the body ended, if it has.
     pub(crate) fn at(&self) -> Option<Instant> {
         lock(&self.0).ended
+    }
+
+    /// When the client last sent a frame of the body, if it has.
+    pub(crate) fn last_frame(&self) -> Option<Instant> {
+        lock(&self.0).last
     }
 }
 
@@ -234,6 +241,7 @@ where
                 return Poll::Ready(None);
             }
         };
+        shared.last = Some(Instant::now());
         if let Some(data) = frame.data_ref() {
             shared.total += data.len() as u64;
             if shared.total > shared.limit {

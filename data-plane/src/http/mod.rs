@@ -16,6 +16,7 @@ pub(crate) mod normalize;
 pub(crate) mod overload;
 pub(crate) mod ratelimit;
 pub(crate) mod respond;
+pub(crate) mod retry;
 pub(crate) mod route;
 pub(crate) mod server;
 pub(crate) mod timeout;
@@ -36,7 +37,9 @@ pub(crate) type Stack = respond::Respond<
         normalize::Normalize<
             route::Router<
                 ratelimit::RateLimit<
-                    bodylimit::BodyLimit<timeout::Timeout<backend::Balance<endpoint::Forward>>>,
+                    bodylimit::BodyLimit<
+                        timeout::Timeout<retry::Retry<backend::Balance<endpoint::Forward>>>,
+                    >,
                 >,
             >,
         >,
@@ -65,6 +68,8 @@ pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>, max_concurrent_requests: u32
         .layer(bodylimit::BodyLimitLayer)
         // The route timeout bounds the whole response.
         .layer(timeout::TimeoutLayer)
+        // The route's retries, each to an endpoint not tried yet.
+        .layer(retry::RetryLayer)
         // An endpoint of the route's backend.
         .layer(backend::BalanceLayer)
         // The backend's own pooled client.

@@ -14,7 +14,9 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use prism_proto::pb::config::v1::{Endpoint, Namespace, RateLimit, Route, RouteMatch, route_match};
+use prism_proto::pb::config::v1::{
+    Endpoint, Namespace, RateLimit, RetryPolicy, Route, RouteMatch, route_match,
+};
 use prism_proto::{Resource, Snapshot};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
@@ -742,6 +744,296 @@ async fn a_body_over_the_route_limit_gets_413() {
         .expect("task")
         .expect("response");
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+/// An upstream that answers `503` to its first `failures` requests, then
+/// like [`echo_upstream`]; it counts the requests it saw.
+async fn flaky_upstream(
+    name: &'static str,
+    failures: usize,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&seen);
+    let addr = upstream(move |request: Request<Incoming>| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let status = if n < failures {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            Response::builder()
+                .status(status)
+                .header("x-upstream", name)
+                .body(boxed(request.into_body()))
+                .expect("response")
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+fn retrying(endpoints: &[SocketAddr], edit: impl FnOnce(&mut RetryPolicy)) -> Snapshot {
+    let mut snapshot = policy(&[("/", "web", endpoints)], None);
+    edit_route(&mut snapshot, "demo/r0", |r| {
+        let mut retry = RetryPolicy {
+            num_retries: 2,
+            retry_on: vec!["5xx".into()],
+            base_interval: Some(pbjson_types::Duration {
+                seconds: 0,
+                nanos: 1_000_000,
+            }),
+            ..Default::default()
+        };
+        edit(&mut retry);
+        r.retry = Some(retry);
+    });
+    snapshot
+}
+
+#[tokio::test]
+async fn a_failed_try_is_retried_on_another_endpoint() {
+    let (bad, bad_seen) = flaky_upstream("bad", usize::MAX).await;
+    let (good, good_seen) = flaky_upstream("good", 0).await;
+    let proxy = start_proxy().await;
+    proxy.apply(&retrying(&[bad, good], |_| {}));
+    for _ in 0..2 {
+        let request = Request::put(format!("http://{}/", proxy.addr))
+            .header(header::HOST, "demo.local")
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .expect("request");
+        let response = client().request(request).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(header_str(response.headers(), "x-upstream"), "good");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(body, "payload", "the body was replayed");
+    }
+    let count = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(count(&good_seen), 2);
+    assert!(
+        count(&bad_seen) >= 1,
+        "round robin sent one try to the bad endpoint"
+    );
+    assert!(
+        count(&bad_seen) <= 2,
+        "a retry went back to the bad endpoint"
+    );
+}
+
+#[tokio::test]
+async fn a_flaky_upstream_succeeds_within_the_retries() {
+    let (web, seen) = flaky_upstream("web", 2).await;
+    let proxy = start_proxy().await;
+    proxy.apply(&retrying(&[web], |_| {}));
+    let (status, _, _) = send_get(&proxy).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_post_is_retried_only_when_the_route_allows_it() {
+    let (web, seen) = flaky_upstream("web", 1).await;
+    let proxy = start_proxy().await;
+    proxy.apply(&retrying(&[web], |_| {}));
+    let (status, _, _) = send(&proxy, "demo.local", "/", "order").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let (web, seen) = flaky_upstream("web", 1).await;
+    proxy.apply(&retrying(&[web], |r| r.retry_non_idempotent = true));
+    let (status, _, body) = send(&proxy, "demo.local", "/", "order").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "order"));
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+async fn send_get(proxy: &Proxy) -> (StatusCode, HeaderMap, String) {
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response");
+    let (status, headers) = (response.status(), response.headers().clone());
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn the_retry_budget_stops_a_retry_storm() {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&seen);
+    // An outage: every answer is a slow 503, so tries overlap.
+    let web = upstream(move |_request: Request<Incoming>| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .body(boxed(Full::new(Bytes::new())))
+                .expect("response")
+        }
+    })
+    .await;
+    let proxy = start_proxy().await;
+    proxy.apply(&retrying(&[web], |r| {
+        r.num_retries = 3;
+        r.budget_percent = 1;
+        r.min_retry_concurrency = 1;
+    }));
+    let requests: Vec<_> = (0..10)
+        .map(|_| {
+            let addr = proxy.addr;
+            tokio::spawn(async move {
+                let request = Request::get(format!("http://{addr}/"))
+                    .header(header::HOST, "demo.local")
+                    .body(Full::new(Bytes::new()))
+                    .expect("request");
+                client().request(request).await.expect("response").status()
+            })
+        })
+        .collect();
+    for request in requests {
+        let status = tokio::time::timeout(DEADLINE, request)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // Without a budget 10 requests would make 40 tries; with one retry in
+    // flight at a time, about 10 + 3.
+    let tries = seen.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(tries <= 16, "{tries} tries");
+    let runtime = proxy.runtime.load();
+    let backend = runtime.backend("demo/web").expect("backend");
+    assert!(backend.retry_budget.is_idle(), "the budget leaked");
+}
+
+#[tokio::test]
+async fn a_try_slower_than_per_try_timeout_is_retried() {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&seen);
+    // The first try hangs far past the per-try timeout; the second is quick.
+    let web = upstream(move |_request: Request<Incoming>| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                tokio::time::sleep(DEADLINE).await;
+            }
+            Response::new(boxed(Full::new(Bytes::from_static(b"quick"))))
+        }
+    })
+    .await;
+    let proxy = start_proxy().await;
+    proxy.apply(&retrying(&[web], |r| {
+        r.per_try_timeout = Some(pbjson_types::Duration {
+            seconds: 0,
+            nanos: 100_000_000,
+        });
+    }));
+    let (status, _, body) = tokio::time::timeout(DEADLINE / 2, send_get(&proxy))
+        .await
+        .expect("in time");
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "quick"));
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_response_idle_past_the_idle_timeout_is_cut() {
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
+    // The head and one chunk come at once, then the body stalls.
+    let web = upstream(move |_request: Request<Incoming>| {
+        let chunk_rx = Arc::clone(&chunk_rx);
+        async move {
+            let rx = chunk_rx.lock().await.take().expect("one request");
+            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+        }
+    })
+    .await;
+    chunks
+        .send(Ok(Frame::data(Bytes::from_static(b"first"))))
+        .await
+        .expect("send");
+    let proxy = start_proxy().await;
+    let mut snapshot = policy(&[("/", "web", &[web])], None);
+    edit_route(&mut snapshot, "demo/r0", |r| {
+        r.idle_timeout = Some(pbjson_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        });
+    });
+    proxy.apply(&snapshot);
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(DEADLINE, response.into_body().collect())
+        .await
+        .expect("cut in time, long before the route timeout");
+    assert!(body.is_err(), "the stalled body was not cut");
+    drop(chunks);
+}
+
+#[tokio::test]
+async fn a_request_body_still_streaming_keeps_the_idle_timeout_off() {
+    // Answers at once with a body that never moves, and drains the request.
+    let web = upstream(|request: Request<Incoming>| async move {
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        tokio::spawn(async move {
+            let _tx = tx;
+            let _ = request.into_body().collect().await;
+            tokio::time::sleep(DEADLINE).await;
+        });
+        Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+    })
+    .await;
+    let proxy = start_proxy().await;
+    let mut snapshot = policy(&[("/", "web", &[web])], None);
+    edit_route(&mut snapshot, "demo/r0", |r| {
+        r.idle_timeout = Some(pbjson_types::Duration {
+            seconds: 0,
+            nanos: 300_000_000,
+        });
+    });
+    proxy.apply(&snapshot);
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let request = Request::post(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(StreamBody::new(ReceiverStream::new(chunk_rx)))
+        .expect("request");
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.request(request).await.expect("response");
+    let started = tokio::time::Instant::now();
+    let body = tokio::spawn(response.into_body().collect());
+    // The upload moves every 100 ms for 900 ms: three idle timeouts' worth.
+    for _ in 0..9 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        chunks
+            .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .expect("send");
+    }
+    let result = tokio::time::timeout(DEADLINE, body)
+        .await
+        .expect("cut in time")
+        .expect("task");
+    assert!(result.is_err(), "the stalled body was not cut");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut while the request was still moving"
+    );
+    drop(chunks);
 }
 
 mod routing;

@@ -3,7 +3,9 @@
 //! request without a body) and bounds the whole response, head and body. A
 //! response head that does not come in time becomes `504`; a body still
 //! streaming at the deadline is cut (the connection or HTTP/2 stream is reset),
-//! since its status has already gone out.
+//! since its status has already gone out. The route's `idle_timeout`, when
+//! set, also cuts a response body that has not moved for that long, unless
+//! the request body is still moving.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,6 +30,9 @@ pub(crate) struct Params {
     /// How long the whole response may take, from the end of the request to
     /// the end of the response body.
     pub response: Duration,
+    /// The route's `idle_timeout`: how long the streams may go without a
+    /// body frame either way once the response head is out.
+    pub idle: Option<Duration>,
 }
 
 /// When the route timeout runs out: `timeout` after the request ended.
@@ -54,6 +59,7 @@ pin_project! {
         #[pin]
         sleep: Sleep,
         deadline: Deadline,
+        idle: Option<Duration>,
     }
 }
 
@@ -65,7 +71,16 @@ pin_project! {
         #[pin]
         sleep: Sleep,
         deadline: Deadline,
+        // Only routes with an `idle_timeout` pay for this timer.
+        idle: Option<Idle>,
     }
+}
+
+/// The idle timer of a response body.
+#[derive(Debug)]
+pub(crate) struct Idle {
+    after: Duration,
+    sleep: Pin<Box<Sleep>>,
 }
 
 impl<S> Layer<S> for TimeoutLayer {
@@ -96,10 +111,12 @@ where
             timeout,
             body: routed.request.body().end(),
         };
+        let idle = routed.route.timeout.idle;
         ResponseFuture {
             inner: self.inner.call(routed),
             sleep,
             deadline,
+            idle,
         }
     }
 }
@@ -116,11 +133,16 @@ where
         // is only registered when something actually has to wait.
         if let Poll::Ready(result) = this.inner.poll(cx) {
             let (at, deadline) = (this.sleep.deadline(), this.deadline.clone());
+            let idle = this.idle.map(|after| Idle {
+                after,
+                sleep: Box::pin(sleep_until(Instant::now() + after)),
+            });
             return Poll::Ready(result.map(|response| {
                 response.map(|body| TimeoutBody {
                     body,
                     sleep: sleep_until(at),
                     deadline,
+                    idle,
                 })
             }));
         }
@@ -152,6 +174,25 @@ impl Deadline {
     }
 }
 
+impl Idle {
+    /// Ready once neither the response nor the request body (while it still
+    /// streams) has moved for the idle timeout.
+    fn poll_expired(&mut self, deadline: &Deadline, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            ready!(self.sleep.as_mut().poll(cx));
+            let request = deadline
+                .body
+                .as_ref()
+                .filter(|b| b.at().is_none())
+                .and_then(BodyEnd::last_frame);
+            match request.map(|last| last + self.after) {
+                Some(next) if next > Instant::now() => self.sleep.as_mut().reset(next),
+                _ => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
 impl<B> Body for TimeoutBody<B>
 where
     B: Body<Data = Bytes>,
@@ -166,7 +207,16 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            if let Some(idle) = this.idle {
+                idle.sleep.as_mut().reset(Instant::now() + idle.after);
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if let Some(idle) = this.idle
+            && idle.poll_expired(this.deadline, cx).is_ready()
+        {
+            debug!("The route idle timeout cut a response body.");
+            return Poll::Ready(Some(Err(ProxyError::Timeout.into())));
         }
         ready!(this.deadline.poll_expired(this.sleep, cx));
         debug!("The route timeout cut a response body.");

@@ -9,7 +9,7 @@ use http::uri::Authority;
 use prism_proto::{Protocol, Snapshot};
 
 use super::{CompileError, DEFAULT_CONNECT_TIMEOUT, tls};
-use crate::http::{backend, endpoint};
+use crate::http::{backend, endpoint, retry};
 
 /// An upstream cluster as the request path sees it.
 #[derive(Debug)]
@@ -24,6 +24,8 @@ pub(crate) struct Backend {
     /// Never empty: [`Backend::compile`] refuses a backend without endpoints.
     pub endpoints: Vec<Endpoint>,
     pub balancer: backend::Balancer,
+    /// Requests and retries in flight, for the routes' retry budgets.
+    pub retry_budget: retry::Budget,
     /// The pool of connections to this backend's endpoints.
     pub client: endpoint::Client,
 }
@@ -115,6 +117,7 @@ impl Backend {
             secrets,
             endpoints,
             balancer: backend::Balancer::default(),
+            retry_budget: retry::Budget::default(),
             client,
         })
     }

@@ -21,7 +21,7 @@ pub(crate) use prism_proto::defaults::{
 use prism_proto::{Kind, Resource, Snapshot};
 
 use crate::http::ratelimit::{self, Limits};
-use crate::http::timeout;
+use crate::http::{retry, timeout};
 use matcher::{Entry, Matcher};
 
 pub(crate) use matcher::Probe;
@@ -65,6 +65,8 @@ pub(crate) struct Route {
     pub rate_limit: ratelimit::Params,
     /// The longest request body the route takes; unlimited when `None`.
     pub max_request_body_bytes: Option<u64>,
+    /// Retries; none when `None`.
+    pub retry: Option<retry::Params>,
 }
 
 /// Why a snapshot could not be compiled (it passed validation, so this is
@@ -187,7 +189,13 @@ impl Runtime {
             let route = Arc::new(Route {
                 name: spec.name.clone(),
                 action,
-                timeout: timeout::Params { response },
+                timeout: timeout::Params {
+                    response,
+                    idle: spec
+                        .idle_timeout
+                        .as_ref()
+                        .and_then(prism_proto::defaults::to_std),
+                },
                 request_headers: HeaderMutation::compile(
                     spec.request_headers.as_ref(),
                     &spec.name,
@@ -204,6 +212,7 @@ impl Runtime {
                 },
                 max_request_body_bytes: (spec.max_request_body_bytes > 0)
                     .then_some(spec.max_request_body_bytes),
+                retry: spec.retry.as_ref().map(retry::Params::compile),
             });
             by_namespace
                 .entry(namespace)
