@@ -1,29 +1,28 @@
 //! The backend stage: balance a routed request over its backend's endpoints.
 //! The balancer's state is the backend's ([`crate::runtime::Backend`] owns a
-//! [`Balancer`]), so it survives applies that leave the backend unchanged.
+//! [`crate::runtime::balance::Balancer`]), so it survives applies that leave
+//! the backend unchanged. When no endpoint is available the request fails
+//! with [`ProxyError::NoHealthyUpstream`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use http::Request;
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::body::ReplayBody;
+use super::error::{BoxError, ProxyError};
 use super::route::Routed;
 use crate::runtime::Route;
-
-/// Round robin over a backend's endpoints.
-#[derive(Debug, Default)]
-pub(crate) struct Balancer {
-    next: AtomicUsize,
-}
 
 /// A request below the backend stage: routed, with its endpoint picked.
 #[derive(Debug)]
 pub(crate) struct Picked {
     pub route: Arc<Route>,
-    /// Index into the backend's endpoints, from [`Balancer::pick`].
+    /// Index into the backend's endpoints, from its balancer.
     pub endpoint: usize,
     pub request: Request<ReplayBody>,
 }
@@ -36,11 +35,21 @@ pub(crate) struct Balance<S> {
     inner: S,
 }
 
-impl Balancer {
-    /// The index of the next endpoint out of `endpoints` (at least one).
-    pub(crate) fn pick(&self, endpoints: usize) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % endpoints
+pin_project! {
+    #[project = ResponseFutureProj]
+    pub(crate) enum ResponseFuture<F> {
+        Picked { #[pin] inner: F },
+        Unavailable { backend: Option<String> },
     }
+}
+
+/// Every endpoint of a backend is out of its balancer; context for the log.
+#[derive(Debug, thiserror::Error)]
+#[error("backend {backend}")]
+struct AtBackend {
+    backend: String,
+    #[source]
+    error: ProxyError,
 }
 
 impl<S> Layer<S> for BalanceLayer {
@@ -51,27 +60,51 @@ impl<S> Layer<S> for BalanceLayer {
     }
 }
 
-impl<S> Service<Routed> for Balance<S>
+impl<S, R> Service<Routed> for Balance<S>
 where
-    S: Service<Picked>,
+    S: Service<Picked, Response = R, Error = BoxError>,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Response = R;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, routed: Routed) -> S::Future {
+    fn call(&mut self, routed: Routed) -> Self::Future {
         let Routed { route, request } = routed;
         let backend = &route.backend;
-        // A compiled backend always has at least one endpoint.
-        let endpoint = backend.balancer.pick(backend.endpoints.len());
-        self.inner.call(Picked {
-            route,
-            endpoint,
-            request,
-        })
+        let key = backend.balancer.hash(&request);
+        match backend.balancer.pick(&backend.endpoints[..], key) {
+            Some(endpoint) => ResponseFuture::Picked {
+                inner: self.inner.call(Picked {
+                    route,
+                    endpoint,
+                    request,
+                }),
+            },
+            None => ResponseFuture::Unavailable {
+                backend: Some(backend.name.clone()),
+            },
+        }
+    }
+}
+
+impl<F, R> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<R, BoxError>>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Picked { inner } => inner.poll(cx),
+            ResponseFutureProj::Unavailable { backend } => Poll::Ready(Err(AtBackend {
+                backend: backend.take().unwrap_or_default(),
+                error: ProxyError::NoHealthyUpstream,
+            }
+            .into())),
+        }
     }
 }

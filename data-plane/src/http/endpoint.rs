@@ -9,13 +9,15 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header;
 use http::uri::{self, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -71,12 +73,32 @@ struct AtEndpoint {
     error: ProxyError,
 }
 
+/// One request in flight to one endpoint: counted in the endpoint's
+/// `in_flight` from the moment it is sent until its response body ends or
+/// fails, or the request is dropped, whichever comes first.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    route: Arc<Route>,
+    endpoint: usize,
+}
+
 pin_project! {
     pub(crate) struct ResponseFuture {
         #[pin]
         state: State,
         route: Option<Arc<Route>>,
         endpoint: usize,
+        in_flight: Option<InFlight>,
+    }
+}
+
+pin_project! {
+    /// An upstream response body that keeps its request counted in flight
+    /// until it ends.
+    pub(crate) struct ResponseBody {
+        #[pin]
+        body: Incoming,
+        in_flight: Option<InFlight>,
     }
 }
 
@@ -139,8 +161,25 @@ impl Service<Uri> for Connector {
     }
 }
 
+impl InFlight {
+    fn new(route: Arc<Route>, endpoint: usize) -> Self {
+        route.backend.endpoints[endpoint]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        Self { route, endpoint }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.route.backend.endpoints[self.endpoint]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Service<Picked> for Forward {
-    type Response = Response<Incoming>;
+    type Response = Response<ResponseBody>;
     type Error = BoxError;
     type Future = ResponseFuture;
 
@@ -181,6 +220,7 @@ impl Service<Picked> for Forward {
         };
         ResponseFuture {
             state,
+            in_flight: Some(InFlight::new(Arc::clone(&route), endpoint)),
             route: Some(route),
             endpoint,
         }
@@ -200,13 +240,16 @@ fn send(client: &Client, mut request: Request<ReplayBody>) -> legacy::ResponseFu
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<Response<Incoming>, BoxError>;
+    type Output = Result<Response<ResponseBody>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let error = match this.state.project() {
             StateProj::Sent { inner } => match ready!(inner.poll(cx)) {
-                Ok(response) => return Poll::Ready(Ok(response)),
+                Ok(response) => {
+                    let in_flight = this.in_flight.take();
+                    return Poll::Ready(Ok(response.map(|body| ResponseBody { body, in_flight })));
+                }
                 Err(error) => classify(error),
             },
             StateProj::Failed { error } => error.take().unwrap_or(ProxyError::Internal),
@@ -220,6 +263,33 @@ impl Future for ResponseFuture {
             .into(),
             None => error.into(),
         }))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let mut body = this.body;
+        let frame = ready!(body.as_mut().poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
+            // Ended or failed: the endpoint is done with this request.
+            this.in_flight.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -233,7 +233,9 @@ fn error_response<B>(error: &ProxyError, grpc: bool) -> Response<ResponseBody<B>
 
 fn http_status(error: &ProxyError) -> StatusCode {
     match error {
-        ProxyError::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+        ProxyError::NotConfigured | ProxyError::NoHealthyUpstream => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
         ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -244,6 +246,7 @@ fn http_status(error: &ProxyError) -> StatusCode {
 fn grpc_code(error: &ProxyError) -> u16 {
     match error {
         ProxyError::NotConfigured
+        | ProxyError::NoHealthyUpstream
         | ProxyError::Connect(_)
         | ProxyError::ConnectTimeout
         | ProxyError::Upstream(_) => grpc::UNAVAILABLE,
@@ -317,6 +320,7 @@ mod tests {
         let boxed = || -> BoxError { std::io::Error::other("x").into() };
         let cases = [
             (ProxyError::NotConfigured, 503, grpc::UNAVAILABLE),
+            (ProxyError::NoHealthyUpstream, 503, grpc::UNAVAILABLE),
             (ProxyError::Connect(boxed()), 502, grpc::UNAVAILABLE),
             (ProxyError::ConnectTimeout, 504, grpc::UNAVAILABLE),
             (ProxyError::Timeout, 504, grpc::DEADLINE_EXCEEDED),

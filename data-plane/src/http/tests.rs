@@ -566,3 +566,5 @@ async fn a_client_that_dribbles_its_headers_is_cut_off() {
     let silent = TcpStream::connect(proxy.addr).await.expect("connect");
     assert!(closed_by_proxy(silent).await >= limit);
 }
+
+mod backends;

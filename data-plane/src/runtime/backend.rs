@@ -4,12 +4,14 @@
 //! backend keeps its pool and its balancer position.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use http::uri::Authority;
-use prism_proto::Protocol;
+use prism_proto::{LbPolicy, Protocol};
 
+use super::balance::{self, Balancer};
 use super::{CompileError, DEFAULT_CONNECT_TIMEOUT};
-use crate::http::{backend, endpoint};
+use crate::http::endpoint;
 
 /// An upstream cluster as the request path sees it.
 #[derive(Debug)]
@@ -20,7 +22,7 @@ pub(crate) struct Backend {
     pub version: String,
     /// Never empty: [`Backend::compile`] refuses a backend without endpoints.
     pub endpoints: Vec<Endpoint>,
-    pub balancer: backend::Balancer,
+    pub balancer: Balancer,
     /// The pool of connections to this backend's endpoints.
     pub client: endpoint::Client,
 }
@@ -30,13 +32,19 @@ pub(crate) struct Backend {
 pub(crate) struct Endpoint {
     /// `host:port`, the authority of upstream requests.
     pub address: Authority,
+    /// Requests sent to this endpoint whose response has not ended, for
+    /// least-request balancing; see [`crate::http::endpoint::InFlight`].
+    pub in_flight: AtomicU32,
 }
 
-/// The addresses at which this proxy accepts client traffic.
+/// Who this proxy is, as compiling a backend needs to know: the addresses at
+/// which it accepts client traffic (an endpoint there would loop) and its
+/// zone (zone-aware balancing prefers endpoints in it).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct OwnAddresses {
     listeners: Vec<SocketAddr>,
     advertised: String,
+    zone: String,
 }
 
 impl Backend {
@@ -54,7 +62,10 @@ impl Backend {
                     .parse::<Authority>()
                     .ok()
                     .filter(|a| a.port_u16().is_some())
-                    .map(|address| Endpoint { address })
+                    .map(|address| Endpoint {
+                        address,
+                        in_flight: AtomicU32::new(0),
+                    })
                     .ok_or_else(|| CompileError::Endpoint {
                         backend: spec.name.clone(),
                         index,
@@ -90,7 +101,13 @@ impl Backend {
             name: spec.name.clone(),
             version: version.to_string(),
             endpoints,
-            balancer: backend::Balancer::default(),
+            balancer: Balancer::new(
+                LbPolicy::try_from(spec.lb_policy).unwrap_or(LbPolicy::RoundRobin),
+                spec.hash_policy.as_ref(),
+                spec.zone_aware.as_ref(),
+                &spec.endpoints,
+                &own.zone,
+            ),
             client,
         })
     }
@@ -102,7 +119,14 @@ impl OwnAddresses {
         Self {
             listeners: vec![listener],
             advertised: advertised.to_ascii_lowercase(),
+            zone: String::new(),
         }
+    }
+
+    /// The same proxy, running in availability zone `zone`.
+    pub(crate) fn with_zone(mut self, zone: &str) -> Self {
+        self.zone = zone.to_string();
+        self
     }
 
     /// Whether `endpoint` reaches this proxy's own listener.
@@ -134,6 +158,18 @@ impl OwnAddresses {
     }
 }
 
+impl balance::Endpoints for [Endpoint] {
+    fn available(&self, _index: usize) -> bool {
+        // Nothing takes an endpoint out of the balancer yet: health checks,
+        // outlier ejection and the circuit breaker will.
+        true
+    }
+
+    fn in_flight(&self, index: usize) -> u32 {
+        self[index].in_flight.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -157,9 +193,8 @@ mod tests {
         let b = rt.backend("n/b").expect("backend");
         let picked: Vec<&str> = (0..6)
             .map(|_| {
-                b.endpoints[b.balancer.pick(b.endpoints.len())]
-                    .address
-                    .as_str()
+                let i = b.balancer.pick(&b.endpoints[..], None).expect("available");
+                b.endpoints[i].address.as_str()
             })
             .collect();
         assert_eq!(

@@ -7,6 +7,7 @@
 //! its connection pool and its balancer position — across applies.
 
 mod backend;
+pub(crate) mod balance;
 mod matcher;
 
 use std::collections::HashMap;
@@ -315,7 +316,7 @@ pub(crate) mod tests {
     fn unchanged_backend_keeps_its_state_across_compiles() {
         let first = compile(&sample(), &Runtime::unconfigured());
         let web = Arc::clone(first.backend("demo/web").expect("backend"));
-        web.balancer.pick(web.endpoints.len());
+        web.balancer.pick(&web.endpoints[..], None);
         let mut changed = sample();
         changed.revision = 8;
         changed.insert(backend("api/svc", &["127.0.0.1:2002"]));

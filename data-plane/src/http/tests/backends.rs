@@ -1,0 +1,123 @@
+//! Balancing through the real proxy: consistent hashing, requests in flight.
+
+use std::sync::atomic::Ordering;
+
+use prism_proto::pb::config::v1::{HashPolicy, hash_policy};
+use prism_proto::{Kind, LbPolicy, ResourceKey};
+
+use super::*;
+
+/// `snapshot` with backend `demo/{name}` changed by `change`.
+fn with_backend(
+    mut snapshot: Snapshot,
+    name: &str,
+    change: impl FnOnce(&mut prism_proto::Backend),
+) -> Snapshot {
+    let key = ResourceKey::new(Kind::Backend, format!("demo/{name}"));
+    let Some(Resource::Backend(mut backend)) = snapshot.get(&key).map(|v| v.resource.clone())
+    else {
+        panic!("no backend {name}");
+    };
+    change(&mut backend);
+    snapshot.insert(Resource::Backend(backend));
+    prism_proto::validate_snapshot(&snapshot).expect("valid policy");
+    snapshot
+}
+
+async fn upstream_for(proxy: &Proxy, user: &str) -> String {
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .header("x-user", user)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    header_str(response.headers(), "x-upstream").to_string()
+}
+
+#[tokio::test]
+async fn consistent_hashing_sends_each_key_to_one_endpoint() {
+    let upstreams = [
+        echo_upstream("a").await,
+        echo_upstream("b").await,
+        echo_upstream("c").await,
+    ];
+    for policy in [LbPolicy::RingHash, LbPolicy::Maglev] {
+        let proxy = start_proxy().await;
+        proxy.apply(&with_backend(
+            super::policy(&[("/", "web", &upstreams)], None),
+            "web",
+            |b| {
+                b.lb_policy = policy.into();
+                b.hash_policy = Some(HashPolicy {
+                    key: Some(hash_policy::Key::Header("x-user".into())),
+                });
+            },
+        ));
+        let mut used = std::collections::HashSet::new();
+        for n in 0..12 {
+            let user = format!("user-{n}");
+            let first = upstream_for(&proxy, &user).await;
+            for _ in 0..3 {
+                assert_eq!(
+                    upstream_for(&proxy, &user).await,
+                    first,
+                    "{policy:?} {user}"
+                );
+            }
+            used.insert(first);
+        }
+        assert!(used.len() > 1, "{policy:?}: every key on {used:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_request_counts_as_in_flight_until_its_response_body_ends() {
+    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
+    let upstream = upstream(move |_request| {
+        let chunk_rx = Arc::clone(&chunk_rx);
+        async move {
+            let rx = chunk_rx.lock().await.take().expect("one request");
+            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+        }
+    })
+    .await;
+    let proxy = start_proxy().await;
+    proxy.apply(&with_backend(
+        policy(&[("/", "web", &[upstream])], None),
+        "web",
+        |b| b.lb_policy = LbPolicy::LeastRequest.into(),
+    ));
+    let runtime = proxy.runtime.load_full();
+    let backend = runtime.backend("demo/web").expect("backend");
+    let in_flight = || backend.endpoints[0].in_flight.load(Ordering::Relaxed);
+
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::spawn(client().request(request));
+    chunks
+        .send(Ok(Frame::data(Bytes::from_static(b"first"))))
+        .await
+        .expect("send");
+    let mut body = response.await.expect("task").expect("response").into_body();
+    tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("first chunk")
+        .expect("frame")
+        .expect("data");
+    assert_eq!(in_flight(), 1, "the body is still streaming");
+    drop(chunks);
+    body.collect().await.expect("rest");
+    // The proxy may finish its side just after the client saw the end.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while in_flight() != 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "still counted in flight"
+        );
+        tokio::task::yield_now().await;
+    }
+}
