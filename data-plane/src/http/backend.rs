@@ -76,7 +76,7 @@ where
         let Routed { route, request } = routed;
         let backend = &route.backend;
         let key = backend.balancer.hash(&request);
-        match backend.balancer.pick(&backend.endpoints[..], key) {
+        match backend.balancer.pick(&backend.candidates(), key) {
             Some(endpoint) => ResponseFuture::Picked {
                 inner: self.inner.call(Picked {
                     route,

@@ -7,6 +7,7 @@
 
 pub(crate) mod backend;
 pub(crate) mod body;
+pub(crate) mod breaker;
 pub(crate) mod endpoint;
 pub(crate) mod error;
 pub(crate) mod normalize;
@@ -26,7 +27,11 @@ use crate::runtime::Runtime;
 
 /// The proxy's request path, outermost first.
 pub(crate) type Stack = respond::Respond<
-    normalize::Normalize<route::Router<timeout::Timeout<backend::Balance<endpoint::Forward>>>>,
+    normalize::Normalize<
+        route::Router<
+            timeout::Timeout<backend::Balance<breaker::CircuitBreaker<endpoint::Forward>>>,
+        >,
+    >,
 >;
 
 /// The request path, in the order of DESIGN.md: server limits → rate limit →
@@ -44,6 +49,8 @@ pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>) -> Stack {
         .layer(timeout::TimeoutLayer)
         // An endpoint of the route's backend.
         .layer(backend::BalanceLayer)
+        // The endpoint's circuit breaker, if its backend has one.
+        .layer(breaker::BreakerLayer)
         // The backend's own pooled client.
         .service(endpoint::Forward)
 }

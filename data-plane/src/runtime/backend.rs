@@ -10,6 +10,7 @@ use http::uri::Authority;
 use prism_proto::{LbPolicy, Protocol};
 
 use super::balance::{self, Balancer};
+use super::breaker::{self, Breaker};
 use super::{CompileError, DEFAULT_CONNECT_TIMEOUT};
 use crate::http::endpoint;
 
@@ -35,6 +36,15 @@ pub(crate) struct Endpoint {
     /// Requests sent to this endpoint whose response has not ended, for
     /// least-request balancing; see [`crate::http::endpoint::InFlight`].
     pub in_flight: AtomicU32,
+    /// Set when the backend has a `circuit_breaker`.
+    pub breaker: Option<Breaker>,
+}
+
+/// A backend's endpoints as the balancer sees them at one instant.
+pub(crate) struct Candidates<'a> {
+    pub endpoints: &'a [Endpoint],
+    /// `None` when no endpoint can be unavailable.
+    pub now: Option<tokio::time::Instant>,
 }
 
 /// Who this proxy is, as compiling a backend needs to know: the addresses at
@@ -48,6 +58,17 @@ pub(crate) struct OwnAddresses {
 }
 
 impl Backend {
+    /// Its endpoints as the balancer sees them now. The clock is read only
+    /// when something can take an endpoint out of the balancer.
+    pub(crate) fn candidates(&self) -> Candidates<'_> {
+        // Every endpoint of a backend has the same guards: the first tells.
+        let guarded = self.endpoints.first().is_some_and(|e| e.breaker.is_some());
+        Candidates {
+            endpoints: &self.endpoints,
+            now: guarded.then(tokio::time::Instant::now),
+        }
+    }
+
     pub(super) fn compile(
         spec: &prism_proto::Backend,
         version: &str,
@@ -65,6 +86,10 @@ impl Backend {
                     .map(|address| Endpoint {
                         address,
                         in_flight: AtomicU32::new(0),
+                        breaker: spec
+                            .circuit_breaker
+                            .as_ref()
+                            .map(|b| Breaker::new(breaker::Params::new(b))),
                     })
                     .ok_or_else(|| CompileError::Endpoint {
                         backend: spec.name.clone(),
@@ -158,15 +183,22 @@ impl OwnAddresses {
     }
 }
 
-impl balance::Endpoints for [Endpoint] {
-    fn available(&self, _index: usize) -> bool {
-        // Nothing takes an endpoint out of the balancer yet: health checks,
-        // outlier ejection and the circuit breaker will.
-        true
+impl Endpoint {
+    /// Whether the balancer may pick this endpoint at `now`: its circuit
+    /// breaker, if any, lets requests through.
+    pub(crate) fn is_available(&self, now: tokio::time::Instant) -> bool {
+        self.breaker.as_ref().is_none_or(|b| b.available(now))
+    }
+}
+
+impl balance::Endpoints for Candidates<'_> {
+    fn available(&self, index: usize) -> bool {
+        self.now
+            .is_none_or(|now| self.endpoints[index].is_available(now))
     }
 
     fn in_flight(&self, index: usize) -> u32 {
-        self[index].in_flight.load(Ordering::Relaxed)
+        self.endpoints[index].in_flight.load(Ordering::Relaxed)
     }
 }
 
@@ -193,7 +225,7 @@ mod tests {
         let b = rt.backend("n/b").expect("backend");
         let picked: Vec<&str> = (0..6)
             .map(|_| {
-                let i = b.balancer.pick(&b.endpoints[..], None).expect("available");
+                let i = b.balancer.pick(&b.candidates(), None).expect("available");
                 b.endpoints[i].address.as_str()
             })
             .collect();

@@ -8,6 +8,7 @@
 
 mod backend;
 pub(crate) mod balance;
+pub(crate) mod breaker;
 mod matcher;
 
 use std::collections::HashMap;
@@ -316,7 +317,7 @@ pub(crate) mod tests {
     fn unchanged_backend_keeps_its_state_across_compiles() {
         let first = compile(&sample(), &Runtime::unconfigured());
         let web = Arc::clone(first.backend("demo/web").expect("backend"));
-        web.balancer.pick(&web.endpoints[..], None);
+        web.balancer.pick(&web.candidates(), None);
         let mut changed = sample();
         changed.revision = 8;
         changed.insert(backend("api/svc", &["127.0.0.1:2002"]));

@@ -121,3 +121,109 @@ async fn a_request_counts_as_in_flight_until_its_response_body_ends() {
         tokio::task::yield_now().await;
     }
 }
+
+/// An upstream answering `status` while `failing` is set, else 200.
+async fn flaky_upstream(
+    name: &'static str,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+) -> SocketAddr {
+    upstream(move |_request| {
+        let failing = Arc::clone(&failing);
+        async move {
+            let status = if failing.load(Ordering::Relaxed) {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            };
+            Response::builder()
+                .status(status)
+                .header("x-upstream", name)
+                .body(boxed(Full::new(Bytes::new())))
+                .expect("response")
+        }
+    })
+    .await
+}
+
+fn breaker(open_timeout: Duration) -> impl FnOnce(&mut prism_proto::Backend) {
+    move |b| {
+        b.circuit_breaker = Some(prism_proto::pb::config::v1::CircuitBreaker {
+            failure_threshold: 2,
+            open_timeout: Some(pbjson_types::Duration {
+                seconds: i64::try_from(open_timeout.as_secs()).expect("seconds"),
+                nanos: i32::try_from(open_timeout.subsec_nanos()).expect("nanos"),
+            }),
+            half_open_max_requests: 1,
+            success_threshold: 1,
+        });
+    }
+}
+
+#[tokio::test]
+async fn an_open_circuit_breaker_takes_its_endpoint_out_of_the_balancer() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let bad = flaky_upstream("bad", Arc::clone(&failing)).await;
+    let good = echo_upstream("good").await;
+    let proxy = start_proxy().await;
+    proxy.apply(&with_backend(
+        policy(&[("/", "web", &[bad, good])], None),
+        "web",
+        breaker(Duration::from_secs(60)),
+    ));
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let (status, headers, _) = send(&proxy, "demo.local", "/", "").await;
+        seen.push((
+            status.as_u16(),
+            header_str(&headers, "x-upstream").to_string(),
+        ));
+    }
+    // Round robin: bad, good, bad (the second failure opens it), then good only.
+    let bad_count = seen.iter().filter(|(_, u)| u == "bad").count();
+    assert_eq!(bad_count, 2, "{seen:?}");
+    assert!(
+        seen[3..].iter().all(|(s, u)| *s == 200 && u == "good"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_every_breaker_open_the_answer_is_503_until_a_probe_succeeds() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let only = flaky_upstream("only", Arc::clone(&failing)).await;
+    let proxy = start_proxy().await;
+    let open_timeout = Duration::from_millis(300);
+    proxy.apply(&with_backend(
+        policy(&[("/", "web", &[only])], None),
+        "web",
+        breaker(open_timeout),
+    ));
+    for _ in 0..2 {
+        let (status, _, _) = send(&proxy, "demo.local", "/", "").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let (status, _, body) = send(&proxy, "demo.local", "/", "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, "no healthy upstream\n");
+
+    // The upstream recovers; once the open timeout has passed a probe goes
+    // through, succeeds, and the breaker closes.
+    failing.store(false, Ordering::Relaxed);
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, _) = send(&proxy, "demo.local", "/", "").await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the breaker never closed"
+        );
+        tokio::time::sleep(open_timeout / 4).await;
+    }
+    for _ in 0..3 {
+        let (status, _, _) = send(&proxy, "demo.local", "/", "").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}
