@@ -16,6 +16,12 @@ mod error;
 mod http;
 mod runtime;
 
+/// Crate-private hot-path pieces, for the benches in `benches/` only.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::runtime::bench::{Balancer, Breaker};
+}
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;

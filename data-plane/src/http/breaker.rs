@@ -1,4 +1,6 @@
-//! The circuit-breaker stage, between balance and endpoint: asks the picked
+//! The circuit-breaker stage, between balance and endpoint. It also feeds
+//! outlier detection ([`crate::runtime::outlier`]) the same outcomes: a 5xx
+//! response, a gateway failure (an error) or a success. It asks the picked
 //! endpoint's breaker ([`crate::runtime::breaker::Breaker`]) to let the
 //! request through and tells it how the request went. A 5xx response or any
 //! error (connect failure, reset, timeout of the upstream) is a failure;
@@ -21,6 +23,7 @@ use super::backend::Picked;
 use super::error::{BoxError, ProxyError};
 use crate::runtime::Route;
 use crate::runtime::breaker::Admit;
+use crate::runtime::outlier::Outcome;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct BreakerLayer;
@@ -34,7 +37,8 @@ pub(crate) struct CircuitBreaker<S> {
 struct Pass {
     route: Arc<Route>,
     endpoint: usize,
-    admit: Admit,
+    /// `None` when the endpoint has no breaker (only outlier detection).
+    admit: Option<Admit>,
     /// Set once the outcome is recorded; a pass dropped without one gives
     /// its probe slot back.
     recorded: bool,
@@ -69,16 +73,18 @@ where
     }
 
     fn call(&mut self, picked: Picked) -> Self::Future {
-        let Some(breaker) = picked.route.backend.endpoints[picked.endpoint]
-            .breaker
-            .as_ref()
-        else {
+        let endpoint = &picked.route.backend.endpoints[picked.endpoint];
+        if endpoint.breaker.is_none() && endpoint.outlier.is_none() {
             return ResponseFuture::Passed {
                 inner: self.inner.call(picked),
                 pass: None,
             };
+        }
+        let admitted = match endpoint.breaker.as_ref() {
+            Some(breaker) => breaker.admit(Instant::now()).map(Some),
+            None => Some(None),
         };
-        match breaker.admit(Instant::now()) {
+        match admitted {
             Some(admit) => {
                 let pass = Pass {
                     route: Arc::clone(&picked.route),
@@ -107,8 +113,14 @@ where
             ResponseFutureProj::Passed { inner, pass } => {
                 let result = ready!(inner.poll(cx));
                 if let Some(pass) = pass.take() {
-                    let success = matches!(&result, Ok(r) if !r.status().is_server_error());
-                    pass.record(success);
+                    let outcome = match &result {
+                        Ok(r) if r.status().is_server_error() => Outcome::ServerError {
+                            gateway: matches!(r.status().as_u16(), 502..=504),
+                        },
+                        Ok(_) => Outcome::Success,
+                        Err(_) => Outcome::GatewayFailure,
+                    };
+                    pass.record(outcome);
                 }
                 Poll::Ready(result)
             }
@@ -122,20 +134,24 @@ impl Pass {
         self.route.backend.endpoints[self.endpoint].breaker.as_ref()
     }
 
-    fn record(mut self, success: bool) {
+    fn record(mut self, outcome: Outcome) {
         self.recorded = true;
-        if let Some(breaker) = self.breaker() {
-            breaker.record(self.admit, success, Instant::now());
+        let now = Instant::now();
+        if let (Some(breaker), Some(admit)) = (self.breaker(), self.admit) {
+            breaker.record(admit, outcome == Outcome::Success, now);
         }
+        self.route
+            .backend
+            .record_outcome(self.endpoint, outcome, now);
     }
 }
 
 impl Drop for Pass {
     fn drop(&mut self) {
         if !self.recorded
-            && let Some(breaker) = self.breaker()
+            && let (Some(breaker), Some(admit)) = (self.breaker(), self.admit)
         {
-            breaker.abandon(self.admit);
+            breaker.abandon(admit);
         }
     }
 }

@@ -11,6 +11,7 @@ use prism_proto::{LbPolicy, Protocol};
 
 use super::balance::{self, Balancer};
 use super::breaker::{self, Breaker};
+use super::outlier::{self, Outcome, Outlier};
 use super::{CompileError, DEFAULT_CONNECT_TIMEOUT};
 use crate::http::endpoint;
 
@@ -38,6 +39,8 @@ pub(crate) struct Endpoint {
     pub in_flight: AtomicU32,
     /// Set when the backend has a `circuit_breaker`.
     pub breaker: Option<Breaker>,
+    /// Set when the backend has `outlier_detection`.
+    pub outlier: Option<Outlier>,
 }
 
 /// A backend's endpoints as the balancer sees them at one instant.
@@ -62,10 +65,35 @@ impl Backend {
     /// when something can take an endpoint out of the balancer.
     pub(crate) fn candidates(&self) -> Candidates<'_> {
         // Every endpoint of a backend has the same guards: the first tells.
-        let guarded = self.endpoints.first().is_some_and(|e| e.breaker.is_some());
+        let guarded = self
+            .endpoints
+            .first()
+            .is_some_and(|e| e.breaker.is_some() || e.outlier.is_some());
         Candidates {
             endpoints: &self.endpoints,
             now: guarded.then(tokio::time::Instant::now),
+        }
+    }
+
+    /// Counts how a request to endpoint `index` went for outlier
+    /// detection, and ejects the endpoint when it keeps failing and the
+    /// backend's ejection cap allows.
+    pub(crate) fn record_outcome(&self, index: usize, outcome: Outcome, now: tokio::time::Instant) {
+        let Some(outlier) = self.endpoints[index].outlier.as_ref() else {
+            return;
+        };
+        if !outlier.record(outcome) || outlier.is_ejected(now) {
+            return;
+        }
+        // Rare (an ejection): a scan of the siblings beats a shared counter
+        // that every expiry would have to keep right.
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| e.outlier.as_ref().is_some_and(|o| o.is_ejected(now)))
+            .count();
+        if ejected < outlier.params().max_ejected(self.endpoints.len()) {
+            outlier.eject(now);
         }
     }
 
@@ -90,6 +118,10 @@ impl Backend {
                             .circuit_breaker
                             .as_ref()
                             .map(|b| Breaker::new(breaker::Params::new(b))),
+                        outlier: spec
+                            .outlier_detection
+                            .as_ref()
+                            .map(|o| Outlier::new(outlier::Params::new(o))),
                     })
                     .ok_or_else(|| CompileError::Endpoint {
                         backend: spec.name.clone(),
@@ -184,10 +216,11 @@ impl OwnAddresses {
 }
 
 impl Endpoint {
-    /// Whether the balancer may pick this endpoint at `now`: its circuit
-    /// breaker, if any, lets requests through.
+    /// Whether the balancer may pick this endpoint at `now`: not ejected as
+    /// an outlier, and its circuit breaker, if any, lets requests through.
     pub(crate) fn is_available(&self, now: tokio::time::Instant) -> bool {
-        self.breaker.as_ref().is_none_or(|b| b.available(now))
+        self.outlier.as_ref().is_none_or(|o| !o.is_ejected(now))
+            && self.breaker.as_ref().is_none_or(|b| b.available(now))
     }
 }
 

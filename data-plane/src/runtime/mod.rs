@@ -8,8 +8,10 @@
 
 mod backend;
 pub(crate) mod balance;
+pub mod bench;
 pub(crate) mod breaker;
 mod matcher;
+pub(crate) mod outlier;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -227,3 +227,72 @@ async fn with_every_breaker_open_the_answer_is_503_until_a_probe_succeeds() {
         assert_eq!(status, StatusCode::OK);
     }
 }
+
+fn outlier(max_ejection_percent: u32) -> impl FnOnce(&mut prism_proto::Backend) {
+    move |b| {
+        b.outlier_detection = Some(prism_proto::pb::config::v1::OutlierDetection {
+            consecutive_5xx: 2,
+            max_ejection_percent,
+            ..Default::default()
+        });
+    }
+}
+
+#[tokio::test]
+async fn an_endpoint_that_keeps_failing_is_ejected_from_the_balancer() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let bad = flaky_upstream("bad", Arc::clone(&failing)).await;
+    let good = echo_upstream("good").await;
+    let proxy = start_proxy().await;
+    proxy.apply(&with_backend(
+        policy(&[("/", "web", &[bad, good])], None),
+        "web",
+        outlier(50),
+    ));
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let (status, headers, _) = send(&proxy, "demo.local", "/", "").await;
+        seen.push((
+            status.as_u16(),
+            header_str(&headers, "x-upstream").to_string(),
+        ));
+    }
+    // bad, good, bad (second 5xx in a row: ejected for 30 s), then good only.
+    assert_eq!(
+        seen.iter().filter(|(_, u)| u == "bad").count(),
+        2,
+        "{seen:?}"
+    );
+    assert!(
+        seen[3..].iter().all(|(s, u)| *s == 200 && u == "good"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn no_more_than_the_ejection_cap_is_ejected() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let a = flaky_upstream("a", Arc::clone(&failing)).await;
+    let b = flaky_upstream("b", Arc::clone(&failing)).await;
+    let proxy = start_proxy().await;
+    // 10% of two endpoints: still one may be ejected, never both.
+    proxy.apply(&with_backend(
+        policy(&[("/", "web", &[a, b])], None),
+        "web",
+        outlier(10),
+    ));
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let (status, headers, _) = send(&proxy, "demo.local", "/", "").await;
+        seen.push((
+            status.as_u16(),
+            header_str(&headers, "x-upstream").to_string(),
+        ));
+    }
+    assert!(seen.iter().all(|(s, _)| *s == 500), "never 503: {seen:?}");
+    let last = &seen[9].1;
+    assert!(
+        seen[5..].iter().all(|(_, u)| u == last),
+        "one ejected, the other takes all: {seen:?}"
+    );
+}
