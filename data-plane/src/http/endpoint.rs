@@ -20,7 +20,7 @@ use http::{Request, Response, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tower::Service;
@@ -36,6 +36,8 @@ pub(crate) struct Params {
     /// HTTP/2 with prior knowledge (HTTP2 and GRPC backends), else HTTP/1.1.
     pub http2: bool,
     pub connect_timeout: Duration,
+    /// A pooled connection idle this long is closed (`limits.idle_timeout`).
+    pub idle_timeout: Duration,
 }
 
 /// One backend's pooled upstream client.
@@ -122,6 +124,10 @@ impl Client {
         };
         let inner = legacy::Client::builder(TokioExecutor::new())
             .http2_only(params.http2)
+            .pool_idle_timeout(params.idle_timeout)
+            // The timer lets the pool close idle connections on time, not
+            // only when it next looks at them.
+            .pool_timer(TokioTimer::new())
             .build(connector);
         Self {
             inner,

@@ -153,6 +153,10 @@ impl Backend {
                 spec.connect_timeout.as_ref(),
                 DEFAULT_CONNECT_TIMEOUT,
             ),
+            idle_timeout: prism_proto::defaults::duration_or(
+                spec.limits.as_ref().and_then(|l| l.idle_timeout.as_ref()),
+                prism_proto::defaults::limits::IDLE_TIMEOUT,
+            ),
         });
         Ok(Backend {
             name: spec.name.clone(),

@@ -299,8 +299,9 @@ mod tests {
                 half_open_max_requests,
                 success_threshold,
             };
-            let start = Instant::now();
+            // After the breaker's own time zero, as every real `now` is.
             let b = Breaker::new(p);
+            let start = Instant::now();
             let mut now = start;
             // The model.
             let (mut state, mut failures, mut successes, mut opened) =

@@ -296,3 +296,31 @@ async fn no_more_than_the_ejection_cap_is_ejected() {
         "one ejected, the other takes all: {seen:?}"
     );
 }
+
+#[tokio::test]
+async fn a_pooled_connection_idle_past_the_backends_idle_timeout_is_closed() {
+    let web = echo_upstream("web").await;
+    let proxy = start_proxy().await;
+    let idle = Duration::from_millis(200);
+    proxy.apply(&with_backend(
+        policy(&[("/", "web", &[web])], None),
+        "web",
+        |b| {
+            b.limits = Some(prism_proto::pb::config::v1::BackendLimits {
+                idle_timeout: Some(pbjson_types::Duration {
+                    seconds: 0,
+                    nanos: i32::try_from(idle.as_nanos()).expect("short"),
+                }),
+                ..Default::default()
+            });
+        },
+    ));
+    let peer = |h: &HeaderMap| header_str(h, "x-seen-peer").to_string();
+    let (_, first, _) = send(&proxy, "demo.local", "/", "").await;
+    let (_, second, _) = send(&proxy, "demo.local", "/", "").await;
+    assert_eq!(peer(&first), peer(&second), "reused while fresh");
+    // Idle time is the behaviour under test: let it pass.
+    tokio::time::sleep(idle * 3).await;
+    let (_, third, _) = send(&proxy, "demo.local", "/", "").await;
+    assert_ne!(peer(&second), peer(&third), "an idle connection was reused");
+}
