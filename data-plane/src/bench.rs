@@ -7,6 +7,7 @@ use prism_proto::Snapshot;
 use crate::runtime::{OwnAddresses, Probe, Runtime};
 
 pub use crate::http::ratelimit::bench::Bucket;
+pub use crate::runtime::bench::{Balancer, Breaker};
 
 /// A compiled policy's route matcher.
 #[derive(Debug)]

@@ -164,8 +164,8 @@ pub async fn run(
     subset::check(&config.namespaces, &config.selector)?;
     let config = Arc::new(config);
     let own = match listeners.proxy.local_addr() {
-        Ok(addr) => OwnAddresses::new(addr, &config.advertise_address),
-        Err(_) => OwnAddresses::default(),
+        Ok(addr) => OwnAddresses::new(addr, &config.advertise_address).with_zone(&config.zone),
+        Err(_) => OwnAddresses::default().with_zone(&config.zone),
     };
     let last_good = config.data_dir.as_ref().map(|dir| {
         Arc::new(last_good::LastGood::new(

@@ -1,24 +1,24 @@
 //! The backend stage: balance a routed request over its backend's endpoints.
 //! The balancer's state is the backend's ([`crate::runtime::Backend`] owns a
-//! [`Balancer`]), so it survives applies that leave the backend unchanged.
+//! [`crate::runtime::balance::Balancer`]), so it survives applies that leave
+//! the backend unchanged. When no endpoint is available the request fails
+//! with [`ProxyError::NoHealthyUpstream`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use http::Request;
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::body::ReplayBody;
+use super::error::{BoxError, ProxyError};
 use super::retry::Tried;
 use super::route::Routed;
+use crate::runtime::balance::Endpoints as _;
 use crate::runtime::{Backend, Route};
-
-/// Round robin over a backend's endpoints.
-#[derive(Debug, Default)]
-pub(crate) struct Balancer {
-    next: AtomicUsize,
-}
 
 /// A request below the backend stage: routed, with its endpoint picked.
 #[derive(Debug)]
@@ -26,7 +26,7 @@ pub(crate) struct Picked {
     pub route: Arc<Route>,
     /// The backend the route stage picked.
     pub backend: Arc<Backend>,
-    /// Index into the backend's endpoints, from [`Balancer::pick`].
+    /// Index into the backend's endpoints, from its balancer.
     pub endpoint: usize,
     pub request: Request<ReplayBody>,
 }
@@ -39,11 +39,21 @@ pub(crate) struct Balance<S> {
     inner: S,
 }
 
-impl Balancer {
-    /// The index of the next endpoint out of `endpoints` (at least one).
-    pub(crate) fn pick(&self, endpoints: usize) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % endpoints
+pin_project! {
+    #[project = ResponseFutureProj]
+    pub(crate) enum ResponseFuture<F> {
+        Picked { #[pin] inner: F },
+        Unavailable { backend: Option<String> },
     }
+}
+
+/// Every endpoint of a backend is out of its balancer; context for the log.
+#[derive(Debug, thiserror::Error)]
+#[error("backend {backend}")]
+struct AtBackend {
+    backend: String,
+    #[source]
+    error: ProxyError,
 }
 
 impl<S> Layer<S> for BalanceLayer {
@@ -54,36 +64,67 @@ impl<S> Layer<S> for BalanceLayer {
     }
 }
 
-impl<S> Service<Routed> for Balance<S>
+impl<S, R> Service<Routed> for Balance<S>
 where
-    S: Service<Picked>,
+    S: Service<Picked, Response = R, Error = BoxError>,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Response = R;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, routed: Routed) -> S::Future {
+    fn call(&mut self, routed: Routed) -> Self::Future {
         let Routed {
             route,
             backend,
             request,
         } = routed;
-        // A compiled backend always has at least one endpoint.
-        let endpoints = backend.endpoints.len();
-        let mut endpoint = backend.balancer.pick(endpoints);
-        // A retry goes to an endpoint its request has not tried, where one exists.
-        if let Some(tried) = request.extensions().get::<Tried>() {
-            endpoint = tried.avoid(endpoint, endpoints);
+        let picked = {
+            let candidates = backend.candidates();
+            let key = backend.balancer.hash(&request);
+            backend.balancer.pick(&candidates, key).map(|endpoint| {
+                // A retry goes to an available endpoint its request has not
+                // tried, where one exists.
+                match request.extensions().get::<Tried>() {
+                    Some(tried) => tried.avoid(endpoint, backend.endpoints.len(), |i| {
+                        candidates.available(i)
+                    }),
+                    None => endpoint,
+                }
+            })
+        };
+        match picked {
+            Some(endpoint) => ResponseFuture::Picked {
+                inner: self.inner.call(Picked {
+                    route,
+                    backend,
+                    endpoint,
+                    request,
+                }),
+            },
+            None => ResponseFuture::Unavailable {
+                backend: Some(backend.name.clone()),
+            },
         }
-        self.inner.call(Picked {
-            route,
-            backend,
-            endpoint,
-            request,
-        })
+    }
+}
+impl<F, R> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<R, BoxError>>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Picked { inner } => inner.poll(cx),
+            ResponseFutureProj::Unavailable { backend } => Poll::Ready(Err(AtBackend {
+                backend: backend.take().unwrap_or_default(),
+                error: ProxyError::NoHealthyUpstream,
+            }
+            .into())),
+        }
     }
 }

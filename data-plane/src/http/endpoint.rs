@@ -10,16 +10,18 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header;
 use http::uri::{self, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -42,6 +44,8 @@ pub(crate) struct Params {
     /// TLS to the endpoints after the TCP connect; plaintext when `None`.
     pub tls: Option<tls::UpstreamParams>,
     pub connect_timeout: Duration,
+    /// A pooled connection idle this long is closed (`limits.idle_timeout`).
+    pub idle_timeout: Duration,
 }
 
 /// One backend's pooled upstream client.
@@ -96,12 +100,32 @@ struct AtEndpoint {
     error: ProxyError,
 }
 
+/// One request in flight to one endpoint: counted in the endpoint's
+/// `in_flight` from the moment it is sent until its response body ends or
+/// fails, or the request is dropped, whichever comes first.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    backend: Arc<Backend>,
+    endpoint: usize,
+}
+
 pin_project! {
     pub(crate) struct ResponseFuture {
         #[pin]
         state: State,
         route: Option<(Arc<Route>, Arc<Backend>)>,
         endpoint: usize,
+        in_flight: Option<InFlight>,
+    }
+}
+
+pin_project! {
+    /// An upstream response body that keeps its request counted in flight
+    /// until it ends.
+    pub(crate) struct ResponseBody {
+        #[pin]
+        body: Incoming,
+        in_flight: Option<InFlight>,
     }
 }
 
@@ -126,6 +150,10 @@ impl Client {
         };
         let inner = legacy::Client::builder(TokioExecutor::new())
             .http2_only(params.http2)
+            .pool_idle_timeout(params.idle_timeout)
+            // The timer lets the pool close idle connections on time, not
+            // only when it next looks at them.
+            .pool_timer(TokioTimer::new())
             .build(connector);
         Self {
             inner,
@@ -265,8 +293,25 @@ impl AsyncWrite for Upstream {
     }
 }
 
+impl InFlight {
+    fn new(backend: Arc<Backend>, endpoint: usize) -> Self {
+        backend.endpoints[endpoint]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        Self { backend, endpoint }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.endpoints[self.endpoint]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Service<Picked> for Forward {
-    type Response = Response<Incoming>;
+    type Response = Response<ResponseBody>;
     type Error = BoxError;
     type Future = ResponseFuture;
 
@@ -307,6 +352,7 @@ impl Service<Picked> for Forward {
         };
         ResponseFuture {
             state,
+            in_flight: Some(InFlight::new(Arc::clone(&backend), endpoint)),
             route: Some((route, backend)),
             endpoint,
         }
@@ -326,13 +372,16 @@ fn send(client: &Client, mut request: Request<ReplayBody>) -> legacy::ResponseFu
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<Response<Incoming>, BoxError>;
+    type Output = Result<Response<ResponseBody>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let error = match this.state.project() {
             StateProj::Sent { inner } => match ready!(inner.poll(cx)) {
-                Ok(response) => return Poll::Ready(Ok(response)),
+                Ok(response) => {
+                    let in_flight = this.in_flight.take();
+                    return Poll::Ready(Ok(response.map(|body| ResponseBody { body, in_flight })));
+                }
                 Err(error) => classify(error),
             },
             StateProj::Failed { error } => error.take().unwrap_or(ProxyError::Internal),
@@ -347,6 +396,33 @@ impl Future for ResponseFuture {
             .into(),
             None => error.into(),
         }))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let mut body = this.body;
+        let frame = ready!(body.as_mut().poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
+            // Ended or failed: the endpoint is done with this request.
+            this.in_flight.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

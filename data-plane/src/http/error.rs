@@ -30,6 +30,10 @@ pub(crate) enum ProxyError {
     NotConfigured,
     #[error("no route for host {host} path {path}")]
     NoRoute { host: String, path: String },
+    /// Every endpoint of the backend is out of its balancer (unhealthy,
+    /// ejected or behind an open circuit breaker).
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
     #[error("upstream connect error")]
     Connect(#[source] BoxError),
     #[error("upstream connect timeout")]
@@ -65,6 +69,7 @@ impl ProxyError {
         match self {
             ProxyError::NotConfigured => "not_configured",
             ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::NoHealthyUpstream => "no_healthy_upstream",
             ProxyError::Connect(_) => "connect",
             ProxyError::ConnectTimeout => "connect_timeout",
             ProxyError::Timeout => "timeout",
@@ -84,7 +89,8 @@ impl ProxyError {
             ProxyError::NotConfigured | ProxyError::Overloaded | ProxyError::Internal => {
                 Blame::Proxy
             }
-            ProxyError::Connect(_)
+            ProxyError::NoHealthyUpstream
+            | ProxyError::Connect(_)
             | ProxyError::ConnectTimeout
             | ProxyError::Timeout
             | ProxyError::Upstream(_) => Blame::Upstream,

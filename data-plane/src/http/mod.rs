@@ -8,6 +8,7 @@
 pub(crate) mod backend;
 pub(crate) mod body;
 pub(crate) mod bodylimit;
+pub(crate) mod breaker;
 pub(crate) mod endpoint;
 pub(crate) mod error;
 pub(crate) mod idle;
@@ -38,7 +39,11 @@ pub(crate) type Stack = respond::Respond<
             route::Router<
                 ratelimit::RateLimit<
                     bodylimit::BodyLimit<
-                        timeout::Timeout<retry::Retry<backend::Balance<endpoint::Forward>>>,
+                        timeout::Timeout<
+                            retry::Retry<
+                                backend::Balance<breaker::CircuitBreaker<endpoint::Forward>>,
+                            >,
+                        >,
                     >,
                 >,
             >,
@@ -72,6 +77,8 @@ pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>, max_concurrent_requests: u32
         .layer(retry::RetryLayer)
         // An endpoint of the route's backend.
         .layer(backend::BalanceLayer)
+        // The endpoint's circuit breaker, if its backend has one.
+        .layer(breaker::BreakerLayer)
         // The backend's own pooled client.
         .service(endpoint::Forward)
 }

@@ -247,7 +247,9 @@ fn retry_after_seconds(wait: Duration) -> HeaderValue {
 
 fn http_status(error: &ProxyError) -> StatusCode {
     match error {
-        ProxyError::NotConfigured | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        ProxyError::NotConfigured | ProxyError::Overloaded | ProxyError::NoHealthyUpstream => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
         ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -261,6 +263,7 @@ fn grpc_code(error: &ProxyError) -> u16 {
     match error {
         ProxyError::NotConfigured
         | ProxyError::Overloaded
+        | ProxyError::NoHealthyUpstream
         | ProxyError::Connect(_)
         | ProxyError::ConnectTimeout
         | ProxyError::Upstream(_) => grpc::UNAVAILABLE,
@@ -335,6 +338,7 @@ mod tests {
         let boxed = || -> BoxError { std::io::Error::other("x").into() };
         let cases = [
             (ProxyError::NotConfigured, 503, grpc::UNAVAILABLE),
+            (ProxyError::NoHealthyUpstream, 503, grpc::UNAVAILABLE),
             (ProxyError::Connect(boxed()), 502, grpc::UNAVAILABLE),
             (ProxyError::ConnectTimeout, 504, grpc::UNAVAILABLE),
             (ProxyError::Timeout, 504, grpc::DEADLINE_EXCEEDED),

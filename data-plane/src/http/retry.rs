@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::endpoint::ResponseBody;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use prism_proto::defaults;
 use prism_proto::pb::config::v1::RetryPolicy;
@@ -67,7 +67,7 @@ pub(crate) struct Retry<S> {
     inner: S,
 }
 
-type Retrying = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+type Retrying = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
 
 pin_project! {
     #[project = ResponseFutureProj]
@@ -129,7 +129,7 @@ impl Params {
     }
 
     /// Whether a try that ended in `outcome` is worth another.
-    fn wants(&self, outcome: &Result<Response<Incoming>, BoxError>, idempotent: bool) -> bool {
+    fn wants(&self, outcome: &Result<Response<ResponseBody>, BoxError>, idempotent: bool) -> bool {
         match outcome {
             Err(error) => {
                 let error = ProxyError::classify(&**error);
@@ -255,8 +255,13 @@ impl Drop for Active {
 
 impl Tried {
     /// `picked`, or when it was tried already the next of `endpoints` that
-    /// was not (if any); the choice is recorded.
-    pub(crate) fn avoid(&self, picked: usize, endpoints: usize) -> usize {
+    /// was not and is `available` (if any); the choice is recorded.
+    pub(crate) fn avoid(
+        &self,
+        picked: usize,
+        endpoints: usize,
+        available: impl Fn(usize) -> bool,
+    ) -> usize {
         let tried = self.0.load(Ordering::Relaxed);
         let bit = |i: usize| {
             1u64.checked_shl(u32::try_from(i).unwrap_or(u32::MAX))
@@ -264,7 +269,7 @@ impl Tried {
         };
         let choice = (0..endpoints)
             .map(|step| (picked + step) % endpoints)
-            .find(|&i| tried & bit(i) == 0)
+            .find(|&i| tried & bit(i) == 0 && (i == picked || available(i)))
             .unwrap_or(picked);
         self.0.fetch_or(bit(choice), Ordering::Relaxed);
         choice
@@ -281,10 +286,13 @@ impl<S> Layer<S> for RetryLayer {
 
 impl<S> Service<Routed> for Retry<S>
 where
-    S: Service<Routed, Response = Response<Incoming>, Error = BoxError> + Clone + Send + 'static,
+    S: Service<Routed, Response = Response<ResponseBody>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<ResponseBody>;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future>;
 
@@ -350,9 +358,9 @@ async fn retry<S>(
     backend: Arc<Backend>,
     params: Params,
     idempotent: bool,
-) -> Result<Response<Incoming>, BoxError>
+) -> Result<Response<ResponseBody>, BoxError>
 where
-    S: Service<Routed, Response = Response<Incoming>, Error = BoxError> + Clone,
+    S: Service<Routed, Response = Response<ResponseBody>, Error = BoxError> + Clone,
 {
     let _active = Budget::enter(&backend);
     let mut outcome = bounded(params.per_try_timeout, first).await;
@@ -385,9 +393,12 @@ where
 }
 
 /// `future`, failed with [`ProxyError::Timeout`] after `timeout` if any.
-async fn bounded<F>(timeout: Option<Duration>, future: F) -> Result<Response<Incoming>, BoxError>
+async fn bounded<F>(
+    timeout: Option<Duration>,
+    future: F,
+) -> Result<Response<ResponseBody>, BoxError>
 where
-    F: Future<Output = Result<Response<Incoming>, BoxError>>,
+    F: Future<Output = Result<Response<ResponseBody>, BoxError>>,
 {
     match timeout {
         None => future.await,
@@ -399,9 +410,9 @@ where
 
 impl<F> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<Response<Incoming>, BoxError>>,
+    F: Future<Output = Result<Response<ResponseBody>, BoxError>>,
 {
-    type Output = Result<Response<Incoming>, BoxError>;
+    type Output = Result<Response<ResponseBody>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
@@ -461,11 +472,11 @@ mod tests {
     #[test]
     fn a_retry_avoids_the_endpoints_already_tried() {
         let tried = Tried::default();
-        assert_eq!(tried.avoid(0, 3), 0);
-        assert_eq!(tried.avoid(0, 3), 1);
-        assert_eq!(tried.avoid(1, 3), 2);
+        assert_eq!(tried.avoid(0, 3, |_| true), 0);
+        assert_eq!(tried.avoid(0, 3, |_| true), 1);
+        assert_eq!(tried.avoid(1, 3, |_| true), 2);
         // All tried: the balancer's pick stands.
-        assert_eq!(tried.avoid(1, 3), 1);
+        assert_eq!(tried.avoid(1, 3, |_| true), 1);
     }
 
     proptest! {

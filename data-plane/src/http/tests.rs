@@ -1036,4 +1036,5 @@ async fn a_request_body_still_streaming_keeps_the_idle_timeout_off() {
     drop(chunks);
 }
 
+mod backends;
 mod routing;

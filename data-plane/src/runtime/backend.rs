@@ -4,12 +4,16 @@
 //! backend keeps its pool and its balancer position.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use http::uri::Authority;
-use prism_proto::{Protocol, Snapshot};
+use prism_proto::{LbPolicy, Protocol, Snapshot};
 
+use super::balance::{self, Balancer};
+use super::breaker::{self, Breaker};
+use super::outlier::{self, Outcome, Outlier};
 use super::{CompileError, DEFAULT_CONNECT_TIMEOUT, tls};
-use crate::http::{backend, endpoint, retry};
+use crate::http::{endpoint, retry};
 
 /// An upstream cluster as the request path sees it.
 #[derive(Debug)]
@@ -23,7 +27,7 @@ pub(crate) struct Backend {
     pub secrets: String,
     /// Never empty: [`Backend::compile`] refuses a backend without endpoints.
     pub endpoints: Vec<Endpoint>,
-    pub balancer: backend::Balancer,
+    pub balancer: Balancer,
     /// Requests and retries in flight, for the routes' retry budgets.
     pub retry_budget: retry::Budget,
     /// The pool of connections to this backend's endpoints.
@@ -35,16 +39,69 @@ pub(crate) struct Backend {
 pub(crate) struct Endpoint {
     /// `host:port`, the authority of upstream requests.
     pub address: Authority,
+    /// Requests sent to this endpoint whose response has not ended, for
+    /// least-request balancing; see [`crate::http::endpoint::InFlight`].
+    pub in_flight: AtomicU32,
+    /// Set when the backend has a `circuit_breaker`.
+    pub breaker: Option<Breaker>,
+    /// Set when the backend has `outlier_detection`.
+    pub outlier: Option<Outlier>,
 }
 
-/// The addresses at which this proxy accepts client traffic.
+/// A backend's endpoints as the balancer sees them at one instant.
+pub(crate) struct Candidates<'a> {
+    pub endpoints: &'a [Endpoint],
+    /// `None` when no endpoint can be unavailable.
+    pub now: Option<tokio::time::Instant>,
+}
+
+/// Who this proxy is, as compiling a backend needs to know: the addresses at
+/// which it accepts client traffic (an endpoint there would loop) and its
+/// zone (zone-aware balancing prefers endpoints in it).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct OwnAddresses {
     listeners: Vec<SocketAddr>,
     advertised: String,
+    zone: String,
 }
 
 impl Backend {
+    /// Its endpoints as the balancer sees them now. The clock is read only
+    /// when something can take an endpoint out of the balancer.
+    pub(crate) fn candidates(&self) -> Candidates<'_> {
+        // Every endpoint of a backend has the same guards: the first tells.
+        let guarded = self
+            .endpoints
+            .first()
+            .is_some_and(|e| e.breaker.is_some() || e.outlier.is_some());
+        Candidates {
+            endpoints: &self.endpoints,
+            now: guarded.then(tokio::time::Instant::now),
+        }
+    }
+
+    /// Counts how a request to endpoint `index` went for outlier
+    /// detection, and ejects the endpoint when it keeps failing and the
+    /// backend's ejection cap allows.
+    pub(crate) fn record_outcome(&self, index: usize, outcome: Outcome, now: tokio::time::Instant) {
+        let Some(outlier) = self.endpoints[index].outlier.as_ref() else {
+            return;
+        };
+        if !outlier.record(outcome) || outlier.is_ejected(now) {
+            return;
+        }
+        // Rare (an ejection): a scan of the siblings beats a shared counter
+        // that every expiry would have to keep right.
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| e.outlier.as_ref().is_some_and(|o| o.is_ejected(now)))
+            .count();
+        if ejected < outlier.params().max_ejected(self.endpoints.len()) {
+            outlier.eject(now);
+        }
+    }
+
     /// Compiles `spec`; the Secrets its `tls` names are read from `snapshot`.
     pub(super) fn compile(
         snapshot: &Snapshot,
@@ -62,7 +119,18 @@ impl Backend {
                     .parse::<Authority>()
                     .ok()
                     .filter(|a| a.port_u16().is_some())
-                    .map(|address| Endpoint { address })
+                    .map(|address| Endpoint {
+                        address,
+                        in_flight: AtomicU32::new(0),
+                        breaker: spec
+                            .circuit_breaker
+                            .as_ref()
+                            .map(|b| Breaker::new(breaker::Params::new(b))),
+                        outlier: spec
+                            .outlier_detection
+                            .as_ref()
+                            .map(|o| Outlier::new(outlier::Params::new(o))),
+                    })
                     .ok_or_else(|| CompileError::Endpoint {
                         backend: spec.name.clone(),
                         index,
@@ -110,13 +178,23 @@ impl Backend {
                 spec.connect_timeout.as_ref(),
                 DEFAULT_CONNECT_TIMEOUT,
             ),
+            idle_timeout: prism_proto::defaults::duration_or(
+                spec.limits.as_ref().and_then(|l| l.idle_timeout.as_ref()),
+                prism_proto::defaults::limits::IDLE_TIMEOUT,
+            ),
         });
         Ok(Backend {
             name: spec.name.clone(),
             version: version.to_string(),
             secrets,
             endpoints,
-            balancer: backend::Balancer::default(),
+            balancer: Balancer::new(
+                LbPolicy::try_from(spec.lb_policy).unwrap_or(LbPolicy::RoundRobin),
+                spec.hash_policy.as_ref(),
+                spec.zone_aware.as_ref(),
+                &spec.endpoints,
+                &own.zone,
+            ),
             retry_budget: retry::Budget::default(),
             client,
         })
@@ -129,7 +207,14 @@ impl OwnAddresses {
         Self {
             listeners: vec![listener],
             advertised: advertised.to_ascii_lowercase(),
+            zone: String::new(),
         }
+    }
+
+    /// The same proxy, running in availability zone `zone`.
+    pub(crate) fn with_zone(mut self, zone: &str) -> Self {
+        self.zone = zone.to_string();
+        self
     }
 
     /// Whether `endpoint` reaches this proxy's own listener.
@@ -161,6 +246,26 @@ impl OwnAddresses {
     }
 }
 
+impl Endpoint {
+    /// Whether the balancer may pick this endpoint at `now`: not ejected as
+    /// an outlier, and its circuit breaker, if any, lets requests through.
+    pub(crate) fn is_available(&self, now: tokio::time::Instant) -> bool {
+        self.outlier.as_ref().is_none_or(|o| !o.is_ejected(now))
+            && self.breaker.as_ref().is_none_or(|b| b.available(now))
+    }
+}
+
+impl balance::Endpoints for Candidates<'_> {
+    fn available(&self, index: usize) -> bool {
+        self.now
+            .is_none_or(|now| self.endpoints[index].is_available(now))
+    }
+
+    fn in_flight(&self, index: usize) -> u32 {
+        self.endpoints[index].in_flight.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -184,9 +289,8 @@ mod tests {
         let b = rt.backend("n/b").expect("backend");
         let picked: Vec<&str> = (0..6)
             .map(|_| {
-                b.endpoints[b.balancer.pick(b.endpoints.len())]
-                    .address
-                    .as_str()
+                let i = b.balancer.pick(&b.candidates(), None).expect("available");
+                b.endpoints[i].address.as_str()
             })
             .collect();
         assert_eq!(

@@ -8,7 +8,11 @@
 
 mod action;
 mod backend;
+pub(crate) mod balance;
+pub mod bench;
+pub(crate) mod breaker;
 mod matcher;
+pub(crate) mod outlier;
 pub(crate) mod tls;
 
 use std::collections::HashMap;
@@ -370,7 +374,7 @@ pub(crate) mod tests {
     fn unchanged_backend_keeps_its_state_across_compiles() {
         let first = compile(&sample(), &Runtime::unconfigured());
         let web = Arc::clone(first.backend("demo/web").expect("backend"));
-        web.balancer.pick(web.endpoints.len());
+        web.balancer.pick(&web.candidates(), None);
         let mut changed = sample();
         changed.revision = 8;
         changed.insert(backend("api/svc", &["127.0.0.1:2002"]));
