@@ -171,7 +171,6 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let client = ClientAddr(remote);
     if let Some(acceptor) = tls {
         let stream = tokio::select! {
             accepted = tls::handshake(&acceptor, stream, params.limits.header_read_timeout) => {
@@ -185,21 +184,8 @@ async fn connection<S, B>(
             }
             () = stopped(&mut shutdown) => return,
         };
-        let service = SetClientAddr {
-            client,
-            tls: true,
-            activity: Activity::new(),
-            inner: service,
-        };
-        serve_connection(
-            TokioIo::new(stream),
-            remote,
-            &builder,
-            params,
-            shutdown,
-            service,
-        )
-        .await;
+        let io = TokioIo::new(stream);
+        serve_connection(io, remote, true, &builder, params, shutdown, service).await;
         return;
     }
     // hyper's header read timeout starts once the connection is known to be
@@ -216,32 +202,20 @@ async fn connection<S, B>(
         }
         () = stopped(&mut shutdown) => return,
     }
-    let service = SetClientAddr {
-        client,
-        tls: false,
-        activity: Activity::new(),
-        inner: service,
-    };
-    serve_connection(
-        TokioIo::new(stream),
-        remote,
-        &builder,
-        params,
-        shutdown,
-        service,
-    )
-    .await;
+    let io = TokioIo::new(stream);
+    serve_connection(io, remote, false, &builder, params, shutdown, service).await;
 }
 
-/// Serves one accepted connection, plain or TLS, until it ends or, after
-/// shutdown, has finished its in-flight requests.
+/// Serves one accepted connection, plain or TLS (`tls`), until it ends or,
+/// after shutdown, has finished its in-flight requests.
 async fn serve_connection<I, S, B>(
     io: I,
     remote: SocketAddr,
+    tls: bool,
     builder: &auto::Builder<TokioExecutor>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
-    service: SetClientAddr<S>,
+    service: S,
 ) where
     I: Read + Write + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -253,7 +227,13 @@ async fn serve_connection<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let activity = Arc::clone(&service.activity);
+    let activity = Activity::new();
+    let service = SetClientAddr {
+        client: ClientAddr(remote),
+        tls,
+        activity: Arc::clone(&activity),
+        inner: service,
+    };
     let conn = builder.serve_connection(io, TowerToHyperService::new(service));
     tokio::pin!(conn);
     let mut draining = false;
