@@ -239,9 +239,10 @@ impl Pool {
         &self.connector
     }
 
+    /// Requests waiting for a connection.
     #[cfg(test)]
-    pub(crate) fn limits(&self) -> &Limits {
-        &self.limits
+    pub(crate) fn pending_requests(&self) -> u32 {
+        self.gauge.pending.load(Ordering::Relaxed)
     }
 
     /// Open connections to all endpoints.
@@ -651,5 +652,48 @@ impl std::fmt::Debug for Idle {
             .field("http2", &self.http2.is_some())
             .field("connecting", &self.connecting)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_take_the_defaults_where_unset() {
+        let defaults = Limits::compile(None);
+        assert_eq!(defaults, Limits::compile(Some(&BackendLimits::default())));
+        assert_eq!(
+            defaults,
+            Limits {
+                max_connections: 1024,
+                max_pending_requests: 1024,
+                max_requests: 1024,
+                max_requests_per_connection: None,
+                idle_timeout: Duration::from_secs(60),
+            }
+        );
+        let set = Limits::compile(Some(&BackendLimits {
+            max_connections: 1,
+            max_pending_requests: 2,
+            max_requests: 3,
+            max_requests_per_connection: 4,
+            idle_timeout: Some(pbjson_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+        }));
+        assert_eq!(
+            (
+                set.max_connections,
+                set.max_pending_requests,
+                set.max_requests,
+                set.max_requests_per_connection.map(NonZeroU32::get),
+                set.idle_timeout,
+            ),
+            (1, 2, 3, Some(4), Duration::from_secs(5))
+        );
+        assert!(!set.spent(3) && set.spent(4));
+        assert!(!defaults.spent(u32::MAX));
     }
 }
