@@ -215,10 +215,11 @@ async fn forward(picked: Picked) -> Result<Response<ResponseBody>, BoxError> {
 /// The end of a request: its connection back to the pool when `reusable`
 /// (dropped, and so closed, otherwise), and out of the in-flight counts.
 fn finish(lease: &mut Option<Lease>, in_flight: &mut Option<InFlight>, reusable: bool) {
-    if let (Some(lease), Some(f)) = (lease.take(), in_flight.as_ref()) {
-        if reusable {
-            f.backend.client.pool.check_in(f.endpoint, lease);
-        }
+    // Taken either way: a lease not checked in is dropped here.
+    if let (Some(lease), Some(f)) = (lease.take(), in_flight.as_ref())
+        && reusable
+    {
+        f.backend.client.pool.check_in(f.endpoint, lease);
     }
     in_flight.take();
 }
