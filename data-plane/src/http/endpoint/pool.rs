@@ -106,6 +106,9 @@ struct Idle {
     http2: Option<Shared>,
     /// HTTP/2: a request is opening the connection the others will share.
     connecting: bool,
+    /// HTTP/2: connects that failed so far, so that the requests that
+    /// waited for one fail with it rather than each trying in turn.
+    failures: u64,
 }
 
 /// The HTTP/2 connection an endpoint's requests share.
@@ -159,7 +162,13 @@ enum Take {
 struct Connecting<'a> {
     pool: &'a Pool,
     endpoint: usize,
+    connected: bool,
 }
+
+/// The HTTP/2 connect a request waited for failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the shared connection this request waited for failed to open")]
+struct SharedConnectFailed;
 
 impl Limits {
     pub(crate) fn compile(limits: Option<&BackendLimits>) -> Self {
@@ -355,6 +364,9 @@ impl Pool {
     /// `max_connections`) the first to come free, counted as pending.
     async fn checkout(self: &Arc<Self>, endpoint: usize) -> Result<(Conn, bool), ProxyError> {
         let mut pending: Option<Pending> = None;
+        // HTTP/2: the endpoint's connect failures when this request began to
+        // wait for a connect.
+        let mut waited: Option<u64> = None;
         loop {
             let notified = self.gauge.changed.notified();
             tokio::pin!(notified);
@@ -363,7 +375,7 @@ impl Pool {
                 // the look goes unnoticed.
                 notified.as_mut().enable();
             }
-            match self.take(endpoint) {
+            match self.take(endpoint, &mut waited)? {
                 Take::Pooled(Conn::Http1(mut conn)) => {
                     // Back on the stack as its response ended, it may not yet
                     // be ready for the next; a closed one is left behind.
@@ -386,7 +398,7 @@ impl Pool {
     }
 
     /// What `endpoint` has for a request right now.
-    fn take(&self, endpoint: usize) -> Take {
+    fn take(&self, endpoint: usize, waited: &mut Option<u64>) -> Result<Take, ProxyError> {
         let mut idle = self.idle(endpoint);
         if self.http2 {
             if let Some(shared) = idle.http2.as_mut() {
@@ -399,27 +411,34 @@ impl Pool {
                         idle.http2 = None;
                     }
                     conn.streams.fetch_add(1, Ordering::Relaxed);
-                    return Take::Pooled(Conn::Http2(conn.send.clone(), Http2Lease(conn)));
+                    return Ok(Take::Pooled(Conn::Http2(
+                        conn.send.clone(),
+                        Http2Lease(conn),
+                    )));
                 }
                 idle.http2 = None;
             }
+            if waited.is_some_and(|failures| failures != idle.failures) {
+                return Err(ProxyError::Connect(SharedConnectFailed.into()));
+            }
             if idle.connecting {
-                return Take::Wait;
+                waited.get_or_insert(idle.failures);
+                return Ok(Take::Wait);
             }
         } else {
             while let Some(conn) = idle.http1.pop() {
                 if !conn.send.is_closed() {
-                    return Take::Pooled(Conn::Http1(conn));
+                    return Ok(Take::Pooled(Conn::Http1(conn)));
                 }
             }
         }
-        match self.gauge.reserve(self.limits.max_connections) {
+        Ok(match self.gauge.reserve(self.limits.max_connections) {
             Some(permit) => {
                 idle.connecting = self.http2;
                 Take::Connect(permit)
             }
             None => Take::Wait,
-        }
+        })
     }
 
     /// Opens a connection to `endpoint` and spawns the task that drives it.
@@ -429,9 +448,10 @@ impl Pool {
         permit: Permit,
     ) -> Result<Conn, ProxyError> {
         self.start_sweeping();
-        let _connecting = self.http2.then(|| Connecting {
+        let mut connecting = self.http2.then(|| Connecting {
             pool: self,
             endpoint,
+            connected: false,
         });
         let io = self
             .connector
@@ -462,6 +482,9 @@ impl Pool {
                     conn: Arc::clone(&conn),
                     used: 1,
                 });
+            }
+            if let Some(connecting) = connecting.as_mut() {
+                connecting.connected = true;
             }
             Ok(Conn::Http2(send, Http2Lease(conn)))
         } else {
@@ -617,7 +640,12 @@ impl Drop for Pending {
 
 impl Drop for Connecting<'_> {
     fn drop(&mut self) {
-        self.pool.idle(self.endpoint).connecting = false;
+        let mut idle = self.pool.idle(self.endpoint);
+        idle.connecting = false;
+        if !self.connected {
+            idle.failures += 1;
+        }
+        drop(idle);
         // Those waiting for this connection use it, or try their own.
         self.pool.gauge.wake();
     }

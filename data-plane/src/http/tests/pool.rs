@@ -346,3 +346,48 @@ async fn an_http2_backend_removed_from_policy_finishes_its_streams_then_closes()
     assert_eq!(joined(in_flight).await.0, StatusCode::OK);
     up.close().await;
 }
+
+#[tokio::test]
+async fn requests_waiting_for_a_shared_http2_connect_fail_with_it() {
+    // It accepts TCP and never answers the TLS handshake: every connect
+    // times out.
+    let (silent, addr) = bind().await;
+    let proxy = start_proxy().await;
+    let connect_timeout = Duration::from_millis(500);
+    proxy.apply(&with_backend(
+        policy(&[("/", "web", &[addr])], None),
+        "web",
+        |b| {
+            b.protocol = Protocol::Http2.into();
+            b.tls = Some(prism_proto::pb::config::v1::UpstreamTls::default());
+            b.connect_timeout = Some(pbjson_types::Duration {
+                seconds: 0,
+                nanos: i32::try_from(connect_timeout.as_nanos()).expect("short"),
+            });
+        },
+    ));
+    let started = tokio::time::Instant::now();
+    let requests: Vec<_> = (0..4).map(|_| spawn_get(&proxy, false)).collect();
+    let mut statuses = Vec::new();
+    for request in requests {
+        statuses.push(joined(request).await.0);
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::BAD_GATEWAY,
+            StatusCode::BAD_GATEWAY,
+            StatusCode::BAD_GATEWAY,
+            StatusCode::GATEWAY_TIMEOUT
+        ],
+        "one timed out connecting, the three that waited for it failed with it"
+    );
+    // One connect timeout for all, not one each in turn.
+    assert!(
+        started.elapsed() < connect_timeout * 2,
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
