@@ -158,11 +158,12 @@ enum Take {
     Wait,
 }
 
-/// Clears an endpoint's `connecting` mark however the connect ends.
+/// Clears an endpoint's `connecting` mark however the connect ends: done,
+/// failed, or dropped with its request (then another waiting takes over).
 struct Connecting<'a> {
     pool: &'a Pool,
     endpoint: usize,
-    connected: bool,
+    failed: bool,
 }
 
 /// The HTTP/2 connect a request waited for failed.
@@ -441,7 +442,8 @@ impl Pool {
         })
     }
 
-    /// Opens a connection to `endpoint` and spawns the task that drives it.
+    /// Opens a connection to `endpoint`; for HTTP/2, the one its requests
+    /// will share.
     async fn connect(
         self: &Arc<Self>,
         endpoint: usize,
@@ -451,8 +453,17 @@ impl Pool {
         let mut connecting = self.http2.then(|| Connecting {
             pool: self,
             endpoint,
-            connected: false,
+            failed: false,
         });
+        let opened = self.open(endpoint, permit).await;
+        if let Some(connecting) = connecting.as_mut() {
+            connecting.failed = opened.is_err();
+        }
+        opened
+    }
+
+    /// Opens a connection to `endpoint` and spawns the task that drives it.
+    async fn open(&self, endpoint: usize, permit: Permit) -> Result<Conn, ProxyError> {
         let io = self
             .connector
             .connect(self.endpoints[endpoint].connect_to.clone())
@@ -482,9 +493,6 @@ impl Pool {
                     conn: Arc::clone(&conn),
                     used: 1,
                 });
-            }
-            if let Some(connecting) = connecting.as_mut() {
-                connecting.connected = true;
             }
             Ok(Conn::Http2(send, Http2Lease(conn)))
         } else {
@@ -642,7 +650,7 @@ impl Drop for Connecting<'_> {
     fn drop(&mut self) {
         let mut idle = self.pool.idle(self.endpoint);
         idle.connecting = false;
-        if !self.connected {
+        if self.failed {
             idle.failures += 1;
         }
         drop(idle);
