@@ -5,7 +5,7 @@
 //! request through and tells it how the request went. A 5xx response or any
 //! error (connect failure, reset, timeout of the upstream) is a failure;
 //! a request dropped before its response head (the route timeout, a client
-//! gone) tells the breaker nothing. An open breaker also takes the endpoint
+//! gone) or refused by a backend limit tells the breaker nothing. An open breaker also takes the endpoint
 //! out of the balancer, so a refusal here is only a race with another
 //! request taking the last half-open probe slot.
 
@@ -118,6 +118,16 @@ where
                             gateway: matches!(r.status().as_u16(), 502..=504),
                         },
                         Ok(_) => Outcome::Success,
+                        // A backend limit refused it before it reached the
+                        // endpoint: that says nothing about the endpoint.
+                        Err(e)
+                            if matches!(
+                                ProxyError::classify(&**e),
+                                ProxyError::PendingOverflow | ProxyError::RequestsOverflow
+                            ) =>
+                        {
+                            return Poll::Ready(result);
+                        }
                         Err(_) => Outcome::GatewayFailure,
                     };
                     pass.record(outcome);

@@ -52,6 +52,13 @@ pub(crate) enum ProxyError {
     /// The proxy-wide concurrency limit is reached.
     #[error("proxy overloaded")]
     Overloaded,
+    /// The backend is at its `limits.max_connections` and as many requests
+    /// as its `limits.max_pending_requests` already wait for a connection.
+    #[error("backend overloaded: too many requests waiting for a connection")]
+    PendingOverflow,
+    /// The backend has its `limits.max_requests` in flight.
+    #[error("backend overloaded: too many requests in flight")]
+    RequestsOverflow,
     /// An error no stage classified: a bug, reported without detail.
     #[error("internal error")]
     Internal,
@@ -77,6 +84,8 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::Overloaded => "overloaded",
+            ProxyError::PendingOverflow => "pending_overflow",
+            ProxyError::RequestsOverflow => "requests_overflow",
             ProxyError::Internal => "internal",
         }
     }
@@ -89,6 +98,8 @@ impl ProxyError {
             ProxyError::NotConfigured | ProxyError::Overloaded | ProxyError::Internal => {
                 Blame::Proxy
             }
+            // The backend is too slow for the traffic sent its way.
+            ProxyError::PendingOverflow | ProxyError::RequestsOverflow => Blame::Upstream,
             ProxyError::NoHealthyUpstream
             | ProxyError::Connect(_)
             | ProxyError::ConnectTimeout
@@ -99,7 +110,9 @@ impl ProxyError {
 
     /// Whether the request may be sent again, to this or another endpoint:
     /// only when it cannot have reached an upstream, so even a non-idempotent
-    /// request is safe to resend. The route timeout is final either way.
+    /// request is safe to resend. The route timeout is final either way, and
+    /// so is a backend limit: a retry would go to the same backend, and
+    /// would add to its load.
     pub(crate) fn retryable(&self) -> bool {
         matches!(self, ProxyError::Connect(_) | ProxyError::ConnectTimeout)
     }

@@ -27,6 +27,9 @@ use super::server::ClientAddr;
 pub(crate) const VIA: HeaderValue = HeaderValue::from_static("1.1 prism");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// Set on the answer when a backend limit refused the request, as Envoy's
+/// `x-envoy-overloaded`.
+const OVERLOADED: HeaderName = HeaderName::from_static("x-prism-overloaded");
 
 /// gRPC status codes (`google.rpc.Code`) the proxy answers with.
 mod grpc {
@@ -229,10 +232,18 @@ fn error_response<B>(error: &ProxyError, grpc: bool) -> Response<ResponseBody<B>
             text: Some(Bytes::from(message + "\n")),
         };
     }
-    if let ProxyError::RateLimited { retry_after } = error {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, retry_after_seconds(*retry_after));
+    match error {
+        ProxyError::RateLimited { retry_after } => {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after_seconds(*retry_after));
+        }
+        ProxyError::PendingOverflow | ProxyError::RequestsOverflow => {
+            response
+                .headers_mut()
+                .insert(OVERLOADED, HeaderValue::from_static("true"));
+        }
+        _ => {}
     }
     response.headers_mut().insert(header::VIA, VIA);
     response
@@ -247,9 +258,11 @@ fn retry_after_seconds(wait: Duration) -> HeaderValue {
 
 fn http_status(error: &ProxyError) -> StatusCode {
     match error {
-        ProxyError::NotConfigured | ProxyError::Overloaded | ProxyError::NoHealthyUpstream => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        ProxyError::NotConfigured
+        | ProxyError::Overloaded
+        | ProxyError::PendingOverflow
+        | ProxyError::RequestsOverflow
+        | ProxyError::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
         ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
         ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -263,6 +276,8 @@ fn grpc_code(error: &ProxyError) -> u16 {
     match error {
         ProxyError::NotConfigured
         | ProxyError::Overloaded
+        | ProxyError::PendingOverflow
+        | ProxyError::RequestsOverflow
         | ProxyError::NoHealthyUpstream
         | ProxyError::Connect(_)
         | ProxyError::ConnectTimeout
@@ -344,6 +359,8 @@ mod tests {
             (ProxyError::Timeout, 504, grpc::DEADLINE_EXCEEDED),
             (ProxyError::Upstream(boxed()), 502, grpc::UNAVAILABLE),
             (ProxyError::Overloaded, 503, grpc::UNAVAILABLE),
+            (ProxyError::PendingOverflow, 503, grpc::UNAVAILABLE),
+            (ProxyError::RequestsOverflow, 503, grpc::UNAVAILABLE),
             (ProxyError::Internal, 500, grpc::INTERNAL),
             (
                 ProxyError::RateLimited {

@@ -171,18 +171,18 @@ impl Backend {
             }
             None => None,
         };
-        let client = endpoint::Client::new(&endpoint::Params {
-            http2,
-            tls,
-            connect_timeout: prism_proto::defaults::duration_or(
-                spec.connect_timeout.as_ref(),
-                DEFAULT_CONNECT_TIMEOUT,
-            ),
-            idle_timeout: prism_proto::defaults::duration_or(
-                spec.limits.as_ref().and_then(|l| l.idle_timeout.as_ref()),
-                prism_proto::defaults::limits::IDLE_TIMEOUT,
-            ),
-        });
+        let client = endpoint::Client::new(
+            &endpoint::Params {
+                http2,
+                tls,
+                connect_timeout: prism_proto::defaults::duration_or(
+                    spec.connect_timeout.as_ref(),
+                    DEFAULT_CONNECT_TIMEOUT,
+                ),
+                limits: endpoint::pool::Limits::compile(spec.limits.as_ref()),
+            },
+            endpoints.iter().map(|e| e.address.clone()),
+        );
         Ok(Backend {
             name: spec.name.clone(),
             version: version.to_string(),

@@ -8,7 +8,7 @@ use prism_proto::{Kind, LbPolicy, ResourceKey};
 use super::*;
 
 /// `snapshot` with backend `demo/{name}` changed by `change`.
-fn with_backend(
+pub(super) fn with_backend(
     mut snapshot: Snapshot,
     name: &str,
     change: impl FnOnce(&mut prism_proto::Backend),
