@@ -27,6 +27,7 @@ use super::*;
 use crate::runtime::OwnAddresses;
 
 mod lifecycle;
+mod protocols;
 mod tls;
 
 /// How long any wait in these tests may take before the test fails.
