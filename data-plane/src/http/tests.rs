@@ -26,6 +26,7 @@ use super::server::ClientAddr;
 use super::*;
 use crate::runtime::OwnAddresses;
 
+mod grpc;
 mod lifecycle;
 mod protocols;
 mod tls;
