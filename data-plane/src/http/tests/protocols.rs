@@ -148,6 +148,46 @@ async fn an_upgrade_refused_by_the_upstream_is_an_ordinary_response() {
     );
 }
 
+#[tokio::test]
+async fn an_http2_backend_gets_an_upgrade_request_without_the_upgrade() {
+    let up = upstream(|request: Request<Incoming>| async move {
+        let upgrade = request.headers().get(header::UPGRADE).cloned();
+        Response::builder()
+            .header("x-seen-version", format!("{:?}", request.version()))
+            .header(
+                "x-seen-upgrade",
+                upgrade.unwrap_or(HeaderValue::from_static("")),
+            )
+            .body(boxed(Full::new(Bytes::new())))
+            .expect("response")
+    })
+    .await;
+    let proxy = start_proxy().await;
+    proxy.apply(&http2_backend(policy(&[("/", "web", &[up])], None)));
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header(header::HOST, "demo.local")
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client().request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(header_str(response.headers(), "x-seen-version"), "HTTP/2.0");
+    assert_eq!(header_str(response.headers(), "x-seen-upgrade"), "");
+}
+
+/// `snapshot` with backend `demo/web` speaking HTTP/2.
+fn http2_backend(mut snapshot: Snapshot) -> Snapshot {
+    let key = prism_proto::ResourceKey::new(prism_proto::Kind::Backend, "demo/web");
+    let Some(Resource::Backend(mut backend)) = snapshot.get(&key).map(|e| e.resource.clone())
+    else {
+        panic!("no backend demo/web");
+    };
+    backend.protocol = Protocol::Http2.into();
+    snapshot.insert(Resource::Backend(backend));
+    snapshot
+}
+
 /// An upstream that reads the whole body, then answers with it and with the
 /// `expect` header it saw.
 async fn expect_upstream() -> SocketAddr {
@@ -283,20 +323,13 @@ async fn a_host_rewrite_reaches_an_http2_upstream_as_its_authority() {
     })
     .await;
     let proxy = start_proxy().await;
-    let mut snapshot = policy(&[("/", "web", &[up])], None);
+    let mut snapshot = http2_backend(policy(&[("/", "web", &[up])], None));
     edit_route(&mut snapshot, "demo/r0", |r| {
         r.rewrite = Some(Rewrite {
             host: "rewritten.internal".into(),
             ..Default::default()
         });
     });
-    let key = prism_proto::ResourceKey::new(prism_proto::Kind::Backend, "demo/web");
-    let Some(Resource::Backend(mut backend)) = snapshot.get(&key).map(|e| e.resource.clone())
-    else {
-        panic!("no backend");
-    };
-    backend.protocol = Protocol::Http2.into();
-    snapshot.insert(Resource::Backend(backend));
     proxy.apply(&snapshot);
     let (status, headers, _) = send(&proxy, "demo.local", "/", "").await;
     assert_eq!(status, StatusCode::OK);
