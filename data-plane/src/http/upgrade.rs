@@ -61,7 +61,7 @@ struct Pending {
 struct Watched<'a, T> {
     io: T,
     start: Instant,
-    /// Milliseconds from `start` to the last read that moved bytes.
+    /// Nanoseconds from `start` to the last read that moved bytes.
     last: &'a AtomicU64,
 }
 
@@ -169,7 +169,7 @@ async fn join(client: OnUpgrade, upstream: OnUpgrade, idle: Option<Duration>) {
 /// Resolves once no read has moved a byte for `idle`.
 async fn idle_for(idle: Duration, start: Instant, last: &AtomicU64) {
     loop {
-        let at = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+        let at = start + Duration::from_nanos(last.load(Ordering::Relaxed)) + idle;
         if at <= Instant::now() {
             return;
         }
@@ -187,7 +187,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<'_, T> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
         if buf.filled().len() > before {
-            let since = this.start.elapsed().as_millis();
+            let since = this.start.elapsed().as_nanos();
             this.last
                 .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
