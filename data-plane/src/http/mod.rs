@@ -22,6 +22,7 @@ pub(crate) mod route;
 pub(crate) mod server;
 pub(crate) mod timeout;
 pub(crate) mod tls;
+pub(crate) mod upgrade;
 
 use std::sync::Arc;
 
@@ -39,9 +40,11 @@ pub(crate) type Stack = respond::Respond<
             route::Router<
                 ratelimit::RateLimit<
                     bodylimit::BodyLimit<
-                        timeout::Timeout<
-                            retry::Retry<
-                                backend::Balance<breaker::CircuitBreaker<endpoint::Forward>>,
+                        upgrade::Upgrade<
+                            timeout::Timeout<
+                                retry::Retry<
+                                    backend::Balance<breaker::CircuitBreaker<endpoint::Forward>>,
+                                >,
                             >,
                         >,
                     >,
@@ -71,6 +74,8 @@ pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>, max_concurrent_requests: u32
         .layer(ratelimit::RateLimitLayer)
         // The route's max_request_body_bytes: 413 beyond it.
         .layer(bodylimit::BodyLimitLayer)
+        // An upstream's `101`: the upgraded streams joined, past the timeout.
+        .layer(upgrade::UpgradeLayer)
         // The route timeout bounds the whole response.
         .layer(timeout::TimeoutLayer)
         // The route's retries, each to an endpoint not tried yet.

@@ -2,13 +2,20 @@
 //! that describe one connection are removed (RFC 9110 §7.6.1), the upstream
 //! learns who asked (`x-forwarded-for`, `x-forwarded-proto`) and for which
 //! host, and every response says it came `via` Prism.
+//!
+//! Two connection headers are passed on on purpose: an HTTP/1.1 request that
+//! asks for a protocol switch keeps `Upgrade` (with `Connection: upgrade`),
+//! and so does the upstream's `101` answer, so [`super::upgrade`] can join the
+//! two upgraded streams. `Expect: 100-continue` is answered by the proxy
+//! itself (hyper sends `100 Continue` when the body is first read, which is
+//! once the request is on its way upstream) and not passed on, as Envoy does.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response};
+use http::{Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
@@ -26,6 +33,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+const UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
@@ -81,8 +89,18 @@ where
         } else {
             HTTP
         };
+        // HTTP/2 has no Upgrade (RFC 9113 §8.6); only an HTTP/1 request may ask.
+        let upgrade = if request.version() <= Version::HTTP_11 {
+            upgrade_of(request.headers())
+        } else {
+            None
+        };
         let headers = request.headers_mut();
         strip_hop_by_hop(headers, true);
+        headers.remove(header::EXPECT);
+        if let Some(protocol) = upgrade {
+            keep_upgrade(headers, protocol);
+        }
         if let Some(ClientAddr(client)) = client {
             append_forwarded_for(headers, &client.ip().to_string());
         }
@@ -101,8 +119,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut response = ready!(self.project().inner.poll(cx))?;
+        let upgrade = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            upgrade_of(response.headers())
+        } else {
+            None
+        };
         let headers = response.headers_mut();
         strip_hop_by_hop(headers, false);
+        if let Some(protocol) = upgrade {
+            keep_upgrade(headers, protocol);
+        }
         headers.append(header::VIA, VIA);
         Poll::Ready(Ok(response))
     }
@@ -130,6 +156,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// The protocol that `headers` ask to switch to: their `Upgrade`, when
+/// `Connection` names it (RFC 9110 §7.8).
+fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let protocol = headers.get(header::UPGRADE)?;
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        .then(|| protocol.clone())
+}
+
+/// Puts the protocol switch back after the connection headers went.
+fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, UPGRADE);
+    headers.insert(header::UPGRADE, protocol);
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: &str) {
@@ -168,6 +212,26 @@ mod tests {
             headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
             ["x-end-to-end"]
         );
+    }
+
+    #[test]
+    fn an_upgrade_is_asked_for_only_when_connection_names_it() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(upgrade_of(&headers), None);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert_eq!(upgrade_of(&headers), None);
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-a, Upgrade"));
+        assert_eq!(
+            upgrade_of(&headers),
+            Some(HeaderValue::from_static("websocket"))
+        );
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers, true);
+        keep_upgrade(&mut headers, HeaderValue::from_static("websocket"));
+        assert_eq!(headers.len(), 2);
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+        assert_eq!(headers[header::UPGRADE], "websocket");
     }
 
     #[test]

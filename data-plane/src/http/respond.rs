@@ -13,7 +13,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -203,7 +203,7 @@ where
 }
 
 /// Whether the caller speaks gRPC and so expects its errors as gRPC statuses.
-fn is_grpc<B>(request: &Request<B>) -> bool {
+pub(crate) fn is_grpc<B>(request: &Request<B>) -> bool {
     request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -247,6 +247,15 @@ fn error_response<B>(error: &ProxyError, grpc: bool) -> Response<ResponseBody<B>
     }
     response.headers_mut().insert(header::VIA, VIA);
     response
+}
+
+/// The trailers that end a gRPC response which the proxy cuts short with
+/// `error` after its head has gone out.
+pub(crate) fn grpc_trailers(error: &ProxyError) -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(2);
+    trailers.insert(GRPC_STATUS, HeaderValue::from(grpc_code(error)));
+    trailers.insert(GRPC_MESSAGE, grpc_message(&error.to_string()));
+    trailers
 }
 
 /// `retry-after` in whole seconds, rounded up: a client that waits that long

@@ -234,7 +234,8 @@ async fn serve_connection<I, S, B>(
         activity: Arc::clone(&activity),
         inner: service,
     };
-    let conn = builder.serve_connection(io, TowerToHyperService::new(service));
+    // With upgrades: a `101` hands the connection to [`super::upgrade`].
+    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     tokio::pin!(conn);
     let mut draining = false;
     loop {

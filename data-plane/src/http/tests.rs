@@ -26,7 +26,9 @@ use super::server::ClientAddr;
 use super::*;
 use crate::runtime::OwnAddresses;
 
+mod grpc;
 mod lifecycle;
+mod protocols;
 mod tls;
 
 /// How long any wait in these tests may take before the test fails.
