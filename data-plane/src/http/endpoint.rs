@@ -119,7 +119,6 @@ impl Client {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn is_http2(&self) -> bool {
         self.pool.is_http2()
     }

@@ -239,7 +239,6 @@ impl Pool {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn is_http2(&self) -> bool {
         self.http2
     }
@@ -331,13 +330,20 @@ impl Pool {
     }
 
     /// Sets the request's URI and version for its endpoint: origin form for
-    /// HTTP/1.1, scheme and authority for HTTP/2.
+    /// HTTP/1.1, scheme and authority (the Host) for HTTP/2.
     fn address(&self, endpoint: usize, request: &mut Request<ReplayBody>) {
         if self.http2 {
             *request.version_mut() = Version::HTTP_2;
             let mut parts = request.uri().clone().into_parts();
             parts.scheme = Some(self.scheme.clone());
-            parts.authority = Some(self.endpoints[endpoint].authority.clone());
+            // `:authority` carries the request's Host (after any host
+            // rewrite), as Envoy sends it; the endpoint's address without one.
+            let host = request
+                .headers_mut()
+                .remove(header::HOST)
+                .and_then(|host| Authority::try_from(host.as_bytes()).ok());
+            parts.authority =
+                Some(host.unwrap_or_else(|| self.endpoints[endpoint].authority.clone()));
             if parts.path_and_query.is_none() {
                 parts.path_and_query = Some(PathAndQuery::from_static("/"));
             }

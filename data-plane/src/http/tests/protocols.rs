@@ -312,7 +312,6 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_cut_off() {
 }
 
 #[tokio::test]
-#[ignore = "needs the per-backend pool to send the Host header as :authority (branch upstream)"]
 async fn a_host_rewrite_reaches_an_http2_upstream_as_its_authority() {
     let up = upstream(|request: Request<Incoming>| async move {
         let authority = request
