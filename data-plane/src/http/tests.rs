@@ -1037,4 +1037,5 @@ async fn a_request_body_still_streaming_keeps_the_idle_timeout_off() {
 }
 
 mod backends;
+mod health;
 mod routing;
