@@ -1,7 +1,7 @@
 //! A compiled backend and everything it owns: its endpoints, its balancer
 //! state and its own pooled upstream client. A backend whose version did not
 //! change is carried into the next runtime as the same `Arc`, so an unchanged
-//! backend keeps its pool and its balancer position.
+//! backend keeps its pool, its balancer position and its health checker.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

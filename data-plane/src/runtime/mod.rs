@@ -4,7 +4,8 @@
 //! Compiling never touches the live runtime: a complete new one is built off
 //! the request path and then stored in one step. Every backend whose version
 //! did not change is carried over as the same `Arc`, so it keeps its state —
-//! its connection pool and its balancer position — across applies.
+//! its connection pool, its balancer position and its health checker — across
+//! applies.
 
 mod action;
 mod backend;

@@ -351,3 +351,42 @@ async fn an_unrelated_apply_keeps_the_checker_and_its_state() {
     drop(web);
     assert_eq!(upstreams_seen(&proxy, 4).await, ["a"; 4]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn probes_use_the_backends_protocol_and_upstream_tls() {
+    use super::tls::{mtls_upstream, upstream_tls_policy};
+    use crate::test_ca::{Leaf, TestCa};
+
+    let ca = TestCa::new();
+    let client = ca.issue(&["proxy.test"]);
+    let up = mtls_upstream(&ca).await;
+    let checked = |protocol: Protocol, client: Option<&Leaf>| {
+        let mut snapshot = upstream_tls_policy(up, protocol, &ca, client);
+        edit_backend(&mut snapshot, "web", |b| {
+            b.health_check = Some(http_check(""));
+        });
+        snapshot
+    };
+    // HTTP/1.1, and HTTP/2 with ALPN h2, over TLS: the probe verifies the
+    // upstream with the backend's CA and SNI and presents its client
+    // certificate. A proxy each, so the endpoint starts new.
+    for protocol in [Protocol::Http1, Protocol::Http2] {
+        let proxy = start_proxy().await;
+        proxy.apply(&checked(protocol, Some(&client)));
+        wait_until("healthy over TLS", || available(&proxy, "web", 0)).await;
+
+        // Without its client certificate the upstream refuses every probe.
+        proxy.apply(&checked(protocol, None));
+        assert!(available(&proxy, "web", 0), "kept from the last version");
+        wait_until("unhealthy without a client certificate", || {
+            !available(&proxy, "web", 0)
+        })
+        .await;
+        let (status, _, body) = send(&proxy, "demo.local", "/", "").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"),
+            "{protocol:?}"
+        );
+    }
+}
