@@ -19,12 +19,13 @@ const INTERVAL: Duration = Duration::from_secs(1);
 
 /// An upstream whose `/healthz` answers 200, or 503 while `failing` is set;
 /// every other path answers 200 with `x-upstream: name`. It counts the
-/// probes it answered by Host header and keeps the last probe's head.
+/// probes it answered by host (Host header or `:authority`) and keeps the
+/// last probe's host, user agent and HTTP version.
 #[derive(Clone, Default)]
 struct Probed {
     failing: Arc<AtomicBool>,
     by_host: Arc<StdMutex<HashMap<String, usize>>>,
-    last: Arc<StdMutex<Option<(String, String)>>>,
+    last: Arc<StdMutex<Option<(String, String, Version)>>>,
 }
 
 impl Probed {
@@ -41,13 +42,17 @@ impl Probed {
                 }
                 let seen =
                     |h: header::HeaderName| header_str(request.headers(), h.as_str()).to_string();
-                let host = seen(header::HOST);
+                let host = match request.uri().authority() {
+                    Some(authority) => authority.to_string(),
+                    None => seen(header::HOST),
+                };
                 *me.by_host
                     .lock()
                     .expect("lock")
                     .entry(host.clone())
                     .or_default() += 1;
-                *me.last.lock().expect("lock") = Some((host, seen(header::USER_AGENT)));
+                *me.last.lock().expect("lock") =
+                    Some((host, seen(header::USER_AGENT), request.version()));
                 let status = if me.failing.load(Ordering::Relaxed) {
                     StatusCode::SERVICE_UNAVAILABLE
                 } else {
@@ -148,7 +153,11 @@ async fn an_endpoint_failing_its_http_check_leaves_the_balancer_and_comes_back()
     .await;
     assert_eq!(
         *b.last.lock().expect("lock"),
-        Some(("check.demo.local".into(), "prism-health-check".into()))
+        Some((
+            "check.demo.local".into(),
+            "prism-health-check".into(),
+            Version::HTTP_11
+        ))
     );
     let mut seen = upstreams_seen(&proxy, 4).await;
     seen.sort();
@@ -191,6 +200,28 @@ async fn with_every_endpoint_unhealthy_the_answer_is_503() {
     let (status, _, body) = send(&proxy, "demo.local", "/", "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body, "no healthy upstream\n");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http2_backend_is_probed_over_http2() {
+    let probed = Probed::default();
+    let addr = probed.start("web").await;
+    let proxy = start_proxy().await;
+    let mut snapshot = policy(&[("/", "web", &[addr])], None);
+    edit_backend(&mut snapshot, "web", |b| {
+        b.protocol = Protocol::Http2.into();
+        b.health_check = Some(http_check("check.demo.local"));
+    });
+    proxy.apply(&snapshot);
+    wait_until("healthy", || available(&proxy, "web", 0)).await;
+    assert_eq!(
+        *probed.last.lock().expect("lock"),
+        Some((
+            "check.demo.local".into(),
+            "prism-health-check".into(),
+            Version::HTTP_2
+        ))
+    );
 }
 
 /// A gRPC upstream serving only `grpc.health.v1.Health`, and its reporter.
