@@ -323,8 +323,8 @@ impl HealthCheck {
 
     /// Starts checking `endpoints` (address and health, in the backend's
     /// order) for `backend`. Without a Tokio runtime (a bench or a fuzzer
-    /// compiling a policy) there is nothing to run the checker on, and the
-    /// endpoints stay as they are.
+    /// compiling a policy, which serves no request) no checker runs and the
+    /// endpoints keep the health they start with.
     pub(crate) fn start(&mut self, backend: &str, endpoints: Vec<(Authority, Arc<Health>)>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
