@@ -7,8 +7,9 @@
 //! upstream). `admin` is the proxy's own admin listener.
 //!
 //! It must not touch the control plane's code or storage: `prism-proto` is the
-//! only ground the two planes share. tonic is used only in `config::discovery`,
-//! and no request ever sees a half-applied configuration.
+//! only ground the two planes share. tonic is used only in `config::discovery`
+//! and, for gRPC health probes, in `runtime::health`; and no request ever sees
+//! a half-applied configuration.
 
 mod admin;
 #[doc(hidden)]

@@ -1039,5 +1039,6 @@ async fn a_request_body_still_streaming_keeps_the_idle_timeout_off() {
 }
 
 mod backends;
+mod health;
 mod pool;
 mod routing;

@@ -1,9 +1,10 @@
 //! A compiled backend and everything it owns: its endpoints, its balancer
 //! state and its own pooled upstream client. A backend whose version did not
 //! change is carried into the next runtime as the same `Arc`, so an unchanged
-//! backend keeps its pool and its balancer position.
+//! backend keeps its pool, its balancer position and its health checker.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use http::uri::Authority;
@@ -11,6 +12,7 @@ use prism_proto::{LbPolicy, Protocol, Snapshot};
 
 use super::balance::{self, Balancer};
 use super::breaker::{self, Breaker};
+use super::health::{self, Health, HealthCheck};
 use super::outlier::{self, Outcome, Outlier};
 use super::{CompileError, DEFAULT_CONNECT_TIMEOUT, tls};
 use crate::http::{endpoint, retry};
@@ -32,6 +34,9 @@ pub(crate) struct Backend {
     pub retry_budget: retry::Budget,
     /// The pool of connections to this backend's endpoints.
     pub client: endpoint::Client,
+    /// Set when the backend has a `health_check`; its task probes the
+    /// endpoints until the backend is dropped.
+    pub health_check: Option<HealthCheck>,
 }
 
 /// One address of a backend.
@@ -46,6 +51,8 @@ pub(crate) struct Endpoint {
     pub breaker: Option<Breaker>,
     /// Set when the backend has `outlier_detection`.
     pub outlier: Option<Outlier>,
+    /// Set when the backend has a `health_check`; written by its checker.
+    pub health: Option<Arc<Health>>,
 }
 
 /// A backend's endpoints as the balancer sees them at one instant.
@@ -73,7 +80,7 @@ impl Backend {
         let guarded = self
             .endpoints
             .first()
-            .is_some_and(|e| e.breaker.is_some() || e.outlier.is_some());
+            .is_some_and(|e| e.breaker.is_some() || e.outlier.is_some() || e.health.is_some());
         Candidates {
             endpoints: &self.endpoints,
             now: guarded.then(tokio::time::Instant::now),
@@ -130,6 +137,7 @@ impl Backend {
                             .outlier_detection
                             .as_ref()
                             .map(|o| Outlier::new(outlier::Params::new(o))),
+                        health: spec.health_check.as_ref().map(|_| Arc::new(Health::new())),
                     })
                     .ok_or_else(|| CompileError::Endpoint {
                         backend: spec.name.clone(),
@@ -171,6 +179,18 @@ impl Backend {
             }
             None => None,
         };
+        let health_check = match &spec.health_check {
+            Some(check) => Some(HealthCheck::new(
+                health::Params::compile(check, http2, tls.clone()).map_err(|(field, reason)| {
+                    CompileError::HealthCheck {
+                        backend: spec.name.clone(),
+                        field,
+                        reason,
+                    }
+                })?,
+            )),
+            None => None,
+        };
         let client = endpoint::Client::new(
             &endpoint::Params {
                 http2,
@@ -197,7 +217,30 @@ impl Backend {
             ),
             retry_budget: retry::Budget::default(),
             client,
+            health_check,
         })
+    }
+
+    /// Starts the health checker of a newly compiled backend, if it has
+    /// one. An endpoint that `previous` (the backend's last version) also
+    /// had keeps its health; the others start new.
+    pub(super) fn start_health_check(&mut self, previous: Option<&Backend>) {
+        let Some(check) = self.health_check.as_mut() else {
+            return;
+        };
+        let mut targets = Vec::with_capacity(self.endpoints.len());
+        for endpoint in &self.endpoints {
+            let Some(health) = &endpoint.health else {
+                continue;
+            };
+            if let Some(old) =
+                previous.and_then(|p| p.endpoints.iter().find(|e| e.address == endpoint.address))
+            {
+                health.inherit(old.health.as_deref());
+            }
+            targets.push((endpoint.address.clone(), Arc::clone(health)));
+        }
+        check.start(&self.name, targets);
     }
 }
 
@@ -247,10 +290,12 @@ impl OwnAddresses {
 }
 
 impl Endpoint {
-    /// Whether the balancer may pick this endpoint at `now`: not ejected as
-    /// an outlier, and its circuit breaker, if any, lets requests through.
+    /// Whether the balancer may pick this endpoint at `now`: healthy if
+    /// health checked, not ejected as an outlier, and its circuit breaker,
+    /// if any, lets requests through.
     pub(crate) fn is_available(&self, now: tokio::time::Instant) -> bool {
-        self.outlier.as_ref().is_none_or(|o| !o.is_ejected(now))
+        self.health.as_ref().is_none_or(|h| h.is_healthy())
+            && self.outlier.as_ref().is_none_or(|o| !o.is_ejected(now))
             && self.breaker.as_ref().is_none_or(|b| b.available(now))
     }
 }

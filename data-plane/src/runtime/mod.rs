@@ -4,13 +4,15 @@
 //! Compiling never touches the live runtime: a complete new one is built off
 //! the request path and then stored in one step. Every backend whose version
 //! did not change is carried over as the same `Arc`, so it keeps its state —
-//! its connection pool and its balancer position — across applies.
+//! its connection pool, its balancer position and its health checker — across
+//! applies.
 
 mod action;
 mod backend;
 pub(crate) mod balance;
 pub mod bench;
 pub(crate) mod breaker;
+mod health;
 mod matcher;
 pub(crate) mod outlier;
 pub(crate) mod tls;
@@ -97,6 +99,12 @@ pub(crate) enum CompileError {
         field: &'static str,
         reason: String,
     },
+    #[error("Backend {backend}: health_check.{field}: {reason}")]
+    HealthCheck {
+        backend: String,
+        field: &'static str,
+        reason: String,
+    },
     #[error("Backend {backend}: endpoints: at least one endpoint is required")]
     NoEndpoints { backend: String },
     /// A regular expression the proxy's engine refuses (validation already
@@ -141,13 +149,12 @@ impl Runtime {
                 Some(old) if old.version == entry.version && old.secrets == secrets => {
                     Arc::clone(old)
                 }
-                _ => Arc::new(Backend::compile(
-                    snapshot,
-                    spec,
-                    &entry.version,
-                    secrets,
-                    own,
-                )?),
+                old => {
+                    let mut backend =
+                        Backend::compile(snapshot, spec, &entry.version, secrets, own)?;
+                    backend.start_health_check(old.map(Arc::as_ref));
+                    Arc::new(backend)
+                }
             };
             backends.insert(spec.name.clone(), backend);
         }

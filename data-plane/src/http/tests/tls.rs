@@ -193,7 +193,7 @@ async fn alpn_h2_serves_http2_over_tls() {
 
 /// A TLS upstream for `upstream.test` that requires a client certificate
 /// signed by `ca`, answering with the HTTP version it saw.
-async fn mtls_upstream(ca: &TestCa) -> SocketAddr {
+pub(super) async fn mtls_upstream(ca: &TestCa) -> SocketAddr {
     let leaf = ca.issue(&["upstream.test"]);
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots()), provider())
         .build()
@@ -226,7 +226,7 @@ async fn mtls_upstream(ca: &TestCa) -> SocketAddr {
 }
 
 /// `policy` whose backend `web` speaks `protocol` over TLS to `up`.
-fn upstream_tls_policy(
+pub(super) fn upstream_tls_policy(
     up: SocketAddr,
     protocol: Protocol,
     ca: &TestCa,
