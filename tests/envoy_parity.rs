@@ -32,6 +32,8 @@ use tokio::sync::oneshot;
 
 /// Requests sent through each plane to measure a weighted split.
 const SPLIT_REQUESTS: u32 = 1000;
+/// Requests sent through each plane to a backend with a dead endpoint.
+const RETRY_REQUESTS: u32 = 200;
 /// Probability, per share compared, that a correct split is still reported
 /// as wrong; the tolerance follows from it (see [`share_tolerance`]).
 const SPLIT_FALSE_ALARM: f64 = 1e-9;
@@ -217,7 +219,7 @@ fn is_direct(case: &Case) -> bool {
 
 /// The parity policy: every match kind and action, one echo upstream per
 /// backend, so an answer names the route that took it.
-fn parity_policy(upstreams: &BTreeMap<&str, Echo>) -> String {
+fn parity_policy(upstreams: &BTreeMap<&str, Echo>, dead: SocketAddr) -> String {
     let backends: String = upstreams
         .iter()
         .map(|(name, echo)| {
@@ -243,7 +245,10 @@ fn parity_policy(upstreams: &BTreeMap<&str, Echo>) -> String {
   - name: other
     hosts: ["*"]
 backends:
-{backends}routes:
+{backends}  - name: par/flaky
+    lb_policy: RANDOM
+    endpoints: [{{address: "{dead}"}}, {{address: "{live}"}}]
+routes:
   - name: par/exact
     match: {{exact: /exact}}
     backend: exact
@@ -355,6 +360,10 @@ backends:
   - name: par/split
     match: {{prefix: /split/}}
     backends: [{{name: split-a, weight: 3}}, {{name: split-b, weight: 1}}]
+  - name: par/retry
+    match: {{prefix: /retry/}}
+    backend: flaky
+    retry: {{num_retries: 1, retry_on: [connect-failure]}}
   - name: par/host-only
     match: {{host: only.par.test, prefix: /}}
     backend: host-only
@@ -367,7 +376,8 @@ backends:
   - name: other/all
     match: {{prefix: /}}
     backend: catchall
-"#
+"#,
+        live = upstreams["retry-live"].addr,
     )
 }
 
@@ -548,6 +558,7 @@ async fn prism_and_envoy_route_one_policy_alike() {
         "rewrite",
         "split-a",
         "split-b",
+        "retry-live",
         "host-only",
         "wild",
         "wild-special",
@@ -555,7 +566,9 @@ async fn prism_and_envoy_route_one_policy_alike() {
     ] {
         upstreams.insert(name, Echo::start(name).await);
     }
-    let revision = admin.apply(&parity_policy(&upstreams)).await;
+    // An address nothing listens on: connecting to it fails at once.
+    let dead = free_local_addr();
+    let revision = admin.apply(&parity_policy(&upstreams, dead)).await;
 
     let proxy = Proxy::start(&cp.xds, "prism-parity").await;
     let envoy = Envoy::start(cp.xds_addr, ENVOY_NODE, Ads::Delta);
@@ -644,6 +657,33 @@ async fn prism_and_envoy_route_one_policy_alike() {
             (share - 0.75).abs() < tolerance,
             "{}: split-a took {share:.3} of {SPLIT_REQUESTS} requests, weight says 0.75 \
              (± {tolerance:.3}): {counts:?}",
+            plane.name
+        );
+    }
+
+    // A retry goes to an endpoint the request has not tried: with one dead
+    // endpoint of two and one retry on connect failure, every request is
+    // answered by the live one.
+    let retry = Case {
+        what: "retry",
+        method: "GET",
+        host: "parity.test",
+        target: "/retry/x",
+        headers: &[],
+        expect: Expect::Upstream("retry-live"),
+    };
+    for plane in [&prism, &envoy_plane] {
+        let mut failed = 0;
+        for _ in 0..RETRY_REQUESTS {
+            let seen = send(&http, plane, &retry).await.expect("an answer");
+            if seen.upstream.as_deref() != Some("retry-live") {
+                failed += 1;
+            }
+        }
+        assert_eq!(
+            failed, 0,
+            "{}: {failed} of {RETRY_REQUESTS} requests failed although their retry could go \
+             to the live endpoint",
             plane.name
         );
     }
