@@ -79,7 +79,7 @@ impl Echo {
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         let name = Arc::clone(&name);
-                        async move { Ok::<_, Infallible>(echo(&name, &request)) }
+                        async move { Ok::<_, Infallible>(echo(&name, request).await) }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -102,7 +102,15 @@ impl Drop for Echo {
     }
 }
 
-fn echo(name: &str, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// The echo of `request`, after `x-t-delay-ms` milliseconds when it says so.
+async fn echo(name: &str, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let delay = request
+        .headers()
+        .get("x-t-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    if let Some(delay) = delay {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     let host = request
         .headers()
         .get(hyper::header::HOST)
@@ -156,6 +164,8 @@ struct Case {
     host: &'static str,
     target: &'static str,
     headers: &'static [(&'static str, &'static str)],
+    /// Bytes of request body.
+    body: usize,
     /// The upstream that must answer, or the status the proxy must give.
     expect: Expect,
 }
@@ -173,6 +183,9 @@ async fn send(http: &reqwest::Client, plane: &Plane, case: &Case) -> Option<Seen
         .header("host", case.host);
     for (name, value) in case.headers {
         request = request.header(*name, *value);
+    }
+    if case.body > 0 {
+        request = request.body(vec![b'x'; case.body]);
     }
     let response = request.send().await.ok()?;
     let status = response.status().as_u16();
@@ -245,7 +258,11 @@ fn parity_policy(upstreams: &BTreeMap<&str, Echo>, dead: SocketAddr) -> String {
   - name: other
     hosts: ["*"]
 backends:
-{backends}  - name: par/flaky
+{backends}  - name: par/sticky
+    lb_policy: RING_HASH
+    hash_policy: {{header: x-t-user}}
+    endpoints: [{{address: "{s1}"}}, {{address: "{s2}"}}, {{address: "{s3}"}}]
+  - name: par/flaky
     lb_policy: RANDOM
     endpoints: [{{address: "{dead}"}}, {{address: "{live}"}}]
 routes:
@@ -364,6 +381,17 @@ routes:
     match: {{prefix: /retry/}}
     backend: flaky
     retry: {{num_retries: 1, retry_on: [connect-failure]}}
+  - name: par/slow
+    match: {{prefix: /slow/}}
+    backend: slow
+    timeout: 0.5s
+  - name: par/upload
+    match: {{exact: /upload}}
+    backend: upload
+    max_request_body_bytes: 1024
+  - name: par/sticky
+    match: {{prefix: /sticky/}}
+    backend: sticky
   - name: par/host-only
     match: {{host: only.par.test, prefix: /}}
     backend: host-only
@@ -378,6 +406,9 @@ routes:
     backend: catchall
 "#,
         live = upstreams["retry-live"].addr,
+        s1 = upstreams["sticky-1"].addr,
+        s2 = upstreams["sticky-2"].addr,
+        s3 = upstreams["sticky-3"].addr,
     )
 }
 
@@ -390,6 +421,7 @@ fn cases() -> Vec<Case> {
         host,
         target,
         headers,
+        body: 0,
         expect,
     };
     use Expect::{Status, Upstream as Up};
@@ -475,6 +507,11 @@ fn cases() -> Vec<Case> {
         case("redirect of the port", "GET", "parity.test:8080", "/rd/port", &[], Status(308)),
         case("redirect to port 80", "GET", "parity.test:8080", "/rd/port80", &[], Status(302)),
         case("redirect of a POST", "POST", "parity.test", "/rd/path", &[], Status(302)),
+        // Timeouts and body limits.
+        case("within the timeout", "GET", "parity.test", "/slow/x", &[("x-t-delay-ms", "10")], Up("slow")),
+        case("past the timeout", "GET", "parity.test", "/slow/x", &[("x-t-delay-ms", "2000")], Status(504)),
+        Case { body: 1024, ..case("body at the limit", "POST", "parity.test", "/upload", &[], Up("upload")) },
+        Case { body: 4096, ..case("body over the limit", "POST", "parity.test", "/upload", &[], Status(413)) },
         // Direct responses.
         case("direct response", "GET", "parity.test", "/dr/teapot", &[], Status(418)),
         case("direct response with headers", "GET", "parity.test", "/dr/json", &[], Status(200)),
@@ -559,6 +596,11 @@ async fn prism_and_envoy_route_one_policy_alike() {
         "split-a",
         "split-b",
         "retry-live",
+        "slow",
+        "upload",
+        "sticky-1",
+        "sticky-2",
+        "sticky-3",
         "host-only",
         "wild",
         "wild-special",
@@ -637,6 +679,7 @@ async fn prism_and_envoy_route_one_policy_alike() {
         host: "parity.test",
         target: "/split/x",
         headers: &[],
+        body: 0,
         expect: Expect::Upstream("split-a"),
     };
     for plane in [&prism, &envoy_plane] {
@@ -670,6 +713,7 @@ async fn prism_and_envoy_route_one_policy_alike() {
         host: "parity.test",
         target: "/retry/x",
         headers: &[],
+        body: 0,
         expect: Expect::Upstream("retry-live"),
     };
     for plane in [&prism, &envoy_plane] {
@@ -688,10 +732,69 @@ async fn prism_and_envoy_route_one_policy_alike() {
         );
     }
 
+    // Consistent hashing on a header: each user sticks to one endpoint, and
+    // the users spread over more than one (all 16 on one of three endpoints
+    // by chance: once in 14 million runs). The two planes hash differently,
+    // so which endpoint a user gets is not compared.
+    for plane in [&prism, &envoy_plane] {
+        let mut endpoints = std::collections::BTreeSet::new();
+        for user in USERS {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..5 {
+                let answer = http
+                    .get(format!("{}/sticky/x", plane.url))
+                    .header("host", "parity.test")
+                    .header("x-t-user", user)
+                    .send()
+                    .await
+                    .expect("an answer");
+                seen.extend(
+                    answer
+                        .headers()
+                        .get(UPSTREAM_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string),
+                );
+            }
+            assert_eq!(
+                seen.len(),
+                1,
+                "{}: user {user} went to {seen:?}",
+                plane.name
+            );
+            endpoints.extend(seen);
+        }
+        assert!(
+            endpoints.len() > 1,
+            "{}: every user went to {endpoints:?}",
+            plane.name
+        );
+    }
+
     drop(envoy);
     proxy.stop().await;
     cp.stop().await;
 }
+
+/// Users of the consistent-hash check.
+const USERS: [&str; 16] = [
+    "ada",
+    "alan",
+    "barbara",
+    "claude",
+    "donald",
+    "edsger",
+    "frances",
+    "grace",
+    "john",
+    "ken",
+    "leslie",
+    "margaret",
+    "niklaus",
+    "radia",
+    "tony",
+    "whitfield",
+];
 
 /// `deploy/examples/l7.yaml` with its endpoints moved to the test's
 /// upstreams: 8081 (`demo`) and 8082 (`canary`), the discovery port (gRPC
