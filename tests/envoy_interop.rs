@@ -11,164 +11,20 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
-use prism_control_plane::envoy::{
-    CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER, ROUTE_CONFIGURATION, SECRET,
-};
+use prism_control_plane::envoy::{CLUSTER_LOAD_ASSIGNMENT, ROUTE_CONFIGURATION, SECRET};
 use reqwest::Method;
-use serde_json::Value;
-use support::{
-    Admin, Answer, ControlPlane, INSTALL_TOOLS, Upstream, eventually, free_local_addr, tool,
-};
-use tempfile::TempDir;
+use support::envoy::{Ads, ENVOY_TYPES, Envoy, acked_envoy_types};
+use support::{Answer, ControlPlane, INSTALL_TOOLS, Upstream, eventually, free_local_addr, tool};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// The Envoy types every subscriber of the Envoy view ACKs.
-const ENVOY_TYPES: [&str; 4] = [
-    LISTENER,
-    ROUTE_CONFIGURATION,
-    CLUSTER,
-    CLUSTER_LOAD_ASSIGNMENT,
-];
-
 /// How long the gRPC client may take, start to end, before it is killed.
 const GRPC_CLIENT_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Which ADS variant Envoy speaks.
-#[derive(Clone, Copy, Debug)]
-enum Ads {
-    /// State of the world (`api_type: GRPC`), Envoy's default.
-    Sotw,
-    /// Incremental (`api_type: DELTA_GRPC`).
-    Delta,
-}
-
-impl Ads {
-    fn api_type(self) -> &'static str {
-        match self {
-            Ads::Sotw => "GRPC",
-            Ads::Delta => "DELTA_GRPC",
-        }
-    }
-}
-
-/// An `envoy` child process, killed on drop. Its log is in its own temporary
-/// directory and is printed when the test fails.
-struct Envoy {
-    child: Child,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl Envoy {
-    /// Starts Envoy with a bootstrap whose only static resource is the ADS
-    /// cluster `xds` pointing at `xds`; listeners and clusters come over ADS.
-    fn start(xds: SocketAddr, node_id: &str, ads: Ads) -> Self {
-        // Distinct per Envoy, so that Envoys of parallel tests (and of other
-        // test binaries) never share the shared-memory region of a base id.
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let base_id = (std::process::id() % 100_000) * 10 + NEXT.fetch_add(1, Ordering::Relaxed);
-
-        require_envoy();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let bootstrap = dir.path().join("envoy.yaml");
-        let log = dir.path().join("envoy.log");
-        std::fs::write(&bootstrap, envoy_bootstrap(xds, node_id, ads)).expect("write bootstrap");
-        let child = Command::new(tool("envoy"))
-            .arg("-c")
-            .arg(&bootstrap)
-            .args(["--base-id", &base_id.to_string()])
-            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "warn"])
-            .arg("--log-path")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("envoy starts");
-        Self {
-            child,
-            log,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("---- envoy log ----\n{log}---- end of envoy log ----");
-        }
-    }
-}
-
-/// Fails the test, saying how to fix it, when `envoy` cannot be run.
-fn require_envoy() {
-    let envoy = tool("envoy");
-    match Command::new(&envoy).arg("--version").output() {
-        Ok(output) if output.status.success() => {}
-        Ok(output) => panic!(
-            "`{} --version` failed ({}): {}; {INSTALL_TOOLS}",
-            envoy.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ),
-        Err(error) => panic!(
-            "cannot run `{}` ({error}): these tests need Envoy; {INSTALL_TOOLS}",
-            envoy.display()
-        ),
-    }
-}
-
-/// An Envoy bootstrap: admin on a free port, the ADS cluster, and LDS and
-/// CDS over ADS in xDS v3.
-fn envoy_bootstrap(xds: SocketAddr, node_id: &str, ads: Ads) -> String {
-    format!(
-        r#"node:
-  id: {node_id}
-  cluster: prism-interop
-  locality: {{zone: zone-a, region: region-1}}
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-dynamic_resources:
-  ads_config:
-    api_type: {api_type}
-    transport_api_version: V3
-    grpc_services:
-      - envoy_grpc: {{cluster_name: xds}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-    - name: xds
-      type: STATIC
-      connect_timeout: 1s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{http2_protocol_options: {{}}}}
-      load_assignment:
-        cluster_name: xds
-        endpoints:
-          - lb_endpoints:
-              - endpoint:
-                  address:
-                    socket_address: {{address: "{ip}", port_value: {port}}}
-"#,
-        api_type = ads.api_type(),
-        ip = xds.ip(),
-        port = xds.port(),
-    )
-}
 
 /// `GET path` with `Host: host` at `url`; `None` while nothing answers there
 /// (Envoy has not bound its listener yet).
@@ -210,20 +66,6 @@ async fn until_answer(
         },
     )
     .await;
-}
-
-/// The fleet's entry of `node_id` once it has ACKed every Envoy type.
-async fn acked_envoy_types(admin: &Admin, node_id: &str) -> Option<Value> {
-    let fleet = admin.proxies().await;
-    let node = fleet["proxies"]
-        .as_array()?
-        .iter()
-        .find(|p| p["id"] == node_id)?
-        .clone();
-    ENVOY_TYPES
-        .iter()
-        .all(|t| node["acked_by_type"][*t].is_u64())
-        .then_some(node)
 }
 
 /// Namespace `shop` (host `shop.test`): `/api` to backend `api` at `api`,

@@ -325,6 +325,9 @@ fn http_connection_manager() -> HttpConnectionManager {
     };
     HttpConnectionManager {
         stat_prefix: STAT_PREFIX.to_string(),
+        // `demo.local.` is `demo.local`, as the Prism proxy matches hosts.
+        // Envoy forwards it without the dot too.
+        strip_trailing_host_dot: true,
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: HTTP_ROUTES.to_string(),

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+// A real Envoy fed by the control plane (tests/support/envoy.rs).
+pub mod envoy;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

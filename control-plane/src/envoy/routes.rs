@@ -22,6 +22,7 @@ use envoy_types::pb::envoy::extensions::filters::http::buffer::v3::{
     Buffer, BufferPerRoute, buffer_per_route,
 };
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
 };
@@ -55,6 +56,15 @@ pub(super) const BUFFER_FILTER: &str = "prism.max_request_body";
 /// How many client IP addresses one per-client-IP limit tracks at once
 /// (Envoy keeps the buckets of the most recent ones; its default is 20).
 const MAX_CLIENT_BUCKETS: u32 = 10_000;
+/// Well-known name of Envoy's retry host predicate that refuses the hosts a
+/// request has already tried.
+const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
+/// How many times Envoy draws again for a retry when it draws an endpoint
+/// the request has tried. Prism's proxy picks among the untried ones at
+/// once; Envoy can only redraw, so it redraws until missing them all is
+/// unlikely: with half the endpoints tried, 32 redraws all miss once in
+/// four billion retries. Redraws are in memory and cheap.
+const RETRY_HOST_SELECTION_ATTEMPTS: i64 = 32;
 /// Methods a retry is safe for unless the route says `retry_non_idempotent`.
 const IDEMPOTENT_METHODS: &str = "GET|HEAD|OPTIONS|TRACE|PUT|DELETE";
 
@@ -507,9 +517,17 @@ fn hash_policy(targets: &[&Backend]) -> Vec<route_action::HashPolicy> {
 
 /// Envoy's retry policy. The retry budget lives on the cluster (see
 /// `clusters.rs`); non-idempotent methods are kept from retrying by naming
-/// the methods that may be retried.
+/// the methods that may be retried; a retry goes to an endpoint not tried
+/// yet, as Prism's does, through the `previous_hosts` predicate.
 fn retry(r: &RetryPolicy) -> EnvoyRetryPolicy {
     EnvoyRetryPolicy {
+        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+            name: PREVIOUS_HOSTS.to_string(),
+            config_type: Some(retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                pack_any(PreviousHostsPredicate {}),
+            )),
+        }],
+        host_selection_retry_max_attempts: RETRY_HOST_SELECTION_ATTEMPTS,
         retry_on: defaults::retry_on(r).join(","),
         num_retries: Some(UInt32Value {
             value: defaults::nonzero_or(r.num_retries, defaults::retry::NUM_RETRIES),

@@ -139,7 +139,10 @@ where
             Action::Respond(respond) => {
                 let mut response = Response::new(Full::new(respond.body.clone()));
                 *response.status_mut() = respond.status;
-                if !route.response_headers.writes(&header::CONTENT_TYPE) {
+                // A body is `text/plain` unless the route says otherwise; an
+                // empty one has no type (as Envoy).
+                if !respond.body.is_empty() && !route.response_headers.writes(&header::CONTENT_TYPE)
+                {
                     response.headers_mut().insert(
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("text/plain; charset=utf-8"),

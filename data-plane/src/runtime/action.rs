@@ -255,8 +255,10 @@ fn substitution(s: &str) -> String {
 
 impl Redirect {
     /// The `location` for a request with `scheme`, `host` (as sent, maybe
-    /// with a port), `path` and `query`. The request's port is kept unless
-    /// the redirect changes the scheme; a scheme's default port is left out.
+    /// with a port), `path` and `query`, as Envoy builds it: the redirect's
+    /// `port` when set, else the request's port as sent, left out only when
+    /// the scheme changes and it was the old scheme's default (`http://h:80`
+    /// to `https://h`).
     pub(crate) fn location(
         &self,
         scheme: &str,
@@ -267,20 +269,16 @@ impl Redirect {
         let (request_host, request_port) = split_port(host);
         let to_scheme = self.scheme.as_deref().unwrap_or(scheme);
         let port = self.port.or_else(|| {
-            if to_scheme.eq_ignore_ascii_case(scheme) {
-                request_port
+            let default = if scheme.eq_ignore_ascii_case("https") {
+                443
             } else {
-                None
-            }
+                80
+            };
+            request_port.filter(|p| to_scheme.eq_ignore_ascii_case(scheme) || *p != default)
         });
         let host = self.host.as_deref().unwrap_or(request_host);
-        let default = if to_scheme.eq_ignore_ascii_case("https") {
-            443
-        } else {
-            80
-        };
         let mut location = format!("{to_scheme}://{host}");
-        if let Some(port) = port.filter(|p| *p != default) {
+        if let Some(port) = port {
             location.push_str(&format!(":{port}"));
         }
         let new_path = self.path.as_deref();
@@ -445,17 +443,26 @@ mod tests {
             r.location("http", host, "/a", Some("q=1"))
                 .map(|v| v.to_str().unwrap_or_default().to_string())
         };
+        // The request's port stays, as Envoy keeps it, unless the scheme
+        // changes from its default port.
         let same = redirect("", "", 0, "");
         assert_eq!(at(&same, "h:8080").as_deref(), Some("http://h:8080/a?q=1"));
+        assert_eq!(at(&same, "h:80").as_deref(), Some("http://h:80/a?q=1"));
         let https = redirect("https", "", 0, "");
-        assert_eq!(at(&https, "h:8080").as_deref(), Some("https://h/a?q=1"));
+        assert_eq!(
+            at(&https, "h:8080").as_deref(),
+            Some("https://h:8080/a?q=1")
+        );
+        assert_eq!(at(&https, "h:80").as_deref(), Some("https://h/a?q=1"));
+        assert_eq!(at(&https, "h:443").as_deref(), Some("https://h:443/a?q=1"));
         let moved = redirect("", "new.example", 8443, "/b");
         assert_eq!(
             at(&moved, "h").as_deref(),
             Some("http://new.example:8443/b?q=1")
         );
+        // A port the redirect names is written out, default or not.
         let query = redirect("", "", 80, "/b?x=2");
-        assert_eq!(at(&query, "h:8080").as_deref(), Some("http://h/b?x=2"));
+        assert_eq!(at(&query, "h:8080").as_deref(), Some("http://h:80/b?x=2"));
         assert_eq!(split_port("[::1]:80"), ("[::1]", Some(80)));
     }
 }

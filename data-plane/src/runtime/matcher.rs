@@ -366,11 +366,13 @@ impl Conditions {
                 }
             })
             && self.query.iter().all(|(name, rule)| {
-                let mut values = query_values(probe.query, name);
+                // A repeated parameter is judged by its first value, as Envoy
+                // does, so that one policy routes alike on both data planes.
+                let first = query_values(probe.query, name).next();
                 match rule {
-                    Rule::Present => values.next().is_some(),
-                    Rule::Absent => values.next().is_none(),
-                    Rule::Exact(_) | Rule::Regex(_) => values.any(|v| rule.accepts(v)),
+                    Rule::Present => first.is_some(),
+                    Rule::Absent => first.is_none(),
+                    Rule::Exact(_) | Rule::Regex(_) => first.is_some_and(|v| rule.accepts(v)),
                 }
             })
     }

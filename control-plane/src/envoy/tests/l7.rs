@@ -351,6 +351,12 @@ fn route_actions_split_rewrite_time_and_retry() {
             nanos: 0
         })
     );
+    // A retry goes to an endpoint not tried yet, as Prism's proxy does.
+    let [predicate] = retry.retry_host_predicate.as_slice() else {
+        panic!("one retry host predicate: {retry:?}")
+    };
+    assert_eq!(predicate.name, "envoy.retry_host_predicates.previous_hosts");
+    assert!(retry.host_selection_retry_max_attempts > 1, "{retry:?}");
     let back_off = retry.retry_back_off.as_ref().expect("back off");
     assert_eq!(
         (back_off.base_interval, back_off.max_interval),

@@ -203,9 +203,10 @@ async fn redirects_and_direct_responses_are_answered_by_the_proxy() {
 
     let (status, headers, body) = get(&proxy, "/old/page?q=1", &[]).await;
     assert_eq!(status, StatusCode::MOVED_PERMANENTLY);
+    // The request's port stays, as Envoy keeps it (tests/envoy_parity.rs).
     assert_eq!(
         header_str(&headers, "location"),
-        "https://demo.local/new/?q=1"
+        "https://demo.local:8080/new/?q=1"
     );
     assert_eq!(body, "");
     assert!(!headers.contains_key("x-upstream"));

@@ -310,7 +310,9 @@ fn query_conditions_exact_regex_present_absent() {
     ]);
     let at = |path| Request::get(path).on(&rt, "n.local");
     assert_eq!(at("/q?a=1&v=2"), Some("n/1-exact"));
-    assert_eq!(at("/q?v=1&v=2"), Some("n/1-exact"));
+    // A repeated parameter is judged by its first value (as Envoy does).
+    assert_eq!(at("/q?v=2&v=1"), Some("n/1-exact"));
+    assert_eq!(at("/q?v=1&v=2"), Some("n/4-present"));
     assert_eq!(at("/q?v=7"), Some("n/2-regex"));
     assert_eq!(at("/q?v=77"), Some("n/4-present"));
     assert_eq!(at("/q?v"), Some("n/4-present"));
