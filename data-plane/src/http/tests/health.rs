@@ -151,6 +151,11 @@ async fn an_endpoint_failing_its_http_check_leaves_the_balancer_and_comes_back()
         available(&proxy, "web", 0) && available(&proxy, "web", 1)
     })
     .await;
+    // One passed probe each was enough, though healthy_threshold is 2.
+    assert_eq!(
+        (a.probes("check.demo.local"), b.probes("check.demo.local")),
+        (1, 1)
+    );
     assert_eq!(
         *b.last.lock().expect("lock"),
         Some((
