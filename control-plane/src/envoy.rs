@@ -38,7 +38,8 @@ use envoy_types::pb::envoy::config::core::v3::{
     SocketAddress, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
-    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, endpoint,
+    lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, Listener, filter,
@@ -406,6 +407,20 @@ fn some_duration(value: Option<&ProtoDuration>) -> Option<Duration> {
     value.and_then(defaults::to_std).map(envoy_duration)
 }
 
+/// Whether `backend`'s health check names each endpoint by its address (an
+/// HTTP check without `host`, or a gRPC check), as a Prism proxy's probes
+/// do; Envoy would send the cluster's name, so each endpoint carries it.
+fn probes_by_address(backend: &Backend) -> bool {
+    use prism_proto::pb::config::v1::health_check::Check;
+    backend
+        .health_check
+        .as_ref()
+        .is_some_and(|check| match &check.check {
+            Some(Check::Http(http)) => http.host.is_empty(),
+            Some(Check::Grpc(_)) | None => true,
+        })
+}
+
 /// The endpoints of `backend` by zone (one LocalityLbEndpoints each, zones in
 /// order), each with its weight (0 means 1). Every locality carries the sum of
 /// its weights: gRPC ignores a locality without weight.
@@ -421,12 +436,22 @@ fn backend_assignment(backend: &Backend) -> ClusterLoadAssignment {
                 .iter()
                 .filter_map(|e| {
                     let (host, port) = split_host_port(&e.address)?;
-                    Some(lb_endpoint(
+                    let mut lb = lb_endpoint(
                         &host,
                         port,
                         defaults::nonzero_or(e.weight, defaults::ENDPOINT_WEIGHT),
                         HealthStatus::Unknown,
-                    ))
+                    );
+                    if probes_by_address(backend)
+                        && let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) =
+                            &mut lb.host_identifier
+                    {
+                        endpoint.health_check_config = Some(endpoint::HealthCheckConfig {
+                            hostname: e.address.clone(),
+                            ..Default::default()
+                        });
+                    }
+                    Some(lb)
                 })
                 .collect();
             locality_endpoints("", zone, lb_endpoints)

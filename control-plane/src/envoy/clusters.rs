@@ -72,7 +72,7 @@ pub(super) fn backend_cluster(
         .collect();
     cluster.outlier_detection = outlier_detection(backend);
     cluster.circuit_breakers = Some(circuit_breakers(backend, policy));
-    cluster.common_lb_config = zone_aware(backend);
+    cluster.common_lb_config = common_lb_config(backend);
     cluster.transport_socket = tls::upstream_tls(backend);
     // One entry only: prost encodes a HashMap in random order.
     cluster.typed_extension_protocol_options = HashMap::from([(
@@ -175,6 +175,9 @@ fn health(check: &prism_proto::pb::config::v1::HealthCheck, backend: &Backend) -
     HealthCheck {
         timeout: Some(duration_or(check.timeout.as_ref(), d::TIMEOUT)),
         interval: Some(duration_or(check.interval.as_ref(), d::INTERVAL)),
+        // A Prism proxy probes at `interval` whether or not traffic flows;
+        // Envoy would slow to 60 s on a cluster without traffic.
+        no_traffic_interval: Some(duration_or(check.interval.as_ref(), d::INTERVAL)),
         unhealthy_threshold: Some(UInt32Value {
             value: defaults::nonzero_or(check.unhealthy_threshold, d::UNHEALTHY_THRESHOLD),
         }),
@@ -302,23 +305,35 @@ fn circuit_breakers(backend: &Backend, policy: &Policy<'_>) -> CircuitBreakers {
     }
 }
 
-/// Zone-aware routing, Envoy's way: enabled for all requests on a cluster of
-/// any size. Envoy compares the upstream's zones with its own fleet's (the
-/// bootstrap's `cluster_manager.local_cluster_name`; without one it routes
-/// as if zone-unaware) and spills out of the zone as its share of healthy
-/// endpoints drops; `min_healthy_percent` has no Envoy equivalent.
-fn zone_aware(backend: &Backend) -> Option<cluster::CommonLbConfig> {
-    backend.zone_aware.as_ref()?;
+/// Zone-aware routing and panic mode. Zone-aware routing, Envoy's way:
+/// enabled for all requests on a cluster of any size. Envoy compares the
+/// upstream's zones with its own fleet's (the bootstrap's
+/// `cluster_manager.local_cluster_name`; without one it routes as if
+/// zone-unaware) and spills out of the zone as its share of healthy endpoints
+/// drops; `min_healthy_percent` has no Envoy equivalent. A Prism proxy has no
+/// panic mode — with every endpoint failing its health check a request gets
+/// `503` — so a health-checked backend turns Envoy's (routing to all
+/// endpoints once fewer than half are healthy) off.
+fn common_lb_config(backend: &Backend) -> Option<cluster::CommonLbConfig> {
+    let locality = backend.zone_aware.as_ref().map(|_| {
+        cluster::common_lb_config::LocalityConfigSpecifier::ZoneAwareLbConfig(
+            cluster::common_lb_config::ZoneAwareLbConfig {
+                routing_enabled: Some(Percent { value: 100.0 }),
+                min_cluster_size: Some(UInt64Value { value: 1 }),
+                fail_traffic_on_panic: false,
+            },
+        )
+    });
+    let panic = backend
+        .health_check
+        .as_ref()
+        .map(|_| Percent { value: 0.0 });
+    if locality.is_none() && panic.is_none() {
+        return None;
+    }
     Some(cluster::CommonLbConfig {
-        locality_config_specifier: Some(
-            cluster::common_lb_config::LocalityConfigSpecifier::ZoneAwareLbConfig(
-                cluster::common_lb_config::ZoneAwareLbConfig {
-                    routing_enabled: Some(Percent { value: 100.0 }),
-                    min_cluster_size: Some(UInt64Value { value: 1 }),
-                    fail_traffic_on_panic: false,
-                },
-            ),
-        ),
+        healthy_panic_threshold: panic,
+        locality_config_specifier: locality,
         ..Default::default()
     })
 }

@@ -769,12 +769,47 @@ fn clusters_balance_check_eject_and_limit() {
     assert!(common.max_requests_per_connection.is_none(), "unlimited");
     assert!(is_http2(&canary) && !is_http2(&web));
 
-    assert!(
-        canary
-            .common_lb_config
-            .is_some_and(|c| c.locality_config_specifier.is_some())
+    // Zone-aware routing where asked; no panic mode where health is checked.
+    let canary_lb = canary.common_lb_config.expect("canary lb config");
+    assert!(canary_lb.locality_config_specifier.is_some());
+    assert_eq!(
+        canary_lb.healthy_panic_threshold.map(|p| p.value),
+        Some(0.0)
     );
-    assert!(web.common_lb_config.is_none());
+    let web_lb = web.common_lb_config.expect("web lb config");
+    assert!(web_lb.locality_config_specifier.is_none());
+    assert_eq!(web_lb.healthy_panic_threshold.map(|p| p.value), Some(0.0));
+    assert!(l7_cluster("plain/web").common_lb_config.is_none());
+}
+
+/// The Host of a health probe is the endpoint's address when the check names
+/// none (gRPC checks name none), as a Prism proxy sends it — not the
+/// cluster's name, as Envoy would — and probes go on without traffic.
+#[test]
+fn health_probes_name_the_endpoint_and_keep_their_interval() {
+    use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+    let hostnames = |cluster: &str| -> Vec<String> {
+        let cla: ClusterLoadAssignment = unpack(l7().cluster_load_assignments.get(cluster));
+        cla.endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .map(|e| match &e.host_identifier {
+                Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e
+                    .health_check_config
+                    .as_ref()
+                    .map(|c| c.hostname.clone())
+                    .unwrap_or_default(),
+                other => panic!("an endpoint, not {other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(hostnames("shop/canary"), ["10.0.0.2:80"], "gRPC check");
+    assert_eq!(hostnames("shop/web"), [""], "the check's own host");
+    let web = l7_cluster("shop/web");
+    assert_eq!(
+        web.health_checks[0].no_traffic_interval,
+        web.health_checks[0].interval
+    );
 }
 
 fn tls_context<T: Message + Name + Default>(socket: Option<&TransportSocket>) -> T {
