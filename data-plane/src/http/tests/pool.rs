@@ -391,3 +391,40 @@ async fn requests_waiting_for_a_shared_http2_connect_fail_with_it() {
     );
     drop(silent);
 }
+
+#[tokio::test]
+async fn a_request_refused_by_a_backend_limit_does_not_count_against_the_endpoint() {
+    let mut up = counted(0).await;
+    let proxy = start_proxy().await;
+    proxy.apply(&with_backend(
+        limited(
+            &[up.addr],
+            Protocol::Http1,
+            BackendLimits {
+                max_requests: 1,
+                ..Default::default()
+            },
+        ),
+        "web",
+        |b| {
+            b.circuit_breaker = Some(prism_proto::pb::config::v1::CircuitBreaker {
+                failure_threshold: 1,
+                open_timeout: Some(pbjson_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            });
+        },
+    ));
+    let held = spawn_get(&proxy, false);
+    up.arrival().await;
+    let (status, headers) = joined(spawn_get(&proxy, false)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(header_str(&headers, "x-prism-overloaded"), "true");
+    up.gate.add_permits(OPEN);
+    assert_eq!(joined(held).await.0, StatusCode::OK);
+    // A breaker that counted the refusal would be open now (threshold 1).
+    let (status, _, body) = send(&proxy, "demo.local", "/", "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "done"));
+}
