@@ -7,7 +7,8 @@
 //! [`prism_proto::match_order`] (more conditions first, then name). The first
 //! route whose conditions (methods, headers, query parameters) hold wins.
 //!
-//! A lookup allocates nothing: hosts are lowercased into a stack buffer, exact
+//! A lookup allocates nothing: a host with uppercase letters is lowercased
+//! into a stack buffer (others are looked up as they are), exact
 //! paths and prefixes are hash lookups (one per distinct prefix length), all
 //! regex paths of a tier are one multi-pattern automaton, and the query string
 //! is scanned in place.
@@ -360,6 +361,7 @@ impl Conditions {
         })
     }
 
+    #[inline]
     fn hold(&self, probe: &Probe<'_>) -> bool {
         (self.methods.is_empty() || self.methods.contains(probe.method))
             && self.headers.iter().all(|(name, rule)| {
