@@ -81,7 +81,7 @@ where
             };
         }
         let admitted = match endpoint.breaker.as_ref() {
-            Some(breaker) => breaker.admit(Instant::now()).map(Some),
+            Some(breaker) => breaker.admit(Instant::now).map(Some),
             None => Some(None),
         };
         match admitted {
@@ -148,7 +148,7 @@ impl Pass {
         self.recorded = true;
         let now = Instant::now();
         if let (Some(breaker), Some(admit)) = (self.breaker(), self.admit) {
-            breaker.record(admit, outcome == Outcome::Success, now);
+            breaker.record(admit, outcome == Outcome::Success, || now);
         }
         self.backend.record_outcome(self.endpoint, outcome, now);
     }

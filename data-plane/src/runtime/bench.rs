@@ -1,5 +1,5 @@
 //! Hot-path pieces of the backends, opened up for the criterion benches in
-//! the workspace's `benches/` (the types themselves stay crate-private).
+//! `data-plane/benches/` (the types themselves stay crate-private).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -29,12 +29,12 @@ impl Breaker {
         )))
     }
 
-    /// What the breaker stage does per request: admit, then record.
+    /// What the breaker stage does per request: admit, then record; whether
+    /// it was let through.
     pub fn call(&self, success: bool) -> bool {
-        let now = Instant::now();
-        match self.0.admit(now) {
+        match self.0.admit(Instant::now) {
             Some(admit) => {
-                self.0.record(admit, success, now);
+                self.0.record(admit, success, Instant::now);
                 true
             }
             None => false,

@@ -7,7 +7,8 @@
 //! [`prism_proto::match_order`] (more conditions first, then name). The first
 //! route whose conditions (methods, headers, query parameters) hold wins.
 //!
-//! A lookup allocates nothing: hosts are lowercased into a stack buffer, exact
+//! A lookup allocates nothing: a host with uppercase letters is lowercased
+//! into a stack buffer (others are looked up as they are), exact
 //! paths and prefixes are hash lookups (one per distinct prefix length), all
 //! regex paths of a tier are one multi-pattern automaton, and the query string
 //! is scanned in place.
@@ -181,8 +182,14 @@ impl Matcher {
 
     /// The route for a request to `host` (any case, with or without port).
     pub(crate) fn route(&self, host: &str, probe: &Probe<'_>) -> Option<&Arc<Route>> {
-        let mut buffer = [0u8; MAX_HOST];
-        let host = normalize_host(host, &mut buffer);
+        let mut host = bare_host(host);
+        // Hosts arrive lowercase almost always; only the others are copied
+        // (and the buffer initialised at all).
+        let mut buffer: [u8; MAX_HOST];
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            buffer = [0; MAX_HOST];
+            host = lowercase(host, &mut buffer);
+        }
         let table = self
             .hosts
             .get(host)
@@ -308,6 +315,7 @@ impl Tier {
 }
 
 /// The first candidate whose conditions hold.
+#[inline]
 fn first<'c>(candidates: &'c [Candidate], probe: &Probe<'_>) -> Option<&'c Arc<Route>> {
     candidates
         .iter()
@@ -353,6 +361,7 @@ impl Conditions {
         })
     }
 
+    #[inline]
     fn hold(&self, probe: &Probe<'_>) -> bool {
         (self.methods.is_empty() || self.methods.contains(probe.method))
             && self.headers.iter().all(|(name, rule)| {
@@ -429,23 +438,41 @@ fn compile_regex(pattern: &str) -> Result<regex::Regex, CompileError> {
     })
 }
 
-/// Lowercase host without port or trailing dot, written into `buffer`;
-/// handles `[v6]:port`. A host too long to be a DNS name comes back empty,
-/// which no table but `*` takes.
-fn normalize_host<'b>(host: &str, buffer: &'b mut [u8; MAX_HOST]) -> &'b str {
-    let host = host.trim();
+/// The host without port or trailing dot; handles `[v6]:port`. A host too
+/// long to be a DNS name comes back empty, which no table but `*` takes.
+fn bare_host(host: &str) -> &str {
+    // A host is the URI's authority or a `HeaderValue::to_str`: ASCII, with
+    // no whitespace but spaces and tabs.
+    let host = host.trim_ascii();
     let bare = if let Some(rest) = host.strip_prefix('[') {
         rest.split_once(']').map_or(rest, |(inside, _)| inside)
     } else {
-        host.rsplit_once(':')
-            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(host, |(h, _)| h)
+        // A `:port` of digits (maybe none) is cut: scanning back over the
+        // digits stops at its colon. Cheaper than finding the last colon
+        // first, since most hosts have no port and end in a letter.
+        let bytes = host.as_bytes();
+        let digits = bytes
+            .iter()
+            .rev()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        match bytes.len().checked_sub(digits + 1) {
+            Some(colon) if bytes[colon] == b':' => &host[..colon],
+            _ => host,
+        }
     };
-    let bare = bare.trim_end_matches('.').as_bytes();
-    let Some(out) = buffer.get_mut(..bare.len()) else {
+    let dots = bare.bytes().rev().take_while(|&b| b == b'.').count();
+    let bare = &bare[..bare.len() - dots];
+    if bare.len() > MAX_HOST { "" } else { bare }
+}
+
+/// `host` (at most [`MAX_HOST`] bytes, as [`bare_host`] leaves it) in ASCII
+/// lowercase, written into `buffer`.
+fn lowercase<'b>(host: &str, buffer: &'b mut [u8; MAX_HOST]) -> &'b str {
+    let Some(out) = buffer.get_mut(..host.len()) else {
         return "";
     };
-    out.copy_from_slice(bare);
+    out.copy_from_slice(host.as_bytes());
     out.make_ascii_lowercase();
     // ASCII lowercasing of valid UTF-8 is valid UTF-8.
     std::str::from_utf8(out).unwrap_or_default()

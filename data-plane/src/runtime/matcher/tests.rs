@@ -326,8 +326,12 @@ fn host_is_case_insensitive_and_port_is_ignored() {
     assert_eq!(routed(&rt, "DEMO.local:8080", "/"), Some("demo/root"));
     assert_eq!(routed(&rt, "Api.Example.COM", "/"), Some("api/all"));
     assert_eq!(routed(&rt, "demo.local.", "/"), Some("demo/root"));
-    let mut buffer = [0; MAX_HOST];
-    assert_eq!(normalize_host("[::1]:8080", &mut buffer), "::1");
+    assert_eq!(bare_host("[::1]:8080"), "::1");
+    assert_eq!(bare_host(" Demo.local..:80 "), "Demo.local");
+    assert_eq!(bare_host("demo.local:"), "demo.local");
+    assert_eq!(bare_host("demo.local:8o"), "demo.local:8o");
+    assert_eq!(bare_host("8080"), "8080");
+    assert_eq!(bare_host(&"a".repeat(MAX_HOST + 1)), "");
 }
 
 #[test]
