@@ -19,6 +19,7 @@ use super::server::ClientAddr;
 use super::tls::Tls;
 
 /// Headers that describe one connection, never forwarded.
+/// [`CONNECTION_AT`] and [`TE_AT`] say where two of them are.
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -28,6 +29,8 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+const CONNECTION_AT: usize = 0;
+const TE_AT: usize = 3;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
@@ -114,32 +117,49 @@ where
 /// `keep_te_trailers`, `te: trailers` survives: gRPC over HTTP/2 requires it,
 /// and the endpoint stage drops it again toward HTTP/1 upstreams.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // Most messages carry none of them (Connection is one): a look at the few
-    // names a message has is cheaper than a hash lookup per hop-by-hop name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // Which of HOP_BY_HOP the message has, as bits: one look at the few
+    // names a message has is cheaper than a hash lookup per hop-by-hop name,
+    // and most messages have none of them.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
     // Names in Connection that are hop-by-hop anyway (`keep-alive` mostly)
-    // go below without being parsed into a name of their own.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|name| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|hop| hop.as_str().eq_ignore_ascii_case(name))
-        })
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
+    // are not parsed into names of their own.
+    let named: Vec<HeaderName> = if present & 1 << CONNECTION_AT != 0 {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|hop| hop.as_str().eq_ignore_ascii_case(name))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let te_trailers = keep_te_trailers
+        && present & 1 << TE_AT != 0
         && headers
             .get_all(header::TE)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & 1 << i != 0 {
+            headers.remove(name);
+        }
+    }
+    for name in &named {
         headers.remove(name);
     }
     if te_trailers {
