@@ -17,6 +17,10 @@
 //! something failed (a target not starting, an error or non-2xx response
 //! under load, a tool crashing) — never because of a figure.
 //!
+//! Wall-clock figures move with whatever else the machine runs; for a figure
+//! that does not, `benches/load/callgrind.sh` counts the proxy's instructions
+//! per request under callgrind (HTTP/1.1 and h2c).
+//!
 //! Layout: `tools` finds programs, `origin` is the upstream, `peers` starts
 //! the targets with their configurations, `drive` runs the load generators
 //! and probes, `results` holds measurements and medians, `report` renders.

@@ -11,6 +11,8 @@
 //! once the request is on its way upstream) and not passed on, as Envoy does.
 
 use std::future::Future;
+use std::io::Write as _;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -24,7 +26,8 @@ use super::server::ClientAddr;
 use super::tls::Tls;
 
 /// Headers that describe one connection, never forwarded.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// [`CONNECTION_AT`] and [`TE_AT`] say where two of them are.
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -34,6 +37,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 const UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
+const CONNECTION_AT: usize = 0;
+const TE_AT: usize = 3;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
@@ -102,7 +107,7 @@ where
             keep_upgrade(headers, protocol);
         }
         if let Some(ClientAddr(client)) = client {
-            append_forwarded_for(headers, &client.ip().to_string());
+            append_forwarded_for(headers, client.ip());
         }
         headers.insert(X_FORWARDED_PROTO, proto);
         ResponseFuture {
@@ -138,19 +143,49 @@ where
 /// `keep_te_trailers`, `te: trailers` survives: gRPC over HTTP/2 requires it,
 /// and the endpoint stage drops it again toward HTTP/1 upstreams.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    // Which of HOP_BY_HOP the message has, as bits: one look at the few
+    // names a message has is cheaper than a hash lookup per hop-by-hop name,
+    // and most messages have none of them.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // Names in Connection that are hop-by-hop anyway (`keep-alive` mostly)
+    // are not parsed into names of their own.
+    let named: Vec<HeaderName> = if present & 1 << CONNECTION_AT != 0 {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|hop| hop.as_str().eq_ignore_ascii_case(name))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let te_trailers = keep_te_trailers
+        && present & 1 << TE_AT != 0
         && headers
             .get_all(header::TE)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & 1 << i != 0 {
+            headers.remove(name);
+        }
+    }
+    for name in &named {
         headers.remove(name);
     }
     if te_trailers {
@@ -176,13 +211,61 @@ fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, ip: &str) {
+/// Adds `ip` to `x-forwarded-for`, after what earlier proxies wrote there.
+fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let mut text = [0u8; MAX_IP_TEXT];
+    let ip = ip_text(ip, &mut text);
     let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
-        _ => ip.to_string(),
+        Some(existing) if !existing.trim().is_empty() => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + ip.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(ip);
+            HeaderValue::from_bytes(&joined)
+        }
+        _ => HeaderValue::from_bytes(ip),
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    if let Ok(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+/// The longest text of an [`IpAddr`]: eight groups of four hex digits.
+const MAX_IP_TEXT: usize = 39;
+
+/// `ip` as text in `buf`, as its `Display` writes it. This runs for every
+/// request, so an IPv4 address is written digit by digit rather than through
+/// the formatting machinery, and nothing is allocated.
+fn ip_text(ip: IpAddr, buf: &mut [u8; MAX_IP_TEXT]) -> &[u8] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    buf[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    buf[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                buf[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            &buf[..len]
+        }
+        IpAddr::V6(v6) => {
+            let mut rest = &mut buf[..];
+            // MAX_IP_TEXT holds the longest IPv6 text, so the write cannot
+            // run out of room.
+            let _ = write!(rest, "{v6}");
+            let len = MAX_IP_TEXT - rest.len();
+            &buf[..len]
+        }
     }
 }
 
@@ -237,9 +320,38 @@ mod tests {
     #[test]
     fn forwarded_for_appends_to_what_earlier_proxies_wrote() {
         let mut headers = HeaderMap::new();
-        append_forwarded_for(&mut headers, "10.0.0.1");
+        append_forwarded_for(&mut headers, "10.0.0.1".parse().expect("ip"));
         assert_eq!(headers[X_FORWARDED_FOR], "10.0.0.1");
-        append_forwarded_for(&mut headers, "10.0.0.2");
-        assert_eq!(headers[X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
+        append_forwarded_for(&mut headers, "2001:db8::1".parse().expect("ip"));
+        assert_eq!(headers[X_FORWARDED_FOR], "10.0.0.1, 2001:db8::1");
+    }
+
+    #[test]
+    fn ip_text_is_what_display_writes() {
+        let ips = [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:192.0.2.1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ];
+        for ip in ips {
+            let ip: IpAddr = ip.parse().expect("ip");
+            let mut buf = [0u8; MAX_IP_TEXT];
+            assert_eq!(ip_text(ip, &mut buf), ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_alone() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("h"));
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers, before);
     }
 }

@@ -30,7 +30,7 @@ use super::error::{BoxError, Chain};
 use super::idle::{Active, Activity};
 use super::inflight;
 use super::tls::{self, Tls};
-use crate::{Limits, MIN_MAX_REQUEST_HEADER_BYTES};
+use crate::{DEFAULT_MAX_REQUEST_HEADERS, Limits, MIN_MAX_REQUEST_HEADER_BYTES};
 
 /// HTTP/2 rapid-reset defence (CVE-2023-44487): streams a client may open and
 /// reset before the server has accepted them, before GOAWAY. h2's default.
@@ -131,9 +131,15 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(limits.header_read_timeout)
         // Request line and headers beyond the read buffer: hyper answers 431
         // and closes. (hyper panics below its minimum, hence the max above.)
-        .max_buf_size(usize::try_from(header_bytes).unwrap_or(usize::MAX))
-        // More headers: 431 and closed too. Up to 100 they stay on the stack.
-        .max_headers(usize::try_from(limits.max_request_headers).unwrap_or(usize::MAX));
+        .max_buf_size(usize::try_from(header_bytes).unwrap_or(usize::MAX));
+    // More headers: 431 and closed too. hyper's own limit is the default of
+    // 100; setting it, even to 100, makes hyper fill a 100-slot array for
+    // every request head it parses, so it is only set when it differs.
+    if limits.max_request_headers != DEFAULT_MAX_REQUEST_HEADERS {
+        builder
+            .http1()
+            .max_headers(usize::try_from(limits.max_request_headers).unwrap_or(usize::MAX));
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
