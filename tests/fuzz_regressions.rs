@@ -36,7 +36,7 @@ fn kept_fuzz_inputs_pass_their_targets() {
 
 /// The routes target is only worth its time if its generated policies pass
 /// validation and its requests find routes: a good share of random inputs
-/// must get that far (60 of these 500 do), or the fuzzer spends its time on
+/// must get that far (237 of these 500 do), or the fuzzer spends its time on
 /// the first name check.
 #[test]
 fn generated_policies_reach_the_matcher() {
@@ -54,5 +54,5 @@ fn generated_policies_reach_the_matcher() {
             .collect();
         reached += usize::from(prism_data_plane::fuzz::routes_reached(&data) > 0);
     }
-    assert!(reached >= 50, "only {reached} of 500 inputs found a route");
+    assert!(reached >= 200, "only {reached} of 500 inputs found a route");
 }

@@ -646,7 +646,14 @@ fn gen_secret(u: &mut Unstructured<'_>) -> Result<Resource> {
 fn gen_namespace(u: &mut Unstructured<'_>) -> Result<Resource> {
     Ok(Resource::Namespace(Namespace {
         name: pick(u, &NAMESPACES)?,
-        hosts: distinct(u, 3, &HOSTS)?,
+        hosts: {
+            // A namespace without hosts answers nothing: give most one.
+            let mut hosts = distinct(u, 3, &HOSTS)?;
+            if hosts.is_empty() && !u.ratio(1, 8)? {
+                hosts.push(pick(u, &HOSTS)?);
+            }
+            hosts
+        },
         ..Default::default()
     }))
 }
@@ -685,9 +692,11 @@ fn gen_route(u: &mut Unstructured<'_>, namespaces: &[&str]) -> Result<Resource> 
         r#match: Some(RouteMatch {
             host,
             path,
-            methods: distinct(u, 2, &METHODS)?,
-            headers: list(u, 2, |u| gen_key_match(u, &HEADER_NAMES))?,
-            query_params: list(u, 2, |u| gen_key_match(u, &QUERY_NAMES))?,
+            // Conditions now and then: routes that differ only in them are
+            // rarer than routes that share a path shape.
+            methods: conditions(u, |u| distinct(u, 2, &METHODS))?,
+            headers: conditions(u, |u| list(u, 2, |u| gen_key_match(u, &HEADER_NAMES)))?,
+            query_params: conditions(u, |u| list(u, 2, |u| gen_key_match(u, &QUERY_NAMES)))?,
         }),
         ..Default::default()
     };
@@ -712,6 +721,18 @@ fn gen_route(u: &mut Unstructured<'_>, namespaces: &[&str]) -> Result<Resource> 
         _ => route.backend = "b".into(),
     }
     Ok(Resource::Route(route))
+}
+
+/// `make`'s list one time in four, else none.
+fn conditions<T>(
+    u: &mut Unstructured<'_>,
+    make: impl FnOnce(&mut Unstructured<'_>) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    if u.ratio(1, 4)? {
+        make(u)
+    } else {
+        Ok(Vec::new())
+    }
 }
 
 fn gen_key_match(u: &mut Unstructured<'_>, names: &[&str]) -> Result<KeyMatch> {
