@@ -10,7 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::{ControlPlane, eventually, get};
+use support::{ControlPlane, KillOnDrop, eventually, get};
 
 fn prism(admin: &str, args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_prism"))
@@ -131,32 +131,35 @@ async fn get_secrets_shows_expiry_and_names_never_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prism_up_serves_the_quickstart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
-        .args([
-            "up",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--xds-addr",
-            "127.0.0.1:0",
-            "--proxy-addr",
-            "127.0.0.1:0",
-            "--proxy-tls-addr",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--proxy-admin-addr",
-            "127.0.0.1:0",
-            "--demo-addr",
-            "127.0.0.1:0",
-            "--drain-timeout",
-            "2s",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("prism up starts");
+    // Killed on drop: a failing assertion below must not orphan `prism up`.
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_prism"))
+            .args([
+                "up",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--xds-addr",
+                "127.0.0.1:0",
+                "--proxy-addr",
+                "127.0.0.1:0",
+                "--proxy-tls-addr",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--proxy-admin-addr",
+                "127.0.0.1:0",
+                "--demo-addr",
+                "127.0.0.1:0",
+                "--drain-timeout",
+                "2s",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("prism up starts"),
+    );
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut urls = std::collections::HashMap::new();
     for line in lines.by_ref() {

@@ -43,7 +43,7 @@ mod delta;
 mod sotw;
 mod subscription;
 
-pub use catalog::{Catalog, TypeKind};
+pub use catalog::Catalog;
 pub(crate) use delta::DeltaState;
 pub(crate) use sotw::SotwState;
 pub use subscription::NamespaceFilter;

@@ -102,11 +102,6 @@ impl ApiError {
         self.resource = Some(resource.into());
         self
     }
-
-    /// The stable code, also usable as a metric label.
-    pub fn kind(&self) -> &'static str {
-        self.code
-    }
 }
 
 impl IntoResponse for ApiError {

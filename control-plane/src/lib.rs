@@ -16,19 +16,19 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
-pub mod admin;
-pub mod discovery;
+mod admin;
+mod discovery;
 pub mod envoy;
-pub mod error;
-pub mod fleet;
-pub mod store;
+mod error;
+mod fleet;
+mod store;
 
-pub use admin::AdminState;
-pub use discovery::Discovery;
+use admin::AdminState;
+use discovery::Discovery;
 use envoy::EnvoyParams;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-pub use fleet::Fleet;
-pub use store::{Store, StoreError};
+use fleet::Fleet;
+use store::{Store, StoreError};
 
 /// Bootstrap settings of a control plane.
 #[derive(Clone, Debug)]

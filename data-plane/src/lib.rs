@@ -16,6 +16,9 @@ mod admin;
 pub mod bench;
 mod config;
 mod error;
+#[cfg(feature = "fuzz")]
+#[doc(hidden)]
+pub mod fuzz;
 mod http;
 mod runtime;
 #[cfg(test)]

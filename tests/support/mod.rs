@@ -466,6 +466,31 @@ impl Drop for ControlPlaneProcess {
     }
 }
 
+/// A child process that is killed and reaped when dropped, so a test that
+/// fails half-way leaves no `prism` process running behind it.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Both fail harmlessly once the child has exited and been reaped.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A demo upstream that names itself in the `x-prism-upstream` header.
 pub struct Upstream {
     pub addr: SocketAddr,

@@ -7,6 +7,7 @@
 //!
 //! Std only, on purpose: a newcomer compiles this before anything else.
 
+mod fuzz;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,13 @@ Commands:
                   `test`), then run `cargo bench --bench load -- [ARGS]...`, e.g.
                     cargo xtask bench-load --quick
                     cargo xtask bench-load --targets prism,nginx --scenarios h1
+  fuzz [--seconds N] [TARGET]
+                  Install cargo-fuzz if missing (cargo install cargo-fuzz --locked), build
+                  the cargo-fuzz targets of tests/fuzz (stable toolchain, RUSTC_BOOTSTRAP=1)
+                  and run each, or only TARGET, for N seconds (default 60); fails on a
+                  crash, naming the reproducer file, e.g.
+                    cargo xtask fuzz --seconds 60
+                    cargo xtask fuzz --seconds 600 stager
   help            Print this text.
 ";
 
@@ -50,6 +58,8 @@ fn main() -> ExitCode {
     let result = match args.next().as_deref() {
         Some("test") => test(args.collect()),
         Some("bench-load") => bench_load(args.collect()),
+        Some("fuzz") => fuzz::Args::parse(&args.collect::<Vec<_>>())
+            .and_then(|parsed| fuzz::fuzz(&project_root(), parsed)),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)

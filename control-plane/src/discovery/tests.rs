@@ -4,6 +4,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prism_proto::Resource;
 use prism_proto::pb::config::v1::{Backend, Endpoint, Namespace, Route, RouteMatch, route_match};
 
+use super::catalog::TypeKind;
 use super::*;
 use crate::envoy::EnvoyParams;
 use prism_proto::Kind;

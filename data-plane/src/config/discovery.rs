@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::Config;
 use crate::config::stager::{Offer, Reply, Stager};
 use crate::config::subset;
+use crate::http::error::Chain;
 use crate::runtime::{OwnAddresses, Runtime};
 
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
@@ -43,10 +44,11 @@ pub(crate) struct Nack {
     pub message: String,
 }
 
-/// Why one discovery stream ended.
+/// Why one discovery stream ended. A transport error says only "transport
+/// error" itself; the log line walks its sources (`Chain`) for the reason.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
-    #[error("cannot connect: {0}")]
+    #[error("cannot connect")]
     Connect(#[from] tonic::transport::Error),
     #[error("stream failed: {0}")]
     Rpc(#[from] tonic::Status),
@@ -119,7 +121,7 @@ impl Subscriber {
             match self.stream(&mut stager, &mut backoff).await {
                 Ok(()) => info!("Control plane closed the discovery stream."),
                 Err(error) => {
-                    warn!(%error, control_plane = %self.config.control_plane, "Discovery stream failed.")
+                    warn!(error = %Chain(&error), control_plane = %self.config.control_plane, "Discovery stream failed.")
                 }
             }
             stager.reset();

@@ -74,7 +74,7 @@ impl Stager {
     }
 
     /// The last accepted snapshot, if any.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzz"))]
     pub(crate) fn accepted(&self) -> Option<&Snapshot> {
         self.accepted.as_ref()
     }
