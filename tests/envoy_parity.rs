@@ -537,12 +537,7 @@ async fn until_serving(http: &reqwest::Client, plane: &Plane) {
 
 /// The fleet entry of `node_id` once it has ACKed `revision` with no NACK.
 async fn acked(admin: &Admin, node_id: &str, revision: u64) -> Option<Value> {
-    let fleet = admin.proxies().await;
-    let node = fleet["proxies"]
-        .as_array()?
-        .iter()
-        .find(|p| p["id"] == node_id)?
-        .clone();
+    let node = admin.proxy(node_id).await?;
     (node["acked_revision"].as_u64() == Some(revision)).then_some(node)
 }
 

@@ -64,12 +64,7 @@ async fn a_restarted_proxy_serves_its_last_good_snapshot_without_the_control_pla
     let admin = cp.client();
     assert_eq!(admin.revision().await, revision);
     eventually("the restarted proxy ACKs the current revision", || async {
-        let fleet = admin.proxies().await;
-        let entry = fleet["proxies"]
-            .as_array()?
-            .iter()
-            .find(|p| p["id"] == "proxy-lkg")?
-            .clone();
+        let entry = admin.proxy("proxy-lkg").await?;
         (entry["connected"] == true && entry["acked_revision"].as_u64() == Some(revision))
             .then_some(())
     })

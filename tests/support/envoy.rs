@@ -183,12 +183,7 @@ static_resources:
 
 /// The fleet's entry of `node_id` once it has ACKed every Envoy type.
 pub async fn acked_envoy_types(admin: &Admin, node_id: &str) -> Option<Value> {
-    let fleet = admin.proxies().await;
-    let node = fleet["proxies"]
-        .as_array()?
-        .iter()
-        .find(|p| p["id"] == node_id)?
-        .clone();
+    let node = admin.proxy(node_id).await?;
     ENVOY_TYPES
         .iter()
         .all(|t| node["acked_by_type"][*t].is_u64())

@@ -263,6 +263,16 @@ impl Admin {
             .await
             .1
     }
+
+    /// The fleet's entry of `node_id`, if it is connected.
+    pub async fn proxy(&self, node_id: &str) -> Option<Value> {
+        let fleet = self.proxies().await;
+        fleet["proxies"]
+            .as_array()?
+            .iter()
+            .find(|p| p["id"] == node_id)
+            .cloned()
+    }
 }
 
 /// An in-process proxy.

@@ -227,8 +227,13 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
         .unwrap_or_default()
 }
 
-/// An HTTP/2 (prior knowledge) connection to the proxy.
-async fn h2c(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+/// An HTTP/2 (prior knowledge) connection to the proxy, sending bodies of `B`.
+async fn h2c<B>(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = TcpStream::connect(proxy.addr).await.expect("connect");
     let (sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))

@@ -13,6 +13,16 @@ pub(super) fn with_backend(
     name: &str,
     change: impl FnOnce(&mut prism_proto::Backend),
 ) -> Snapshot {
+    edit_backend(&mut snapshot, name, change);
+    snapshot
+}
+
+/// Changes backend `demo/{name}` of `snapshot` with `change`.
+pub(super) fn edit_backend(
+    snapshot: &mut Snapshot,
+    name: &str,
+    change: impl FnOnce(&mut prism_proto::Backend),
+) {
     let key = ResourceKey::new(Kind::Backend, format!("demo/{name}"));
     let Some(Resource::Backend(mut backend)) = snapshot.get(&key).map(|v| v.resource.clone())
     else {
@@ -20,8 +30,7 @@ pub(super) fn with_backend(
     };
     change(&mut backend);
     snapshot.insert(Resource::Backend(backend));
-    prism_proto::validate_snapshot(&snapshot).expect("valid policy");
-    snapshot
+    prism_proto::validate_snapshot(snapshot).expect("valid policy");
 }
 
 async fn upstream_for(proxy: &Proxy, user: &str) -> String {

@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use std::sync::Mutex as StdMutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use prism_proto::Protocol;
 use prism_proto::pb::config::v1::{GrpcHealthCheck, HealthCheck, HttpHealthCheck, health_check};
-use prism_proto::{Kind, Protocol, ResourceKey};
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as Reported;
 use tonic_health::pb::health_client::HealthClient;
 
+use super::backends::edit_backend;
 use super::*;
 
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -91,22 +92,6 @@ fn http_check(host: &str) -> HealthCheck {
         })),
         ..Default::default()
     }
-}
-
-/// `snapshot` with backend `demo/{name}` changed by `change`.
-fn edit_backend(
-    snapshot: &mut Snapshot,
-    name: &str,
-    change: impl FnOnce(&mut prism_proto::Backend),
-) {
-    let key = ResourceKey::new(Kind::Backend, format!("demo/{name}"));
-    let Some(Resource::Backend(mut backend)) = snapshot.get(&key).map(|v| v.resource.clone())
-    else {
-        panic!("no backend {name}");
-    };
-    change(&mut backend);
-    snapshot.insert(Resource::Backend(backend));
-    prism_proto::validate_snapshot(snapshot).expect("valid policy");
 }
 
 /// Whether endpoint `index` of backend `demo/{name}` is in the balancer now.
@@ -244,12 +229,7 @@ async fn grpc_health_upstream() -> (SocketAddr, tonic_health::server::HealthRepo
 /// `grpc.health.v1.Health/Check` about the whole server, called through
 /// the proxy for host `demo.local`.
 async fn check_through(proxy: &Proxy) -> Result<Reported, tonic::Status> {
-    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(connection);
+    let sender = h2c::<tonic::body::Body>(proxy).await;
     let channel = tower::service_fn(move |request| {
         let mut sender: hyper::client::conn::http2::SendRequest<tonic::body::Body> = sender.clone();
         async move { sender.send_request(request).await }

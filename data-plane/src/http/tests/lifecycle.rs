@@ -137,7 +137,7 @@ async fn past_the_concurrency_limit_requests_get_503_at_once() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body, "proxy overloaded\n");
     assert_eq!(header_str(&headers, "via"), "1.1 prism");
-    let mut h2 = h2c(proxy).await;
+    let mut h2 = h2c::<Full<Bytes>>(proxy).await;
     let grpc = Request::post("http://demo.local/pkg.Svc/Call")
         .header(header::CONTENT_TYPE, "application/grpc")
         .body(Full::default())
