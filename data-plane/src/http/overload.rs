@@ -8,12 +8,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
+use tracing::{info, warn};
 
 use super::error::{BoxError, ProxyError};
 use super::inflight;
@@ -34,6 +35,9 @@ pub(crate) struct ConcurrencyLimit<S> {
 struct Counter {
     in_flight: AtomicUsize,
     max: usize,
+    /// Whether the last request was refused: each episode of saturation is
+    /// logged once as it starts and once as it ends, not once a request.
+    saturated: AtomicBool,
 }
 
 /// One request's place under the limit, given back on drop.
@@ -54,6 +58,7 @@ impl ConcurrencyLimitLayer {
             counter: Arc::new(Counter {
                 in_flight: AtomicUsize::new(0),
                 max: usize::try_from(max).unwrap_or(usize::MAX),
+                saturated: AtomicBool::new(false),
             }),
         }
     }
@@ -76,7 +81,16 @@ impl Counter {
         // Relaxed: the count guards no other memory, it only has to be exact.
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            if !self.saturated.swap(true, Ordering::Relaxed) {
+                warn!(
+                    max_concurrent_requests = self.max,
+                    "Overloaded: refusing new requests with 503 until some finish."
+                );
+            }
             return None;
+        }
+        if self.saturated.load(Ordering::Relaxed) && self.saturated.swap(false, Ordering::Relaxed) {
+            info!("No longer overloaded: admitting requests again.");
         }
         Some(Permit(Arc::clone(self)))
     }

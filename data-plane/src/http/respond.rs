@@ -153,7 +153,14 @@ where
                 // Whether the upstream may have seen the request.
                 let retryable = classified.retryable();
                 match classified.blame() {
+                    // Refused by the client's own doing, or shed at the
+                    // proxy-wide limit (the overload stage logs each episode
+                    // once): a log line each would flood exactly when the
+                    // proxy has least to spare.
                     Blame::Client => debug!(error = %chain, kind, ?client, "Request refused."),
+                    Blame::Proxy if matches!(classified, ProxyError::Overloaded) => {
+                        debug!(error = %chain, kind, ?client, "Request refused.")
+                    }
                     Blame::Upstream => {
                         info!(error = %chain, kind, retryable, ?client, "Request failed.")
                     }
