@@ -79,6 +79,25 @@ impl Proxy {
     }
 }
 
+/// An upstream that answers its one request at once with a body sent chunk
+/// by chunk through the returned channel (of `capacity`): a test controls
+/// when the body moves, stalls or ends.
+async fn streaming_upstream(
+    capacity: usize,
+) -> (SocketAddr, mpsc::Sender<Result<Frame<Bytes>, Infallible>>) {
+    let (chunks, chunk_rx) = mpsc::channel(capacity);
+    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
+    let addr = upstream(move |_request: Request<Incoming>| {
+        let chunk_rx = Arc::clone(&chunk_rx);
+        async move {
+            let rx = chunk_rx.lock().await.take().expect("one request");
+            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
+        }
+    })
+    .await;
+    (addr, chunks)
+}
+
 /// An upstream answering every request with `handler`; it runs until the test ends.
 async fn upstream<F, Fut>(handler: F) -> SocketAddr
 where
@@ -394,16 +413,7 @@ async fn grpc_callers_get_errors_as_grpc_statuses() {
 
 #[tokio::test]
 async fn response_body_streams_without_buffering() {
-    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
-    let upstream = upstream(move |_request| {
-        let chunk_rx = Arc::clone(&chunk_rx);
-        async move {
-            let rx = chunk_rx.lock().await.take().expect("one request");
-            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
-        }
-    })
-    .await;
+    let (upstream, chunks) = streaming_upstream(1).await;
     let proxy = start_proxy().await;
     proxy.apply(&policy(&[("/", "web", &[upstream])], None));
 
@@ -516,16 +526,7 @@ async fn the_route_timeout_starts_once_the_request_has_been_received() {
 #[tokio::test]
 async fn the_route_timeout_cuts_a_body_that_is_still_streaming() {
     // The head and a first chunk come at once; the rest never does.
-    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
-    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
-    let stalls = upstream(move |_request| {
-        let chunk_rx = Arc::clone(&chunk_rx);
-        async move {
-            let rx = chunk_rx.lock().await.take().expect("one request");
-            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
-        }
-    })
-    .await;
+    let (stalls, chunks) = streaming_upstream(4).await;
     chunks
         .send(Ok(Frame::data(Bytes::from_static(b"start"))))
         .await
@@ -955,17 +956,8 @@ async fn a_try_slower_than_per_try_timeout_is_retried() {
 
 #[tokio::test]
 async fn a_response_idle_past_the_idle_timeout_is_cut() {
-    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
-    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
     // The head and one chunk come at once, then the body stalls.
-    let web = upstream(move |_request: Request<Incoming>| {
-        let chunk_rx = Arc::clone(&chunk_rx);
-        async move {
-            let rx = chunk_rx.lock().await.take().expect("one request");
-            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
-        }
-    })
-    .await;
+    let (web, chunks) = streaming_upstream(4).await;
     chunks
         .send(Ok(Frame::data(Bytes::from_static(b"first"))))
         .await

@@ -82,16 +82,7 @@ async fn consistent_hashing_sends_each_key_to_one_endpoint() {
 
 #[tokio::test]
 async fn a_request_counts_as_in_flight_until_its_response_body_ends() {
-    let (chunks, chunk_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-    let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
-    let upstream = upstream(move |_request| {
-        let chunk_rx = Arc::clone(&chunk_rx);
-        async move {
-            let rx = chunk_rx.lock().await.take().expect("one request");
-            Response::new(boxed(StreamBody::new(ReceiverStream::new(rx))))
-        }
-    })
-    .await;
+    let (upstream, chunks) = streaming_upstream(1).await;
     let proxy = start_proxy().await;
     proxy.apply(&with_backend(
         policy(&[("/", "web", &[upstream])], None),
