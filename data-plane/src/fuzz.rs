@@ -482,6 +482,8 @@ fn reference_matches(m: &RouteMatch, request: &Request) -> bool {
                 .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
                 .filter(|(name, _)| *name == k.name)
                 .map(|(_, value)| value)
+                // A repeated parameter is judged by its first value, as Envoy does.
+                .take(1)
                 .collect();
             rule_holds(k, !values.is_empty(), &values)
         })
