@@ -7,13 +7,16 @@
 //! whole, then `grpc-status: 0` when the client ends its side. The client
 //! side ([`run`]) opens `connections` h2c connections with
 //! `streams_per_connection` streams each (hyper's HTTP/2 client, no external
-//! tool); every stream ping-pongs one message at a time, closed loop, for
-//! the whole run, then ends its side and checks the trailers. Each message's
+//! tool); every stream ping-pongs one message at a time, closed loop, until
+//! the run or its lifetime is over, then ends its side and checks the
+//! trailers. Each message's
 //! round trip is timed from its send to its echo being whole.
 //!
-//! Every proxy routes `/bench.Echo/` to its HTTP/2 upstream; a stream lasts
-//! one run (seconds), well inside the proxies' 30 s request and idle
-//! timeouts.
+//! Every proxy routes `/bench.Echo/` to its HTTP/2 upstream. A stream lives
+//! at most [`STREAM_LIFETIME`], then ends and another takes its place: Prism's
+//! 30 s route timeout counts the whole exchange (nginx's, HAProxy's and
+//! Envoy's count idleness or start at the end of the request), so a stream
+//! longer than that would be cut by Prism alone.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,6 +38,10 @@ use tokio::sync::mpsc;
 
 /// The streaming method; under the prefix every target routes to HTTP/2.
 pub const STREAM_PATH: &str = "/bench.Echo/Stream";
+
+/// How long one stream lives before it ends and a new one replaces it;
+/// well under every proxy's 30 s request timeout.
+const STREAM_LIFETIME: Duration = Duration::from_secs(10);
 
 /// Messages the probe sends on its one stream.
 const PROBE_MESSAGES: u64 = 3;
@@ -155,7 +162,7 @@ pub fn run(
         let mut streams = tokio::task::JoinSet::new();
         for sender in &senders {
             for _ in 0..load.streams_per_connection {
-                streams.spawn(one_stream(sender.clone(), addr, stop_at, u64::MAX));
+                streams.spawn(streams_in_turn(sender.clone(), addr, stop_at));
             }
         }
         let deadline = tokio::time::Instant::from_std(stop_at + DRAIN);
@@ -193,6 +200,29 @@ pub async fn probe(addr: SocketAddr) -> Result<()> {
         echoes.latencies.len()
     );
     Ok(())
+}
+
+/// Streams one after the other, each at most [`STREAM_LIFETIME`], until
+/// `stop_at`.
+async fn streams_in_turn(
+    sender: hyper::client::conn::http2::SendRequest<ChannelBody>,
+    addr: SocketAddr,
+    stop_at: Instant,
+) -> Result<Echoes> {
+    let mut all = one_stream(
+        sender.clone(),
+        addr,
+        stop_at.min(Instant::now() + STREAM_LIFETIME),
+        u64::MAX,
+    )
+    .await?;
+    while all.last < stop_at {
+        let end = stop_at.min(Instant::now() + STREAM_LIFETIME);
+        let echoes = one_stream(sender.clone(), addr, end, u64::MAX).await?;
+        all.latencies.extend(echoes.latencies);
+        all.last = echoes.last;
+    }
+    Ok(all)
 }
 
 /// An h2c (prior knowledge) connection to `addr`.
