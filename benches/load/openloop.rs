@@ -42,7 +42,7 @@ pub const LATE_AFTER: Duration = Duration::from_millis(1);
 /// A request unanswered by then is counted as unanswered, with this wait as
 /// the lower bound of its latency: a saturated target shows as a long tail
 /// and a low achieved rate, not as an error.
-const DRAIN: Duration = Duration::from_secs(5);
+pub const DRAIN: Duration = Duration::from_secs(5);
 
 /// The fixed-rate load, the same for every target.
 #[derive(Clone, Copy, Debug)]

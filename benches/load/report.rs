@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::drive::Scenario;
+use crate::openloop;
 use crate::peers::Target;
 use crate::results::{Measurement, Row, summarize, summarize_open_loop};
 
@@ -80,8 +81,10 @@ pub fn render(meta: &Meta, measurements: &[Measurement]) -> String {
             "- Open loop: requests are due at a fixed rate whatever the answers; latency \
              counts from each request's due time, so a stall is charged to every request it \
              delayed (wrk2's correction of coordinated omission). Late: requests sent more \
-             than 1 ms after they were due. Unanswered: not answered 5 s after the last was \
-             due (a saturated target), counted with that wait as their latency."
+             than {late:?} after they were due. Unanswered: not answered {drain:?} after the \
+             last was due (a saturated target), counted with that wait as their latency.",
+            late = openloop::LATE_AFTER,
+            drain = openloop::DRAIN,
         );
     }
     if meta.scenarios.contains(&Scenario::Stream) {
