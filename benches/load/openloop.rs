@@ -17,9 +17,12 @@
 //! to every figure. The connections run on the harness's runtime, on the load
 //! CPUs.
 //!
-//! The default rate, 10,000 requests/s over 32 connections, is well under
-//! what one core of the slowest peer forwards closed loop (Envoy, 20–30k
-//! RPS here), so every target is measured unsaturated at the same rate.
+//! The default rate, 10,000 requests/s over 32 connections, is under half of
+//! what one quiet core of the slowest peer forwards closed loop (Envoy,
+//! 20–30k RPS on the README's machine), so every target is measured
+//! unsaturated at the same rate. On a busy machine a proxy gets less of its
+//! core and may saturate: the achieved rate falls below the asked one and
+//! the tail grows to seconds. Lower `--rate` then.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
