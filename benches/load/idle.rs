@@ -187,13 +187,16 @@ pub fn measure(
 /// each with one GET answered `200` with the origin's body; returns them open.
 async fn open(addr: SocketAddr, count: usize) -> Result<Vec<SendRequest<Empty<Bytes>>>> {
     let next = Arc::new(AtomicUsize::new(0));
+    let opened = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..CONCURRENCY.min(count) {
         let next = Arc::clone(&next);
+        let opened = Arc::clone(&opened);
         workers.spawn(async move {
             let mut held = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < count {
                 held.push(open_one(addr).await?);
+                opened.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(held)
         });
@@ -202,7 +205,12 @@ async fn open(addr: SocketAddr, count: usize) -> Result<Vec<SendRequest<Empty<By
     while let Some(joined) = workers.join_next().await {
         let held = joined
             .context("a connection task panicked")?
-            .with_context(|| format!("after {} connections to {addr} were open", all.len()))?;
+            .with_context(|| {
+                format!(
+                    "after {} connections to {addr} were open",
+                    opened.load(Ordering::Relaxed)
+                )
+            })?;
         all.extend(held);
     }
     Ok(all)
