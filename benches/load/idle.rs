@@ -7,7 +7,7 @@
 //! The connections are opened from the harness's runtime (on the load CPUs),
 //! at most [`CONCURRENCY`] at a time and within [`OPEN_DEADLINE`]. Once all
 //! are open, RSS is polled until it stops moving (bounded by
-//! [`SETTLE_DEADLINE`]), and every connection is checked to be still open
+//! [`SETTLE_DEADLINE`] and [`HOLD_BUDGET`]), and every connection is checked to be still open
 //! before the figure counts: a proxy that closed some while idle fails the
 //! measurement instead of looking cheap.
 //!
@@ -43,10 +43,13 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often RSS is read while waiting for it to settle.
 const SETTLE_EVERY: Duration = Duration::from_millis(200);
 /// The longest wait for RSS to settle; the last reading counts after it.
-/// Short, because Prism closes an idle HTTP/1 connection after its 10 s
-/// header read timeout and every connection must still be open when RSS is
-/// read.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(3);
+/// The longest time from the first connection opened to the RSS reading:
+/// below the shortest idle timeout of the targets (Prism closes an idle
+/// HTTP/1 connection after its 10 s header read timeout), as every
+/// connection must still be open when RSS is read. Settling is cut short
+/// to stay within it.
+const HOLD_BUDGET: Duration = Duration::from_secs(9);
 /// RSS is settled when two readings [`SETTLE_EVERY`] apart differ by less.
 const SETTLED_BYTES: u64 = 64 * 1024;
 /// File descriptors the harness needs besides the idle connections: the
@@ -165,7 +168,8 @@ pub fn measure(
             })?
     })?;
     let open_seconds = opened.elapsed().as_secs_f64();
-    let rss_with_conns = settled_rss(process);
+    let settle_until = (opened + HOLD_BUDGET).min(Instant::now() + SETTLE_DEADLINE);
+    let rss_with_conns = settled_rss(process, settle_until);
     let closed = held.iter().filter(|sender| sender.is_closed()).count();
     ensure!(
         closed == 0,
@@ -253,14 +257,14 @@ async fn open_one(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>> {
 }
 
 /// RSS of `process` once two readings [`SETTLE_EVERY`] apart are within
-/// [`SETTLED_BYTES`], or the last reading after [`SETTLE_DEADLINE`].
-fn settled_rss(process: &Proc) -> u64 {
-    let start = Instant::now();
+/// [`SETTLED_BYTES`], or the last reading at `deadline` (at least one
+/// reading after a pause, even past it).
+fn settled_rss(process: &Proc, deadline: Instant) -> u64 {
     let mut last = process.rss_bytes();
     loop {
         std::thread::sleep(SETTLE_EVERY);
         let now = process.rss_bytes();
-        if now.abs_diff(last) < SETTLED_BYTES || start.elapsed() >= SETTLE_DEADLINE {
+        if now.abs_diff(last) < SETTLED_BYTES || Instant::now() >= deadline {
             return now;
         }
         last = now;
@@ -281,7 +285,8 @@ pub fn render(measurements: &[IdleMeasurement], connections: usize) -> String {
         "Each proxy freshly started; {n} HTTP/1.1 connections opened from the harness \
          ({CONCURRENCY} at a time), one GET / answered 200 in full on each, then all held open \
          and idle while the proxy's RSS settles (polled every {every} ms until it moves less \
-         than {settled} KiB, at most {deadline} s). Bytes/conn = (RSS with the connections − \
+         than {settled} KiB, at most {deadline} s and until {budget} s after the first \
+         connection opened). Bytes/conn = (RSS with the connections − \
          idle RSS) ÷ connections held; memory a proxy allocates up front for its connection slots (nginx's \
          `worker_connections`) is in its idle RSS, not here. Every connection is checked to \
          be still open when RSS is read. HAProxy holds fewer when the open-file limit \
@@ -290,6 +295,7 @@ pub fn render(measurements: &[IdleMeasurement], connections: usize) -> String {
         every = SETTLE_EVERY.as_millis(),
         settled = SETTLED_BYTES / 1024,
         deadline = SETTLE_DEADLINE.as_secs(),
+        budget = HOLD_BUDGET.as_secs(),
     );
     let _ = writeln!(
         out,
