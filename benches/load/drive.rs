@@ -1,7 +1,8 @@
 //! The scenarios and the load generators that drive them: wrk for HTTP/1.1
-//! keep-alive, h2load for h2c and unary gRPC, all closed loop. Also the
-//! probes that check, before any load, that a target answers a scenario
-//! correctly (status, body, gRPC trailers).
+//! keep-alive, h2load for h2c and unary gRPC, all closed loop; the harness's
+//! own generators for HTTP/1.1 at a fixed rate (`openloop`) and for
+//! streaming gRPC (`stream`). Also the probes that check, before any load,
+//! that a target answers a scenario correctly (status, body, gRPC trailers).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,8 +16,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::openloop::{self, OpenLoad};
 use crate::origin::{BODY, GRPC_PATH, grpc_request};
 use crate::process::{CpuSet, pinned};
+use crate::results::OpenLoopFigures;
+use crate::stream::{self, STREAM_PATH, StreamLoad, stream_message};
 
 /// How long a probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +51,10 @@ pub enum Scenario {
     H2c,
     /// Unary gRPC over h2c: a framed POST echoed with `grpc-status: 0` (h2load).
     Grpc,
+    /// HTTP/1.1 keep-alive GETs at a fixed rate, open loop (the harness).
+    Open,
+    /// Bidirectional gRPC streams, each echoing many small messages (the harness).
+    Stream,
 }
 
 /// The closed-loop load, the same for every target.
@@ -60,6 +68,8 @@ pub struct Load {
     pub streams: u32,
     /// Threads of each load generator.
     pub threads: u32,
+    /// The open-loop scenario's rate (requests/s) and connections.
+    pub open: OpenLoad,
 }
 
 /// What one load-generator run measured. Any error (non-2xx, socket error,
@@ -72,6 +82,8 @@ pub struct Measured {
     pub seconds: f64,
     pub p50: Duration,
     pub p99: Duration,
+    /// The open-loop scenario's own figures.
+    pub open_loop: Option<OpenLoopFigures>,
 }
 
 /// Runs the load generators, pinned to the load CPUs.
@@ -84,6 +96,8 @@ pub struct Driver {
     pub h2load: Option<PathBuf>,
     /// The wrk script and the gRPC request body live here.
     pub dir: PathBuf,
+    /// The harness's runtime, where its own generators run.
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl Scenario {
@@ -92,6 +106,8 @@ impl Scenario {
             Scenario::H1 => "h1",
             Scenario::H2c => "h2c",
             Scenario::Grpc => "grpc",
+            Scenario::Open => "open",
+            Scenario::Stream => "stream",
         }
     }
 
@@ -100,6 +116,8 @@ impl Scenario {
         match self {
             Scenario::H1 => "wrk",
             Scenario::H2c | Scenario::Grpc => "h2load",
+            Scenario::Open => "open-loop generator",
+            Scenario::Stream => "stream client",
         }
     }
 
@@ -108,6 +126,17 @@ impl Scenario {
             Scenario::H1 => "HTTP/1.1 keep-alive (wrk)",
             Scenario::H2c => "HTTP/2 h2c (h2load)",
             Scenario::Grpc => "unary gRPC over h2c (h2load)",
+            Scenario::Open => "HTTP/1.1 keep-alive at a fixed rate (open loop)",
+            Scenario::Stream => "streaming gRPC over h2c (bidirectional echo)",
+        }
+    }
+
+    /// What the scenario counts per second and per proxy core: requests, or
+    /// messages for `stream`.
+    pub fn units(self) -> (&'static str, &'static str) {
+        match self {
+            Scenario::Stream => ("msg/s", "k msg/s/core"),
+            _ => ("RPS", "kRPS/core"),
         }
     }
 }
@@ -121,6 +150,7 @@ impl Driver {
         wrk: Option<PathBuf>,
         h2load: Option<PathBuf>,
         dir: PathBuf,
+        runtime: tokio::runtime::Handle,
     ) -> Result<Self> {
         std::fs::write(dir.join("report.lua"), WRK_SCRIPT)?;
         std::fs::write(dir.join("grpc-request.bin"), grpc_request())?;
@@ -131,6 +161,7 @@ impl Driver {
             wrk,
             h2load,
             dir,
+            runtime,
         })
     }
 
@@ -140,6 +171,8 @@ impl Driver {
             Scenario::H1 => self.wrk(addr, seconds),
             Scenario::H2c => self.h2load(addr, seconds, false),
             Scenario::Grpc => self.h2load(addr, seconds, true),
+            Scenario::Open => self.open_loop(addr, seconds),
+            Scenario::Stream => self.stream(addr, seconds),
         }
     }
 
@@ -150,15 +183,26 @@ impl Driver {
             h2_connections,
             streams,
             threads,
+            open,
         } = self.load;
         match scenario {
-            Scenario::H1 => format!("`wrk -t{threads} -c{connections}`, GET /"),
+            Scenario::H1 => format!("`wrk -t{threads} -c{connections}`, GET /, closed loop"),
             Scenario::H2c => {
-                format!("`h2load -t{threads} -c{h2_connections} -m{streams}`, GET /")
+                format!("`h2load -t{threads} -c{h2_connections} -m{streams}`, GET /, closed loop")
             }
             Scenario::Grpc => format!(
-                "`h2load -t{threads} -c{h2_connections} -m{streams}`, POST {GRPC_PATH} ({}-byte framed message)",
+                "`h2load -t{threads} -c{h2_connections} -m{streams}`, POST {GRPC_PATH} ({}-byte framed message), closed loop",
                 grpc_request().len()
+            ),
+            Scenario::Open => format!(
+                "the harness, GET / at {} requests/s over {} HTTP/1.1 connections, open loop \
+                 (latency from each request's due time)",
+                open.rate, open.connections
+            ),
+            Scenario::Stream => format!(
+                "the harness, {h2_connections} h2c connections × {streams} streams on \
+                 {STREAM_PATH}, {}-byte messages echoed, one in flight per stream (closed loop)",
+                stream_message().len()
             ),
         }
     }
@@ -217,6 +261,7 @@ impl Driver {
             seconds: field("duration_us")? as f64 / 1e6,
             p50: Duration::from_micros(field("p50_us")?),
             p99: Duration::from_micros(field("p99_us")?),
+            open_loop: None,
         })
     }
 
@@ -285,6 +330,48 @@ impl Driver {
             seconds: summary.seconds,
             p50: percentile(&latencies, 50.0),
             p99: percentile(&latencies, 99.0),
+            open_loop: None,
+        })
+    }
+
+    fn open_loop(&self, addr: SocketAddr, seconds: u64) -> Result<Measured> {
+        let run = openloop::run(&self.runtime, self.load.open, addr, seconds)?;
+        if run.failed > 0 {
+            bail!(
+                "{} of {} requests failed; the first: {}",
+                run.failed,
+                run.asked,
+                run.first_failure.as_deref().unwrap_or("unknown")
+            );
+        }
+        ensure!(run.ok > 0, "no request was answered");
+        Ok(Measured {
+            requests: run.ok,
+            seconds: run.seconds,
+            p50: percentile(&run.latencies, 50.0),
+            p99: percentile(&run.latencies, 99.0),
+            open_loop: Some(OpenLoopFigures {
+                asked_rps: f64::from(self.load.open.rate),
+                p999: percentile(&run.latencies, 99.9),
+                max: run.latencies.last().copied().unwrap_or_default(),
+                late: run.late,
+                unanswered: run.unanswered,
+            }),
+        })
+    }
+
+    fn stream(&self, addr: SocketAddr, seconds: u64) -> Result<Measured> {
+        let load = StreamLoad {
+            connections: self.load.h2_connections,
+            streams_per_connection: self.load.streams,
+        };
+        let run = stream::run(&self.runtime, load, addr, seconds)?;
+        Ok(Measured {
+            requests: run.messages,
+            seconds: run.seconds,
+            p50: percentile(&run.latencies, 50.0),
+            p99: percentile(&run.latencies, 99.0),
+            open_loop: None,
         })
     }
 }
@@ -409,7 +496,7 @@ pub fn get_once(addr: SocketAddr, timeout: Duration) -> std::io::Result<bool> {
 pub async fn probe(scenario: Scenario, addr: SocketAddr) -> Result<()> {
     let check = async {
         match scenario {
-            Scenario::H1 => {
+            Scenario::H1 | Scenario::Open => {
                 let ok = tokio::task::spawn_blocking(move || get_once(addr, PROBE_TIMEOUT))
                     .await?
                     .context("HTTP/1.1 GET failed")?;
@@ -421,6 +508,7 @@ pub async fn probe(scenario: Scenario, addr: SocketAddr) -> Result<()> {
             }
             Scenario::H2c => probe_h2(addr, false).await,
             Scenario::Grpc => probe_h2(addr, true).await,
+            Scenario::Stream => stream::probe(addr).await,
         }
     };
     tokio::time::timeout(PROBE_TIMEOUT, check)

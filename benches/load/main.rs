@@ -1,12 +1,17 @@
-//! The side-by-side load harness: the same closed-loop load — HTTP/1.1
-//! keep-alive (wrk), HTTP/2 h2c and unary gRPC (h2load) — at a small hyper
-//! origin on loopback, directly and through Prism, nginx, HAProxy and Envoy,
-//! each proxy with one worker pinned to its own CPU.
+//! The side-by-side load harness: the same load — closed loop: HTTP/1.1
+//! keep-alive (wrk), HTTP/2 h2c and unary gRPC (h2load), bidirectional gRPC
+//! streams echoing small messages (`stream`, the harness's hyper client);
+//! open loop: HTTP/1.1 at a fixed rate with latency counted from each
+//! request's due time (`open`, default 10,000 requests/s, under what every
+//! peer forwards on one core) — at a small hyper origin on loopback, directly
+//! and through Prism, nginx, HAProxy and Envoy, each proxy with one worker
+//! pinned to its own CPU.
 //!
 //! ```sh
 //! cargo bench --bench load                  # 3 interleaved runs of 10 s
 //! cargo bench --bench load -- --quick       # 1 run of 2 s: a smoke test
 //! cargo bench --bench load -- --targets prism,nginx --scenarios h1
+//! cargo bench --bench load -- --quick --scenarios open,stream --rate 5000
 //! cargo bench --bench load -- --quick --idle-conns 0   # no idle-connection step
 //! ```
 //!
@@ -22,8 +27,8 @@
 //! Markdown report (default `target/load/report.md`), a CSV of every
 //! measurement (`report.csv`; `report-idle.csv` for the idle connections)
 //! and the chart (`report.png`) beside it, prints the report, and exits
-//! non-zero only when something failed (a target not starting, an error or non-2xx response
-//! under load, a tool crashing) — never because of a figure.
+//! non-zero only when something failed (a target not starting, an error or
+//! non-2xx response under load, a tool crashing) — never because of a figure.
 //!
 //! Wall-clock figures move with whatever else the machine runs; for a figure
 //! that does not, `benches/load/callgrind.sh` counts the proxy's instructions
@@ -31,17 +36,20 @@
 //!
 //! Layout: `tools` finds programs, `origin` is the upstream, `peers` starts
 //! the targets with their configurations, `drive` runs the load generators
-//! and probes, `results` holds measurements and medians, `report` renders,
-//! `idle` measures memory per idle connection, `chart` draws the PNG.
+//! and probes (`openloop` and `stream` are the harness's own generators),
+//! `results` holds measurements and medians, `report` renders, `idle`
+//! measures memory per idle connection, `chart` draws the PNG.
 
 mod chart;
 mod drive;
 mod idle;
+mod openloop;
 mod origin;
 mod peers;
 mod process;
 mod report;
 mod results;
+mod stream;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +60,7 @@ use anyhow::{Context, Result, ensure};
 use clap::Parser;
 
 use crate::drive::{Driver, Load, Scenario};
+use crate::openloop::OpenLoad;
 use crate::origin::Origin;
 use crate::peers::{Launcher, Target};
 use crate::process::{CpuSet, pin_self};
@@ -84,8 +93,14 @@ struct Options {
         default_value = "direct,prism,nginx,haproxy,envoy"
     )]
     targets: Vec<Target>,
-    /// Scenarios: h1 (wrk), h2c (h2load), grpc (h2load, unary).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "h1,h2c,grpc")]
+    /// Scenarios: h1 (wrk), h2c (h2load), grpc (h2load, unary), open (HTTP/1.1
+    /// at --rate, open loop), stream (gRPC streams, --h2-connections × --streams).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "h1,h2c,grpc,open,stream"
+    )]
     scenarios: Vec<Scenario>,
     /// Where the Markdown report goes; a CSV of every measurement goes beside it.
     #[arg(long)]
@@ -99,9 +114,16 @@ struct Options {
     /// h2load connections.
     #[arg(long, default_value_t = 16)]
     h2_connections: u32,
-    /// h2load concurrent streams per connection.
+    /// h2load concurrent streams per connection; gRPC streams per connection
+    /// of the stream scenario.
     #[arg(long, default_value_t = 16)]
     streams: u32,
+    /// Requests per second of the open-loop scenario, all connections together.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u32,
+    /// HTTP/1.1 connections of the open-loop scenario.
+    #[arg(long, default_value_t = 32)]
+    open_connections: u32,
     /// Threads of each load generator.
     #[arg(long, default_value_t = 1)]
     threads: u32,
@@ -197,6 +219,10 @@ fn run(options: &Options) -> Result<bool> {
         h2_connections: options.h2_connections,
         streams: options.streams,
         threads: options.threads,
+        open: OpenLoad {
+            rate: options.rate,
+            connections: options.open_connections,
+        },
     };
     let driver = Driver::new(
         load,
@@ -205,6 +231,7 @@ fn run(options: &Options) -> Result<bool> {
         tools.wrk.clone(),
         tools.h2load.clone(),
         scratch.path().to_path_buf(),
+        runtime.handle().clone(),
     )?;
     let meta = Meta {
         date: date(),
@@ -256,18 +283,19 @@ fn run(options: &Options) -> Result<bool> {
                 .map_err(|e| format!("{e:#}"));
                 match &outcome {
                     Ok(sample) => eprintln!(
-                        "  run {run} {:<4} {:<7} {:>9.0} RPS  p99 {:>7.2} ms{}",
+                        "  run {run} {:<6} {:<7} {:>9.0} {}  p99 {:>7.2} ms{}",
                         scenario.name(),
                         target.name(),
                         sample.rps(),
+                        scenario.units().0,
                         sample.p99.as_secs_f64() * 1e3,
                         sample
                             .krps_per_core()
-                            .map(|k| format!("  {k:.1} kRPS/core"))
+                            .map(|k| format!("  {k:.1} {}", scenario.units().1))
                             .unwrap_or_default(),
                     ),
                     Err(error) => eprintln!(
-                        "  run {run} {:<4} {:<7} FAILED: {error}",
+                        "  run {run} {:<6} {:<7} FAILED: {error}",
                         scenario.name(),
                         target.name()
                     ),
@@ -348,8 +376,8 @@ fn measure(
 ) -> Result<Sample> {
     let mut started = launcher.start(target)?;
     let addr = match scenario {
-        Scenario::H1 => started.h1,
-        Scenario::H2c | Scenario::Grpc => started.h2,
+        Scenario::H1 | Scenario::Open => started.h1,
+        Scenario::H2c | Scenario::Grpc | Scenario::Stream => started.h2,
     };
     if target.is_proxy() {
         std::thread::sleep(SETTLE);
@@ -390,6 +418,7 @@ fn measure(
         p50: measured.p50,
         p99: measured.p99,
         proxy,
+        open_loop: measured.open_loop,
     })
 }
 

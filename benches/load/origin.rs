@@ -3,9 +3,11 @@
 //!
 //! Plain requests get `200` and the fixed [`BODY`]. A request with
 //! `content-type: application/grpc` is a unary gRPC call: its framed message
-//! is echoed back with `grpc-status: 0` in the trailers. The origin counts the
-//! requests it answers, so the harness can tell that every 2xx a load
-//! generator counted really went through the proxy to the origin.
+//! is echoed back with `grpc-status: 0` in the trailers; a call of
+//! [`STREAM_PATH`] is a bidirectional stream whose every message is echoed
+//! (see `stream`). The origin counts the requests (stream messages) it
+//! answers, so the harness can tell that every 2xx a load generator counted
+//! really went through the proxy to the origin.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Either};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
@@ -26,6 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
+
+use crate::stream::{self, ChannelBody, STREAM_PATH};
 
 /// The body of every plain answer: 128 bytes, the same through every target.
 pub const BODY: &[u8; 128] = b"Prism load harness origin. This body is 128 bytes long, the same for every target and scenario of the run......................\n";
@@ -111,6 +115,17 @@ async fn serve(listener: TcpListener, answered: Arc<AtomicU64>) {
 }
 
 async fn answer(
+    request: Request<Incoming>,
+    answered: Arc<AtomicU64>,
+) -> Result<Response<Either<OriginBody, ChannelBody>>, Infallible> {
+    if request.uri().path() == STREAM_PATH {
+        return Ok(stream::echo(request, answered).map(Either::Right));
+    }
+    Ok(answer_whole(request, answered).await?.map(Either::Left))
+}
+
+/// Plain requests and unary gRPC calls: the whole body read, one answer.
+async fn answer_whole(
     request: Request<Incoming>,
     answered: Arc<AtomicU64>,
 ) -> Result<Response<OriginBody>, Infallible> {

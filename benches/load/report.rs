@@ -4,8 +4,9 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::drive::Scenario;
+use crate::openloop;
 use crate::peers::Target;
-use crate::results::{Measurement, Row, summarize};
+use crate::results::{Measurement, Row, summarize, summarize_open_loop};
 
 /// Everything about the run that is not a measurement.
 #[derive(Clone, Debug)]
@@ -59,7 +60,7 @@ pub fn render(meta: &Meta, measurements: &[Measurement]) -> String {
         load = meta.load_cpus,
     );
     for (scenario, command) in &meta.load {
-        let _ = writeln!(out, "- Load, {}: {command}, closed loop.", scenario.name());
+        let _ = writeln!(out, "- Load, {}: {command}.", scenario.name());
     }
     let _ = writeln!(
         out,
@@ -74,6 +75,26 @@ pub fn render(meta: &Meta, measurements: &[Measurement]) -> String {
          percentiles of the per-request durations in its `--log-file`. Both from request \
          sent to response complete."
     );
+    if meta.scenarios.contains(&Scenario::Open) {
+        let _ = writeln!(
+            out,
+            "- Open loop: requests are due at a fixed rate whatever the answers; latency \
+             counts from each request's due time, so a stall is charged to every request it \
+             delayed (wrk2's correction of coordinated omission). Late: requests sent more \
+             than {late:?} after they were due. Unanswered: not answered {drain:?} after the \
+             last was due (a saturated target), counted with that wait as their latency.",
+            late = openloop::LATE_AFTER,
+            drain = openloop::DRAIN,
+        );
+    }
+    if meta.scenarios.contains(&Scenario::Stream) {
+        let _ = writeln!(
+            out,
+            "- Streams: the msg/s column counts messages echoed back whole; latency is one \
+             message's round trip on its stream; k msg/s/core = messages ÷ proxy CPU seconds ÷ \
+             1000. Every stream must end with `grpc-status: 0`."
+        );
+    }
     let _ = writeln!(
         out,
         "- Proxy CPU: user + system seconds of the proxy's process tree during the measured \
@@ -84,14 +105,36 @@ pub fn render(meta: &Meta, measurements: &[Measurement]) -> String {
     );
     for &scenario in &meta.scenarios {
         let _ = writeln!(out, "\n## {} — {}\n", scenario.name(), scenario.title());
+        let (unit, per_core) = scenario.units();
         let _ = writeln!(
             out,
-            "| target | RPS | p50 | p99 | proxy CPU s | kRPS/core | idle RSS | peak RSS | \
-             start→200 | RPS ÷ Prism | kRPS/core ÷ Prism |"
+            "| target | {unit} | p50 | p99 | proxy CPU s | {per_core} | idle RSS | peak RSS | \
+             start→200 | {unit} ÷ Prism | {per_core} ÷ Prism |"
         );
         let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
         for (target, row) in summarize(measurements, scenario, &meta.targets) {
             let _ = writeln!(out, "{}", table_row(target, &row));
+        }
+        if scenario == Scenario::Open {
+            let _ = writeln!(
+                out,
+                "\n| target | asked RPS | p99.9 | max | late | unanswered |\n|---|--:|--:|--:|--:|--:|"
+            );
+            for (target, [asked, p999, max, late, unanswered]) in
+                summarize_open_loop(measurements, scenario, &meta.targets)
+            {
+                let seconds = |s: f64| millis(Duration::from_secs_f64(s));
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    target.name(),
+                    opt(asked, thousands),
+                    opt(p999, seconds),
+                    opt(max, seconds),
+                    opt(late, |l| format!("{l:.0}")),
+                    opt(unanswered, |u| format!("{u:.0}")),
+                );
+            }
         }
     }
     let failures: Vec<&Measurement> = measurements.iter().filter(|m| m.outcome.is_err()).collect();

@@ -29,6 +29,23 @@ pub struct Sample {
     pub p99: Duration,
     /// The proxy's process; `None` for the origin measured directly.
     pub proxy: Option<ProxyUsage>,
+    /// Only for the open-loop scenario.
+    pub open_loop: Option<OpenLoopFigures>,
+}
+
+/// What only a fixed-rate (open-loop) run has; its latencies count from
+/// each request's due time.
+#[derive(Clone, Debug)]
+pub struct OpenLoopFigures {
+    /// The rate asked for; [`Sample::rps`] is the rate achieved.
+    pub asked_rps: f64,
+    pub p999: Duration,
+    pub max: Duration,
+    /// Requests sent more than `openloop::LATE_AFTER` after they were due.
+    pub late: u64,
+    /// Requests still unanswered 5 s after the last was due (a saturated
+    /// target); their latency counts until then.
+    pub unanswered: u64,
 }
 
 /// The proxy process during one measurement.
@@ -129,6 +146,35 @@ pub fn summarize(
         .collect()
 }
 
+/// Medians across runs of the open-loop figures of one target, per target
+/// of `scenario` in `targets` order: asked RPS, p99.9, max, late and
+/// unanswered requests.
+pub fn summarize_open_loop(
+    measurements: &[Measurement],
+    scenario: Scenario,
+    targets: &[Target],
+) -> Vec<(Target, [Option<f64>; 5])> {
+    targets
+        .iter()
+        .map(|&target| {
+            let figures = || {
+                measurements
+                    .iter()
+                    .filter(move |m| m.scenario == scenario && m.target == target)
+                    .filter_map(|m| m.outcome.as_ref().ok()?.open_loop.as_ref())
+            };
+            let cells = [
+                median(figures().map(|f| f.asked_rps)),
+                median(figures().map(|f| f.p999.as_secs_f64())),
+                median(figures().map(|f| f.max.as_secs_f64())),
+                median(figures().map(|f| f.late as f64)),
+                median(figures().map(|f| f.unanswered as f64)),
+            ];
+            (target, cells)
+        })
+        .collect()
+}
+
 /// The median (mean of the middle two for an even count), `None` if empty.
 pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
     let mut values: Vec<f64> = values.filter(|v| v.is_finite()).collect();
@@ -148,16 +194,17 @@ pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
 pub fn to_csv(measurements: &[Measurement]) -> String {
     let mut csv = String::from(
         "run,scenario,target,requests,seconds,rps,p50_us,p99_us,proxy_cpu_s,krps_per_core,\
-         idle_rss_bytes,peak_rss_bytes,start_to_200_ms,error\n",
+         idle_rss_bytes,peak_rss_bytes,start_to_200_ms,asked_rps,p999_us,max_us,late,unanswered,error\n",
     );
     for m in measurements {
         let _ = write!(csv, "{},{},{},", m.run, m.scenario.name(), m.target.name());
         match &m.outcome {
             Ok(s) => {
                 let proxy = s.proxy.as_ref();
+                let open = s.open_loop.as_ref();
                 let _ = writeln!(
                     csv,
-                    "{},{:.3},{:.0},{},{},{},{},{},{},{},",
+                    "{},{:.3},{:.0},{},{},{},{},{},{},{},{},{},{},{},{},",
                     s.requests,
                     s.seconds,
                     s.rps(),
@@ -174,10 +221,18 @@ pub fn to_csv(measurements: &[Measurement]) -> String {
                     proxy
                         .map(|p| format!("{:.2}", p.start_to_200.as_secs_f64() * 1e3))
                         .unwrap_or_default(),
+                    open.map(|o| format!("{:.0}", o.asked_rps))
+                        .unwrap_or_default(),
+                    open.map(|o| o.p999.as_micros().to_string())
+                        .unwrap_or_default(),
+                    open.map(|o| o.max.as_micros().to_string())
+                        .unwrap_or_default(),
+                    open.map(|o| o.late.to_string()).unwrap_or_default(),
+                    open.map(|o| o.unanswered.to_string()).unwrap_or_default(),
                 );
             }
             Err(error) => {
-                let _ = writeln!(csv, ",,,,,,,,,,\"{}\"", error.replace('"', "'"));
+                let _ = writeln!(csv, ",,,,,,,,,,,,,,,\"{}\"", error.replace('"', "'"));
             }
         }
     }

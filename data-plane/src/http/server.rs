@@ -128,7 +128,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The header read timeout is the connection's own, in
+        // [`Activity::idle`]: hyper's arms a new timer for every request.
+        .header_read_timeout(None)
         // Request line and headers beyond the read buffer: hyper answers 431
         // and closes. (hyper panics below its minimum, hence the max above.)
         .max_buf_size(usize::try_from(header_bytes).unwrap_or(usize::MAX));
@@ -246,6 +248,9 @@ async fn serve_connection<I, S, B>(
     let mut draining = false;
     loop {
         tokio::select! {
+            // The connection first: the other two rarely fire, and a poll of
+            // each is wasted work on every wake-up of a busy connection.
+            biased;
             result = conn.as_mut() => {
                 if let Err(error) = result {
                     debug!(error = %Chain(&*error), %remote, "Connection ended with an error.");
@@ -256,10 +261,18 @@ async fn serve_connection<I, S, B>(
                 conn.as_mut().graceful_shutdown();
                 draining = true;
             }
-            () = activity.idle(params.limits.idle_timeout), if !draining => {
-                debug!(%remote, "Closing an idle connection.");
-                conn.as_mut().graceful_shutdown();
-                draining = true;
+            () = activity.idle(params.limits.idle_timeout, params.limits.header_read_timeout), if !draining => {
+                if activity.is_http2() {
+                    debug!(%remote, "Closing an idle connection.");
+                    conn.as_mut().graceful_shutdown();
+                    draining = true;
+                } else {
+                    // No request in flight: idle, or a request head not
+                    // complete in time, which hyper would go on reading
+                    // after a graceful shutdown. Either way, close now.
+                    debug!(%remote, "Closing an idle HTTP/1 connection or one slow to send its headers.");
+                    break;
+                }
             }
         }
     }
@@ -282,6 +295,7 @@ where
         if self.tls {
             request.extensions_mut().insert(Tls);
         }
-        inflight::ResponseFuture::new(self.inner.call(request), self.activity.start())
+        let active = self.activity.start(request.version());
+        inflight::ResponseFuture::new(self.inner.call(request), active)
     }
 }
