@@ -111,8 +111,9 @@ fn throughput(meta: &Meta, measurements: &[Measurement]) -> Bars {
         |v| format!("{v:.1}"),
     )
     .titled(
-        "Throughput per proxy core (higher is better)",
-        "kRPS per core",
+        "Throughput per proxy core: thousands of requests (stream: messages) per CPU second \
+         (higher is better)",
+        "k per core-second",
     )
 }
 
@@ -126,7 +127,7 @@ fn latency(meta: &Meta, measurements: &[Measurement]) -> Bars {
         |v| format!("{v:.2}"),
     )
     .titled(
-        "p99 latency under closed-loop load (lower is better)",
+        "p99 latency (open: from each request's due time; lower is better)",
         "p99, ms",
     )
 }
@@ -176,7 +177,8 @@ fn per_scenario(
         groups: meta
             .scenarios
             .iter()
-            .map(|s| s.title().to_string())
+            // Short names: five long titles would run into each other.
+            .map(|s| format!("{} ({})", s.name(), s.tool()))
             .collect(),
         series: targets
             .iter()
