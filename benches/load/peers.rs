@@ -36,6 +36,17 @@ const CONNECT_TIMEOUT_S: u32 = 5;
 const REQUEST_TIMEOUT_S: u32 = 30;
 /// Worker threads (processes, for nginx) of every proxy.
 pub const WORKERS: usize = 1;
+/// Client connections nginx (`worker_connections`) and HAProxy (`maxconn`)
+/// accept unless [`Launcher::allow_clients`] asks for more.
+const DEFAULT_MAX_CLIENTS: usize = 8192;
+/// Connections beyond the clients: nginx counts its upstream connections
+/// (a keep-alive pool of up to 2 × 1024) against `worker_connections`.
+const UPSTREAM_HEADROOM: usize = 2048;
+/// Open files HAProxy needs besides two per connection (listeners, logs,
+/// its own pipes), so its `maxconn` fits the inherited limit.
+const HAPROXY_SPARE_FDS: u64 = 200;
+/// Client connections left free below a limit, for start probes.
+const PROBE_ROOM: usize = 100;
 /// Node id of the Prism proxy in its control plane's fleet.
 const PRISM_NODE: &str = "load-harness";
 
@@ -72,6 +83,11 @@ pub struct Launcher {
     proxy_cpus: CpuSet,
     scratch: PathBuf,
     prism: Option<PrismPlane>,
+    /// Connections nginx is configured for (`worker_connections`).
+    max_clients: usize,
+    /// HAProxy's `maxconn`: it refuses to start unless the open-file limit
+    /// covers two sockets per connection.
+    haproxy_maxconn: usize,
 }
 
 /// Prism's control plane, running for the whole harness with the bench
@@ -117,6 +133,8 @@ impl Launcher {
             proxy_cpus,
             scratch,
             prism: None,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            haproxy_maxconn: DEFAULT_MAX_CLIENTS,
         };
         if targets.contains(&Target::Prism) {
             launcher.prism = Some(launcher.start_prism_plane(load_cpus)?);
@@ -140,6 +158,28 @@ impl Launcher {
             }
         }
         Ok(launcher)
+    }
+
+    /// Configures nginx and HAProxy started from now on to accept `clients`
+    /// idle client connections besides their upstream ones (at least the
+    /// default 8192), HAProxy within what `open_files` (the limit every
+    /// proxy inherits) allows. Envoy and Prism have no such setting.
+    pub fn allow_clients(&mut self, clients: usize, open_files: u64) {
+        let wanted = DEFAULT_MAX_CLIENTS.max(clients + UPSTREAM_HEADROOM);
+        self.max_clients = wanted;
+        let haproxy_fits =
+            usize::try_from(open_files.saturating_sub(HAPROXY_SPARE_FDS) / 2).unwrap_or(usize::MAX);
+        self.haproxy_maxconn = wanted.min(haproxy_fits).max(DEFAULT_MAX_CLIENTS);
+    }
+
+    /// The most client connections `target` accepts as configured, if it
+    /// has such a limit (with room for a probe beside them).
+    pub fn client_limit(&self, target: Target) -> Option<usize> {
+        match target {
+            Target::Nginx => Some(self.max_clients - UPSTREAM_HEADROOM),
+            Target::Haproxy => Some(self.haproxy_maxconn.saturating_sub(PROBE_ROOM)),
+            Target::Direct | Target::Prism | Target::Envoy => None,
+        }
     }
 
     /// Starts `target` and waits for its first proxied `200`.
@@ -229,7 +269,10 @@ impl Launcher {
             }
             Target::Nginx => {
                 let config = dir.join("nginx.conf");
-                std::fs::write(&config, nginx_config(dir, h1, h2, self.origin, WORKERS))?;
+                std::fs::write(
+                    &config,
+                    nginx_config(dir, h1, h2, self.origin, WORKERS, self.max_clients),
+                )?;
                 let mut command = pinned(
                     &self.tools.taskset,
                     &self.proxy_cpus,
@@ -246,7 +289,10 @@ impl Launcher {
             }
             Target::Haproxy => {
                 let config = dir.join("haproxy.cfg");
-                std::fs::write(&config, haproxy_config(h1, self.origin, WORKERS))?;
+                std::fs::write(
+                    &config,
+                    haproxy_config(h1, self.origin, WORKERS, self.haproxy_maxconn),
+                )?;
                 let mut command = pinned(
                     &self.tools.taskset,
                     &self.proxy_cpus,
@@ -400,22 +446,28 @@ routes:
 /// nginx in the foreground as one process (`master_process off`): the worker
 /// is the whole of nginx. Upstream keepalive pools large enough for every
 /// stream in flight (nginx opens one upstream connection per gRPC stream).
+/// `connections` counts client and upstream connections alike; with
+/// `master_process off` nginx keeps the open-file limit it inherits, but
+/// `worker_rlimit_nofile` says what it needs.
 fn nginx_config(
     dir: &Path,
     h1: SocketAddr,
     h2: SocketAddr,
     origin: SocketAddr,
     workers: usize,
+    connections: usize,
 ) -> String {
     let dir = dir.display();
+    let files = 2 * connections;
     format!(
         r#"daemon off;
 master_process off;
 worker_processes {workers};
+worker_rlimit_nofile {files};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{
-    worker_connections 8192;
+    worker_connections {connections};
 }}
 http {{
     access_log off;
@@ -464,11 +516,16 @@ http {{
 /// HAProxy in the foreground (`-db`), one thread. One bind serves HTTP/1.1
 /// and h2c (HAProxy detects the HTTP/2 preface); `http-reuse always` shares
 /// idle upstream connections like the other proxies' pools.
-fn haproxy_config(listen: SocketAddr, origin: SocketAddr, workers: usize) -> String {
+fn haproxy_config(
+    listen: SocketAddr,
+    origin: SocketAddr,
+    workers: usize,
+    maxconn: usize,
+) -> String {
     format!(
         r#"global
     nbthread {workers}
-    maxconn 8192
+    maxconn {maxconn}
 defaults
     mode http
     timeout connect {CONNECT_TIMEOUT_S}s

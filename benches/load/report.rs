@@ -194,12 +194,12 @@ fn millis(d: Duration) -> String {
     }
 }
 
-fn mib(bytes: f64) -> String {
+pub fn mib(bytes: f64) -> String {
     format!("{:.1} MiB", bytes / 1_048_576.0)
 }
 
 /// `123456.7` → `123,457`.
-fn thousands(value: f64) -> String {
+pub fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

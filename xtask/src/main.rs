@@ -115,8 +115,9 @@ fn test(args: Vec<String>) -> Result<ExitCode> {
     Ok(exit_code(status))
 }
 
-/// The Debian packages of the load harness's peers and load generators.
-const LOAD_PACKAGES: [tools::DebianPackage; 4] = [
+/// The Debian packages of the load harness's peers and load generators, and
+/// the font its chart's text is drawn with.
+const LOAD_PACKAGES: [tools::DebianPackage; 5] = [
     tools::DebianPackage {
         name: "nginx",
         provides: tools::Provides::Command("nginx"),
@@ -132,6 +133,13 @@ const LOAD_PACKAGES: [tools::DebianPackage; 4] = [
     tools::DebianPackage {
         name: "nghttp2-client",
         provides: tools::Provides::Command("h2load"),
+    },
+    tools::DebianPackage {
+        name: "fonts-dejavu-core",
+        provides: tools::Provides::Probe {
+            what: "DejaVu Sans (the load chart's font)",
+            check: || Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").is_file(),
+        },
     },
 ];
 
