@@ -7,6 +7,7 @@
 //! cargo bench --bench load                  # 3 interleaved runs of 10 s
 //! cargo bench --bench load -- --quick       # 1 run of 2 s: a smoke test
 //! cargo bench --bench load -- --targets prism,nginx --scenarios h1
+//! cargo bench --bench load -- --quick --targets prism --scenarios h1 --swap-routes 10000
 //! ```
 //!
 //! It needs nginx, haproxy, wrk and h2load (Debian: `apt-get install -y nginx
@@ -23,7 +24,8 @@
 //!
 //! Layout: `tools` finds programs, `origin` is the upstream, `peers` starts
 //! the targets with their configurations, `drive` runs the load generators
-//! and probes, `results` holds measurements and medians, `report` renders.
+//! and probes, `results` holds measurements and medians, `report` renders,
+//! `swap` times Prism's starts and a large configuration swap under load.
 
 mod drive;
 mod origin;
@@ -31,6 +33,7 @@ mod peers;
 mod process;
 mod report;
 mod results;
+mod swap;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -101,6 +104,10 @@ struct Options {
     /// every other CPU this process may use by default.
     #[arg(long)]
     load_cpus: Option<String>,
+    /// Routes of the policy Prism swaps under load, after every other
+    /// measurement (Prism only); 0 skips the swap.
+    #[arg(long, default_value_t = 10_000)]
+    swap_routes: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -264,9 +271,29 @@ fn run(options: &Options) -> Result<bool> {
             }
         }
     }
+    let prism = if options.targets.contains(&Target::Prism) {
+        eprintln!(
+            "load: Prism's starts and a {}-route swap",
+            options.swap_routes
+        );
+        let section = swap::run(
+            &launcher,
+            &driver,
+            &runtime,
+            options.swap_routes,
+            options.duration,
+            options.warmup,
+        )?;
+        Some(section)
+    } else {
+        None
+    };
     drop(launcher);
 
-    let report = report::render(&meta, &measurements);
+    let mut report = report::render(&meta, &measurements);
+    if let Some(section) = &prism {
+        report.push_str(&section.render());
+    }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -280,7 +307,11 @@ fn run(options: &Options) -> Result<bool> {
     if failed > 0 {
         eprintln!("load: {failed} measurement(s) failed; see the Errors section");
     }
-    Ok(failed == 0)
+    let swap_failed = prism.as_ref().is_some_and(swap::Section::failed);
+    if swap_failed {
+        eprintln!("load: the swap under load failed; see its section");
+    }
+    Ok(failed == 0 && !swap_failed)
 }
 
 /// One measurement: start `target`, read its idle memory, check it answers
