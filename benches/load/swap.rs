@@ -257,7 +257,7 @@ fn route_name(index: usize) -> String {
 /// Routes `indexes` in the bench namespace (applied on top of the bench
 /// policy), each to the origin with a timeout that `flip` alternates.
 fn policy(indexes: impl Iterator<Item = usize>, flip: usize) -> String {
-    let timeout = if flip % 2 == 0 { 30 } else { 29 };
+    let timeout = if flip.is_multiple_of(2) { 30 } else { 29 };
     let mut out = String::from("routes:\n");
     for i in indexes {
         let name = route_name(i);

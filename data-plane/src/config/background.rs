@@ -48,10 +48,12 @@ pub(crate) fn lower_priority() {
 pub(crate) fn retire<T: Send + 'static>(garbage: T) {
     tokio::spawn(async move {
         tokio::time::sleep(RETIRE_AFTER).await;
-        let _ = tokio::task::spawn_blocking(move || {
+        let dropped = tokio::task::spawn_blocking(move || {
             lower_priority();
             drop(garbage);
         });
+        // A panic in a destructor is the destructor's to report.
+        let _ = dropped.await;
     });
 }
 

@@ -178,7 +178,9 @@ impl Subscriber {
             let (back, outcome) =
                 match tokio::task::spawn_blocking(move || work.run(response)).await {
                     Ok(done) => done,
-                    Err(error) => std::panic::resume_unwind(error.into_panic()),
+                    Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                    // Only a runtime shutting down cancels blocking work.
+                    Err(_) => return Err(StreamError::Closed),
                 };
             *stager = back;
             self.settle(outcome, backoff, arrived);
