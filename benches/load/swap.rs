@@ -272,8 +272,10 @@ fn policy(indexes: impl Iterator<Item = usize>, flip: usize) -> String {
 
 /// The `round`th swap: the loaded route and the next window of others.
 fn swap_policy(routes: usize, target: usize, round: usize) -> String {
-    let window = (0..ROUTES_PER_SWAP.saturating_sub(1))
-        .map(|k| (round * ROUTES_PER_SWAP + k) % routes)
+    // Consecutive indexes modulo `routes`: distinct while `per <= routes`.
+    let per = ROUTES_PER_SWAP.min(routes);
+    let window = (0..per.saturating_sub(1))
+        .map(|k| (round * per + k) % routes)
         .filter(|&i| i != target);
     policy(std::iter::once(target).chain(window), round)
 }
@@ -322,7 +324,7 @@ impl Section {
                      every {every} ms.\n",
                     routes = swap.routes,
                     initial = swap.initial_apply.map_or_else(|| "—".into(), millis),
-                    per = ROUTES_PER_SWAP,
+                    per = ROUTES_PER_SWAP.min(swap.routes),
                     every = SWAP_EVERY.as_millis(),
                 );
                 let _ = writeln!(
