@@ -208,6 +208,11 @@ impl Driver {
     }
 
     fn wrk(&self, addr: SocketAddr, seconds: u64) -> Result<Measured> {
+        self.wrk_at(addr, "/", seconds)
+    }
+
+    /// wrk's GETs of `path` (from `/`) at `addr` for `seconds`.
+    pub fn wrk_at(&self, addr: SocketAddr, path: &str, seconds: u64) -> Result<Measured> {
         let wrk = self.wrk.as_deref().context("wrk is not installed")?;
         let Load {
             connections,
@@ -220,7 +225,7 @@ impl Driver {
             .arg(format!("-d{seconds}s"))
             .args(["--timeout", WRK_TIMEOUT, "-s"])
             .arg(self.dir.join("report.lua"))
-            .arg(format!("http://{addr}/"))
+            .arg(format!("http://{addr}{path}"))
             .output()
             .context("cannot run wrk")?;
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -13,6 +13,7 @@
 //! cargo bench --bench load -- --targets prism,nginx --scenarios h1
 //! cargo bench --bench load -- --quick --scenarios open,stream --rate 5000
 //! cargo bench --bench load -- --quick --idle-conns 0   # no idle-connection step
+//! cargo bench --bench load -- --quick --targets prism --scenarios h1 --swap-routes 10000
 //! ```
 //!
 //! After the load, each proxy is started once more and held with
@@ -32,13 +33,14 @@
 //!
 //! Wall-clock figures move with whatever else the machine runs; for a figure
 //! that does not, `benches/load/callgrind.sh` counts the proxy's instructions
-//! per request under callgrind (HTTP/1.1 and h2c).
+//! per request under callgrind (HTTP/1.1, h2c, and h2c to an HTTP/2 upstream).
 //!
 //! Layout: `tools` finds programs, `origin` is the upstream, `peers` starts
 //! the targets with their configurations, `drive` runs the load generators
 //! and probes (`openloop` and `stream` are the harness's own generators),
 //! `results` holds measurements and medians, `report` renders, `idle`
-//! measures memory per idle connection, `chart` draws the PNG.
+//! measures memory per idle connection, `chart` draws the PNG, `swap` times
+//! Prism's starts and a large configuration swap under load.
 
 mod chart;
 mod drive;
@@ -50,6 +52,7 @@ mod process;
 mod report;
 mod results;
 mod stream;
+mod swap;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -138,6 +141,10 @@ struct Options {
     /// after the load) for its memory per connection; 0 skips that step.
     #[arg(long, default_value_t = 10_000)]
     idle_conns: usize,
+    /// Routes of the policy Prism swaps under load, after every other
+    /// measurement (Prism only); 0 skips the swap.
+    #[arg(long, default_value_t = 10_000)]
+    swap_routes: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -309,6 +316,23 @@ fn run(options: &Options) -> Result<bool> {
             }
         }
     }
+    let prism = if options.targets.contains(&Target::Prism) {
+        eprintln!(
+            "load: Prism's starts and a {}-route swap",
+            options.swap_routes
+        );
+        let section = swap::run(
+            &launcher,
+            &driver,
+            &runtime,
+            options.swap_routes,
+            options.duration,
+            options.warmup,
+        )?;
+        Some(section)
+    } else {
+        None
+    };
     let idle_measurements = if options.idle_conns > 0 {
         // Only now: more connection slots raise nginx's idle RSS (it
         // allocates them up front), which the load tables above compare.
@@ -326,6 +350,9 @@ fn run(options: &Options) -> Result<bool> {
     drop(launcher);
 
     let mut report = report::render(&meta, &measurements);
+    if let Some(section) = &prism {
+        report.push_str(&section.render());
+    }
     if !idle_measurements.is_empty() {
         report.push_str(&idle::render(&idle_measurements, options.idle_conns));
     }
@@ -360,7 +387,11 @@ fn run(options: &Options) -> Result<bool> {
     if failed > 0 {
         eprintln!("load: {failed} measurement(s) failed; see the Errors section");
     }
-    Ok(failed == 0)
+    let swap_failed = prism.as_ref().is_some_and(swap::Section::failed);
+    if swap_failed {
+        eprintln!("load: the swap under load failed; see its section");
+    }
+    Ok(failed == 0 && !swap_failed)
 }
 
 /// One measurement: start `target`, read its idle memory, check it answers

@@ -68,11 +68,16 @@ pub struct Started {
     /// Where HTTP/2 (h2c and gRPC) clients connect.
     pub h2: SocketAddr,
     pub process: Option<Proc>,
+    /// Prism's own admin listener (`/status`, `/config_dump`); `None` for
+    /// the other targets.
+    pub admin: Option<SocketAddr>,
     /// Exec → first `200` answered through the proxy.
     pub start_to_200: Option<Duration>,
     /// Its configuration and logs; removed after the process is gone
     /// (fields drop in order).
     dir: Option<TempDir>,
+    /// A fresh Prism's own data directory, removed likewise.
+    extra: Option<TempDir>,
 }
 
 /// Starts targets: knows the tools, the origin, the CPUs and Prism's
@@ -95,6 +100,8 @@ pub struct Launcher {
 /// snapshot.
 struct PrismPlane {
     _control_plane: Proc,
+    /// The control plane's admin API, `http://…`.
+    admin: String,
     xds: String,
     proxy_data: PathBuf,
 }
@@ -184,13 +191,39 @@ impl Launcher {
 
     /// Starts `target` and waits for its first proxied `200`.
     pub fn start(&self, target: Target) -> Result<Started> {
+        self.start_in(target, None)
+    }
+
+    /// Starts a Prism proxy with an empty data directory of its own, so it
+    /// has no snapshot and waits for the control plane (a fresh
+    /// subscription), and waits for its first proxied `200`.
+    pub fn start_prism_fresh(&self) -> Result<Started> {
+        let data = tempfile::Builder::new()
+            .prefix("prism-fresh")
+            .tempdir_in(&self.scratch)
+            .context("cannot create a temp dir")?;
+        let mut started = self.start_in(Target::Prism, Some(data.path()))?;
+        started.extra = Some(data);
+        Ok(started)
+    }
+
+    /// The admin API of Prism's control plane, when Prism is a target.
+    pub fn prism_admin(&self) -> Option<&str> {
+        self.prism.as_ref().map(|p| p.admin.as_str())
+    }
+
+    /// Starts `target`, a Prism proxy with `data_dir` instead of the shared
+    /// one holding the last-good snapshot, and waits for its first `200`.
+    fn start_in(&self, target: Target, data_dir: Option<&Path>) -> Result<Started> {
         if target == Target::Direct {
             return Ok(Started {
                 h1: self.origin,
                 h2: self.origin,
                 process: None,
+                admin: None,
                 start_to_200: None,
                 dir: None,
+                extra: None,
             });
         }
         let dir = tempfile::Builder::new()
@@ -205,7 +238,8 @@ impl Launcher {
         } else {
             h1
         };
-        let mut command = self.command(target, dir.path(), h1, h2)?;
+        let admin = (target == Target::Prism).then(free_port).transpose()?;
+        let mut command = self.command(target, dir.path(), h1, h2, admin, data_dir)?;
         let log = File::create(dir.path().join("output.log"))?;
         command
             .stdout(Stdio::from(log.try_clone()?))
@@ -232,19 +266,24 @@ impl Launcher {
             h1,
             h2,
             process: Some(process),
+            admin,
             start_to_200: Some(start_to_200),
             dir: Some(dir),
+            extra: None,
         })
     }
 
     /// The command line of `target` listening on `h1` and `h2`, pinned to
-    /// the proxy CPUs, with its configuration written to `dir`.
+    /// the proxy CPUs, with its configuration written to `dir` (Prism: its
+    /// admin on `admin`, its data in `data_dir` or the shared one).
     fn command(
         &self,
         target: Target,
         dir: &Path,
         h1: SocketAddr,
         h2: SocketAddr,
+        admin: Option<SocketAddr>,
+        data_dir: Option<&Path>,
     ) -> Result<Command> {
         let tool = |path: &Option<PathBuf>| -> Result<PathBuf> {
             path.clone()
@@ -259,9 +298,15 @@ impl Launcher {
                     .arg("proxy")
                     .args(["--control-plane", &plane.xds])
                     .args(["--listen", &h1.to_string()])
-                    .args(["--admin-addr", &free_port()?.to_string()])
+                    // Not the default 0.0.0.0:8443, which something else on
+                    // the machine may hold.
+                    .args(["--tls-listen", &free_port()?.to_string()])
+                    .args([
+                        "--admin-addr",
+                        &admin.context("Prism's admin address")?.to_string(),
+                    ])
                     .arg("--data-dir")
-                    .arg(&plane.proxy_data)
+                    .arg(data_dir.unwrap_or(&plane.proxy_data))
                     .args(["--node-id", PRISM_NODE])
                     .args(["--workers", &WORKERS.to_string()])
                     .env("RUST_LOG", "warn");
@@ -369,6 +414,7 @@ impl Launcher {
         );
         Ok(PrismPlane {
             _control_plane: control_plane,
+            admin,
             xds,
             proxy_data: self.scratch.join("prism-proxy"),
         })

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
@@ -132,7 +133,7 @@ pub async fn run(
         .add_service(discovery.into_service())
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.xds), stopped(stop_rx));
+        .serve_with_incoming_shutdown(nodelay(listeners.xds), stopped(stop_rx));
 
     info!(%admin_addr, %xds_addr, data_dir = %config.data_dir.display(), revision = store.revision(), "Control plane ready.");
     tokio::spawn(async move {
@@ -146,4 +147,38 @@ pub async fn run(
     xds?;
     info!("Control plane stopped.");
     Ok(())
+}
+
+/// The discovery listener's connections with Nagle's algorithm off. tonic
+/// sets `TCP_NODELAY` only on listeners it binds itself; without it, the
+/// second of a batch's small responses waits for the proxy's delayed ACK,
+/// and a fresh proxy's first configuration arrived 40 ms late about half the
+/// time.
+fn nodelay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn discovery_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = Box::pin(nodelay(listener));
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let accepted = tokio::time::timeout(std::time::Duration::from_secs(10), incoming.next())
+            .await
+            .expect("accepted in time")
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().expect("nodelay"));
+    }
 }

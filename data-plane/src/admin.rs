@@ -1,5 +1,7 @@
-//! The proxy's own admin listener: readiness, liveness and a dump of the
-//! accepted configuration. Read-only; it never changes the runtime.
+//! The proxy's own admin listener: readiness, liveness, a dump of the
+//! accepted configuration and a short status (revision, applies and how long
+//! the last one took) that is cheap to poll. Read-only; it never changes the
+//! runtime.
 
 use std::convert::Infallible;
 use std::future::ready;
@@ -9,6 +11,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode, header};
 use http_body_util::Full;
 use hyper::{Request, Response};
+use prism_proto::Snapshot;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -41,15 +44,8 @@ fn respond<B>(request: &Request<B>, node_id: &str, status: &Status) -> Response<
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" if status.accepted.is_some() => text(StatusCode::OK, "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "no configuration yet\n"),
-        "/config_dump" => {
-            let dump = config_dump(node_id, status);
-            let mut response = Response::new(Body::from(format!("{dump:#}\n")));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            response
-        }
+        "/config_dump" => json_response(&config_dump(node_id, status)),
+        "/status" => json_response(&summary(node_id, status)),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -76,6 +72,31 @@ fn config_dump(node_id: &str, status: &Status) -> serde_json::Value {
             "message": n.message,
         })),
     })
+}
+
+/// What `/status` shows: `/config_dump` without the resources, plus how
+/// many changed revisions were applied and how long the last one took.
+fn summary(node_id: &str, status: &Status) -> serde_json::Value {
+    json!({
+        "node_id": node_id,
+        "revision": status.accepted.as_ref().map(|s| s.revision),
+        "resources": status.accepted.as_ref().map_or(0, Snapshot::len),
+        "applied": status.applied,
+        "last_apply_seconds": status.last_apply.map(|d| d.as_secs_f64()),
+        "last_nack": status.last_nack.as_ref().map(|n| json!({
+            "revision": n.revision,
+            "message": n.message,
+        })),
+    })
+}
+
+fn json_response(value: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Body::from(format!("{value:#}\n")));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -156,11 +177,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn status_counts_applies_without_listing_resources() {
+        let mut status = Status::default();
+        let (code, body) = get("/status", &status).await;
+        assert_eq!(code, StatusCode::OK);
+        let summary: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(summary["revision"], serde_json::Value::Null);
+        assert_eq!(summary["applied"], 0);
+        assert_eq!(summary["last_apply_seconds"], serde_json::Value::Null);
+
+        status.accepted = Some(Snapshot::from_resources(
+            9,
+            [Resource::Namespace(Namespace {
+                name: "demo".into(),
+                ..Default::default()
+            })],
+        ));
+        status.applied = 3;
+        status.last_apply = Some(std::time::Duration::from_millis(250));
+        let (_, body) = get("/status", &status).await;
+        let summary: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(summary["node_id"], "node-1");
+        assert_eq!(summary["revision"], 9);
+        assert_eq!(summary["resources"], 1);
+        assert_eq!(summary["applied"], 3);
+        assert_eq!(summary["last_apply_seconds"], 0.25);
+        assert!(!body.contains("Namespace"), "{body}");
+    }
+
+    #[tokio::test]
     async fn config_dump_names_secrets_without_their_key_material() {
         let leaf = crate::test_ca::TestCa::new().issue(&["demo.local"]);
         let status = Status {
             accepted: Some(Snapshot::from_resources(1, [leaf.secret("demo/cert")])),
-            last_nack: None,
+            ..Status::default()
         };
         let (_, body) = get("/config_dump", &status).await;
         assert!(body.contains("demo/cert"), "{body}");

@@ -145,7 +145,7 @@ pub struct Listeners {
     /// Client traffic over TLS (HTTP/1.1 and HTTP/2 by ALPN), with each
     /// namespace's certificate chosen by SNI; none when `None`.
     pub tls: Option<TcpListener>,
-    /// The proxy admin: `/ready`, `/healthz`, `/config_dump`.
+    /// The proxy admin: `/ready`, `/healthz`, `/config_dump`, `/status`.
     pub admin: TcpListener,
 }
 
@@ -184,7 +184,7 @@ pub async fn run(
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
     let (status_tx, status_rx) = watch::channel(discovery::Status {
         accepted: restored.clone(),
-        last_nack: None,
+        ..discovery::Status::default()
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (last_good_tx, last_good_rx) = watch::channel(None);

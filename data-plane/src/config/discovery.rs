@@ -1,15 +1,20 @@
 //! The discovery client: one ADS `DeltaAggregatedResources` stream to the
 //! control plane, reconnecting with backoff. Responses go through the
 //! [`Stager`]; a complete valid batch is compiled into a [`Runtime`] and stored
-//! with one `ArcSwap::store`, then ACKed. This is the only module that knows tonic.
+//! with one `ArcSwap::store`, then ACKed. Staging, compiling and storing run
+//! on a blocking thread of lower priority ([`background`]), never on the
+//! event loop that serves requests. This is the only module that knows tonic.
 
+use std::mem;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prism_proto::{Kind, Snapshot};
@@ -20,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::Config;
 use crate::config::stager::{Offer, Reply, Stager};
-use crate::config::subset;
+use crate::config::{background, subset};
 use crate::http::error::Chain;
 use crate::runtime::{OwnAddresses, Runtime};
 
@@ -35,6 +40,11 @@ pub(crate) struct Status {
     /// The accepted snapshot, `None` until the first one.
     pub accepted: Option<Snapshot>,
     pub last_nack: Option<Nack>,
+    /// Changed revisions compiled and stored since the proxy started.
+    pub applied: u64,
+    /// How long the last of them took from its complete batch arriving to
+    /// the runtime being stored (stage, validate, compile, swap).
+    pub last_apply: Option<Duration>,
 }
 
 /// The most recent rejected batch.
@@ -150,22 +160,32 @@ impl Subscriber {
         info!(control_plane = %config.control_plane, "Subscribed to the control plane.");
 
         while let Some(response) = responses.message().await? {
+            let arrived = Instant::now();
             debug!(
                 type_url = %response.type_url,
                 revision = %response.system_version_info,
                 nonce = %response.nonce,
                 "Discovery response."
             );
-            match stager.offer(response) {
-                Offer::Waiting => {}
-                Offer::Ready { candidate, changed } => {
-                    self.apply(stager, backoff, &candidate, changed)
+            // Staging, validating and compiling take time proportional to
+            // the whole policy: they run on a thread of lower priority while
+            // this event loop goes on serving requests.
+            let work = Work {
+                stager: mem::take(stager),
+                runtime: Arc::clone(&self.runtime),
+                own: self.own.clone(),
+            };
+            let (back, outcome) = match background::run(move || work.run(response)).await {
+                Ok(done) => done,
+                Err(error) => {
+                    // The stager went with the work: start afresh, as after
+                    // any broken stream.
+                    warn!(error = %Chain(&error), "Configuration work failed.");
+                    return Err(StreamError::Closed);
                 }
-                Offer::Rejected { revision, message } => {
-                    warn!(error = %message, ?revision, "Rejected configuration.");
-                    record_nack(&self.status, revision, message);
-                }
-            }
+            };
+            *stager = back;
+            self.settle(outcome, backoff, arrived);
             for reply in stager.take_replies() {
                 requests
                     .send(answer(reply))
@@ -176,14 +196,92 @@ impl Subscriber {
         Ok(())
     }
 
-    /// Compiles and swaps in a complete batch, or rejects it.
-    fn apply(
-        &self,
-        stager: &mut Stager,
-        backoff: &mut Backoff,
-        candidate: &Snapshot,
+    /// Publishes what the blocking work decided: the accepted snapshot to
+    /// the admin status and the last-good writer, or the NACK. Whatever a
+    /// publication replaces is retired, never dropped here.
+    fn settle(&self, outcome: Outcome, backoff: &mut Backoff, arrived: Instant) {
+        match outcome {
+            Outcome::Waiting => {}
+            Outcome::Applied {
+                revision,
+                changed,
+                accepted,
+                retired,
+            } => {
+                let took = arrived.elapsed();
+                let (mut replaced, mut previous) = (None, None);
+                if let Some(Accepted { status, last_good }) = accepted {
+                    if let Some(last_good) = last_good {
+                        replaced = self.last_good.send_replace(Some(last_good));
+                    }
+                    self.status.send_modify(|s| {
+                        previous = s.accepted.replace(status);
+                        if changed {
+                            s.applied += 1;
+                            s.last_apply = Some(took);
+                        }
+                    });
+                }
+                if retired.is_some() || replaced.is_some() || previous.is_some() {
+                    background::retire((retired, replaced, previous));
+                }
+                backoff.reset();
+                info!(revision, changed, ?took, "Applied configuration.");
+            }
+            Outcome::Rejected { revision, message } => {
+                warn!(error = %message, ?revision, "Rejected configuration.");
+                record_nack(&self.status, revision, message);
+            }
+        }
+    }
+}
+
+/// One response's work, moved to a blocking thread and back.
+struct Work {
+    stager: Stager,
+    runtime: Arc<ArcSwap<Runtime>>,
+    own: OwnAddresses,
+}
+
+/// What staging one response led to.
+enum Outcome {
+    Waiting,
+    /// A complete batch was accepted; when `changed`, its runtime is stored.
+    Applied {
+        revision: u64,
         changed: bool,
-    ) {
+        /// Copies of the accepted snapshot to publish, `None` if the stager
+        /// had nothing ready.
+        accepted: Option<Accepted>,
+        /// The runtime the store replaced, to drop later off the event loop.
+        retired: Option<Arc<Runtime>>,
+    },
+    Rejected {
+        revision: Option<u64>,
+        message: String,
+    },
+}
+
+/// The accepted snapshot, copied on the blocking thread: one for the admin
+/// status and, when it changed, one for the last-good writer.
+struct Accepted {
+    status: Snapshot,
+    last_good: Option<Snapshot>,
+}
+
+impl Work {
+    /// Stages `response`; a complete batch is compiled and stored (one
+    /// `ArcSwap` store, so no request sees half of it) or rejected.
+    fn run(mut self, response: DeltaDiscoveryResponse) -> (Stager, Outcome) {
+        let outcome = match self.stager.offer(response) {
+            Offer::Waiting => Outcome::Waiting,
+            Offer::Rejected { revision, message } => Outcome::Rejected { revision, message },
+            Offer::Ready { candidate, changed } => self.apply(&candidate, changed),
+        };
+        (self.stager, outcome)
+    }
+
+    fn apply(&mut self, candidate: &Snapshot, changed: bool) -> Outcome {
         let revision = candidate.revision;
         let compiled = if changed {
             Runtime::compile(candidate, &self.runtime.load(), &self.own).map(Some)
@@ -192,24 +290,25 @@ impl Subscriber {
         };
         match compiled {
             Ok(next) => {
-                if let Some(next) = next {
-                    self.runtime.store(Arc::new(next));
+                let retired = next.map(|next| self.runtime.swap(Arc::new(next)));
+                let accepted = self.stager.commit().map(|accepted| Accepted {
+                    status: accepted.clone(),
+                    last_good: changed.then(|| accepted.clone()),
+                });
+                Outcome::Applied {
+                    revision,
+                    changed,
+                    accepted,
+                    retired,
                 }
-                if let Some(accepted) = stager.commit() {
-                    let accepted = accepted.clone();
-                    if changed {
-                        self.last_good.send_replace(Some(accepted.clone()));
-                    }
-                    self.status.send_modify(|s| s.accepted = Some(accepted));
-                }
-                backoff.reset();
-                info!(revision, changed, "Applied configuration.");
             }
             Err(error) => {
                 let message = error.to_string();
-                stager.reject(&message);
-                warn!(%error, revision, "Rejected configuration.");
-                record_nack(&self.status, Some(revision), message);
+                self.stager.reject(&message);
+                Outcome::Rejected {
+                    revision: Some(revision),
+                    message,
+                }
             }
         }
     }

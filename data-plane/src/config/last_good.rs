@@ -24,6 +24,8 @@ use prost::Message;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::config::background;
+
 /// Name of the snapshot file inside the data directory.
 pub const FILE_NAME: &str = "last-good.pb";
 /// The encoding written here; a file of another format is not read.
@@ -149,7 +151,8 @@ pub(crate) async fn write_loop(
         };
         let revision = snapshot.revision;
         let writer = Arc::clone(&file);
-        match tokio::task::spawn_blocking(move || writer.store(&snapshot)).await {
+        // Encoding the whole policy is configuration work: lower priority.
+        match background::run(move || writer.store(&snapshot)).await {
             Ok(Ok(())) => {
                 debug!(revision, path = %file.path().display(), "Saved the last-known-good snapshot.")
             }

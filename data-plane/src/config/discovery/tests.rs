@@ -281,6 +281,15 @@ async fn run_subscribes_applies_nacks_and_resumes() {
     assert_eq!(dump["revision"], 1);
     assert_eq!(dump["last_nack"]["revision"], 2);
     assert_eq!(dump["resources"].as_array().map(Vec::len), Some(3));
+    // `/status` counts the one applied change, not the rejected one.
+    let (_, summary) = get(admin_addr, "", "/status").await;
+    let summary: serde_json::Value = serde_json::from_str(&summary).expect("json");
+    assert_eq!(summary["revision"], 1);
+    assert_eq!(summary["applied"], 1);
+    assert!(
+        summary["last_apply_seconds"].as_f64().is_some(),
+        "{summary}"
+    );
 
     // The control plane goes away; the proxy reconnects and resumes from
     // what it accepted.
@@ -453,4 +462,50 @@ async fn an_invalid_subset_is_refused_before_starting() {
         matches!(result, Err(crate::Error::InvalidSubset(_))),
         "{result:?}"
     );
+}
+
+#[tokio::test]
+async fn work_stores_a_complete_batch_and_hands_back_the_runtime_it_replaced() {
+    let unconfigured = Arc::new(Runtime::unconfigured());
+    let runtime = Arc::new(ArcSwap::new(Arc::clone(&unconfigured)));
+    let upstream: SocketAddr = "127.0.0.1:9".parse().expect("address");
+    let mut stager = Stager::default();
+    let mut outcomes = Vec::new();
+    for (kind, resources) in Kind::ALL.into_iter().zip(policy("upstream", upstream)) {
+        let response = DeltaDiscoveryResponse {
+            system_version_info: "1".into(),
+            type_url: kind.type_url().into(),
+            nonce: format!("1-{kind}"),
+            resources: resources.iter().map(wire).collect(),
+            ..Default::default()
+        };
+        let work = Work {
+            stager,
+            runtime: Arc::clone(&runtime),
+            own: OwnAddresses::default(),
+        };
+        let (back, outcome) = work.run(response);
+        stager = back;
+        outcomes.push(outcome);
+    }
+    let last = outcomes.pop().expect("four outcomes");
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Waiting)));
+    let Outcome::Applied {
+        revision: 1,
+        changed: true,
+        accepted: Some(accepted),
+        retired: Some(retired),
+    } = last
+    else {
+        panic!("the batch was not applied");
+    };
+    // The live runtime is the new one; the old one came back to be retired
+    // off the event loop rather than dropped wherever its last user is.
+    assert!(runtime.load().is_configured());
+    assert!(Arc::ptr_eq(&retired, &unconfigured));
+    assert_eq!(accepted.status.revision, 1);
+    assert_eq!(accepted.last_good.map(|s| s.revision), Some(1));
+    let replies = stager.take_replies();
+    assert_eq!(replies.len(), Kind::ALL.len());
+    assert!(replies.iter().all(|r| r.error.is_none()), "{replies:?}");
 }

@@ -1,0 +1,147 @@
+//! Where configuration work runs: on threads of its own at a lower CPU
+//! priority than the event loops that serve requests.
+//!
+//! Staging, validating and compiling a large revision (10,000 routes take
+//! tens of milliseconds), dropping the runtime it replaces and encoding the
+//! last-good snapshot are all proportional to the whole policy. On an event
+//! loop they would stall every request on it; on a blocking thread of normal
+//! priority they would still take turns with a proxy pinned to one core. At
+//! a lower priority the kernel runs them in the time the event loops leave,
+//! and preempts them as soon as a request arrives.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use tracing::debug;
+
+/// Nice value of configuration work (0 is normal, 19 the lowest). At 10 a
+/// busy event loop still leaves it about a tenth of its core, so a large
+/// revision applies within a second even under full load.
+const NICE: i32 = 10;
+
+/// How long a replaced runtime or snapshot is kept before it is dropped:
+/// long enough for requests that loaded it to have let go, so the last
+/// reference (and the work of freeing it) is ours, not theirs.
+pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(1);
+
+/// Why [`run`]'s work gave no result.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Failed {
+    #[error("cannot start a thread for configuration work")]
+    Spawn(#[source] std::io::Error),
+    #[error("configuration work ended without a result")]
+    Lost,
+}
+
+/// Runs `work` on a thread of its own at [`NICE`] and resolves to its
+/// result; a panic in `work` resumes here.
+///
+/// A thread of its own, not one of tokio's blocking threads: those are
+/// pooled and reused for other blocking work (the resolver's
+/// `getaddrinfo`, file reads), which must not inherit a lowered priority. A
+/// revision is rare enough that starting a thread for it costs nothing that
+/// shows.
+pub(crate) async fn run<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Failed> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("prism-config".into())
+        .spawn(move || {
+            lower_priority();
+            // Nobody waiting any more (shutdown) is fine.
+            let _ = done.send(std::panic::catch_unwind(AssertUnwindSafe(work)));
+        })
+        .map_err(Failed::Spawn)?;
+    match result.await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => Err(Failed::Lost),
+    }
+}
+
+/// Lowers the calling thread's priority to [`NICE`]. A failure (a platform
+/// without per-thread priorities) is logged and the work runs at normal
+/// priority.
+fn lower_priority() {
+    // On Linux `setpriority(PRIO_PROCESS, 0)` sets the calling thread's nice
+    // value, not the whole process's.
+    if let Err(error) = rustix::process::setpriority_process(None, NICE) {
+        debug!(%error, "Cannot lower the priority of configuration work.");
+    }
+}
+
+/// Drops `garbage` on a thread of lower priority after [`RETIRE_AFTER`], so
+/// that freeing a large runtime or snapshot never runs on an event loop.
+pub(crate) fn retire<T: Send + 'static>(garbage: T) {
+    tokio::spawn(async move {
+        tokio::time::sleep(RETIRE_AFTER).await;
+        if let Err(error) = run(move || drop(garbage)).await {
+            debug!(%error, "Dropping a replaced configuration where it was.");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::thread::{self, ThreadId};
+
+    use super::*;
+
+    #[test]
+    fn configuration_work_runs_at_a_lower_priority() {
+        let nice = thread::spawn(|| {
+            let before = rustix::process::getpriority_process(None).expect("nice");
+            lower_priority();
+            let after = rustix::process::getpriority_process(None).expect("nice");
+            (before, after)
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(nice, (0, NICE));
+        // Only the thread that asked: this one is as it was.
+        assert_eq!(rustix::process::getpriority_process(None).expect("nice"), 0);
+    }
+
+    #[tokio::test]
+    async fn work_runs_lowered_and_leaves_tokios_blocking_threads_alone() {
+        let nice = run(|| rustix::process::getpriority_process(None).expect("nice"))
+            .await
+            .expect("ran");
+        assert_eq!(nice, NICE);
+        let pooled = tokio::task::spawn_blocking(|| {
+            rustix::process::getpriority_process(None).expect("nice")
+        })
+        .await
+        .expect("ran");
+        assert_eq!(pooled, 0, "a blocking thread of tokio's pool");
+        let panicked = tokio::spawn(run(|| panic!("in configuration work")));
+        assert!(panicked.await.expect_err("resumed").is_panic());
+    }
+
+    /// Says on which thread it was dropped.
+    struct Tell(mpsc::Sender<ThreadId>);
+
+    impl Drop for Tell {
+        fn drop(&mut self) {
+            let _ = self.0.send(thread::current().id());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retired_garbage_is_dropped_later_and_off_the_event_loop() {
+        let (tell, dropped) = mpsc::channel();
+        retire(Tell(tell));
+        tokio::time::sleep(RETIRE_AFTER / 2).await;
+        assert!(dropped.try_recv().is_err(), "dropped before RETIRE_AFTER");
+        tokio::time::sleep(RETIRE_AFTER).await;
+        // Past RETIRE_AFTER the dropping thread is on its way; wait for it
+        // on a blocking thread, which keeps paused time where it is.
+        let on = tokio::task::spawn_blocking(move || dropped.recv_timeout(Duration::from_secs(10)))
+            .await
+            .expect("task")
+            .expect("dropped, not leaked");
+        assert_ne!(on, thread::current().id(), "dropped on the event loop");
+    }
+}
