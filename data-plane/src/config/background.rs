@@ -33,8 +33,8 @@ pub(crate) enum Failed {
     Lost,
 }
 
-/// Runs `work` on a thread of its own at [`NICE`] and resolves to its
-/// result; a panic in `work` resumes here.
+/// Runs `work` on a thread of its own at [`NICE`], inside the calling
+/// Tokio runtime, and resolves to its result; a panic in `work` resumes here.
 ///
 /// A thread of its own, not one of tokio's blocking threads: those are
 /// pooled and reused for other blocking work (the resolver's
@@ -45,9 +45,13 @@ pub(crate) async fn run<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Failed> {
     let (done, result) = tokio::sync::oneshot::channel();
+    // The work may start tasks (a compiled backend's health checker): on
+    // this runtime, as if it ran here.
+    let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("prism-config".into())
         .spawn(move || {
+            let _entered = runtime.enter();
             lower_priority();
             // Nobody waiting any more (shutdown) is fine.
             let _ = done.send(std::panic::catch_unwind(AssertUnwindSafe(work)));
@@ -106,10 +110,14 @@ mod tests {
 
     #[tokio::test]
     async fn work_runs_lowered_and_leaves_tokios_blocking_threads_alone() {
-        let nice = run(|| rustix::process::getpriority_process(None).expect("nice"))
-            .await
-            .expect("ran");
+        let (nice, spawned) = run(|| {
+            let nice = rustix::process::getpriority_process(None).expect("nice");
+            (nice, tokio::spawn(async { "on the caller's runtime" }))
+        })
+        .await
+        .expect("ran");
         assert_eq!(nice, NICE);
+        assert_eq!(spawned.await.expect("task"), "on the caller's runtime");
         let pooled = tokio::task::spawn_blocking(|| {
             rustix::process::getpriority_process(None).expect("nice")
         })
