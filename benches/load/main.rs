@@ -316,6 +316,22 @@ fn run(options: &Options) -> Result<bool> {
             }
         }
     }
+    let idle_measurements = if options.idle_conns > 0 {
+        // Only now: more connection slots raise nginx's idle RSS (it
+        // allocates them up front), which the load tables above compare.
+        // Before the swap, which leaves a 10,000-route policy in Prism's
+        // last-good snapshot.
+        launcher.allow_clients(options.idle_conns, open_files);
+        idle::measure_all(
+            &launcher,
+            &runtime,
+            &options.targets,
+            options.idle_conns,
+            SETTLE,
+        )
+    } else {
+        Vec::new()
+    };
     let prism = if options.targets.contains(&Target::Prism) {
         eprintln!(
             "load: Prism's starts and a {}-route swap",
@@ -332,20 +348,6 @@ fn run(options: &Options) -> Result<bool> {
         Some(section)
     } else {
         None
-    };
-    let idle_measurements = if options.idle_conns > 0 {
-        // Only now: more connection slots raise nginx's idle RSS (it
-        // allocates them up front), which the load tables above compare.
-        launcher.allow_clients(options.idle_conns, open_files);
-        idle::measure_all(
-            &launcher,
-            &runtime,
-            &options.targets,
-            options.idle_conns,
-            SETTLE,
-        )
-    } else {
-        Vec::new()
     };
     drop(launcher);
 
