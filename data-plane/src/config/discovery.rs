@@ -2,7 +2,7 @@
 //! control plane, reconnecting with backoff. Responses go through the
 //! [`Stager`]; a complete valid batch is compiled into a [`Runtime`] and stored
 //! with one `ArcSwap::store`, then ACKed. Staging, compiling and storing run
-//! on a blocking thread of lower priority ([`background`]), never on the
+//! on a thread of lower priority ([`background`]), never on the
 //! event loop that serves requests. This is the only module that knows tonic.
 
 use std::mem;
@@ -196,7 +196,7 @@ impl Subscriber {
         Ok(())
     }
 
-    /// Publishes what the blocking work decided: the accepted snapshot to
+    /// Publishes what the configuration work decided: the accepted snapshot to
     /// the admin status and the last-good writer, or the NACK. Whatever a
     /// publication replaces is retired, never dropped here.
     fn settle(&self, outcome: Outcome, backoff: &mut Backoff, arrived: Instant) {
@@ -236,7 +236,7 @@ impl Subscriber {
     }
 }
 
-/// One response's work, moved to a blocking thread and back.
+/// One response's work, moved to a thread of lower priority and back.
 struct Work {
     stager: Stager,
     runtime: Arc<ArcSwap<Runtime>>,
@@ -262,7 +262,7 @@ enum Outcome {
     },
 }
 
-/// The accepted snapshot, copied on the blocking thread: one for the admin
+/// The accepted snapshot, copied on the configuration thread: one for the admin
 /// status and, when it changed, one for the last-good writer.
 struct Accepted {
     status: Snapshot,
