@@ -20,8 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{Response, StatusCode, header};
-use hyper::upgrade::OnUpgrade;
+use http::{Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -52,9 +51,21 @@ pin_project! {
 /// The client's side of a requested protocol switch, waiting for the
 /// upstream's answer.
 struct Pending {
-    client: OnUpgrade,
+    client: Upgrading,
     idle: Option<Duration>,
 }
+
+/// A connection switching protocols: resolves to its upgraded stream once
+/// the `101` is through (with bytes read past it first).
+pub(crate) type Upgrading = Pin<Box<dyn Future<Output = Result<Upgraded, BoxError>> + Send>>;
+
+/// An upgraded stream, whichever HTTP/1.1 implementation it came from.
+pub(crate) type Upgraded = Box<dyn Io>;
+
+/// What an upgraded stream is.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// An upgraded stream that notes when it last read a byte, for the idle
 /// timeout.
@@ -96,7 +107,7 @@ where
             None
         } else {
             Some(Pending {
-                client: hyper::upgrade::on(&mut routed.request),
+                client: client_upgrade(&mut routed.request),
                 idle: routed.route.timeout.idle,
             })
         };
@@ -119,33 +130,45 @@ where
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(Pending { client, idle }) = this.upgrade.take()
         {
-            let upstream = hyper::upgrade::on(&mut response);
+            let upstream = upstream_upgrade(&mut response);
             tokio::spawn(join(client, upstream, idle));
         }
         Poll::Ready(Ok(response))
     }
 }
 
+/// The client's side of the switch `request` asks for.
+fn client_upgrade<B>(request: &mut Request<B>) -> Upgrading {
+    let on = hyper::upgrade::on(request);
+    Box::pin(async move { Ok(Box::new(TokioIo::new(on.await?)) as Upgraded) })
+}
+
+/// The upstream's side of the switch its `101` answers.
+fn upstream_upgrade<B>(response: &mut Response<B>) -> Upgrading {
+    let on = hyper::upgrade::on(response);
+    Box::pin(async move { Ok(Box::new(TokioIo::new(on.await?)) as Upgraded) })
+}
+
 /// Copies bytes both ways between the client and the upstream once both
 /// have switched protocols, until either side closes or fails, or nothing has
 /// moved for `idle`.
-async fn join(client: OnUpgrade, upstream: OnUpgrade, idle: Option<Duration>) {
+async fn join(client: Upgrading, upstream: Upgrading, idle: Option<Duration>) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(error) => {
-            debug!(error = %Chain(&error), "A protocol switch did not complete.");
+            debug!(error = %Chain(&*error), "A protocol switch did not complete.");
             return;
         }
     };
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let mut client = Watched {
-        io: TokioIo::new(client),
+        io: client,
         start,
         last: &last,
     };
     let mut upstream = Watched {
-        io: TokioIo::new(upstream),
+        io: upstream,
         start,
         last: &last,
     };
