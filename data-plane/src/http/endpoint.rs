@@ -8,6 +8,7 @@
 //! keep it alive until their responses end, then its connections close.
 
 mod connect;
+pub(crate) mod h1;
 pub(crate) mod pool;
 
 use std::future::Future;
@@ -20,11 +21,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Response;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use pin_project_lite::pin_project;
 use tower::Service;
 
 use self::connect::Connector;
-use self::pool::{Lease, Limits, Pool};
+use self::pool::{Lease, Limits, Pool, Sent};
 use super::backend::Picked;
 use super::error::{BoxError, ProxyError};
 use crate::runtime::tls;
@@ -79,25 +79,23 @@ pub(crate) struct InFlight {
 pub(crate) type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
 
-pin_project! {
-    /// An upstream response body that keeps its request counted in flight
-    /// until it ends, and then gives its connection back to the pool.
-    pub(crate) struct ResponseBody {
-        #[pin]
+/// An upstream response body that keeps its request counted in flight
+/// until it ends, and then gives its connection back to the pool.
+pub(crate) struct ResponseBody {
+    body: Upstream,
+    in_flight: Option<InFlight>,
+}
+
+/// A response body from either client.
+enum Upstream {
+    /// Prism's HTTP/1.1 client: the body holds its connection and gives it
+    /// back once it has ended on a reusable one.
+    Http1(h1::Body),
+    /// hyper's HTTP/2 client, and the request's share of its connection.
+    Http2 {
         body: Incoming,
         lease: Option<Lease>,
-        in_flight: Option<InFlight>,
-    }
-
-    impl PinnedDrop for ResponseBody {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            // A body hyper never had to read (empty, or read to its end
-            // without a last poll) still leaves its connection reusable.
-            let ended = this.body.is_end_stream();
-            finish(this.lease, this.in_flight, ended);
-        }
-    }
+    },
 }
 
 impl Client {
@@ -188,16 +186,25 @@ async fn forward(picked: Picked) -> Result<Response<ResponseBody>, BoxError> {
         Err(error) => Err(error),
     };
     match sent {
-        Ok(((response, lease), in_flight)) => {
-            let (parts, body) = response.into_parts();
+        Ok((sent, in_flight)) => {
+            let (parts, body) = match sent {
+                Sent::Http1(response) => {
+                    let (parts, body) = response.into_parts();
+                    (parts, Upstream::Http1(body))
+                }
+                Sent::Http2(response, lease) => {
+                    let (parts, body) = response.into_parts();
+                    let lease = Some(Lease::Http2(lease));
+                    (parts, Upstream::Http2 { body, lease })
+                }
+            };
             let mut body = ResponseBody {
                 body,
-                lease,
                 in_flight: Some(in_flight),
             };
             if body.body.is_end_stream() {
                 // Nothing to stream: the connection is free already.
-                finish(&mut body.lease, &mut body.in_flight, true);
+                body.finish(true);
             }
             Ok(Response::from_parts(parts, body))
         }
@@ -211,35 +218,54 @@ async fn forward(picked: Picked) -> Result<Response<ResponseBody>, BoxError> {
     }
 }
 
-/// The end of a request: its connection back to the pool when `reusable`
-/// (dropped, and so closed, otherwise), and out of the in-flight counts.
-fn finish(lease: &mut Option<Lease>, in_flight: &mut Option<InFlight>, reusable: bool) {
-    // Taken either way: a lease not checked in is dropped here.
-    if let (Some(lease), Some(f)) = (lease.take(), in_flight.as_ref())
-        && reusable
-    {
-        f.backend.client.pool.check_in(f.endpoint, lease);
+impl ResponseBody {
+    /// The end of a request: its connection back to the pool when `ended`
+    /// cleanly on a reusable one (dropped, and so closed, otherwise), and
+    /// out of the in-flight counts.
+    fn finish(&mut self, ended: bool) {
+        // Taken either way: a lease not checked in is dropped here.
+        let lease = match &mut self.body {
+            Upstream::Http1(body) => body.take_reusable().map(Lease::Http1),
+            Upstream::Http2 { lease, .. } => lease.take(),
+        };
+        if let (Some(lease), Some(f)) = (lease, self.in_flight.as_ref())
+            && ended
+        {
+            f.backend.client.pool.check_in(f.endpoint, lease);
+        }
+        self.in_flight.take();
     }
-    in_flight.take();
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A body never read to its last poll (empty, or read to its end
+        // without one) still leaves its connection reusable.
+        let ended = self.body.is_end_stream();
+        self.finish(ended);
+    }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        let mut body = this.body;
-        let frame = ready!(body.as_mut().poll_frame(cx));
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match &mut self.body {
+            Upstream::Http1(body) => ready!(Pin::new(body).poll_frame(cx)),
+            Upstream::Http2 { body, .. } => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|frame| frame.map_err(BoxError::from))
+            }
+        };
         match &frame {
-            Some(Ok(_)) if !body.is_end_stream() => {}
+            Some(Ok(_)) if !self.body.is_end_stream() => {}
             // Ended: the endpoint is done with this request.
-            Some(Ok(_)) | None => finish(this.lease, this.in_flight, true),
+            Some(Ok(_)) | None => self.finish(true),
             // Failed: so is its connection.
-            Some(Err(_)) => finish(this.lease, this.in_flight, false),
+            Some(Err(_)) => self.finish(false),
         }
         Poll::Ready(frame)
     }
@@ -249,7 +275,19 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Upstream::Http1(body) => body.size_hint(),
+            Upstream::Http2 { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl Upstream {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::Http1(body) => body.is_end_stream(),
+            Upstream::Http2 { body, .. } => body.is_end_stream(),
+        }
     }
 }
 

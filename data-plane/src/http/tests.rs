@@ -1039,3 +1039,4 @@ mod backends;
 mod health;
 mod pool;
 mod routing;
+mod upstream_h1;

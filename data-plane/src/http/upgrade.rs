@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 use tracing::debug;
 
+use super::endpoint::h1;
 use super::error::{BoxError, Chain};
 use super::route::Routed;
 
@@ -61,6 +62,11 @@ pub(crate) type Upgrading = Pin<Box<dyn Future<Output = Result<Upgraded, BoxErro
 
 /// An upgraded stream, whichever HTTP/1.1 implementation it came from.
 pub(crate) type Upgraded = Box<dyn Io>;
+
+/// The upstream connection of a `101` was taken already.
+#[derive(Debug, thiserror::Error)]
+#[error("the upgraded upstream connection was taken already")]
+struct UpgradeTaken;
 
 /// What an upgraded stream is.
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -143,8 +149,13 @@ fn client_upgrade<B>(request: &mut Request<B>) -> Upgrading {
     Box::pin(async move { Ok(Box::new(TokioIo::new(on.await?)) as Upgraded) })
 }
 
-/// The upstream's side of the switch its `101` answers.
+/// The upstream's side of the switch its `101` answers: the connection
+/// Prism's HTTP/1.1 client left in the response, else hyper's.
 fn upstream_upgrade<B>(response: &mut Response<B>) -> Upgrading {
+    if let Some(on) = response.extensions_mut().remove::<h1::OnUpgrade>() {
+        let upgraded = on.take().ok_or(UpgradeTaken);
+        return Box::pin(async move { Ok(Box::new(upgraded?) as Upgraded) });
+    }
     let on = hyper::upgrade::on(response);
     Box::pin(async move { Ok(Box::new(TokioIo::new(on.await?)) as Upgraded) })
 }

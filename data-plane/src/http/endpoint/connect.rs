@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -60,7 +59,7 @@ impl Connector {
     }
 
     /// Connects to the endpoint `uri` names (`http://host:port`).
-    pub(crate) async fn connect(&self, uri: Uri) -> Result<TokioIo<Upstream>, BoxError> {
+    pub(crate) async fn connect(&self, uri: Uri) -> Result<Upstream, BoxError> {
         let host = uri.host().unwrap_or_default().to_string();
         // The HttpConnector is a handle on shared state: cloning it is cheap,
         // and it is ready at once (it resolves and connects in `call`).
@@ -81,7 +80,7 @@ impl Connector {
             Ok::<_, BoxError>(Upstream::Tls(Box::new(stream)))
         };
         match tokio::time::timeout(self.timeout, connect).await {
-            Ok(result) => result.map(TokioIo::new),
+            Ok(result) => result,
             Err(_) => Err(ConnectTimedOut.into()),
         }
     }

@@ -1,13 +1,16 @@
-//! A backend's connection pool, on hyper's connection API, and the
-//! Envoy-style limits of `Backend.limits` enforced on it.
+//! A backend's connection pool, on Prism's own HTTP/1.1 client ([`super::h1`])
+//! and hyper's HTTP/2 one, and the Envoy-style limits of `Backend.limits`
+//! enforced on it.
 //!
 //! Per endpoint, HTTP/1.1 keeps a LIFO stack of idle connections: a request
-//! takes the most recently used one, and its connection goes back on the
-//! stack when its response body ends (not before). HTTP/2 shares one
-//! connection per endpoint, its sender cloned per request; a new one is
-//! opened when it closes or has carried `max_requests_per_connection`
-//! requests. Each connection is driven by its own task, which also holds the
-//! connection's place under `max_connections` until the connection ends.
+//! takes the most recently used one (unless the upstream has closed it
+//! meanwhile), and its connection goes back on the stack when its response
+//! body ends (not before). An HTTP/1.1 connection is driven by the request
+//! it carries and holds its place under `max_connections` itself. HTTP/2
+//! shares one connection per endpoint, its sender cloned per request; a new
+//! one is opened when it closes or has carried `max_requests_per_connection`
+//! requests. Each HTTP/2 connection is driven by its own task, which holds
+//! the connection's place under `max_connections` until the connection ends.
 //!
 //! Written here rather than taken from hyper-util's pooled client: that one
 //! costs a shared-map lookup, a spawned task and a channel hop per request,
@@ -21,10 +24,10 @@ use std::time::Duration;
 
 use http::header;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prism_proto::defaults;
 use prism_proto::pb::config::v1::BackendLimits;
 use tokio::sync::Notify;
@@ -32,6 +35,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::connect::{ConnectTimedOut, Connector};
+use super::h1;
 use crate::http::body::{BodyTooLarge, ReplayBody};
 use crate::http::error::{BoxError, ProxyError};
 
@@ -65,24 +69,23 @@ pub(crate) struct Pool {
     requests: AtomicU32,
     /// Whether the task that closes idle connections runs.
     sweeping: AtomicBool,
-    http1: http1::Builder,
     http2_builder: http2::Builder<TokioExecutor>,
 }
 
 /// A connection handed out for one request; its [`Lease`] goes back to the
 /// pool with [`Pool::check_in`] once the response has ended.
 pub(crate) enum Lease {
-    Http1(Http1Conn),
+    /// The connection itself, given back by the response body
+    /// ([`h1::Body::take_reusable`]).
+    Http1(h1::Connection),
     Http2(Http2Lease),
 }
 
-/// An HTTP/1.1 connection, idle on its endpoint's stack or lent to a request.
-pub(crate) struct Http1Conn {
-    send: http1::SendRequest<ReplayBody>,
-    /// Requests sent on it so far.
-    used: u32,
-    /// When it last went back on the stack.
-    idle_since: Instant,
+/// A sent request's response: HTTP/1.1's streams from its connection, which
+/// it gives back itself; HTTP/2's with its share of the connection.
+pub(crate) enum Sent {
+    Http1(Response<h1::Body>),
+    Http2(Response<Incoming>, Http2Lease),
 }
 
 /// One request's share of an HTTP/2 connection: counted among its streams
@@ -101,7 +104,7 @@ struct Slot {
 #[derive(Default)]
 struct Idle {
     /// HTTP/1.1: idle connections, the most recently used last.
-    http1: Vec<Http1Conn>,
+    http1: Vec<h1::Connection>,
     /// HTTP/2: the connection new requests share.
     http2: Option<Shared>,
     /// HTTP/2: a request is opening the connection the others will share.
@@ -136,15 +139,16 @@ struct Gauge {
     changed: Notify,
 }
 
-/// A connection's place under `max_connections`, held by its task.
-struct Permit(Arc<Gauge>);
+/// A connection's place under `max_connections`, held by the HTTP/1.1
+/// connection itself or by the task that drives an HTTP/2 one.
+pub(super) struct Permit(Arc<Gauge>);
 
 /// A request's place under `max_pending_requests` while it waits.
 struct Pending(Arc<Gauge>);
 
 /// A connection checked out for one request.
 enum Conn {
-    Http1(Http1Conn),
+    Http1(h1::Connection),
     Http2(http2::SendRequest<ReplayBody>, Http2Lease),
 }
 
@@ -234,7 +238,6 @@ impl Pool {
             gauge: Arc::default(),
             requests: AtomicU32::new(0),
             sweeping: AtomicBool::new(false),
-            http1: http1::Builder::new(),
             http2_builder,
         }
     }
@@ -275,30 +278,30 @@ impl Pool {
     }
 
     /// Sends `request` to endpoint `endpoint` on a pooled or a new
-    /// connection; the [`Lease`] goes back with [`Pool::check_in`] when the
-    /// response has ended (`None` for a connection that cannot be reused).
+    /// connection. An HTTP/1.1 response body gives its connection back for
+    /// [`Pool::check_in`] when it has ended; an HTTP/2 [`Http2Lease`] is
+    /// checked in (dropped) then.
     pub(crate) async fn send(
         self: &Arc<Self>,
         endpoint: usize,
         mut request: Request<ReplayBody>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+    ) -> Result<Sent, ProxyError> {
         self.address(endpoint, &mut request);
         loop {
             let (conn, reused) = self.checkout(endpoint).await?;
             let sent = match conn {
                 Conn::Http1(mut conn) => {
                     conn.used += 1;
-                    let response = conn.send.try_send_request(request).await;
-                    response.map(|r| {
-                        // After a 101 the connection is the upgrade's.
-                        let reusable = r.status() != StatusCode::SWITCHING_PROTOCOLS;
-                        (r, reusable.then_some(Lease::Http1(conn)))
-                    })
+                    return conn
+                        .send(request)
+                        .await
+                        .map(Sent::Http1)
+                        .map_err(|error| classify(error.into()));
                 }
                 Conn::Http2(mut send, lease) => send
                     .try_send_request(request)
                     .await
-                    .map(|r| (r, Some(Lease::Http2(lease)))),
+                    .map(|r| Sent::Http2(r, lease)),
             };
             match sent {
                 Ok(done) => return Ok(done),
@@ -307,7 +310,7 @@ impl Pool {
                     // upstream closing an idle keep-alive connection as it
                     // was taken). Nothing was sent, so try another.
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(classify(error.into_error())),
+                    _ => return Err(classify(error.into_error().into())),
                 },
             }
         }
@@ -321,10 +324,10 @@ impl Pool {
             // An HTTP/2 lease only counts a stream, which dropping it ends.
             Lease::Http2(stream) => return drop(stream),
         };
-        if self.limits.spent(conn.used) || conn.send.is_closed() {
+        if self.limits.spent(conn.used) {
             return;
         }
-        conn.idle_since = Instant::now();
+        conn.idle();
         self.idle(endpoint).http1.push(conn);
         self.gauge.wake();
     }
@@ -384,9 +387,9 @@ impl Pool {
             }
             match self.take(endpoint, &mut waited)? {
                 Take::Pooled(Conn::Http1(mut conn)) => {
-                    // Back on the stack as its response ended, it may not yet
-                    // be ready for the next; a closed one is left behind.
-                    if conn.send.ready().await.is_ok() {
+                    // The upstream may have closed it while it was idle: such
+                    // a one is dropped, and the next one tried.
+                    if !conn.is_closed() {
                         return Ok((Conn::Http1(conn), true));
                     }
                     continue;
@@ -433,10 +436,8 @@ impl Pool {
                 return Ok(Take::Wait);
             }
         } else {
-            while let Some(conn) = idle.http1.pop() {
-                if !conn.send.is_closed() {
-                    return Ok(Take::Pooled(Conn::Http1(conn)));
-                }
+            if let Some(conn) = idle.http1.pop() {
+                return Ok(Take::Pooled(Conn::Http1(conn)));
             }
         }
         Ok(match self.gauge.reserve(self.limits.max_connections) {
@@ -468,7 +469,8 @@ impl Pool {
         opened
     }
 
-    /// Opens a connection to `endpoint` and spawns the task that drives it.
+    /// Opens a connection to `endpoint`; for HTTP/2, with the task that
+    /// drives it.
     async fn open(&self, endpoint: usize, permit: Permit) -> Result<Conn, ProxyError> {
         let io = self
             .connector
@@ -484,7 +486,7 @@ impl Pool {
         if self.http2 {
             let (send, conn) = self
                 .http2_builder
-                .handshake(io)
+                .handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| ProxyError::Connect(e.into()))?;
             tokio::spawn(drive(conn, permit));
@@ -502,17 +504,7 @@ impl Pool {
             }
             Ok(Conn::Http2(send, Http2Lease(conn)))
         } else {
-            let (send, conn) = self
-                .http1
-                .handshake(io)
-                .await
-                .map_err(|e| ProxyError::Connect(e.into()))?;
-            tokio::spawn(drive(conn.with_upgrades(), permit));
-            Ok(Conn::Http1(Http1Conn {
-                send,
-                used: 0,
-                idle_since: Instant::now(),
-            }))
+            Ok(Conn::Http1(h1::Connection::new(io, permit)))
         }
     }
 
@@ -557,7 +549,7 @@ impl Pool {
         for slot in &self.endpoints {
             let mut idle = lock(&slot.idle);
             idle.http1
-                .retain(|c| now.duration_since(c.idle_since) < timeout && !c.send.is_closed());
+                .retain_mut(|c| now.duration_since(c.idle_since) < timeout && !c.is_closed());
             if idle
                 .http2
                 .as_ref()
@@ -591,7 +583,7 @@ async fn sweep_every(pool: Weak<Pool>, period: Duration) {
     }
 }
 
-/// Drives one connection until it ends, holding its place under
+/// Drives one HTTP/2 connection until it ends, holding its place under
 /// `max_connections` until then.
 async fn drive(conn: impl Future<Output = hyper::Result<()>>, _permit: Permit) {
     if let Err(error) = conn.await {
@@ -601,15 +593,15 @@ async fn drive(conn: impl Future<Output = hyper::Result<()>>, _permit: Permit) {
 
 /// What a failed send means: a request body over its bound, or a failure of
 /// the upstream (reset, closed, malformed response).
-fn classify(error: hyper::Error) -> ProxyError {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+fn classify(error: BoxError) -> ProxyError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
     while let Some(e) = cause {
         if e.is::<BodyTooLarge>() {
             return ProxyError::BodyTooLarge;
         }
         cause = e.source();
     }
-    ProxyError::Upstream(BoxError::from(error))
+    ProxyError::Upstream(error)
 }
 
 impl Gauge {
