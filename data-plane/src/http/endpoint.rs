@@ -74,7 +74,7 @@ pub(crate) struct InFlight {
     endpoint: usize,
 }
 
-/// The endpoint stage's future. Boxed: hyper's send futures cannot be named,
+/// The endpoint stage's future. Boxed: the send futures cannot be named,
 /// and one allocation per request is what the pooled client it replaces made.
 pub(crate) type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;

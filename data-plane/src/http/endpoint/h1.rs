@@ -41,6 +41,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 /// Room made in the read buffer before each read.
 const READ_BYTES: usize = 8 * 1024;
+/// The most write buffer an idle connection keeps.
+const IDLE_WRITE_BYTES: usize = 4 * 1024;
 /// Request body frames are gathered into the write buffer while it holds
 /// less than this, so a head and a small body leave in one write.
 const GATHER_BYTES: usize = 16 * 1024;
@@ -173,9 +175,12 @@ impl Connection {
     }
 
     /// Readies a connection going back on its stack: no read buffer is held
-    /// while idle.
+    /// while idle, nor a write buffer grown past a request head's size.
     pub(super) fn idle(&mut self) {
         self.read = BytesMut::new();
+        if self.write.capacity() > IDLE_WRITE_BYTES {
+            self.write = Vec::new();
+        }
         self.idle_since = Instant::now();
     }
 
@@ -631,28 +636,30 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<(StatusCode, Version, Header
     } else {
         Version::HTTP_11
     };
-    // Where each name and value lies in the head, to slice them out of it
-    // once it is split off the buffer.
+    // Where each name and value lies in the head (at most `MAX_HEAD_BYTES`
+    // long, so `u32` offsets fit), to slice them out of it once it is split
+    // off the buffer.
     let base = read.as_ptr().addr();
-    let mut spans = [(0, 0, 0, 0); MAX_HEADERS];
+    let offset = |field: &[u8]| (field.as_ptr().addr() - base) as u32;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let count = response.headers.len();
     for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-        let name = field.name.as_ptr().addr() - base;
-        let value = field.value.as_ptr().addr() - base;
+        let (name, value) = (offset(field.name.as_bytes()), offset(field.value));
         *span = (
             name,
-            name + field.name.len(),
+            field.name.len() as u32,
             value,
-            value + field.value.len(),
+            field.value.len() as u32,
         );
     }
     let head = read.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
+    for &(name, name_len, value, value_len) in &spans[..count] {
+        let (name, value) = (name as usize, value as usize);
+        let name = HeaderName::from_bytes(&head[name..name + name_len as usize])
             .map_err(|_| Error::InvalidHeader)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| Error::InvalidHeader)?;
+        let value = head.slice(value..value + value_len as usize);
+        let value = HeaderValue::from_maybe_shared(value).map_err(|_| Error::InvalidHeader)?;
         headers.append(name, value);
     }
     Ok(Some((status, version, headers)))

@@ -54,7 +54,7 @@ fn request_bodies_are_framed_as_hyper_framed_them() {
             Method::POST,
             headers(&[("transfer-encoding", "chunked")]),
             true,
-            unknown.clone()
+            unknown
         ),
         (None, None, None)
     );
@@ -74,7 +74,7 @@ fn request_bodies_are_framed_as_hyper_framed_them() {
             Method::POST,
             headers(&[("content-length", "7")]),
             false,
-            unknown.clone()
+            unknown
         ),
         (Some("length 7".into()), Some("7".into()), None)
     );
@@ -84,7 +84,7 @@ fn request_bodies_are_framed_as_hyper_framed_them() {
             Method::POST,
             headers(&[("trailer", "x-sum, x-b")]),
             false,
-            unknown.clone()
+            unknown
         ),
         (
             Some(r#"chunked ["x-sum", "x-b"]"#.into()),
