@@ -16,6 +16,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
@@ -33,7 +34,8 @@ use crate::http::body::ReplayBody;
 use crate::http::error::BoxError;
 use crate::http::h1::chunked::{self, Chunk, ChunkedDecoder, ChunkedError};
 
-/// The longest response head accepted.
+/// The longest response head accepted. Offsets into a head fit a `u16`
+/// (see [`parse_head`]).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The most header fields a response head may have.
 const MAX_HEADERS: usize = 100;
@@ -616,9 +618,15 @@ fn encode_head(method: &Method, uri: &Uri, headers: &HeaderMap, dst: &mut Vec<u8
 /// Parses a response head off the front of `read`; `None` until it is all
 /// there. Header values share the head's bytes rather than copy them.
 fn parse_head(read: &mut BytesMut) -> Result<Option<(StatusCode, Version, HeaderMap)>, Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut fields);
-    let len = match response.parse(read) {
+    // Left uninitialized: httparse fills what it uses.
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        read,
+        &mut fields,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Error::TooManyHeaders),
@@ -636,30 +644,31 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<(StatusCode, Version, Header
     } else {
         Version::HTTP_11
     };
-    // Where each name and value lies in the head (at most `MAX_HEAD_BYTES`
-    // long, so `u32` offsets fit), to slice them out of it once it is split
-    // off the buffer.
+    // Where each name and value lies in the head, to slice them out of it
+    // once it is split off the buffer. The head is at most `MAX_HEAD_BYTES`
+    // (64 KiB) long, so every offset into it and every length within it
+    // fits a `u16`; small spans keep the array's zeroing cheap.
     let base = read.as_ptr().addr();
-    let offset = |field: &[u8]| (field.as_ptr().addr() - base) as u32;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let offset = |field: &[u8]| (field.as_ptr().addr() - base) as u16;
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
     let count = response.headers.len();
     for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
         let (name, value) = (offset(field.name.as_bytes()), offset(field.value));
         *span = (
             name,
-            field.name.len() as u32,
+            field.name.len() as u16,
             value,
-            field.value.len() as u32,
+            field.value.len() as u16,
         );
     }
     let head = read.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     for &(name, name_len, value, value_len) in &spans[..count] {
-        let (name, value) = (name as usize, value as usize);
-        let name = HeaderName::from_bytes(&head[name..name + name_len as usize])
-            .map_err(|_| Error::InvalidHeader)?;
-        let value = head.slice(value..value + value_len as usize);
-        let value = HeaderValue::from_maybe_shared(value).map_err(|_| Error::InvalidHeader)?;
+        let name = usize::from(name)..usize::from(name) + usize::from(name_len);
+        let value = usize::from(value)..usize::from(value) + usize::from(value_len);
+        let name = HeaderName::from_bytes(&head[name]).map_err(|_| Error::InvalidHeader)?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| Error::InvalidHeader)?;
         headers.append(name, value);
     }
     Ok(Some((status, version, headers)))
@@ -699,14 +708,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
-                return Err(Error::InvalidContentLength);
-            }
-            let parsed = std::str::from_utf8(item)
-                .ok()
-                .and_then(|item| item.parse::<u64>().ok())
-                .ok_or(Error::InvalidContentLength)?;
+            let parsed = parse_length(item.trim_ascii()).ok_or(Error::InvalidContentLength)?;
             if length.is_some_and(|length| length != parsed) {
                 return Err(Error::InvalidContentLength);
             }
@@ -714,6 +716,18 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
         }
     }
     Ok(length)
+}
+
+/// A decimal length: digits only, no sign, no overflow.
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let d = d.wrapping_sub(b'0');
+        (d < 10).then_some(())?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// Whether the last transfer coding is `chunked`.
