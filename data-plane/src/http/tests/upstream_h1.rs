@@ -370,3 +370,53 @@ async fn a_body_cut_short_fails_the_response_and_its_connection() {
     // response fail rather than end short.
     assert!(outcome.is_err(), "the client sees the response fail");
 }
+
+#[tokio::test]
+async fn bytes_sent_with_a_101_reach_the_client_before_the_stream_goes_on() {
+    let up = raw(|mut stream| async move {
+        let mut buf = Vec::new();
+        if read_request(&mut stream, &mut buf).await.is_none() {
+            return;
+        }
+        // The switch and the new protocol's first bytes in one write.
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\nhello";
+        if stream.write_all(answer).await.is_err() {
+            return;
+        }
+        let mut echo = [0; 64];
+        while let Ok(n @ 1..) = stream.read(&mut echo).await {
+            if stream.write_all(&echo[..n]).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_to(&up).await;
+    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+    client
+        .write_all(b"GET /chat HTTP/1.1\r\nhost: demo.local\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .expect("request");
+    let mut seen = Vec::new();
+    let switched = async {
+        while !seen.ends_with(b"hello") {
+            let mut more = [0; 256];
+            let n = client.read(&mut more).await.expect("read");
+            assert_ne!(n, 0, "closed early: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&more[..n]);
+        }
+    };
+    tokio::time::timeout(DEADLINE, switched)
+        .await
+        .expect("in time");
+    let seen = String::from_utf8_lossy(&seen).into_owned();
+    assert!(seen.starts_with("HTTP/1.1 101 "), "{seen}");
+    assert!(seen.ends_with("\r\n\r\nhello"), "{seen}");
+    client.write_all(b"ping").await.expect("write");
+    let mut echoed = [0; 4];
+    tokio::time::timeout(DEADLINE, client.read_exact(&mut echoed))
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(&echoed, b"ping");
+}
