@@ -122,6 +122,26 @@ pub(crate) enum Error {
     RequestLength,
 }
 
+/// A parsed response head.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    fields: Fields,
+}
+
+/// What a response head's fields say about its body and connection, noted
+/// as they are read rather than looked up again.
+#[derive(Debug)]
+struct Fields {
+    /// `connection: close`.
+    close: bool,
+    /// With a `transfer-encoding`: whether its last coding is chunked.
+    chunked: Option<bool>,
+    /// The `content-length`, if any.
+    length: Result<Option<u64>, Error>,
+}
+
 /// A request body being sent, and its framing.
 struct Sending {
     body: ReplayBody,
@@ -193,7 +213,6 @@ impl Connection {
     ) -> Result<Response<Body>, Error> {
         let (mut parts, body) = request.into_parts();
         let head_request = parts.method == Method::HEAD;
-        let mut keep_alive = !has_close(&parts.headers);
         let encode = request_framing(
             &parts.method,
             &mut parts.headers,
@@ -202,7 +221,8 @@ impl Connection {
         );
         self.write.clear();
         self.written = 0;
-        encode_head(&parts.method, &parts.uri, &parts.headers, &mut self.write);
+        let mut keep_alive =
+            !encode_head(&parts.method, &parts.uri, &parts.headers, &mut self.write);
         self.sending = encode.map(|encode| Sending { body, encode });
         let mut write_failed = false;
         let head = poll_fn(|cx| {
@@ -221,11 +241,16 @@ impl Connection {
             self.poll_head(cx)
         })
         .await?;
-        let (status, version, headers) = head;
-        let framing = response_framing(head_request, status, &headers)?;
+        let Head {
+            status,
+            version,
+            headers,
+            fields,
+        } = head;
+        let framing = response_framing(head_request, status, &fields)?;
         keep_alive &= !write_failed
             && version == Version::HTTP_11
-            && !has_close(&headers)
+            && !fields.close
             && !matches!(framing, Framing::Close);
         let mut response = Response::new(());
         *response.status_mut() = status;
@@ -342,16 +367,13 @@ impl Connection {
     }
 
     /// Reads until a final response head (1xx other than `101` skipped).
-    fn poll_head(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<(StatusCode, Version, HeaderMap), Error>> {
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, Error>> {
         loop {
             if !self.read.is_empty() {
                 match parse_head(&mut self.read)? {
                     Some(head)
-                        if head.0.is_informational()
-                            && head.0 != StatusCode::SWITCHING_PROTOCOLS =>
+                        if head.status.is_informational()
+                            && head.status != StatusCode::SWITCHING_PROTOCOLS =>
                     {
                         continue;
                     }
@@ -502,6 +524,31 @@ impl Framing {
     }
 }
 
+impl Default for Fields {
+    fn default() -> Self {
+        Self {
+            close: false,
+            chunked: None,
+            length: Ok(None),
+        }
+    }
+}
+
+impl Fields {
+    /// Notes one field of the head.
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::CONTENT_LENGTH {
+            let length = std::mem::replace(&mut self.length, Ok(None));
+            self.length = add_length(length, value);
+        } else if *name == header::TRANSFER_ENCODING {
+            // The last value holds the last coding.
+            self.chunked = Some(ends_chunked(value));
+        } else if *name == header::CONNECTION {
+            self.close |= says_close(value);
+        }
+    }
+}
+
 impl OnUpgrade {
     /// The upgraded connection; `None` if it was taken already.
     pub(crate) fn take(&self) -> Option<Upgraded> {
@@ -599,25 +646,29 @@ fn request_framing(
 }
 
 /// The request head: request line in origin form, then the header fields
-/// as the stack left them.
-fn encode_head(method: &Method, uri: &Uri, headers: &HeaderMap, dst: &mut Vec<u8>) {
+/// as the stack left them. Returns whether they ask for `connection: close`
+/// (noted on the way rather than looked up).
+fn encode_head(method: &Method, uri: &Uri, headers: &HeaderMap, dst: &mut Vec<u8>) -> bool {
+    let mut close = false;
     dst.extend_from_slice(method.as_str().as_bytes());
     dst.push(b' ');
     let target = uri.path_and_query().map_or("/", |target| target.as_str());
     dst.extend_from_slice(target.as_bytes());
     dst.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
+        close |= *name == header::CONNECTION && says_close(value.as_bytes());
         dst.extend_from_slice(name.as_str().as_bytes());
         dst.extend_from_slice(b": ");
         dst.extend_from_slice(value.as_bytes());
         dst.extend_from_slice(b"\r\n");
     }
     dst.extend_from_slice(b"\r\n");
+    close
 }
 
 /// Parses a response head off the front of `read`; `None` until it is all
 /// there. Header values share the head's bytes rather than copy them.
-fn parse_head(read: &mut BytesMut) -> Result<Option<(StatusCode, Version, HeaderMap)>, Error> {
+fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
     // Left uninitialized: httparse fills what it uses.
     let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
@@ -663,22 +714,29 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<(StatusCode, Version, Header
     }
     let head = read.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
+    let mut fields = Fields::default();
     for &(name, name_len, value, value_len) in &spans[..count] {
         let name = usize::from(name)..usize::from(name) + usize::from(name_len);
         let value = usize::from(value)..usize::from(value) + usize::from(value_len);
         let name = HeaderName::from_bytes(&head[name]).map_err(|_| Error::InvalidHeader)?;
         let value =
             HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| Error::InvalidHeader)?;
+        fields.note(&name, value.as_bytes());
         headers.append(name, value);
     }
-    Ok(Some((status, version, headers)))
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        fields,
+    }))
 }
 
 /// How the response to a request is delimited (RFC 9112 §6.3).
 fn response_framing(
     head_request: bool,
     status: StatusCode,
-    headers: &HeaderMap,
+    fields: &Fields,
 ) -> Result<Framing, Error> {
     if head_request
         || status.is_informational()
@@ -687,33 +745,42 @@ fn response_framing(
     {
         return Ok(Framing::Empty);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if let Some(chunked) = fields.chunked {
         // A last coding other than chunked: the body ends with the
         // connection.
-        return Ok(if is_chunked(headers) {
+        return Ok(if chunked {
             Framing::Chunked(ChunkedDecoder::new(MAX_TRAILER_BYTES))
         } else {
             Framing::Close
         });
     }
-    Ok(match content_length(headers)? {
-        Some(length) => Framing::Length(length),
-        None => Framing::Close,
+    Ok(match fields.length {
+        Ok(Some(length)) => Framing::Length(length),
+        Ok(None) => Framing::Close,
+        Err(_) => return Err(Error::InvalidContentLength),
     })
 }
 
 /// The `content-length`, if any: every value (comma-separated lists
 /// included) must be the same number.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
-    let mut length = None;
+    let mut length = Ok(None);
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let parsed = parse_length(item.trim_ascii()).ok_or(Error::InvalidContentLength)?;
-            if length.is_some_and(|length| length != parsed) {
-                return Err(Error::InvalidContentLength);
-            }
-            length = Some(parsed);
+        length = add_length(length, value.as_bytes());
+    }
+    length
+}
+
+/// `length` with one more `content-length` value: the same number again,
+/// or an error.
+fn add_length(length: Result<Option<u64>, Error>, value: &[u8]) -> Result<Option<u64>, Error> {
+    let mut length = length?;
+    for item in value.split(|&b| b == b',') {
+        let parsed = parse_length(item.trim_ascii()).ok_or(Error::InvalidContentLength)?;
+        if length.is_some_and(|length| length != parsed) {
+            return Err(Error::InvalidContentLength);
         }
+        length = Some(parsed);
     }
     Ok(length)
 }
@@ -736,18 +803,22 @@ fn is_chunked(headers: &HeaderMap) -> bool {
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .next_back()
-        .and_then(|value| value.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|value| ends_chunked(value.as_bytes()))
+}
+
+/// Whether a `transfer-encoding` value's last coding is `chunked`.
+fn ends_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
         .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-/// Whether a `connection` header says `close`.
-fn has_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|value| {
-        value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+/// Whether a `connection` value has the `close` option.
+fn says_close(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 /// The trailer fields a request's `trailer` header announces.

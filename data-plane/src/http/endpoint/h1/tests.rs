@@ -12,7 +12,7 @@ fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
         .collect()
 }
 
-fn head(raw: &[u8]) -> Result<Option<(StatusCode, Version, HeaderMap)>, Error> {
+fn head(raw: &[u8]) -> Result<Option<Head>, Error> {
     parse_head(&mut BytesMut::from(raw))
 }
 
@@ -21,7 +21,7 @@ fn the_request_head_is_origin_form_with_the_headers_as_given() {
     let mut wire = Vec::new();
     let fields = headers(&[("host", "demo.local"), ("x-a", "1"), ("x-a", "2")]);
     let uri = Uri::from_static("/a/b?c=d");
-    encode_head(&Method::PUT, &uri, &fields, &mut wire);
+    assert!(!encode_head(&Method::PUT, &uri, &fields, &mut wire));
     assert_eq!(
         wire,
         b"PUT /a/b?c=d HTTP/1.1\r\nhost: demo.local\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
@@ -110,23 +110,30 @@ fn only_announced_request_trailers_are_sent() {
 fn a_response_head_parses_into_status_version_and_headers() {
     let raw = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\nok";
     let mut read = BytesMut::from(&raw[..]);
-    let (status, version, fields) = parse_head(&mut read).expect("valid").expect("complete");
-    assert_eq!((status, version), (StatusCode::CREATED, Version::HTTP_11));
-    assert_eq!(fields.get_all("x-a").iter().count(), 2);
+    let parsed = parse_head(&mut read).expect("valid").expect("complete");
     assert_eq!(
-        fields.get(header::CONTENT_LENGTH).map(|v| v.as_bytes()),
+        (parsed.status, parsed.version),
+        (StatusCode::CREATED, Version::HTTP_11)
+    );
+    assert_eq!(parsed.headers.get_all("x-a").iter().count(), 2);
+    assert_eq!(
+        parsed
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .map(|v| v.as_bytes()),
         Some(&b"2"[..])
     );
+    assert!(matches!(parsed.fields.length, Ok(Some(2))));
     assert_eq!(&read[..], b"ok", "the body stays in the buffer");
     assert!(
         head(b"HTTP/1.0 200 OK\r\n")
             .expect("valid so far")
             .is_none()
     );
-    let (_, version, _) = head(b"HTTP/1.0 200 OK\r\n\r\n")
+    let old = head(b"HTTP/1.0 200 OK\r\n\r\n")
         .expect("valid")
         .expect("complete");
-    assert_eq!(version, Version::HTTP_10);
+    assert_eq!(old.version, Version::HTTP_10);
 }
 
 #[test]
@@ -157,9 +164,16 @@ fn malformed_or_oversized_response_heads_are_errors() {
 
 #[test]
 fn response_bodies_are_delimited_as_rfc_9112_says() {
-    let framing = |head_request, status: u16, fields: &[(&'static str, &'static str)]| {
-        let status = StatusCode::from_u16(status).expect("status");
-        response_framing(head_request, status, &headers(fields)).map(|f| format!("{f:?}"))
+    // The framing of a response head with `fields`, as they are read off
+    // the wire.
+    let framing = |head_request, status: u16, fields: &[(&str, &str)]| {
+        let mut raw = format!("HTTP/1.1 {status} Reason\r\n");
+        for (name, value) in fields {
+            raw.push_str(&format!("{name}: {value}\r\n"));
+        }
+        raw.push_str("\r\n");
+        let head = head(raw.as_bytes()).expect("valid").expect("complete");
+        response_framing(head_request, head.status, &head.fields).map(|f| format!("{f:?}"))
     };
     let length = [("content-length", "10")];
     assert_eq!(framing(true, 200, &length).expect("valid"), "Empty");
@@ -202,7 +216,18 @@ fn response_bodies_are_delimited_as_rfc_9112_says() {
 
 #[test]
 fn connection_close_is_found_among_the_tokens() {
-    assert!(has_close(&headers(&[("connection", "keep-alive, Close")])));
-    assert!(!has_close(&headers(&[("connection", "keep-alive")])));
-    assert!(!has_close(&HeaderMap::new()));
+    let close = |fields| {
+        encode_head(
+            &Method::GET,
+            &Uri::from_static("/"),
+            &fields,
+            &mut Vec::new(),
+        )
+    };
+    assert!(close(headers(&[("connection", "keep-alive, Close")])));
+    assert!(!close(headers(&[("connection", "keep-alive")])));
+    assert!(!close(HeaderMap::new()));
+    let response = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nconnection: close\r\n\r\n";
+    let response = head(response).expect("valid").expect("complete");
+    assert!(response.fields.close);
 }
