@@ -19,13 +19,14 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Response;
+use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tower::Service;
 
 use self::connect::Connector;
-use self::pool::{Lease, Limits, Pool, Sent};
+use self::pool::{Lease, Limits, Pool};
 use super::backend::Picked;
+use super::body::ReplayBody;
 use super::error::{BoxError, ProxyError};
 use crate::runtime::tls;
 use crate::runtime::{Backend, Route};
@@ -87,7 +88,7 @@ pub(crate) struct ResponseBody {
 }
 
 /// A response body from either client.
-enum Upstream {
+pub(crate) enum Upstream {
     /// Prism's HTTP/1.1 client: the body holds its connection and gives it
     /// back once it has ended on a reusable one.
     Http1(h1::Body),
@@ -164,12 +165,29 @@ impl Service<Picked> for Forward {
     }
 
     fn call(&mut self, picked: Picked) -> ResponseFuture {
-        Box::pin(forward(picked))
+        // A future per protocol, each boxed at its own size: HTTP/2's does
+        // not carry the room HTTP/1.1's exchange takes.
+        if picked.backend.client.is_http2() {
+            Box::pin(forward(picked, |pool, endpoint, request| async move {
+                let (response, lease) = pool.send_http2(endpoint, request).await?;
+                let lease = Some(Lease::Http2(lease));
+                Ok(response.map(|body| Upstream::Http2 { body, lease }))
+            }))
+        } else {
+            Box::pin(forward(picked, |pool, endpoint, request| async move {
+                let response = pool.send_http1(endpoint, request).await?;
+                Ok(response.map(Upstream::Http1))
+            }))
+        }
     }
 }
 
-/// Sends a picked request through its backend's pool.
-async fn forward(picked: Picked) -> Result<Response<ResponseBody>, BoxError> {
+/// Sends a picked request through its backend's pool with `send`.
+async fn forward<F, Fut>(picked: Picked, send: F) -> Result<Response<ResponseBody>, BoxError>
+where
+    F: FnOnce(Arc<Pool>, usize, Request<ReplayBody>) -> Fut,
+    Fut: Future<Output = Result<Response<Upstream>, ProxyError>>,
+{
     let Picked {
         route,
         backend,
@@ -177,27 +195,14 @@ async fn forward(picked: Picked) -> Result<Response<ResponseBody>, BoxError> {
         request,
     } = picked;
     let sent = match InFlight::admit(Arc::clone(&backend), endpoint) {
-        Ok(in_flight) => backend
-            .client
-            .pool
-            .send(endpoint, request)
+        Ok(in_flight) => send(Arc::clone(&backend.client.pool), endpoint, request)
             .await
-            .map(|sent| (sent, in_flight)),
+            .map(|response| (response, in_flight)),
         Err(error) => Err(error),
     };
     match sent {
-        Ok((sent, in_flight)) => {
-            let (parts, body) = match sent {
-                Sent::Http1(response) => {
-                    let (parts, body) = response.into_parts();
-                    (parts, Upstream::Http1(body))
-                }
-                Sent::Http2(response, lease) => {
-                    let (parts, body) = response.into_parts();
-                    let lease = Some(Lease::Http2(lease));
-                    (parts, Upstream::Http2 { body, lease })
-                }
-            };
+        Ok((response, in_flight)) => {
+            let (parts, body) = response.into_parts();
             let mut body = ResponseBody {
                 body,
                 in_flight: Some(in_flight),
@@ -293,11 +298,9 @@ impl Upstream {
 
 #[cfg(test)]
 mod tests {
-    use http::Request;
     use prism_proto::Snapshot;
 
     use super::*;
-    use crate::http::body::ReplayBody;
     use crate::http::error::Chain;
     use crate::runtime::Runtime;
     use crate::runtime::tests::{backend, compile, namespace, prefix, route};

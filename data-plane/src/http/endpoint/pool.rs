@@ -81,13 +81,6 @@ pub(crate) enum Lease {
     Http2(Http2Lease),
 }
 
-/// A sent request's response: HTTP/1.1's streams from its connection, which
-/// it gives back itself; HTTP/2's with its share of the connection.
-pub(crate) enum Sent {
-    Http1(Response<h1::Body>),
-    Http2(Response<Incoming>, Http2Lease),
-}
-
 /// One request's share of an HTTP/2 connection: counted among its streams
 /// until dropped.
 pub(crate) struct Http2Lease(Arc<Http2Conn>);
@@ -277,38 +270,45 @@ impl Pool {
         self.requests.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Sends `request` to endpoint `endpoint` on a pooled or a new
-    /// connection. An HTTP/1.1 response body gives its connection back for
-    /// [`Pool::check_in`] when it has ended; an HTTP/2 [`Http2Lease`] is
-    /// checked in (dropped) then.
-    pub(crate) async fn send(
+    /// Sends `request` to endpoint `endpoint` of an HTTP/1.1 pool on a
+    /// pooled or a new connection. The response body gives its connection
+    /// back for [`Pool::check_in`] when it has ended.
+    pub(crate) async fn send_http1(
         self: &Arc<Self>,
         endpoint: usize,
         mut request: Request<ReplayBody>,
-    ) -> Result<Sent, ProxyError> {
+    ) -> Result<Response<h1::Body>, ProxyError> {
+        self.address(endpoint, &mut request);
+        // An HTTP/1.1 pool hands out nothing else.
+        let Conn::Http1(mut conn) = self.checkout(endpoint).await?.0 else {
+            return Err(ProxyError::Internal);
+        };
+        conn.used += 1;
+        conn.send(request)
+            .await
+            .map_err(|error| classify(error.into()))
+    }
+
+    /// Sends `request` to endpoint `endpoint` of an HTTP/2 pool on its
+    /// shared connection; the [`Http2Lease`] is checked in (dropped) when
+    /// the response has ended.
+    pub(crate) async fn send_http2(
+        self: &Arc<Self>,
+        endpoint: usize,
+        mut request: Request<ReplayBody>,
+    ) -> Result<(Response<Incoming>, Http2Lease), ProxyError> {
         self.address(endpoint, &mut request);
         loop {
             let (conn, reused) = self.checkout(endpoint).await?;
-            let sent = match conn {
-                Conn::Http1(mut conn) => {
-                    conn.used += 1;
-                    return conn
-                        .send(request)
-                        .await
-                        .map(Sent::Http1)
-                        .map_err(|error| classify(error.into()));
-                }
-                Conn::Http2(mut send, lease) => send
-                    .try_send_request(request)
-                    .await
-                    .map(|r| Sent::Http2(r, lease)),
+            // An HTTP/2 pool hands out nothing else.
+            let Conn::Http2(mut send, lease) = conn else {
+                return Err(ProxyError::Internal);
             };
-            match sent {
-                Ok(done) => return Ok(done),
+            match send.try_send_request(request).await {
+                Ok(response) => return Ok((response, lease)),
                 Err(mut error) => match error.take_message() {
-                    // Never written: a pooled connection closed under it (the
-                    // upstream closing an idle keep-alive connection as it
-                    // was taken). Nothing was sent, so try another.
+                    // Never written: a shared connection closed under it.
+                    // Nothing was sent, so try another.
                     Some(unsent) if reused => request = unsent,
                     _ => return Err(classify(error.into_error().into())),
                 },
