@@ -74,7 +74,7 @@ pub(crate) struct Connection {
 pub(crate) struct Body {
     /// `None` once the connection was given back, failed, or switched
     /// protocols, and for a response that never had a connection.
-    conn: Option<Connection>,
+    conn: Option<Box<Connection>>,
     framing: Framing,
     /// Whether the connection may carry another request once this response
     /// has ended: HTTP/1.1 and no `connection: close` either way.
@@ -170,8 +170,10 @@ enum Framing {
 }
 
 impl Connection {
-    pub(super) fn new(io: Upstream, permit: Permit) -> Self {
-        Self {
+    /// A new connection, boxed: it moves between the pool, the request and
+    /// the response body on every request, as one pointer.
+    pub(super) fn new(io: Upstream, permit: Permit) -> Box<Self> {
+        Box::new(Self {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
@@ -180,7 +182,7 @@ impl Connection {
             used: 0,
             idle_since: Instant::now(),
             _permit: permit,
-        }
+        })
     }
 
     /// Whether an idle connection can no longer carry a request: the
@@ -208,7 +210,7 @@ impl Connection {
 
     /// Sends `request` (its URI in origin form) and reads the response head.
     pub(crate) async fn send(
-        mut self,
+        mut self: Box<Self>,
         request: Request<ReplayBody>,
     ) -> Result<Response<Body>, Error> {
         let (mut parts, body) = request.into_parts();
@@ -257,9 +259,10 @@ impl Connection {
         *response.version_mut() = version;
         *response.headers_mut() = headers;
         if status == StatusCode::SWITCHING_PROTOCOLS {
+            let Connection { io, mut read, .. } = *self;
             let upgraded = Upgraded {
-                read: self.read.split().freeze(),
-                io: self.io,
+                read: read.split().freeze(),
+                io,
             };
             response
                 .extensions_mut()
@@ -411,7 +414,7 @@ impl Body {
     /// carry another request: request body sent, framing complete, no
     /// stray bytes after it. `None` otherwise, and then the connection
     /// closes when this body is dropped.
-    pub(super) fn take_reusable(&mut self) -> Option<Connection> {
+    pub(super) fn take_reusable(&mut self) -> Option<Box<Connection>> {
         let conn = self.conn.as_ref()?;
         if !self.keep_alive
             || !self.framing.is_complete()
@@ -474,8 +477,11 @@ impl hyper::body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        // The request body goes on while the response streams; once the
+        // response is complete, what is left of it no longer matters.
         if let Some(conn) = this.conn.as_mut()
             && conn.is_sending()
+            && !this.framing.is_complete()
         {
             match conn.poll_send(cx) {
                 Poll::Ready(Err(Error::Io(_))) => {

@@ -77,7 +77,7 @@ pub(crate) struct Pool {
 pub(crate) enum Lease {
     /// The connection itself, given back by the response body
     /// ([`h1::Body::take_reusable`]).
-    Http1(h1::Connection),
+    Http1(Box<h1::Connection>),
     Http2(Http2Lease),
 }
 
@@ -97,7 +97,11 @@ struct Slot {
 #[derive(Default)]
 struct Idle {
     /// HTTP/1.1: idle connections, the most recently used last.
-    http1: Vec<h1::Connection>,
+    #[expect(
+        clippy::vec_box,
+        reason = "a connection moves between this stack, its request and its response as one pointer"
+    )]
+    http1: Vec<Box<h1::Connection>>,
     /// HTTP/2: the connection new requests share.
     http2: Option<Shared>,
     /// HTTP/2: a request is opening the connection the others will share.
@@ -141,7 +145,7 @@ struct Pending(Arc<Gauge>);
 
 /// A connection checked out for one request.
 enum Conn {
-    Http1(h1::Connection),
+    Http1(Box<h1::Connection>),
     Http2(http2::SendRequest<ReplayBody>, Http2Lease),
 }
 
