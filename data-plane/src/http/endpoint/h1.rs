@@ -259,9 +259,10 @@ impl Connection {
         *response.version_mut() = version;
         *response.headers_mut() = headers;
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            let Connection { io, mut read, .. } = *self;
+            // What was read past the `101`'s head is the new protocol's.
+            let Connection { io, read, .. } = *self;
             let upgraded = Upgraded {
-                read: read.split().freeze(),
+                read: read.freeze(),
                 io,
             };
             response
