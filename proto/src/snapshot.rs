@@ -8,11 +8,14 @@ use std::sync::Arc;
 use crate::resource::{Kind, Resource, ResourceKey, Versioned};
 
 /// The complete policy at one revision. Immutable once built and shared behind
-/// `Arc`s: cloning a snapshot clones pointers, not resources.
+/// `Arc`s: cloning a snapshot clones one pointer, not the map or its
+/// resources, so the copies a proxy keeps (staged, accepted, shown by its
+/// admin, saved to disk) cost nothing; the map is copied once, by the first
+/// change made to a snapshot whose map is shared.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub revision: u64,
-    resources: BTreeMap<ResourceKey, Arc<Versioned>>,
+    resources: Arc<BTreeMap<ResourceKey, Arc<Versioned>>>,
 }
 
 /// What turns one snapshot into another: resources to add or replace, keys to
@@ -29,7 +32,7 @@ impl Snapshot {
     pub fn empty(revision: u64) -> Self {
         Self {
             revision,
-            resources: BTreeMap::new(),
+            resources: Arc::default(),
         }
     }
 
@@ -44,19 +47,20 @@ impl Snapshot {
 
     /// Adds or replaces one resource.
     pub fn insert(&mut self, resource: Resource) {
-        let versioned = resource.versioned();
-        self.resources
-            .insert(versioned.resource.key(), Arc::new(versioned));
+        self.insert_versioned(Arc::new(resource.versioned()));
     }
 
     /// Adds or replaces one already versioned resource.
     pub fn insert_versioned(&mut self, versioned: Arc<Versioned>) {
-        self.resources.insert(versioned.resource.key(), versioned);
+        Arc::make_mut(&mut self.resources).insert(versioned.resource.key(), versioned);
     }
 
     /// Removes one resource, returning it if it was there.
     pub fn remove(&mut self, key: &ResourceKey) -> Option<Arc<Versioned>> {
-        self.resources.remove(key)
+        if !self.resources.contains_key(key) {
+            return None;
+        }
+        Arc::make_mut(&mut self.resources).remove(key)
     }
 
     pub fn get(&self, key: &ResourceKey) -> Option<&Arc<Versioned>> {
@@ -119,7 +123,7 @@ impl Snapshot {
     pub fn apply(&self, delta: &Delta) -> Snapshot {
         let mut next = self.clone();
         for key in &delta.removals {
-            next.resources.remove(key);
+            next.remove(key);
         }
         for versioned in &delta.upserts {
             next.insert_versioned(Arc::clone(versioned));
