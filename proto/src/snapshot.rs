@@ -2,6 +2,7 @@
 //!
 //! The algebra the rest of Prism leans on: `a.apply(&Snapshot::diff(&a, &b)) == b`.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -95,28 +96,50 @@ impl Snapshot {
 
     /// The delta that turns `from` into `to`: every resource of `to` that `from`
     /// lacks or holds at another version, and every key of `from` that `to` lacks.
+    ///
+    /// One walk over both (each is ordered by key), where a resource that two
+    /// snapshots share as one `Arc` is passed over without comparing versions:
+    /// a proxy diffs each revision against the last, which shares all but
+    /// what changed.
     pub fn diff(from: &Snapshot, to: &Snapshot) -> Delta {
-        let upserts = to
-            .resources
-            .iter()
-            .filter(|(key, new)| {
-                from.resources
-                    .get(*key)
-                    .is_none_or(|old| old.version != new.version)
-            })
-            .map(|(_, new)| Arc::clone(new))
-            .collect();
-        let removals = from
-            .resources
-            .keys()
-            .filter(|key| !to.resources.contains_key(*key))
-            .cloned()
-            .collect();
-        Delta {
+        let mut delta = Delta {
             revision: to.revision,
-            upserts,
-            removals,
+            ..Delta::default()
+        };
+        if Arc::ptr_eq(&from.resources, &to.resources) {
+            return delta;
         }
+        let mut old = from.resources.iter().peekable();
+        let mut new = to.resources.iter().peekable();
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((a, _)), Some((b, _))) => a.cmp(b),
+            };
+            match order {
+                Ordering::Less => {
+                    if let Some((key, _)) = old.next() {
+                        delta.removals.push(key.clone());
+                    }
+                }
+                Ordering::Greater => {
+                    if let Some((_, versioned)) = new.next() {
+                        delta.upserts.push(Arc::clone(versioned));
+                    }
+                }
+                Ordering::Equal => {
+                    if let (Some((_, a)), Some((_, b))) = (old.next(), new.next())
+                        && !Arc::ptr_eq(a, b)
+                        && a.version != b.version
+                    {
+                        delta.upserts.push(Arc::clone(b));
+                    }
+                }
+            }
+        }
+        delta
     }
 
     /// This snapshot with `delta` applied: removals first, then upserts.
