@@ -3,7 +3,19 @@
 //! revisions that each rewrite 100 of its routes,
 //! every stage as the proxy runs it: decode, stage and validate, compile,
 //! swap and commit, save the last-good snapshot, drop what was replaced.
-//! Before criterion's figures it prints the mean time of each stage.
+//! Before criterion's figures it prints the mean time of each stage. The
+//! proxy saves the last-good snapshot at most once per two seconds, not per
+//! swap; its cost is shown apart.
+//!
+//! `APPLY_SWAPS=N` sets how many swaps are timed (0: only the fresh apply),
+//! so that callgrind can count the instructions of one swap as the
+//! difference of two runs:
+//!
+//! ```text
+//! valgrind --tool=callgrind --collect-atstart=no \
+//!     --toggle-collect='prism_data_plane::bench::Apply::apply' \
+//!     target/release/deps/apply-<hash> --test none
+//! ```
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -17,7 +29,7 @@ use prism_proto::pb::config::v1::{Backend, Endpoint, Namespace, Route, RouteMatc
 const ROUTES: usize = 10_000;
 /// Routes each swap rewrites.
 const PER_SWAP: usize = 100;
-/// Swaps averaged for the per-stage figures.
+/// Swaps averaged for the per-stage figures, unless `APPLY_SWAPS` says.
 const SWAPS: u32 = 40;
 
 /// The bench namespace, its backend and `ROUTES` prefix routes.
@@ -86,12 +98,13 @@ fn applied(dir: &std::path::Path) -> (Apply, Stages) {
 fn print(what: &str, stages: &Stages, n: u32) {
     let ms = |d: Duration| format!("{:8.3} ms", d.as_secs_f64() * 1e3 / f64::from(n));
     eprintln!(
-        "{what:<28} stage+validate {} compile {} swap+commit {} save {} retire {}",
+        "{what:<26} stage+validate {} compile {} swap+commit {} retire {} | last-good encode {} write {}",
         ms(stages.stage),
         ms(stages.compile),
         ms(stages.swap),
-        ms(stages.save),
         ms(stages.retire),
+        ms(stages.encode),
+        ms(stages.write),
     );
 }
 
@@ -100,16 +113,24 @@ fn stages() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut apply, fresh) = applied(dir.path());
     print("fresh 10,000 routes", &fresh, 1);
+    let swaps = std::env::var("APPLY_SWAPS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(SWAPS);
+    if swaps == 0 {
+        return;
+    }
     let mut sum = Stages::default();
-    for round in 1..=SWAPS as usize {
+    for round in 1..=swaps as usize {
         let stages = apply.apply(swap(round)).expect("the swap applies");
         sum.stage += stages.stage;
         sum.compile += stages.compile;
         sum.swap += stages.swap;
-        sum.save += stages.save;
+        sum.encode += stages.encode;
+        sum.write += stages.write;
         sum.retire += stages.retire;
     }
-    print("swap 100 of 10,000 routes", &sum, SWAPS);
+    print("swap 100 of 10,000 routes", &sum, swaps);
 }
 
 fn apply(c: &mut Criterion) {

@@ -134,6 +134,8 @@ fn params() -> server::Params {
 /// by stage: one complete batch of discovery responses is decoded and staged
 /// (with validation), compiled against the live runtime, swapped in,
 /// committed, saved to the last-good file, and what it replaced dropped.
+/// Every apply is saved here; the proxy saves at most once per
+/// `last_good::SAVE_EVERY`.
 pub struct Apply {
     stager: crate::config::stager::Stager,
     runtime: Arc<ArcSwap<Runtime>>,
@@ -155,8 +157,10 @@ pub struct Stages {
     /// Storing the runtime, committing the snapshot, and the copies the
     /// admin status and the last-good writer get.
     pub swap: std::time::Duration,
-    /// Encoding, writing and syncing the last-good snapshot.
-    pub save: std::time::Duration,
+    /// Encoding the last-good snapshot (on the configuration thread).
+    pub encode: std::time::Duration,
+    /// Writing and syncing it (on a blocking thread, waiting on the disk).
+    pub write: std::time::Duration,
     /// Dropping what the apply replaced.
     pub retire: std::time::Duration,
 }
@@ -241,8 +245,11 @@ impl Apply {
         stages.swap = start.elapsed();
 
         let start = Instant::now();
-        self.file.store(&last_good).map_err(|e| e.to_string())?;
-        stages.save = start.elapsed();
+        let bytes = self.file.encode(&last_good);
+        stages.encode = start.elapsed();
+        let start = Instant::now();
+        self.file.write(&bytes).map_err(|e| e.to_string())?;
+        stages.write = start.elapsed();
 
         let start = Instant::now();
         drop((retired, status, last_good, candidate));

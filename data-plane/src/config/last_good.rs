@@ -127,19 +127,20 @@ impl LastGood {
     }
 
     /// Replaces the file with `snapshot`, atomically and durably.
+    #[cfg(test)]
     pub(crate) fn store(&self, snapshot: &Snapshot) -> io::Result<()> {
         self.write(&self.encode(snapshot))
     }
 
     /// The file's contents for `snapshot`.
-    fn encode(&self, snapshot: &Snapshot) -> Vec<u8> {
+    pub(crate) fn encode(&self, snapshot: &Snapshot) -> Vec<u8> {
         encode(snapshot, &self.subset)
     }
 
     /// Replaces the file with `bytes` (an encoded snapshot), atomically and
     /// durably: written to a temp file, synced, renamed over the file, and
     /// the directory synced.
-    fn write(&self, bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn write(&self, bytes: &[u8]) -> io::Result<()> {
         fs::create_dir_all(&self.dir)?;
         let temp = self.dir.join(format!(
             ".{FILE_NAME}.{}.{}.tmp",
