@@ -245,21 +245,56 @@ pub(crate) async fn restore(file: Arc<LastGood>) -> Option<Snapshot> {
     }
 }
 
+/// The [`StoredSnapshot`] of `snapshot`, byte for byte as prost encodes it,
+/// written straight into one buffer: each resource is encoded in place, with
+/// no copy of its type URL, version or encoding of its own. It is the whole
+/// policy, encoded on the configuration thread.
 fn encode(snapshot: &Snapshot, subset: &str) -> Vec<u8> {
-    StoredSnapshot {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+
+    /// A length-delimited field's key and length prefix.
+    fn prefix(tag: u32, len: usize, buf: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(len as u64, buf);
+    }
+    /// A length-delimited field's size, as proto3 writes it (not at all
+    /// when empty).
+    fn field_len(tag: u32, len: usize) -> usize {
+        if len == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(len as u64) + len
+        }
+    }
+
+    let header = StoredSnapshot {
         format: FORMAT,
         revision: snapshot.revision,
         subset: subset.to_string(),
-        resources: snapshot
-            .iter()
-            .map(|v| StoredResource {
-                type_url: v.resource.kind().type_url().to_string(),
-                version: v.version.clone(),
-                value: v.resource.encode_to_vec(),
-            })
-            .collect(),
+        resources: Vec::new(),
+    };
+    let mut buf = Vec::with_capacity(header.encoded_len() + snapshot.len() * 256);
+    // `encode` fails only for a buffer that cannot grow; a `Vec` can.
+    let _ = header.encode(&mut buf);
+    for versioned in snapshot.iter() {
+        let type_url = versioned.resource.kind().type_url();
+        let value_len = versioned.resource.encoded_len();
+        let len = field_len(1, type_url.len())
+            + field_len(2, versioned.version.len())
+            + field_len(3, value_len);
+        prefix(4, len, &mut buf);
+        for (tag, text) in [(1, type_url), (2, versioned.version.as_str())] {
+            if !text.is_empty() {
+                prefix(tag, text.len(), &mut buf);
+                buf.extend_from_slice(text.as_bytes());
+            }
+        }
+        if value_len > 0 {
+            prefix(3, value_len, &mut buf);
+            versioned.resource.encode_into(&mut buf);
+        }
     }
-    .encode_to_vec()
+    buf
 }
 
 fn decode(bytes: &[u8], subset: &str) -> Result<Snapshot, LoadError> {
@@ -371,6 +406,33 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .filter(|name| name.ends_with(".tmp"))
             .collect()
+    }
+
+    #[test]
+    fn the_file_is_the_stored_snapshot_message_byte_for_byte() {
+        let mut snapshot = snapshot(3);
+        // A resource whose encoding is empty: proto3 leaves out empty fields.
+        snapshot.insert_versioned(Arc::new(Versioned {
+            resource: Resource::Namespace(prism_proto::pb::config::v1::Namespace::default()),
+            version: String::new(),
+        }));
+        let message = StoredSnapshot {
+            format: FORMAT,
+            revision: 3,
+            subset: "namespaces=;selector=".into(),
+            resources: snapshot
+                .iter()
+                .map(|v| StoredResource {
+                    type_url: v.resource.kind().type_url().to_string(),
+                    version: v.version.clone(),
+                    value: v.resource.encode_to_vec(),
+                })
+                .collect(),
+        };
+        assert_eq!(
+            encode(&snapshot, "namespaces=;selector="),
+            message.encode_to_vec()
+        );
     }
 
     #[cfg(unix)]
