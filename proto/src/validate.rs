@@ -118,6 +118,11 @@ pub fn validate_resource(resource: &Resource) -> Result {
 /// to one namespace, a route's host is answered by its own namespace, and no
 /// two routes share a match.
 pub fn validate_snapshot(snapshot: &Snapshot) -> Result {
+    validate_whole(snapshot).map(drop)
+}
+
+/// [`validate_snapshot`], giving the route that holds each match.
+fn validate_whole(snapshot: &Snapshot) -> Result<HashMap<MatchKey, &str>> {
     let mut hosts = HostOwners::default();
     for entry in snapshot.iter() {
         let resource = &entry.resource;
@@ -166,7 +171,7 @@ pub fn validate_snapshot(snapshot: &Snapshot) -> Result {
             .in_resource(entry.resource.key()));
         }
     }
-    Ok(())
+    Ok(matches)
 }
 
 /// The rules of `resource` alone, and that its namespace exists.

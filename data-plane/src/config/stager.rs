@@ -52,10 +52,18 @@ pub(crate) struct Stager {
     /// Revision of the batch being collected.
     revision: Option<u64>,
     pending: BTreeMap<Kind, Staged>,
-    /// A complete, valid batch waiting for `commit` or `reject`, and the
-    /// delta that made it from `accepted`.
-    ready: Option<(Snapshot, Delta)>,
+    /// A complete, valid batch waiting for `commit` or `reject`.
+    ready: Option<Ready>,
     outbox: Vec<Reply>,
+}
+
+/// A complete, valid batch: the snapshot it makes, the delta that made it
+/// from the accepted one, and its matches if validation gave them.
+#[derive(Debug)]
+struct Ready {
+    candidate: Snapshot,
+    delta: Delta,
+    matches: Option<Matches>,
 }
 
 /// One kind's response of the batch being collected.
@@ -161,12 +169,13 @@ impl Stager {
             return Offer::Waiting;
         }
         match self.candidate(revision) {
-            Ok((candidate, delta)) => {
+            Ok(ready) => {
                 let changed = self
                     .accepted
                     .as_ref()
-                    .is_none_or(|a| changes(a, &delta, &candidate));
-                self.ready = Some((candidate.clone(), delta));
+                    .is_none_or(|a| changes(a, &ready.delta, &ready.candidate));
+                let candidate = ready.candidate.clone();
+                self.ready = Some(ready);
                 Offer::Ready { candidate, changed }
             }
             Err(message) => {
@@ -182,9 +191,16 @@ impl Stager {
     /// Accepts the ready candidate: ACKs every pending response. Returns the
     /// newly accepted snapshot, or `None` if nothing was ready.
     pub(crate) fn commit(&mut self) -> Option<&Snapshot> {
-        let (candidate, delta) = self.ready.take()?;
+        let Ready {
+            candidate,
+            delta,
+            matches,
+        } = self.ready.take()?;
         let base = self.accepted.take().unwrap_or_default();
-        self.matches.update(&base, &delta, &candidate);
+        match matches {
+            Some(matches) => self.matches = matches,
+            None => self.matches.update(&base, &delta, &candidate),
+        }
         for (kind, staged) in mem::take(&mut self.pending) {
             self.outbox.push(Reply {
                 type_url: kind.type_url().to_string(),
@@ -203,9 +219,8 @@ impl Stager {
         self.nack_pending(message);
     }
 
-    /// The accepted snapshot with every pending change applied, validated,
-    /// and the delta that was applied.
-    fn candidate(&self, revision: u64) -> Result<(Snapshot, Delta), String> {
+    /// The accepted snapshot with every pending change applied, validated.
+    fn candidate(&self, revision: u64) -> Result<Ready, String> {
         let mut delta = Delta {
             revision,
             ..Delta::default()
@@ -218,8 +233,13 @@ impl Stager {
         let empty = Snapshot::default();
         let base = self.accepted.as_ref().unwrap_or(&empty);
         let candidate = base.apply(&delta);
-        validate_delta(base, &self.matches, &delta, &candidate).map_err(|e| e.to_string())?;
-        Ok((candidate, delta))
+        let matches =
+            validate_delta(base, &self.matches, &delta, &candidate).map_err(|e| e.to_string())?;
+        Ok(Ready {
+            candidate,
+            delta,
+            matches,
+        })
     }
 
     fn nack_pending(&mut self, message: &str) {

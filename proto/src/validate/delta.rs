@@ -1,9 +1,9 @@
 //! Validation of a revision that changes a few resources of a large snapshot
-//! already validated: [`validate_snapshot`]'s rules, applied to what the
+//! already validated: [`validate_snapshot`](super::validate_snapshot)'s rules, applied to what the
 //! delta touches, so 100 changed routes of a 10,000-route policy cost the
 //! 100, not the 10,000.
 //!
-//! The verdict and the error are always [`validate_snapshot`]'s own. The
+//! The verdict and the error are always [`validate_snapshot`](super::validate_snapshot)'s own. The
 //! incremental check only ever passes a snapshot that the whole check would
 //! pass; when it finds a fault, or the delta touches what it cannot judge
 //! alone (a Namespace, a Secret, a Backend's removal: rules that reach into
@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::{
     HostOwners, MatchKey, Result, backend_references, resource_rules, route_references,
-    validate_snapshot,
+    validate_whole,
 };
 use crate::resource::{Kind, Resource, ResourceKey, Versioned};
 use crate::snapshot::{Delta, Snapshot};
@@ -70,24 +70,31 @@ impl Matches {
 }
 
 /// Validates `candidate`, which is `base` (valid, its matches in `matches`)
-/// with `delta` applied. Gives exactly what `validate_snapshot(candidate)`
-/// gives, in time proportional to the delta when it is valid and touches
-/// only routes and backends it does not remove.
+/// with `delta` applied. Gives exactly the verdict and error of
+/// `validate_snapshot(candidate)`, in time proportional to the delta when it
+/// is valid and touches only routes and backends it does not remove.
+///
+/// When valid, and the whole snapshot had to be checked, the candidate's
+/// matches come with the verdict; otherwise [`Matches::update`] makes them
+/// from `matches` once the candidate is accepted.
 pub fn validate_delta(
     base: &Snapshot,
     matches: &Matches,
     delta: &Delta,
     candidate: &Snapshot,
-) -> Result {
+) -> Result<Option<Matches>> {
     if passes(base, matches, delta, candidate) {
-        Ok(())
-    } else {
-        validate_snapshot(candidate)
+        return Ok(None);
     }
+    let owners = validate_whole(candidate)?
+        .into_iter()
+        .map(|(key, name)| (key, name.to_string()))
+        .collect();
+    Ok(Some(Matches { owners }))
 }
 
 /// Whether the resources `delta` touches keep every rule of
-/// [`validate_snapshot`]; `false` also when this cannot tell alone.
+/// [`validate_snapshot`](super::validate_snapshot); `false` also when this cannot tell alone.
 fn passes(base: &Snapshot, matches: &Matches, delta: &Delta, candidate: &Snapshot) -> bool {
     let touched = touched(delta);
     // Built on the first route with a host: namespaces are as in `base`.

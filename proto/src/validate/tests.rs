@@ -831,9 +831,13 @@ proptest! {
         for delta in [first, second] {
             let candidate = base.apply(&delta);
             let whole = validate_snapshot(&candidate);
-            prop_assert_eq!(validate_delta(&base, &matches, &delta, &candidate), whole.clone());
-            if whole.is_ok() {
-                matches.update(&base, &delta, &candidate);
+            let checked = validate_delta(&base, &matches, &delta, &candidate);
+            prop_assert_eq!(checked.clone().map(drop), whole);
+            if let Ok(checked) = checked {
+                match checked {
+                    Some(whole) => matches = whole,
+                    None => matches.update(&base, &delta, &candidate),
+                }
                 prop_assert_eq!(&matches, &Matches::of(&candidate));
                 base = candidate;
             }
