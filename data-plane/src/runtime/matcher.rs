@@ -123,7 +123,7 @@ struct Candidate {
 }
 
 /// Which path rule of a tier a route is under, borrowed from its spec.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum PathRule<'a> {
     Exact(&'a str),
     Prefix(&'a str),
@@ -333,7 +333,7 @@ impl Tier {
     /// rebuilt, and the regex automaton only if its patterns change.
     fn patch(&self, change: TierChange<'_>) -> Result<Tier, CompileError> {
         let mut tier = self.clone();
-        let mut rules: BTreeMap<PathRule<'_>, (Vec<&str>, Vec<Candidate>)> = BTreeMap::new();
+        let mut rules: Map<PathRule<'_>, (Vec<&str>, Vec<Candidate>)> = Map::default();
         for (rule, name) in change.leave {
             rules.entry(rule).or_default().0.push(name);
         }
@@ -471,33 +471,32 @@ impl Candidate {
     }
 }
 
-/// Takes the routes named in `leave` out of the rule `key` of `rules` and
+/// Takes the routes named in `leave` out of the rule `rule` of `rules` and
 /// puts `join` in, in match order; whether the rule came or went.
 fn update(
     rules: &mut Map<Arc<str>, Arc<[Candidate]>>,
-    key: &str,
+    rule: &str,
     leave: &[&str],
     join: Vec<Candidate>,
 ) -> bool {
-    let existed = rules.contains_key(key);
-    let mut candidates: Vec<Candidate> = rules.get(key).map_or_else(Vec::new, |old| {
-        old.iter()
-            .filter(|c| !leave.contains(&c.route.name.as_str()))
-            .cloned()
-            .collect()
-    });
+    // Taken out and put back: the key's `Arc` is kept, not allocated anew.
+    let (key, mut candidates) = match rules.remove_entry(rule) {
+        Some((key, old)) => {
+            let kept = old
+                .iter()
+                .filter(|c| !leave.contains(&c.route.name.as_str()))
+                .cloned();
+            (Some(key), kept.collect())
+        }
+        None => (None, Vec::new()),
+    };
+    let existed = key.is_some();
     candidates.extend(join);
-    candidates.sort_by(|a, b| a.order().cmp(&b.order()));
     if candidates.is_empty() {
-        rules.remove(key);
         return existed;
     }
-    match rules.get_mut(key) {
-        Some(rule) => *rule = candidates.into(),
-        None => {
-            rules.insert(key.into(), candidates.into());
-        }
-    }
+    candidates.sort_by(|a, b| a.order().cmp(&b.order()));
+    rules.insert(key.unwrap_or_else(|| rule.into()), candidates.into());
     !existed
 }
 

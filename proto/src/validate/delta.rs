@@ -96,6 +96,21 @@ pub fn validate_delta(
 /// Whether the resources `delta` touches keep every rule of
 /// [`validate_snapshot`](super::validate_snapshot); `false` also when this cannot tell alone.
 fn passes(base: &Snapshot, matches: &Matches, delta: &Delta, candidate: &Snapshot) -> bool {
+    let kinds = delta
+        .upserts
+        .iter()
+        .map(|v| v.resource.kind())
+        .chain(delta.removals.iter().map(|key| key.kind));
+    // The whole check is no dearer for a delta of half the snapshot or more
+    // (a fresh policy), and the only one for namespaces and Secrets.
+    let large = 2 * (delta.upserts.len() + delta.removals.len()) >= candidate.len();
+    if large
+        || kinds
+            .clone()
+            .any(|kind| matches!(kind, Kind::Namespace | Kind::Secret))
+    {
+        return false;
+    }
     let touched = touched(delta);
     // Built on the first route with a host: namespaces are as in `base`.
     let mut hosts: Option<HostOwners<'_>> = None;
