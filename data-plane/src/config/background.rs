@@ -112,7 +112,7 @@ fn lower_priority() {
     }
 }
 
-/// Drops `garbage` on a thread of lower priority after [`RETIRE_AFTER`], so
+/// Drops `garbage` on the configuration thread after [`RETIRE_AFTER`], so
 /// that freeing a large runtime or snapshot never runs on an event loop.
 pub(crate) fn retire<T: Send + 'static>(garbage: T) {
     tokio::spawn(async move {
