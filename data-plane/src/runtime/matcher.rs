@@ -12,7 +12,8 @@
 //! are under are rebuilt; every other rule is shared with the old matcher,
 //! keys and candidates alike (`Arc`s), and so is every regex automaton whose
 //! set of patterns did not change. A fresh build is a patch of the empty
-//! matcher, so both give the same tables.
+//! matcher (whose tiers are built in one pass, [`Tier::build`]); a property
+//! test holds patched matchers to routing exactly as fresh ones do.
 //!
 //! A lookup allocates nothing: a host with uppercase letters is lowercased
 //! into a stack buffer (others are looked up as they are), exact
@@ -332,6 +333,9 @@ impl Tier {
     /// This tier with `change` made: only the path rules it touches are
     /// rebuilt, and the regex automaton only if its patterns change.
     fn patch(&self, change: TierChange<'_>) -> Result<Tier, CompileError> {
+        if self.is_empty() && change.leave.is_empty() {
+            return Tier::build(change.join);
+        }
         let mut tier = self.clone();
         let mut rules: Map<PathRule<'_>, (Vec<&str>, Vec<Candidate>)> = Map::default();
         for (rule, name) in change.leave {
@@ -377,6 +381,41 @@ impl Tier {
             };
         }
         Ok(tier)
+    }
+
+    /// A tier of `routes` alone: each rule's candidates are gathered under
+    /// its borrowed path, then sorted and frozen once (a fresh policy's tiers
+    /// are built so, not rule by rule).
+    fn build(routes: Vec<(PathRule<'_>, Candidate)>) -> Result<Tier, CompileError> {
+        let mut exact: Map<&str, Vec<Candidate>> = Map::default();
+        let mut prefixes: Map<&str, Vec<Candidate>> = Map::default();
+        let mut regexes: Map<&str, Vec<Candidate>> = Map::default();
+        for (rule, candidate) in routes {
+            let (rules, path) = match rule {
+                PathRule::Exact(path) => (&mut exact, path),
+                PathRule::Prefix(prefix) => (&mut prefixes, prefix),
+                PathRule::Regex(pattern) => (&mut regexes, pattern),
+            };
+            rules.entry(path).or_default().push(candidate);
+        }
+        let freeze = |rules: Map<&str, Vec<Candidate>>| -> Map<Arc<str>, Arc<[Candidate]>> {
+            rules
+                .into_iter()
+                .map(|(path, mut candidates)| {
+                    candidates.sort_by(|a, b| a.order().cmp(&b.order()));
+                    (Arc::from(path), Arc::from(candidates))
+                })
+                .collect()
+        };
+        let mut prefix_lengths: Vec<usize> = prefixes.keys().map(|p| p.len()).collect();
+        prefix_lengths.sort_unstable_by(|a, b| b.cmp(a));
+        prefix_lengths.dedup();
+        Ok(Tier {
+            exact: freeze(exact),
+            prefix_lengths,
+            prefixes: freeze(prefixes),
+            regexes: Regexes::build(freeze(regexes))?,
+        })
     }
 
     /// Whether no route is in this tier.
