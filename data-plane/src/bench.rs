@@ -128,3 +128,132 @@ fn params() -> server::Params {
         limits: crate::Limits::default(),
     }
 }
+
+/// The proxy's configuration apply path, as the discovery client, the
+/// last-good writer and the retirement of replaced state run it, timed stage
+/// by stage: one complete batch of discovery responses is decoded and staged
+/// (with validation), compiled against the live runtime, swapped in,
+/// committed, saved to the last-good file, and what it replaced dropped.
+/// Every apply is saved here; the proxy saves at most once per
+/// `last_good::SAVE_EVERY`.
+pub struct Apply {
+    stager: crate::config::stager::Stager,
+    runtime: Arc<ArcSwap<Runtime>>,
+    file: crate::config::last_good::LastGood,
+    own: OwnAddresses,
+}
+
+/// One batch of discovery responses (one per kind), encoded ahead of
+/// [`Apply::apply`] so that encoding it is not timed.
+pub struct Batch(Vec<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse>);
+
+/// Where one apply spent its time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stages {
+    /// Decoding and staging the responses, validating the candidate.
+    pub stage: std::time::Duration,
+    /// Compiling the candidate into a runtime.
+    pub compile: std::time::Duration,
+    /// Storing the runtime, committing the snapshot, and the copies the
+    /// admin status and the last-good writer get.
+    pub swap: std::time::Duration,
+    /// Encoding the last-good snapshot (on the configuration thread).
+    pub encode: std::time::Duration,
+    /// Writing and syncing it (on a blocking thread, waiting on the disk).
+    pub write: std::time::Duration,
+    /// Dropping what the apply replaced.
+    pub retire: std::time::Duration,
+}
+
+impl Batch {
+    /// Upserts `resources` (of any kinds) at `revision`, removing nothing.
+    pub fn new(revision: u64, resources: &[prism_proto::Resource]) -> Batch {
+        use envoy_types::pb::envoy::service::discovery::v3::{
+            DeltaDiscoveryResponse, Resource as WireResource,
+        };
+        use envoy_types::pb::google::protobuf::Any;
+        let responses = prism_proto::Kind::ALL
+            .into_iter()
+            .map(|kind| DeltaDiscoveryResponse {
+                system_version_info: revision.to_string(),
+                type_url: kind.type_url().to_string(),
+                nonce: format!("{revision}-{kind}"),
+                resources: resources
+                    .iter()
+                    .filter(|r| r.kind() == kind)
+                    .map(|r| {
+                        let versioned = r.clone().versioned();
+                        WireResource {
+                            name: r.name().to_string(),
+                            version: versioned.version,
+                            resource: Some(Any {
+                                type_url: kind.type_url().to_string(),
+                                value: r.encode_to_vec(),
+                            }),
+                            ..Default::default()
+                        }
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        Batch(responses)
+    }
+}
+
+impl Apply {
+    /// An unconfigured proxy whose last-good file is in `dir`.
+    pub fn new(dir: &std::path::Path) -> Apply {
+        Apply {
+            stager: crate::config::stager::Stager::default(),
+            runtime: Arc::new(ArcSwap::from_pointee(Runtime::unconfigured())),
+            file: crate::config::last_good::LastGood::new(dir, String::new()),
+            own: OwnAddresses::default(),
+        }
+    }
+
+    /// Applies `batch` as the proxy would; where the time went, or the
+    /// NACK's message.
+    pub fn apply(&mut self, batch: Batch) -> Result<Stages, String> {
+        use std::time::Instant;
+
+        use crate::config::stager::Offer;
+        let mut stages = Stages::default();
+        let start = Instant::now();
+        let mut ready = None;
+        for response in batch.0 {
+            match self.stager.offer(response) {
+                Offer::Waiting => {}
+                Offer::Rejected { message, .. } => return Err(message),
+                Offer::Ready { candidate, changed } => ready = Some((candidate, changed)),
+            }
+        }
+        let (candidate, changed) = ready.ok_or("the batch is incomplete")?;
+        stages.stage = start.elapsed();
+
+        let start = Instant::now();
+        let next = changed
+            .then(|| Runtime::compile(&candidate, &self.runtime.load(), &self.own))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        stages.compile = start.elapsed();
+
+        let start = Instant::now();
+        let retired = next.map(|next| self.runtime.swap(Arc::new(next)));
+        let accepted = self.stager.commit().ok_or("nothing to commit")?;
+        let (status, last_good) = (accepted.clone(), accepted.clone());
+        stages.swap = start.elapsed();
+
+        let start = Instant::now();
+        let bytes = self.file.encode(&last_good);
+        stages.encode = start.elapsed();
+        let start = Instant::now();
+        self.file.write(&bytes).map_err(|e| e.to_string())?;
+        stages.write = start.elapsed();
+
+        let start = Instant::now();
+        drop((retired, status, last_good, candidate));
+        stages.retire = start.elapsed();
+        Ok(stages)
+    }
+}

@@ -200,7 +200,13 @@ pub async fn run(
         selector = %subset::selector_metadata(&config.selector),
         "Starting the proxy."
     );
-    let writer = last_good.map(|file| tokio::spawn(last_good::write_loop(file, last_good_rx)));
+    let writer = last_good.map(|file| {
+        tokio::spawn(last_good::write_loop(
+            file,
+            last_good_rx,
+            last_good::SAVE_EVERY,
+        ))
+    });
     let server = http::server::Params {
         limits: config.limits,
     };

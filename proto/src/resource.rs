@@ -166,6 +166,28 @@ impl Resource {
         name.split_once('/').map_or(name, |(ns, _)| ns)
     }
 
+    /// Length of the protobuf encoding of the inner message.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Resource::Secret(r) => r.encoded_len(),
+            Resource::Namespace(r) => r.encoded_len(),
+            Resource::Backend(r) => r.encoded_len(),
+            Resource::Route(r) => r.encoded_len(),
+        }
+    }
+
+    /// Appends the protobuf encoding of the inner message to `buf`, as
+    /// [`Resource::encode_to_vec`] gives it, without a buffer of its own.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        // `encode` fails only for a buffer that cannot grow; a `Vec` can.
+        let _ = match self {
+            Resource::Secret(r) => r.encode(buf),
+            Resource::Namespace(r) => r.encode(buf),
+            Resource::Backend(r) => r.encode(buf),
+            Resource::Route(r) => r.encode(buf),
+        };
+    }
+
     /// Protobuf encoding of the inner message.
     pub fn encode_to_vec(&self) -> Vec<u8> {
         match self {

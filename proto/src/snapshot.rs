@@ -2,17 +2,21 @@
 //!
 //! The algebra the rest of Prism leans on: `a.apply(&Snapshot::diff(&a, &b)) == b`.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::resource::{Kind, Resource, ResourceKey, Versioned};
 
 /// The complete policy at one revision. Immutable once built and shared behind
-/// `Arc`s: cloning a snapshot clones pointers, not resources.
+/// `Arc`s: cloning a snapshot clones one pointer, not the map or its
+/// resources, so the copies a proxy keeps (staged, accepted, shown by its
+/// admin, saved to disk) cost nothing; the map is copied once, by the first
+/// change made to a snapshot whose map is shared.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub revision: u64,
-    resources: BTreeMap<ResourceKey, Arc<Versioned>>,
+    resources: Arc<BTreeMap<ResourceKey, Arc<Versioned>>>,
 }
 
 /// What turns one snapshot into another: resources to add or replace, keys to
@@ -29,7 +33,7 @@ impl Snapshot {
     pub fn empty(revision: u64) -> Self {
         Self {
             revision,
-            resources: BTreeMap::new(),
+            resources: Arc::default(),
         }
     }
 
@@ -44,19 +48,20 @@ impl Snapshot {
 
     /// Adds or replaces one resource.
     pub fn insert(&mut self, resource: Resource) {
-        let versioned = resource.versioned();
-        self.resources
-            .insert(versioned.resource.key(), Arc::new(versioned));
+        self.insert_versioned(Arc::new(resource.versioned()));
     }
 
     /// Adds or replaces one already versioned resource.
     pub fn insert_versioned(&mut self, versioned: Arc<Versioned>) {
-        self.resources.insert(versioned.resource.key(), versioned);
+        Arc::make_mut(&mut self.resources).insert(versioned.resource.key(), versioned);
     }
 
     /// Removes one resource, returning it if it was there.
     pub fn remove(&mut self, key: &ResourceKey) -> Option<Arc<Versioned>> {
-        self.resources.remove(key)
+        if !self.resources.contains_key(key) {
+            return None;
+        }
+        Arc::make_mut(&mut self.resources).remove(key)
     }
 
     pub fn get(&self, key: &ResourceKey) -> Option<&Arc<Versioned>> {
@@ -91,35 +96,57 @@ impl Snapshot {
 
     /// The delta that turns `from` into `to`: every resource of `to` that `from`
     /// lacks or holds at another version, and every key of `from` that `to` lacks.
+    ///
+    /// One walk over both (each is ordered by key), where a resource that two
+    /// snapshots share as one `Arc` is passed over without comparing versions:
+    /// a proxy diffs each revision against the last, which shares all but
+    /// what changed.
     pub fn diff(from: &Snapshot, to: &Snapshot) -> Delta {
-        let upserts = to
-            .resources
-            .iter()
-            .filter(|(key, new)| {
-                from.resources
-                    .get(*key)
-                    .is_none_or(|old| old.version != new.version)
-            })
-            .map(|(_, new)| Arc::clone(new))
-            .collect();
-        let removals = from
-            .resources
-            .keys()
-            .filter(|key| !to.resources.contains_key(*key))
-            .cloned()
-            .collect();
-        Delta {
+        let mut delta = Delta {
             revision: to.revision,
-            upserts,
-            removals,
+            ..Delta::default()
+        };
+        if Arc::ptr_eq(&from.resources, &to.resources) {
+            return delta;
         }
+        let mut old = from.resources.iter().peekable();
+        let mut new = to.resources.iter().peekable();
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((a, _)), Some((b, _))) => a.cmp(b),
+            };
+            match order {
+                Ordering::Less => {
+                    if let Some((key, _)) = old.next() {
+                        delta.removals.push(key.clone());
+                    }
+                }
+                Ordering::Greater => {
+                    if let Some((_, versioned)) = new.next() {
+                        delta.upserts.push(Arc::clone(versioned));
+                    }
+                }
+                Ordering::Equal => {
+                    if let (Some((_, a)), Some((_, b))) = (old.next(), new.next())
+                        && !Arc::ptr_eq(a, b)
+                        && a.version != b.version
+                    {
+                        delta.upserts.push(Arc::clone(b));
+                    }
+                }
+            }
+        }
+        delta
     }
 
     /// This snapshot with `delta` applied: removals first, then upserts.
     pub fn apply(&self, delta: &Delta) -> Snapshot {
         let mut next = self.clone();
         for key in &delta.removals {
-            next.resources.remove(key);
+            next.remove(key);
         }
         for versioned in &delta.upserts {
             next.insert_versioned(Arc::clone(versioned));

@@ -21,8 +21,11 @@ use crate::pb::config::v1::{
 use crate::resource::{Kind, Resource, ResourceKey};
 use crate::snapshot::Snapshot;
 
+mod delta;
 #[cfg(test)]
 mod tests;
+
+pub use delta::{Matches, validate_delta};
 
 /// Longest regular expression accepted, in bytes.
 pub const MAX_REGEX_BYTES: usize = 1024;
@@ -115,24 +118,16 @@ pub fn validate_resource(resource: &Resource) -> Result {
 /// to one namespace, a route's host is answered by its own namespace, and no
 /// two routes share a match.
 pub fn validate_snapshot(snapshot: &Snapshot) -> Result {
+    validate_whole(snapshot).map(drop)
+}
+
+/// [`validate_snapshot`], giving the route that holds each match.
+fn validate_whole(snapshot: &Snapshot) -> Result<HashMap<MatchKey, &str>> {
     let mut hosts = HostOwners::default();
     for entry in snapshot.iter() {
         let resource = &entry.resource;
         let key = resource.key();
-        validate_resource(resource).map_err(|e| e.in_resource(key.clone()))?;
-        if resource.kind().is_namespaced()
-            && !snapshot.contains(Kind::Namespace, resource.namespace())
-        {
-            return Err(ValidationError::new(
-                "name",
-                format!("namespace `{}` does not exist", resource.namespace()),
-            )
-            .in_resource(key));
-        }
-        let refs = References {
-            snapshot,
-            namespace: resource.namespace(),
-        };
+        resource_rules(snapshot, resource)?;
         match resource {
             Resource::Namespace(ns) => {
                 for (i, host) in ns.hosts.iter().enumerate() {
@@ -144,21 +139,15 @@ pub fn validate_snapshot(snapshot: &Snapshot) -> Result {
                         .in_resource(key));
                     }
                 }
+                let refs = References {
+                    snapshot,
+                    namespace: resource.namespace(),
+                };
                 refs.secret(&ns.tls_secret, SecretSort::TlsCertificate)
                     .at("tls_secret")
                     .map_err(|e| e.in_resource(key))?;
             }
-            Resource::Backend(b) => {
-                if let Some(tls) = &b.tls {
-                    refs.secret(&tls.ca_secret, SecretSort::CaBundle)
-                        .at("tls.ca_secret")
-                        .and_then(|()| {
-                            refs.secret(&tls.client_certificate_secret, SecretSort::TlsCertificate)
-                                .at("tls.client_certificate_secret")
-                        })
-                        .map_err(|e| e.in_resource(key))?;
-                }
-            }
+            Resource::Backend(b) => backend_references(snapshot, resource, b)?,
             Resource::Secret(_) | Resource::Route(_) => {}
         }
     }
@@ -170,56 +159,100 @@ pub fn validate_snapshot(snapshot: &Snapshot) -> Result {
         let Resource::Route(route) = &entry.resource else {
             continue;
         };
-        let key = entry.resource.key();
-        let ns_name = entry.resource.namespace();
-        let refs = References {
-            snapshot,
-            namespace: ns_name,
-        };
-        let in_route = |e: ValidationError| e.in_resource(key.clone());
-        if !route.backend.is_empty() {
-            refs.backend(&route.backend)
-                .at("backend")
-                .map_err(in_route)?;
-        }
-        for (i, weighted) in route.backends.iter().enumerate() {
-            refs.backend(&weighted.name)
-                .at(format!("backends[{i}].name"))
-                .map_err(in_route)?;
-        }
+        route_references(snapshot, &hosts, &entry.resource, route)?;
         let Some(m) = &route.r#match else { continue };
-        if !m.host.is_empty() {
-            match hosts.owner(&m.host) {
-                Some((owner, _)) if owner == ns_name => {}
-                Some((owner, pattern)) => {
-                    return Err(in_route(ValidationError::new(
-                        "match.host",
-                        format!(
-                            "host `{}` is answered by namespace `{owner}` (its host `{pattern}`), \
-                             so this route would never match",
-                            m.host
-                        ),
-                    )));
-                }
-                None => {
-                    return Err(in_route(ValidationError::new(
-                        "match.host",
-                        format!(
-                            "host `{}` is not one of namespace `{ns_name}`'s hosts",
-                            m.host
-                        ),
-                    )));
-                }
-            }
-        }
-        if let Some(other) = matches.insert(MatchKey::of(ns_name, m), &route.name) {
-            return Err(in_route(ValidationError::new(
+        if let Some(other) =
+            matches.insert(MatchKey::of(entry.resource.namespace(), m), &route.name)
+        {
+            return Err(ValidationError::new(
                 "match",
                 format!("route `{other}` already has the same match"),
-            )));
+            )
+            .in_resource(entry.resource.key()));
         }
     }
+    Ok(matches)
+}
+
+/// The rules of `resource` alone, and that its namespace exists.
+fn resource_rules(snapshot: &Snapshot, resource: &Resource) -> Result {
+    validate_resource(resource).map_err(|e| e.in_resource(resource.key()))?;
+    if resource.kind().is_namespaced() && !snapshot.contains(Kind::Namespace, resource.namespace())
+    {
+        return Err(ValidationError::new(
+            "name",
+            format!("namespace `{}` does not exist", resource.namespace()),
+        )
+        .in_resource(resource.key()));
+    }
     Ok(())
+}
+
+/// The Secrets a backend's TLS names exist and are of the right sort.
+fn backend_references(snapshot: &Snapshot, resource: &Resource, b: &Backend) -> Result {
+    let Some(tls) = &b.tls else {
+        return Ok(());
+    };
+    let refs = References {
+        snapshot,
+        namespace: resource.namespace(),
+    };
+    refs.secret(&tls.ca_secret, SecretSort::CaBundle)
+        .at("tls.ca_secret")
+        .and_then(|()| {
+            refs.secret(&tls.client_certificate_secret, SecretSort::TlsCertificate)
+                .at("tls.client_certificate_secret")
+        })
+        .map_err(|e| e.in_resource(resource.key()))
+}
+
+/// A route's backends exist and its host is answered by its own namespace.
+fn route_references(
+    snapshot: &Snapshot,
+    hosts: &HostOwners<'_>,
+    resource: &Resource,
+    route: &Route,
+) -> Result {
+    let ns_name = resource.namespace();
+    let refs = References {
+        snapshot,
+        namespace: ns_name,
+    };
+    let in_route = |e: ValidationError| e.in_resource(resource.key());
+    if !route.backend.is_empty() {
+        refs.backend(&route.backend)
+            .at("backend")
+            .map_err(in_route)?;
+    }
+    for (i, weighted) in route.backends.iter().enumerate() {
+        refs.backend(&weighted.name)
+            .at(format!("backends[{i}].name"))
+            .map_err(in_route)?;
+    }
+    let Some(m) = &route.r#match else {
+        return Ok(());
+    };
+    if m.host.is_empty() {
+        return Ok(());
+    }
+    match hosts.owner(&m.host) {
+        Some((owner, _)) if owner == ns_name => Ok(()),
+        Some((owner, pattern)) => Err(in_route(ValidationError::new(
+            "match.host",
+            format!(
+                "host `{}` is answered by namespace `{owner}` (its host `{pattern}`), \
+                 so this route would never match",
+                m.host
+            ),
+        ))),
+        None => Err(in_route(ValidationError::new(
+            "match.host",
+            format!(
+                "host `{}` is not one of namespace `{ns_name}`'s hosts",
+                m.host
+            ),
+        ))),
+    }
 }
 
 /// Whether the namespace host pattern `pattern` (exact, `*.suffix` or the
@@ -267,7 +300,7 @@ impl<'a> HostOwners<'a> {
 }
 
 /// Everything that makes two route matches the same, order-insensitive.
-#[derive(PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct MatchKey {
     namespace: String,
     host: String,

@@ -1,15 +1,19 @@
-//! Where configuration work runs: on threads of its own at a lower CPU
-//! priority than the event loops that serve requests.
+//! Where configuration work runs: on one long-lived thread of its own, at a
+//! lower CPU priority than the event loops that serve requests, fed by a
+//! queue.
 //!
-//! Staging, validating and compiling a large revision (10,000 routes take
-//! tens of milliseconds), dropping the runtime it replaces and encoding the
-//! last-good snapshot are all proportional to the whole policy. On an event
-//! loop they would stall every request on it; on a blocking thread of normal
-//! priority they would still take turns with a proxy pinned to one core. At
-//! a lower priority the kernel runs them in the time the event loops leave,
-//! and preempts them as soon as a request arrives.
+//! Staging, validating and compiling a revision, encoding the last-good
+//! snapshot and dropping what a revision replaced are configuration work.
+//! Most of it costs what a revision changes, but a fresh 10,000-route policy
+//! still takes tens of milliseconds. On an event loop that would stall every
+//! request on it; on a thread of normal priority it would still take turns
+//! with a proxy pinned to one core. At a lower priority the kernel runs it in
+//! the time the event loops leave, and preempts it as soon as a request
+//! arrives. One thread, not one per job: starting a thread for every
+//! discovery response is work of its own, and jobs run one at a time anyway.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
 use tracing::debug;
@@ -24,23 +28,28 @@ const NICE: i32 = 10;
 /// reference (and the work of freeing it) is ours, not theirs.
 pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(1);
 
+/// One piece of configuration work.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The queue of the configuration thread, started by the first job.
+static QUEUE: Mutex<Option<mpsc::Sender<Job>>> = Mutex::new(None);
+
 /// Why [`run`]'s work gave no result.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Failed {
-    #[error("cannot start a thread for configuration work")]
+    #[error("cannot start the configuration thread")]
     Spawn(#[source] std::io::Error),
     #[error("configuration work ended without a result")]
     Lost,
 }
 
-/// Runs `work` on a thread of its own at [`NICE`], inside the calling
-/// Tokio runtime, and resolves to its result; a panic in `work` resumes here.
+/// Runs `work` on the configuration thread, inside the calling Tokio
+/// runtime, and resolves to its result; a panic in `work` resumes here.
+/// Jobs run one at a time, in the order they were queued.
 ///
 /// A thread of its own, not one of tokio's blocking threads: those are
 /// pooled and reused for other blocking work (the resolver's
-/// `getaddrinfo`, file reads), which must not inherit a lowered priority. A
-/// revision is rare enough that starting a thread for it costs nothing that
-/// shows.
+/// `getaddrinfo`, file reads), which must not inherit a lowered priority.
 pub(crate) async fn run<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Failed> {
@@ -48,20 +57,48 @@ pub(crate) async fn run<T: Send + 'static>(
     // The work may start tasks (a compiled backend's health checker): on
     // this runtime, as if it ran here.
     let runtime = tokio::runtime::Handle::current();
-    std::thread::Builder::new()
-        .name("prism-config".into())
-        .spawn(move || {
-            let _entered = runtime.enter();
-            lower_priority();
-            // Nobody waiting any more (shutdown) is fine.
-            let _ = done.send(std::panic::catch_unwind(AssertUnwindSafe(work)));
-        })
-        .map_err(Failed::Spawn)?;
+    submit(Box::new(move || {
+        let _entered = runtime.enter();
+        // Nobody waiting any more (shutdown) is fine.
+        let _ = done.send(std::panic::catch_unwind(AssertUnwindSafe(work)));
+    }))?;
     match result.await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(panic)) => std::panic::resume_unwind(panic),
         Err(_) => Err(Failed::Lost),
     }
+}
+
+/// Queues `job` for the configuration thread, starting it if there is none.
+fn submit(job: Job) -> Result<(), Failed> {
+    // A poisoned lock only means a panic while holding it, which nothing
+    // here can do; the sender inside is still good.
+    let mut queue = QUEUE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let job = match queue.as_ref() {
+        Some(sender) => match sender.send(job) {
+            Ok(()) => return Ok(()),
+            // The thread is gone (it never is: each job's panic is caught).
+            Err(mpsc::SendError(job)) => job,
+        },
+        None => job,
+    };
+    let (sender, jobs) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("prism-config".into())
+        .spawn(move || {
+            lower_priority();
+            for job in jobs {
+                job();
+            }
+        })
+        .map_err(Failed::Spawn)?;
+    // The thread just started holds the receiver, so this cannot fail; if
+    // it did, the job is dropped and its caller sees `Failed::Lost`.
+    let _ = sender.send(job);
+    *queue = Some(sender);
+    Ok(())
 }
 
 /// Lowers the calling thread's priority to [`NICE`]. A failure (a platform
@@ -75,7 +112,7 @@ fn lower_priority() {
     }
 }
 
-/// Drops `garbage` on a thread of lower priority after [`RETIRE_AFTER`], so
+/// Drops `garbage` on the configuration thread after [`RETIRE_AFTER`], so
 /// that freeing a large runtime or snapshot never runs on an event loop.
 pub(crate) fn retire<T: Send + 'static>(garbage: T) {
     tokio::spawn(async move {
@@ -126,6 +163,21 @@ mod tests {
         assert_eq!(pooled, 0, "a blocking thread of tokio's pool");
         let panicked = tokio::spawn(run(|| panic!("in configuration work")));
         assert!(panicked.await.expect_err("resumed").is_panic());
+    }
+
+    #[tokio::test]
+    async fn every_job_runs_on_the_one_configuration_thread() {
+        let here = || {
+            (
+                thread::current().id(),
+                thread::current().name().map(str::to_owned),
+            )
+        };
+        let first = run(here).await.expect("ran");
+        let second = run(here).await.expect("ran");
+        assert_eq!(first, second, "a thread per job");
+        assert_ne!(first.0, thread::current().id());
+        assert_eq!(first.1.as_deref(), Some("prism-config"));
     }
 
     /// Says on which thread it was dropped.

@@ -2,8 +2,8 @@
 //! control plane, reconnecting with backoff. Responses go through the
 //! [`Stager`]; a complete valid batch is compiled into a [`Runtime`] and stored
 //! with one `ArcSwap::store`, then ACKed. Staging, compiling and storing run
-//! on a thread of lower priority ([`background`]), never on the
-//! event loop that serves requests. This is the only module that knows tonic.
+//! on the configuration thread, at a lower priority ([`background`]), never
+//! on the event loop that serves requests. This is the only module that knows tonic.
 
 use std::mem;
 use std::sync::Arc;
@@ -167,9 +167,10 @@ impl Subscriber {
                 nonce = %response.nonce,
                 "Discovery response."
             );
-            // Staging, validating and compiling take time proportional to
-            // the whole policy: they run on a thread of lower priority while
-            // this event loop goes on serving requests.
+            // Staging, validating and compiling take milliseconds (tens for
+            // a fresh large policy): they run on the configuration thread,
+            // at a lower priority, while this event loop goes on serving
+            // requests.
             let work = Work {
                 stager: mem::take(stager),
                 runtime: Arc::clone(&self.runtime),
@@ -236,7 +237,7 @@ impl Subscriber {
     }
 }
 
-/// One response's work, moved to a thread of lower priority and back.
+/// One response's work, moved to the configuration thread and back.
 struct Work {
     stager: Stager,
     runtime: Arc<ArcSwap<Runtime>>,

@@ -9,15 +9,16 @@
 //! crash leaves either the old file or the new one, never a torn one.
 //!
 //! Writing happens in a background task fed by a `watch` channel: a burst of
-//! accepted revisions is one write of the newest, and a slow disk never
-//! delays the discovery stream or a request. A failed write is logged and
-//! serving goes on.
+//! accepted revisions is one write of the newest, writes are at least
+//! [`SAVE_EVERY`] apart, and a slow disk never delays the discovery stream or
+//! a request. A failed write is logged and serving goes on.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prism_proto::{Kind, Resource, Snapshot, Versioned, validate_snapshot};
 use prost::Message;
@@ -30,6 +31,12 @@ use crate::config::background;
 pub const FILE_NAME: &str = "last-good.pb";
 /// The encoding written here; a file of another format is not read.
 const FORMAT: u32 = 1;
+
+/// The shortest time between two writes of the file. Encoding a
+/// 10,000-route policy takes about ten milliseconds of the CPU the
+/// requests share; a proxy restarted within this much of a change restores
+/// the revision before it and catches up from the control plane.
+pub(crate) const SAVE_EVERY: Duration = Duration::from_secs(2);
 
 /// Distinguishes temp files of writers in one process (tests run several).
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -120,16 +127,28 @@ impl LastGood {
     }
 
     /// Replaces the file with `snapshot`, atomically and durably.
+    #[cfg(test)]
     pub(crate) fn store(&self, snapshot: &Snapshot) -> io::Result<()> {
+        self.write(&self.encode(snapshot))
+    }
+
+    /// The file's contents for `snapshot`.
+    pub(crate) fn encode(&self, snapshot: &Snapshot) -> Vec<u8> {
+        encode(snapshot, &self.subset)
+    }
+
+    /// Replaces the file with `bytes` (an encoded snapshot), atomically and
+    /// durably: written to a temp file, synced, renamed over the file, and
+    /// the directory synced.
+    pub(crate) fn write(&self, bytes: &[u8]) -> io::Result<()> {
         fs::create_dir_all(&self.dir)?;
-        let bytes = encode(snapshot, &self.subset);
         let temp = self.dir.join(format!(
             ".{FILE_NAME}.{}.{}.tmp",
             std::process::id(),
             TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let result =
-            write_and_rename(&temp, &self.path(), &bytes).and_then(|()| sync_dir(&self.dir));
+            write_and_rename(&temp, &self.path(), bytes).and_then(|()| sync_dir(&self.dir));
         if result.is_err() {
             // Best effort: the temp file is garbage whether or not this works.
             let _ = fs::remove_file(&temp);
@@ -138,32 +157,62 @@ impl LastGood {
     }
 }
 
-/// Writes every snapshot sent on `accepted` to `file`, newest first: a value
-/// replaced before its write started is skipped. Returns once the sender is
-/// gone and the last value is on disk.
+/// Writes every snapshot sent on `accepted` to `file`, newest first, at most
+/// once per `every`: what is accepted meanwhile waits, and a value replaced
+/// before its write started is skipped. A proxy swapping a large policy
+/// twice a second so saves it a few times a minute, not each time; the file
+/// is recovery data, and every version of it is a whole accepted snapshot.
+/// Once the sender is gone the newest value is written at once, and the
+/// loop returns when it is on disk.
 pub(crate) async fn write_loop(
     file: Arc<LastGood>,
     mut accepted: watch::Receiver<Option<Snapshot>>,
+    every: Duration,
 ) {
+    // A second receiver, to learn that the sender is gone while waiting.
+    let mut closing = accepted.clone();
     while accepted.changed().await.is_ok() {
         let Some(snapshot) = accepted.borrow_and_update().clone() else {
             continue;
         };
-        let revision = snapshot.revision;
-        let writer = Arc::clone(&file);
-        // Encoding the whole policy is configuration work: lower priority.
-        match background::run(move || writer.store(&snapshot)).await {
-            Ok(Ok(())) => {
-                debug!(revision, path = %file.path().display(), "Saved the last-known-good snapshot.")
-            }
-            Ok(Err(error)) => warn!(
-                %error,
-                revision,
-                path = %file.path().display(),
-                "Failed to save the last-known-good snapshot; serving goes on."
-            ),
-            Err(error) => warn!(%error, revision, "The snapshot writer failed."),
+        save(&file, snapshot).await;
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = sender_gone(&mut closing) => {}
         }
+    }
+}
+
+/// Resolves once `receiver`'s sender is gone.
+async fn sender_gone(receiver: &mut watch::Receiver<Option<Snapshot>>) {
+    while receiver.changed().await.is_ok() {}
+}
+
+/// Encodes `snapshot` as configuration work (it is the whole policy) and
+/// writes it from a blocking thread (writing and syncing wait on the disk,
+/// not the CPU, and must not hold up the configuration thread).
+async fn save(file: &Arc<LastGood>, snapshot: Snapshot) {
+    let revision = snapshot.revision;
+    let encoder = Arc::clone(file);
+    let bytes = match background::run(move || encoder.encode(&snapshot)).await {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            warn!(%error, revision, "The snapshot writer failed.");
+            return;
+        }
+    };
+    let writer = Arc::clone(file);
+    match tokio::task::spawn_blocking(move || writer.write(&bytes)).await {
+        Ok(Ok(())) => {
+            debug!(revision, path = %file.path().display(), "Saved the last-known-good snapshot.")
+        }
+        Ok(Err(error)) => warn!(
+            %error,
+            revision,
+            path = %file.path().display(),
+            "Failed to save the last-known-good snapshot; serving goes on."
+        ),
+        Err(error) => warn!(%error, revision, "The snapshot writer failed."),
     }
 }
 
@@ -196,21 +245,56 @@ pub(crate) async fn restore(file: Arc<LastGood>) -> Option<Snapshot> {
     }
 }
 
+/// The [`StoredSnapshot`] of `snapshot`, byte for byte as prost encodes it,
+/// written straight into one buffer: each resource is encoded in place, with
+/// no copy of its type URL, version or encoding of its own. It is the whole
+/// policy, encoded on the configuration thread.
 fn encode(snapshot: &Snapshot, subset: &str) -> Vec<u8> {
-    StoredSnapshot {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+
+    /// A length-delimited field's key and length prefix.
+    fn prefix(tag: u32, len: usize, buf: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(len as u64, buf);
+    }
+    /// A length-delimited field's size, as proto3 writes it (not at all
+    /// when empty).
+    fn field_len(tag: u32, len: usize) -> usize {
+        if len == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(len as u64) + len
+        }
+    }
+
+    let header = StoredSnapshot {
         format: FORMAT,
         revision: snapshot.revision,
         subset: subset.to_string(),
-        resources: snapshot
-            .iter()
-            .map(|v| StoredResource {
-                type_url: v.resource.kind().type_url().to_string(),
-                version: v.version.clone(),
-                value: v.resource.encode_to_vec(),
-            })
-            .collect(),
+        resources: Vec::new(),
+    };
+    let mut buf = Vec::with_capacity(header.encoded_len() + snapshot.len() * 256);
+    // `encode` fails only for a buffer that cannot grow; a `Vec` can.
+    let _ = header.encode(&mut buf);
+    for versioned in snapshot.iter() {
+        let type_url = versioned.resource.kind().type_url();
+        let value_len = versioned.resource.encoded_len();
+        let len = field_len(1, type_url.len())
+            + field_len(2, versioned.version.len())
+            + field_len(3, value_len);
+        prefix(4, len, &mut buf);
+        for (tag, text) in [(1, type_url), (2, versioned.version.as_str())] {
+            if !text.is_empty() {
+                prefix(tag, text.len(), &mut buf);
+                buf.extend_from_slice(text.as_bytes());
+            }
+        }
+        if value_len > 0 {
+            prefix(3, value_len, &mut buf);
+            versioned.resource.encode_into(&mut buf);
+        }
     }
-    .encode_to_vec()
+    buf
 }
 
 fn decode(bytes: &[u8], subset: &str) -> Result<Snapshot, LoadError> {
@@ -324,6 +408,33 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn the_file_is_the_stored_snapshot_message_byte_for_byte() {
+        let mut snapshot = snapshot(3);
+        // A resource whose encoding is empty: proto3 leaves out empty fields.
+        snapshot.insert_versioned(Arc::new(Versioned {
+            resource: Resource::Namespace(prism_proto::pb::config::v1::Namespace::default()),
+            version: String::new(),
+        }));
+        let message = StoredSnapshot {
+            format: FORMAT,
+            revision: 3,
+            subset: "namespaces=;selector=".into(),
+            resources: snapshot
+                .iter()
+                .map(|v| StoredResource {
+                    type_url: v.resource.kind().type_url().to_string(),
+                    version: v.version.clone(),
+                    value: v.resource.encode_to_vec(),
+                })
+                .collect(),
+        };
+        assert_eq!(
+            encode(&snapshot, "namespaces=;selector="),
+            message.encode_to_vec()
+        );
+    }
+
     #[cfg(unix)]
     #[test]
     fn the_snapshot_file_is_readable_by_its_owner_only() {
@@ -409,12 +520,57 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = Arc::new(LastGood::new(dir.path(), String::new()));
         let (tx, rx) = watch::channel(None);
-        let writer = tokio::spawn(write_loop(Arc::clone(&file), rx));
+        let writer = tokio::spawn(write_loop(Arc::clone(&file), rx, SAVE_EVERY));
         tx.send_replace(Some(snapshot(1)));
         tx.send_replace(Some(snapshot(2)));
         drop(tx);
         writer.await.expect("writer ends");
         assert_eq!(file.load().expect("load").map(|s| s.revision), Some(2));
+    }
+
+    /// `revision` once it is on disk, waiting for the writer (whose work
+    /// runs on other threads) without letting paused time move; `None` if it
+    /// is not there within `within` of real time.
+    async fn on_disk(file: &LastGood, revision: u64, within: Duration) -> Option<u64> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(snapshot)) = file.load()
+                && snapshot.revision == revision
+            {
+                return Some(revision);
+            }
+            tokio::task::yield_now().await;
+        }
+        None
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_are_at_least_save_every_apart_and_the_last_is_written_at_shutdown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = Arc::new(LastGood::new(dir.path(), String::new()));
+        let (tx, rx) = watch::channel(None);
+        let writer = tokio::spawn(write_loop(Arc::clone(&file), rx, SAVE_EVERY));
+        tx.send_replace(Some(snapshot(1)));
+        let long = Duration::from_secs(10);
+        assert_eq!(on_disk(&file, 1, long).await, Some(1), "the first, at once");
+        tx.send_replace(Some(snapshot(2)));
+        tx.send_replace(Some(snapshot(3)));
+        // Half the interval on, the writer still waits; a writer that did
+        // not would have written within this spin, during which paused time
+        // stands still.
+        tokio::time::advance(SAVE_EVERY / 2).await;
+        let short = Duration::from_millis(300);
+        assert_eq!(on_disk(&file, 3, short).await, None, "written too soon");
+        tokio::time::advance(SAVE_EVERY).await;
+        assert_eq!(
+            on_disk(&file, 3, long).await,
+            Some(3),
+            "the newest, once due"
+        );
+        tx.send_replace(Some(snapshot(4)));
+        drop(tx);
+        writer.await.expect("writer ends");
+        assert_eq!(file.load().expect("load").map(|s| s.revision), Some(4));
     }
 
     #[cfg(unix)]
@@ -426,7 +582,7 @@ mod tests {
         fs::write(&blocker, b"").expect("write");
         let file = Arc::new(LastGood::new(&blocker, String::new()));
         let (tx, rx) = watch::channel(None);
-        let writer = tokio::spawn(write_loop(Arc::clone(&file), rx));
+        let writer = tokio::spawn(write_loop(Arc::clone(&file), rx, SAVE_EVERY));
         tx.send_replace(Some(snapshot(1)));
         tx.send_replace(Some(snapshot(2)));
         drop(tx);

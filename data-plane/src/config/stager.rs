@@ -10,7 +10,9 @@ use std::mem;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
-use prism_proto::{Delta, Kind, Resource, ResourceKey, Snapshot, Versioned, validate_snapshot};
+use prism_proto::{
+    Delta, Kind, Matches, Resource, ResourceKey, Snapshot, Versioned, validate_delta,
+};
 
 /// An answer to one response: ACK when `error` is `None`, NACK otherwise.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,15 +40,30 @@ pub(crate) enum Offer {
 
 /// Collects a batch of responses, validates it as a whole and tracks the last
 /// accepted snapshot.
+///
+/// Each batch is validated as the whole snapshot it makes, but at the cost of
+/// what it changes: the accepted snapshot was valid, and `matches` remembers
+/// which route holds each match in it (see [`validate_delta`]).
 #[derive(Debug, Default)]
 pub(crate) struct Stager {
     accepted: Option<Snapshot>,
+    /// The route matches of `accepted`.
+    matches: Matches,
     /// Revision of the batch being collected.
     revision: Option<u64>,
     pending: BTreeMap<Kind, Staged>,
     /// A complete, valid batch waiting for `commit` or `reject`.
-    ready: Option<Snapshot>,
+    ready: Option<Ready>,
     outbox: Vec<Reply>,
+}
+
+/// A complete, valid batch: the snapshot it makes, the delta that made it
+/// from the accepted one, and its matches if validation gave them.
+#[derive(Debug)]
+struct Ready {
+    candidate: Snapshot,
+    delta: Delta,
+    matches: Option<Matches>,
 }
 
 /// One kind's response of the batch being collected.
@@ -68,6 +85,7 @@ impl Stager {
     /// disk), so the first subscription resumes from it.
     pub(crate) fn with_accepted(accepted: Option<Snapshot>) -> Self {
         Self {
+            matches: accepted.as_ref().map(Matches::of).unwrap_or_default(),
             accepted,
             ..Self::default()
         }
@@ -151,12 +169,13 @@ impl Stager {
             return Offer::Waiting;
         }
         match self.candidate(revision) {
-            Ok(candidate) => {
+            Ok(ready) => {
                 let changed = self
                     .accepted
                     .as_ref()
-                    .is_none_or(|a| !Snapshot::diff(a, &candidate).is_empty());
-                self.ready = Some(candidate.clone());
+                    .is_none_or(|a| changes(a, &ready.delta, &ready.candidate));
+                let candidate = ready.candidate.clone();
+                self.ready = Some(ready);
                 Offer::Ready { candidate, changed }
             }
             Err(message) => {
@@ -172,7 +191,16 @@ impl Stager {
     /// Accepts the ready candidate: ACKs every pending response. Returns the
     /// newly accepted snapshot, or `None` if nothing was ready.
     pub(crate) fn commit(&mut self) -> Option<&Snapshot> {
-        let candidate = self.ready.take()?;
+        let Ready {
+            candidate,
+            delta,
+            matches,
+        } = self.ready.take()?;
+        let base = self.accepted.take().unwrap_or_default();
+        match matches {
+            Some(matches) => self.matches = matches,
+            None => self.matches.update(&base, &delta, &candidate),
+        }
         for (kind, staged) in mem::take(&mut self.pending) {
             self.outbox.push(Reply {
                 type_url: kind.type_url().to_string(),
@@ -192,7 +220,7 @@ impl Stager {
     }
 
     /// The accepted snapshot with every pending change applied, validated.
-    fn candidate(&self, revision: u64) -> Result<Snapshot, String> {
+    fn candidate(&self, revision: u64) -> Result<Ready, String> {
         let mut delta = Delta {
             revision,
             ..Delta::default()
@@ -202,10 +230,16 @@ impl Stager {
             delta.upserts.extend(change.upserts.iter().cloned());
             delta.removals.extend(change.removals.iter().cloned());
         }
-        let base = self.accepted.clone().unwrap_or_default();
+        let empty = Snapshot::default();
+        let base = self.accepted.as_ref().unwrap_or(&empty);
         let candidate = base.apply(&delta);
-        validate_snapshot(&candidate).map_err(|e| e.to_string())?;
-        Ok(candidate)
+        let matches =
+            validate_delta(base, &self.matches, &delta, &candidate).map_err(|e| e.to_string())?;
+        Ok(Ready {
+            candidate,
+            delta,
+            matches,
+        })
     }
 
     fn nack_pending(&mut self, message: &str) {
@@ -216,6 +250,21 @@ impl Stager {
         self.revision = None;
         self.ready = None;
     }
+}
+
+/// Whether `candidate`, which is `base` with `delta` applied, differs from
+/// `base`: whether a resource the delta touches changed version, appeared
+/// or went.
+fn changes(base: &Snapshot, delta: &Delta, candidate: &Snapshot) -> bool {
+    let differs = |key: &ResourceKey| match (base.get(key), candidate.get(key)) {
+        (Some(old), Some(new)) => old.version != new.version,
+        (old, new) => old.is_some() != new.is_some(),
+    };
+    delta.removals.iter().any(differs)
+        || delta
+            .upserts
+            .iter()
+            .any(|versioned| differs(&versioned.resource.key()))
 }
 
 fn nack(type_url: &str, nonce: String, message: &str) -> Reply {

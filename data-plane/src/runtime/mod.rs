@@ -6,6 +6,15 @@
 //! did not change is carried over as the same `Arc`, so it keeps its state —
 //! its connection pool, its balancer position and its health checker — across
 //! applies.
+//!
+//! A revision that changes only routes (the common case of a large policy)
+//! is compiled in time proportional to those routes: the new runtime is the
+//! previous one with them recompiled and the matcher patched
+//! ([`Matcher::patch`]); every other route, its compiled action and its
+//! place in the host tables are shared with the previous runtime. Any other
+//! change (a namespace, a backend, a Secret) compiles the whole policy. Both
+//! give the same runtime, and a patch that fails is redone whole, so a refused
+//! revision names what a fresh compile names.
 
 mod action;
 mod backend;
@@ -24,7 +33,7 @@ use std::time::Duration;
 pub(crate) use prism_proto::defaults::{
     CONNECT_TIMEOUT as DEFAULT_CONNECT_TIMEOUT, REQUEST_TIMEOUT as DEFAULT_REQUEST_TIMEOUT,
 };
-use prism_proto::{Kind, Resource, Snapshot};
+use prism_proto::{Delta, Kind, Resource, Snapshot};
 
 use crate::http::ratelimit::{self, Limits};
 use crate::http::{retry, timeout};
@@ -43,6 +52,9 @@ pub(crate) struct Runtime {
     /// Revision of the snapshot this runtime was compiled from; `None` until
     /// the first configuration is accepted.
     revision: Option<u64>,
+    /// The snapshot itself (its map shared, not copied), which the next
+    /// compile diffs against.
+    snapshot: Snapshot,
     matcher: Matcher,
     /// Backends by full name (`namespace/name`), for reuse by the next compile.
     backends: HashMap<String, Arc<Backend>>,
@@ -51,7 +63,7 @@ pub(crate) struct Runtime {
     namespace_limits: HashMap<String, Arc<Limits>>,
     route_limits: HashMap<String, Arc<Limits>>,
     /// The TLS listener's certificates, by SNI.
-    certificates: tls::Certificates,
+    certificates: Arc<tls::Certificates>,
 }
 
 /// A matched route: where the request goes and the parameters of the stages
@@ -128,10 +140,35 @@ impl Runtime {
     }
 
     /// Compiles `snapshot` for a proxy listening at `own`, reusing the
-    /// unchanged backends of `previous`. A backend endpoint that is the proxy
-    /// itself is refused, since every request to it would loop back in; the
-    /// control plane cannot see this, only the proxy can.
+    /// unchanged backends of `previous`, and when only routes changed, every
+    /// unchanged route too. A backend endpoint that is the proxy itself is
+    /// refused, since every request to it would loop back in; the control
+    /// plane cannot see this, only the proxy can.
     pub(crate) fn compile(
+        snapshot: &Snapshot,
+        previous: &Runtime,
+        own: &OwnAddresses,
+    ) -> Result<Runtime, CompileError> {
+        if previous.is_configured() {
+            let delta = Snapshot::diff(&previous.snapshot, snapshot);
+            let routes_only = delta
+                .upserts
+                .iter()
+                .map(|v| v.resource.kind())
+                .chain(delta.removals.iter().map(|key| key.kind))
+                .all(|kind| kind == Kind::Route);
+            // A failed patch is redone whole for the error a fresh compile
+            // gives.
+            if routes_only && let Ok(runtime) = previous.patch(snapshot, &delta) {
+                return Ok(runtime);
+            }
+        }
+        Self::compile_whole(snapshot, previous, own)
+    }
+
+    /// Compiles every resource of `snapshot`, reusing the unchanged backends
+    /// and rate limits of `previous`.
+    fn compile_whole(
         snapshot: &Snapshot,
         previous: &Runtime,
         own: &OwnAddresses,
@@ -168,77 +205,126 @@ impl Runtime {
                 namespace_limits.insert(ns.name.clone(), limits);
             }
         }
-        let mut route_limits = HashMap::new();
-
-        // Routes grouped by namespace; the matcher builds each host's table.
-        let mut by_namespace: HashMap<&str, Vec<Entry<'_>>> = HashMap::new();
-        for entry in snapshot.of_kind(Kind::Route) {
-            let Resource::Route(spec) = &entry.resource else {
-                continue;
-            };
-            let namespace = entry.resource.namespace();
-            let action = Action::compile(spec, namespace, |name| backends.get(name).cloned())?;
-            if spec
-                .r#match
-                .as_ref()
-                .and_then(|m| m.path.as_ref())
-                .is_none()
-            {
-                continue;
-            }
-            let response = spec
-                .timeout
-                .as_ref()
-                .and_then(prism_proto::defaults::to_std)
-                .or_else(|| namespace_timeout(snapshot, namespace))
-                .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
-            let own_limits =
-                Limits::compile(&spec.rate_limits, previous.route_limits.get(&spec.name));
-            if let Some(limits) = &own_limits {
-                route_limits.insert(spec.name.clone(), Arc::clone(limits));
-            }
-            let route = Arc::new(Route {
-                name: spec.name.clone(),
-                action,
-                timeout: timeout::Params {
-                    response,
-                    idle: spec
-                        .idle_timeout
-                        .as_ref()
-                        .and_then(prism_proto::defaults::to_std),
-                },
-                request_headers: HeaderMutation::compile(
-                    spec.request_headers.as_ref(),
-                    &spec.name,
-                    "request_headers",
-                )?,
-                response_headers: HeaderMutation::compile(
-                    spec.response_headers.as_ref(),
-                    &spec.name,
-                    "response_headers",
-                )?,
-                rate_limit: ratelimit::Params {
-                    namespace: namespace_limits.get(namespace).cloned(),
-                    route: own_limits,
-                },
-                max_request_body_bytes: (spec.max_request_body_bytes > 0)
-                    .then_some(spec.max_request_body_bytes),
-                retry: spec.retry.as_ref().map(retry::Params::compile),
-            });
-            by_namespace
-                .entry(namespace)
-                .or_default()
-                .push(Entry { spec, route });
-        }
-
-        Ok(Runtime {
+        let mut runtime = Runtime {
             revision: Some(snapshot.revision),
-            matcher: Matcher::build(snapshot, by_namespace)?,
+            snapshot: snapshot.clone(),
+            matcher: Matcher::default(),
             backends,
             namespace_limits,
-            route_limits,
-            certificates: tls::Certificates::compile(snapshot)?,
-        })
+            route_limits: HashMap::new(),
+            certificates: Arc::new(tls::Certificates::compile(snapshot)?),
+        };
+        let mut routes = Vec::new();
+        for entry in snapshot.of_kind(Kind::Route) {
+            if let Some(route) = runtime.compile_route(entry, &previous.route_limits)? {
+                routes.push(route);
+            }
+        }
+        runtime.matcher = Matcher::build(snapshot, routes)?;
+        Ok(runtime)
+    }
+
+    /// This runtime with `delta`, which changes only routes, applied for
+    /// `snapshot`: the routes it touches are recompiled and the matcher
+    /// patched; everything else is shared.
+    fn patch(&self, snapshot: &Snapshot, delta: &Delta) -> Result<Runtime, CompileError> {
+        let mut runtime = Runtime {
+            revision: Some(snapshot.revision),
+            snapshot: snapshot.clone(),
+            matcher: Matcher::default(),
+            backends: self.backends.clone(),
+            namespace_limits: self.namespace_limits.clone(),
+            route_limits: self.route_limits.clone(),
+            certificates: Arc::clone(&self.certificates),
+        };
+        let mut leave = Vec::new();
+        let touched = delta
+            .upserts
+            .iter()
+            .map(|v| v.resource.key())
+            .chain(delta.removals.iter().cloned());
+        for key in touched {
+            if let Some(old) = self.snapshot.get(&key) {
+                leave.push(&old.resource);
+                runtime.route_limits.remove(old.resource.name());
+            }
+        }
+        let mut join = Vec::new();
+        for versioned in &delta.upserts {
+            if let Some(route) = runtime.compile_route(versioned, &self.route_limits)? {
+                join.push(route);
+            }
+        }
+        runtime.matcher = self.matcher.patch(snapshot, &[], &leave, join)?;
+        Ok(runtime)
+    }
+
+    /// Compiles one route of `self.snapshot` against this runtime's
+    /// backends and namespace limits, keeping the buckets of its limits in
+    /// `previous_limits` and recording its own; `None` for a route without
+    /// a path, which matches nothing.
+    fn compile_route<'s>(
+        &mut self,
+        entry: &'s prism_proto::Versioned,
+        previous_limits: &HashMap<String, Arc<Limits>>,
+    ) -> Result<Option<Entry<'s>>, CompileError> {
+        let Resource::Route(spec) = &entry.resource else {
+            return Ok(None);
+        };
+        let namespace = entry.resource.namespace();
+        let action = Action::compile(spec, namespace, |name| self.backends.get(name).cloned())?;
+        if spec
+            .r#match
+            .as_ref()
+            .and_then(|m| m.path.as_ref())
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let response = spec
+            .timeout
+            .as_ref()
+            .and_then(prism_proto::defaults::to_std)
+            .or_else(|| namespace_timeout(&self.snapshot, namespace))
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+        let own_limits = Limits::compile(&spec.rate_limits, previous_limits.get(&spec.name));
+        if let Some(limits) = &own_limits {
+            self.route_limits
+                .insert(spec.name.clone(), Arc::clone(limits));
+        }
+        let route = Arc::new(Route {
+            name: spec.name.clone(),
+            action,
+            timeout: timeout::Params {
+                response,
+                idle: spec
+                    .idle_timeout
+                    .as_ref()
+                    .and_then(prism_proto::defaults::to_std),
+            },
+            request_headers: HeaderMutation::compile(
+                spec.request_headers.as_ref(),
+                &spec.name,
+                "request_headers",
+            )?,
+            response_headers: HeaderMutation::compile(
+                spec.response_headers.as_ref(),
+                &spec.name,
+                "response_headers",
+            )?,
+            rate_limit: ratelimit::Params {
+                namespace: self.namespace_limits.get(namespace).cloned(),
+                route: own_limits,
+            },
+            max_request_body_bytes: (spec.max_request_body_bytes > 0)
+                .then_some(spec.max_request_body_bytes),
+            retry: spec.retry.as_ref().map(retry::Params::compile),
+        });
+        Ok(Some(Entry {
+            namespace,
+            spec,
+            route,
+        }))
     }
 
     /// Revision of the snapshot this runtime was compiled from, if any.

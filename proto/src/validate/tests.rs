@@ -1,6 +1,8 @@
 use super::*;
 use crate::document::{DocumentError, parse_policy};
 use crate::pb::config::v1::{CaBundle, Endpoint, TlsCertificate};
+use crate::snapshot::Delta;
+use proptest::prelude::*;
 
 /// Test-only TLS material shared by the workspace's tests.
 const CERT: &str = include_str!("../../../tests/support/tls/server.pem");
@@ -742,4 +744,108 @@ fn two_routes_with_one_match_are_rejected() {
         ],
     );
     assert_eq!(validate_snapshot(&s).unwrap_err().field, "match");
+}
+
+/// A resource of the small world the delta properties draw from: two
+/// namespaces, their backends and routes that may collide, point nowhere
+/// or name a host of the other namespace, and now and then a namespace or
+/// a broken backend.
+fn world_resource() -> impl Strategy<Value = Resource> {
+    let route = (
+        0u8..6,
+        "a|b",
+        prop_oneof![Just(""), Just("a.test"), Just("x.a.test"), Just("b.test")],
+        prop_oneof![Just("/"), Just("/p"), Just("/q")],
+        "x|y|z",
+    )
+        .prop_map(|(n, namespace, host, prefix, backend)| {
+            route(&format!("{namespace}/r{n}"), host, prefix, &backend)
+        });
+    let backend = (
+        "a|b",
+        "x|y",
+        prop_oneof![Just("127.0.0.1:80"), Just("nowhere")],
+    )
+        .prop_map(|(namespace, name, addr)| backend(&format!("{namespace}/{name}"), addr));
+    prop_oneof![
+        6 => route,
+        2 => backend,
+        1 => Just(ns("b", &["b.test", "*.a.test"])),
+    ]
+}
+
+/// A valid snapshot of the world: `resources` are added in turn, each kept
+/// only if the snapshot stays valid. Routes no delta touches make up most of
+/// it, as in a large policy, so that deltas are checked on their own rather
+/// than whole.
+fn valid_world(resources: Vec<Resource>) -> Snapshot {
+    let mut snapshot = Snapshot::from_resources(
+        1,
+        [
+            ns("a", &["a.test", "*.a.test"]),
+            ns("b", &["b.test"]),
+            backend("a/x", "127.0.0.1:80"),
+            backend("b/x", "127.0.0.1:80"),
+        ],
+    );
+    for i in 0..20 {
+        snapshot.insert(route(&format!("a/fill{i}"), "", &format!("/fill/{i}"), "x"));
+    }
+    for resource in resources {
+        let mut next = snapshot.clone();
+        next.insert(resource);
+        if validate_snapshot(&next).is_ok() {
+            snapshot = next;
+        }
+    }
+    snapshot
+}
+
+/// A delta of the world: upserts and removals of its keys.
+fn world_delta() -> impl Strategy<Value = Delta> {
+    let removal = prop_oneof![
+        (0u8..6, "a|b").prop_map(|(n, ns)| ResourceKey::new(Kind::Route, format!("{ns}/r{n}"))),
+        ("a|b", "x|y").prop_map(|(ns, n)| ResourceKey::new(Kind::Backend, format!("{ns}/{n}"))),
+    ];
+    (
+        proptest::collection::vec(world_resource(), 0..4),
+        proptest::collection::vec(removal, 0..3),
+    )
+        .prop_map(|(upserts, removals)| Delta {
+            revision: 2,
+            upserts: upserts
+                .into_iter()
+                .map(|r| std::sync::Arc::new(r.versioned()))
+                .collect(),
+            removals,
+        })
+}
+
+proptest! {
+    /// Validating a delta gives exactly what validating the whole snapshot
+    /// it makes gives, error and all; and the matches it leaves behind are
+    /// those of that snapshot, ready for the next delta.
+    #[test]
+    fn a_delta_validates_as_the_whole_snapshot(
+        base in proptest::collection::vec(world_resource(), 0..12).prop_map(valid_world),
+        first in world_delta(),
+        second in world_delta(),
+    ) {
+        let mut matches = Matches::of(&base);
+        let mut base = base;
+        for delta in [first, second] {
+            let candidate = base.apply(&delta);
+            let whole = validate_snapshot(&candidate);
+            let checked = validate_delta(&base, &matches, &delta, &candidate);
+            prop_assert_eq!(checked.clone().map(drop), whole);
+            if let Ok(checked) = checked {
+                match checked {
+                    Some(whole) => matches = whole,
+                    None => matches.update(&base, &delta, &candidate),
+                }
+                prop_assert_eq!(&matches, &Matches::of(&candidate));
+                base = candidate;
+            }
+        }
+    }
 }

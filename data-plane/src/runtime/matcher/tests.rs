@@ -2,10 +2,11 @@ use http::{HeaderMap, HeaderValue, Method};
 use prism_proto::pb::config::v1::key_match::Rule as KeyRule;
 use prism_proto::pb::config::v1::route_match::Path;
 use prism_proto::pb::config::v1::{KeyMatch, RouteMatch};
+use proptest::prelude::*;
 
 use super::*;
-use crate::runtime::Runtime;
 use crate::runtime::tests::{backend, compile, lookup, namespace, prefix, route, sample};
+use crate::runtime::{OwnAddresses, Runtime};
 
 fn routed<'a>(rt: &'a Runtime, host: &str, path: &str) -> Option<&'a str> {
     lookup(rt, host, path).map(|t| t.name.as_str())
@@ -364,4 +365,161 @@ fn ten_thousand_routes_compile_and_match() {
     assert_eq!(routed(&rt, "n.local", "/regex/9998/12"), Some("n/r09998"));
     assert_eq!(routed(&rt, "n.local", "/regex/9998/x"), None);
     assert_eq!(routed(&rt, "n.local", "/exact/1"), None);
+}
+
+/// A route of the small world the patch properties draw from: two
+/// namespaces, routes that share paths, hosts and names, with and without
+/// conditions, of every path rule.
+fn world_route() -> impl Strategy<Value = Resource> {
+    let path = prop_oneof![
+        prop_oneof![Just("/"), Just("/a"), Just("/a/b")].prop_map(exact),
+        prop_oneof![Just("/"), Just("/a"), Just("/a/"), Just("/b")].prop_map(prefix),
+        prop_oneof![Just("/a/.*"), Just("/[ab]+"), Just("/a/b")].prop_map(regex),
+    ];
+    (
+        0u8..6,
+        prop_oneof![
+            Just(("n", "")),
+            Just(("n", "n.local")),
+            Just(("n", "a.n.test")),
+            Just(("m", "")),
+            Just(("m", "m.local")),
+        ],
+        path,
+        any::<bool>(),
+        prop_oneof![
+            Just(None),
+            Just(Some(KeyRule::Present(true))),
+            Just(Some(KeyRule::Exact("1".into())))
+        ],
+    )
+        .prop_map(|(n, (namespace, host), path, post, header)| {
+            custom(&format!("{namespace}/r{n}"), host, path, |m| {
+                if post {
+                    m.methods = vec!["POST".into()];
+                }
+                if let Some(rule) = header {
+                    m.headers = vec![key("x-k", rule)];
+                }
+            })
+        })
+}
+
+/// A change of routes only: some upserted, some removed.
+fn world_change() -> impl Strategy<Value = (Vec<Resource>, Vec<String>)> {
+    (
+        proptest::collection::vec(world_route(), 0..4),
+        proptest::collection::vec(
+            (0u8..6, prop_oneof![Just("n"), Just("m")]).prop_map(|(n, ns)| format!("{ns}/r{n}")),
+            0..3,
+        ),
+    )
+}
+
+/// Where `patched` and `fresh` route every request of a grid apart.
+fn routed_apart(patched: &Runtime, fresh: &Runtime) -> Option<String> {
+    let hosts = ["n.local", "a.n.test", "b.n.test", "m.local", "other"];
+    let paths = ["/", "/a", "/a/", "/a/b", "/a/bc", "/b", "/ab"];
+    for host in hosts {
+        for path in paths {
+            for method in [Method::GET, Method::POST] {
+                for header in [None, Some("1"), Some("2")] {
+                    let mut request = Request::get(path).method(method.clone());
+                    if let Some(value) = header {
+                        request = request.header("x-k", value);
+                    }
+                    let (a, b) = (request.on(patched, host), request.on(fresh, host));
+                    if a != b {
+                        return Some(format!(
+                            "{method} {host}{path} x-k={header:?}: patched {a:?}, fresh {b:?}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Revisions that change only routes are patched into the previous
+    /// runtime, which then routes every request exactly as a fresh compile
+    /// of the same snapshot does.
+    #[test]
+    fn a_patched_runtime_routes_as_a_fresh_compile(
+        base in proptest::collection::vec(world_route(), 0..10),
+        changes in proptest::collection::vec(world_change(), 1..4),
+    ) {
+        let mut snapshot = Snapshot::from_resources(
+            1,
+            [
+                namespace("n", &["n.local", "*.n.test"]),
+                namespace("m", &["m.local"]),
+                backend("n/b", &["127.0.0.1:1"]),
+                backend("m/b", &["127.0.0.1:2"]),
+            ],
+        );
+        for resource in base {
+            let mut next = snapshot.clone();
+            next.insert(resource);
+            if prism_proto::validate_snapshot(&next).is_ok() {
+                snapshot = next;
+            }
+        }
+        let mut runtime = compile(&snapshot, &Runtime::unconfigured());
+        for (upserts, removals) in changes {
+            let mut next = snapshot.clone();
+            next.revision += 1;
+            for name in removals {
+                next.remove(&prism_proto::ResourceKey::new(Kind::Route, name));
+            }
+            for resource in upserts {
+                next.insert(resource);
+            }
+            if prism_proto::validate_snapshot(&next).is_err() {
+                continue;
+            }
+            runtime = compile(&next, &runtime);
+            let fresh = compile(&next, &Runtime::unconfigured());
+            prop_assert_eq!(routed_apart(&runtime, &fresh), None);
+            snapshot = next;
+        }
+    }
+}
+
+#[test]
+fn a_route_only_revision_shares_every_unchanged_route() {
+    let first = runtime([
+        route("n/kept", "", prefix("/kept"), "b"),
+        route("n/changed", "", prefix("/changed"), "b"),
+        route("n/gone", "", regex("/gone/.*"), "b"),
+    ]);
+    let mut next = first.snapshot.clone();
+    next.revision += 1;
+    next.insert(route("n/changed", "", prefix("/changed/v2"), "b"));
+    next.remove(&prism_proto::ResourceKey::new(Kind::Route, "n/gone"));
+    let second = compile(&next, &first);
+    let kept = |rt: &Runtime| Arc::clone(lookup(rt, "n.local", "/kept").expect("routed"));
+    assert!(Arc::ptr_eq(&kept(&first), &kept(&second)));
+    assert_eq!(routed(&second, "n.local", "/changed/v2"), Some("n/changed"));
+    assert_eq!(routed(&second, "n.local", "/changed"), None);
+    assert_eq!(routed(&second, "n.local", "/gone/x"), None);
+    assert_eq!(routed(&first, "n.local", "/gone/x"), Some("n/gone"));
+}
+
+#[test]
+fn a_patch_that_fails_is_refused_as_a_fresh_compile_refuses_it() {
+    let first = runtime([route("n/kept", "", prefix("/kept"), "b")]);
+    let mut next = first.snapshot.clone();
+    next.revision += 1;
+    next.insert(custom("n/bad", "", prefix("/bad"), |m| {
+        m.methods = vec!["BAD METHOD".into()];
+    }));
+    let patched = Runtime::compile(&next, &first, &OwnAddresses::default()).map(|_| ());
+    let fresh =
+        Runtime::compile(&next, &Runtime::unconfigured(), &OwnAddresses::default()).map(|_| ());
+    assert!(patched.is_err());
+    assert_eq!(patched, fresh);
 }
