@@ -11,6 +11,7 @@ pub(crate) mod bodylimit;
 pub(crate) mod breaker;
 pub(crate) mod endpoint;
 pub(crate) mod error;
+pub(crate) mod h1;
 pub(crate) mod idle;
 pub(crate) mod inflight;
 pub(crate) mod normalize;
