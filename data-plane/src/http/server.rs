@@ -170,29 +170,13 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let settings = h1::conn::Settings {
-        client: ClientAddr(remote),
-        tls: tls.is_some(),
-        limits: params.limits,
-    };
     if let Some(acceptor) = tls {
-        let stream = tokio::select! {
-            accepted = tls::handshake(&acceptor, stream, params.limits.header_read_timeout) => {
-                match accepted {
-                    Ok(stream) => stream,
-                    Err(error) => {
-                        debug!(error = %Chain(&error), %remote, "Closing a TLS connection.");
-                        return;
-                    }
-                }
-            }
-            () = stopped(&mut shutdown) => return,
-        };
-        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-            serve_http2(stream, remote, true, &builder, params, shutdown, service).await;
-        } else {
-            h1::conn::serve(stream, settings, shutdown, service).await;
-        }
+        // Boxed, as HTTP/2 below: their state is large, and would otherwise
+        // be part of every plain HTTP/1.1 connection's task.
+        Box::pin(tls_connection(
+            stream, remote, acceptor, builder, params, shutdown, service,
+        ))
+        .await;
         return;
     }
     // A client that sends nothing at all is bound by the header read
@@ -210,9 +194,65 @@ async fn connection<S, B>(
         () = stopped(&mut shutdown) => return,
     };
     if http2 {
-        serve_http2(stream, remote, false, &builder, params, shutdown, service).await;
+        Box::pin(serve_http2(
+            stream, remote, false, &builder, params, shutdown, service,
+        ))
+        .await;
     } else {
-        h1::conn::serve(stream, settings, shutdown, service).await;
+        h1::conn::serve(
+            stream,
+            h1_settings(remote, false, params),
+            shutdown,
+            service,
+        )
+        .await;
+    }
+}
+
+/// The HTTP/1.1 codec's settings for a connection from `remote`.
+fn h1_settings(remote: SocketAddr, tls: bool, params: Params) -> h1::conn::Settings {
+    h1::conn::Settings {
+        client: ClientAddr(remote),
+        tls,
+        limits: params.limits,
+    }
+}
+
+/// Serves a connection over TLS: HTTP/2 when ALPN says so, else HTTP/1.1.
+async fn tls_connection<S, B>(
+    stream: TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    builder: Arc<http2::Builder<TokioExecutor>>,
+    params: Params,
+    mut shutdown: watch::Receiver<bool>,
+    service: S,
+) where
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = tokio::select! {
+        accepted = tls::handshake(&acceptor, stream, params.limits.header_read_timeout) => {
+            match accepted {
+                Ok(stream) => stream,
+                Err(error) => {
+                    debug!(error = %Chain(&error), %remote, "Closing a TLS connection.");
+                    return;
+                }
+            }
+        }
+        () = stopped(&mut shutdown) => return,
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_http2(stream, remote, true, &builder, params, shutdown, service).await;
+    } else {
+        h1::conn::serve(stream, h1_settings(remote, true, params), shutdown, service).await;
     }
 }
 

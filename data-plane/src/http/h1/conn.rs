@@ -125,7 +125,9 @@ pub(crate) async fn serve<I, S, B>(
             None => break,
         };
         first = false;
-        match conn.exchange(head, &mut service).await {
+        // Boxed: an exchange's state (request, service future, response)
+        // is most of the connection's, and is not kept while it is idle.
+        match Box::pin(conn.exchange(head, &mut service)).await {
             Next::KeepAlive => idle_until = Instant::now() + limits.idle_timeout,
             Next::Close => break,
             Next::Upgrade(tx) => {

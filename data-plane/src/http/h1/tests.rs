@@ -303,3 +303,77 @@ async fn on_shutdown_idle_connections_close_at_once() {
         "closed without an answer"
     );
 }
+
+/// Memory per idle keep-alive connection, server and client in this process:
+/// opens [`IDLE_CONNECTIONS`] connections, each sends one GET and reads its
+/// answer, then the growth of the resident set is divided among them.
+/// A measurement, not a check: `cargo test -p prism-data-plane --lib --
+/// --ignored --nocapture idle_connection_memory`.
+#[tokio::test]
+#[ignore = "a measurement; run it on its own"]
+async fn idle_connection_memory() {
+    use std::io::{Read, Write};
+
+    const IDLE_CONNECTIONS: usize = 2000;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (_stop, stopped) = watch::channel(false);
+    let service = tower::service_fn(|_request| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    tokio::spawn(server::serve(
+        listener,
+        None,
+        Params {
+            limits: Limits::default(),
+        },
+        stopped,
+        service,
+    ));
+    // Warm up the allocator and the runtime with a few connections first.
+    let open = move |n: usize| {
+        (0..n)
+            .map(|_| {
+                let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+                stream
+                    .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .expect("write");
+                let mut answer = Vec::new();
+                let mut buf = [0u8; 512];
+                while !answer.ends_with(b"\r\n\r\nok") {
+                    let n = stream.read(&mut buf).expect("read");
+                    assert!(n > 0, "closed early");
+                    answer.extend_from_slice(&buf[..n]);
+                }
+                stream
+            })
+            .collect::<Vec<_>>()
+    };
+    let warm = tokio::task::spawn_blocking(move || open(50))
+        .await
+        .expect("warm up");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = resident_bytes();
+    let idle = tokio::task::spawn_blocking(move || open(IDLE_CONNECTIONS))
+        .await
+        .expect("connections");
+    // Let every connection get back to its idle wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = resident_bytes();
+    println!(
+        "{} bytes per idle keep-alive connection ({IDLE_CONNECTIONS} connections, resident {before} → {after} bytes)",
+        (after.saturating_sub(before)) / IDLE_CONNECTIONS as u64
+    );
+    drop((warm, idle));
+}
+
+/// This process's resident set, from `/proc/self/statm`.
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("resident pages");
+    pages * 4096
+}
