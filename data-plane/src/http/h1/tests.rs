@@ -377,3 +377,98 @@ fn resident_bytes() -> u64 {
         .expect("resident pages");
     pages * 4096
 }
+
+/// Switches to an echo of the raw bytes when asked to.
+async fn switch(mut request: Request<RequestBody>) -> Result<Response<TestBody>, Infallible> {
+    let upgrading = request
+        .extensions_mut()
+        .remove::<super::OnUpgrade>()
+        .and_then(|on| on.take())
+        .expect("an upgrade request");
+    tokio::spawn(async move {
+        let mut io = upgrading.await.expect("upgraded");
+        let mut buf = [0u8; 64];
+        loop {
+            let n = io.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            io.write_all(&buf[..n]).await.expect("write");
+        }
+    });
+    let response = Response::builder()
+        .status(http::StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, "echo")
+        .body(Full::new(Bytes::new()).map_err(Into::into).boxed_unsync())
+        .expect("response");
+    Ok(response)
+}
+
+#[tokio::test]
+async fn a_101_hands_over_the_connection_with_the_bytes_read_past_the_head() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (_stop, stopped) = watch::channel(false);
+    let params = Params {
+        limits: Limits::default(),
+    };
+    tokio::spawn(server::serve(
+        listener,
+        None,
+        params,
+        stopped,
+        tower::service_fn(switch),
+    ));
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            b"GET / HTTP/1.1\r\nhost: x\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\nearly",
+        )
+        .await
+        .expect("write");
+    let head = read_response(&mut stream, 0).await;
+    assert!(
+        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("connection: upgrade\r\n"), "{head}");
+    let mut echoed = [0u8; 5];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&echoed, b"early", "the bytes sent with the head come first");
+    stream.write_all(b"later").await.expect("write");
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&echoed, b"later");
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_sent_when_the_body_is_first_polled() {
+    let server = start(Limits::default()).await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let interim = read_response(&mut stream, 0).await;
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"ok").await.expect("write");
+    let response = read_response(&mut stream, "POST /e|ok".len()).await;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    // A body that came with its head needs no invitation.
+    stream
+        .write_all(
+            b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\nok",
+        )
+        .await
+        .expect("write");
+    let response = read_response(&mut stream, "POST /e|ok".len()).await;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+}
