@@ -68,6 +68,12 @@ pub(crate) fn encode_head(
             field(b"content-length", decimal(length, &mut [0; 20]), dst);
         }
         Framing::Chunked { .. } => field(b"transfer-encoding", b"chunked", dst),
+        // A `HEAD` answered with the body a `GET` would get: its length.
+        Framing::None if asked.head && !headers.contains_key(header::CONTENT_LENGTH) => {
+            if let Some(length) = hint.exact().filter(|n| *n > 0) {
+                field(b"content-length", decimal(length, &mut [0; 20]), dst);
+            }
+        }
         _ => {}
     }
     if status != StatusCode::SWITCHING_PROTOCOLS {
@@ -311,6 +317,16 @@ mod tests {
         assert!(
             head.contains("content-length: 10\r\n"),
             "HEAD keeps the length: {head}"
+        );
+        let (head, _, _) = encode(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            SizeHint::with_exact(7),
+            head_request,
+        );
+        assert!(
+            head.contains("content-length: 7\r\n"),
+            "HEAD gets the GET's length: {head}"
         );
         for status in [StatusCode::NO_CONTENT, StatusCode::NOT_MODIFIED] {
             let (_, framing, _) = encode(status, &HeaderMap::new(), SizeHint::new(), GET_11);
