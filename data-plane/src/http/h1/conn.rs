@@ -282,12 +282,24 @@ impl<I: Transport> Conn<I> {
         };
         let Ok(()) = poll_fn(|cx| service.poll_ready(cx)).await;
         let mut future = pin!(service.call(request));
-        let Ok(response) = poll_fn(|cx| {
+        let response = poll_fn(|cx| {
             self.pump(cx, &mut reader, &mut pump);
             self.poll_stop(cx);
-            future.as_mut().poll(cx)
+            if let Poll::Ready(Ok(response)) = future.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            // Without a body to read, a client that closes the connection
+            // meanwhile has given up: the request is dropped, as hyper does.
+            if reader.is_none() && self.poll_gone(cx) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
         })
         .await;
+        let Some(response) = response else {
+            debug!(remote = %self.settings.client.0, "The client closed the connection before its response.");
+            return Next::Close;
+        };
         if self.draining || pump.broken {
             keep_alive = false;
         }
@@ -386,6 +398,20 @@ impl<I: Transport> Conn<I> {
                 }
             }
         }
+    }
+
+    /// Whether the client closed the connection (or it failed). Reads what
+    /// it sends meanwhile (a pipelined request) up to a read buffer's worth.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.read_buf.len() < READ_BUF {
+            reserve(&mut self.read_buf);
+            match self.io.poll_read_buf(cx, &mut self.read_buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return false,
+            }
+        }
+        false
     }
 
     /// Writes the response: what is in the write buffer, then the body's

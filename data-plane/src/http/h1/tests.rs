@@ -472,3 +472,50 @@ async fn expect_100_continue_is_sent_when_the_body_is_first_polled() {
     let response = read_response(&mut stream, "POST /e|ok".len()).await;
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
 }
+
+#[tokio::test]
+async fn a_client_that_closes_before_its_response_drops_the_request() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (_stop, stopped) = watch::channel(false);
+    let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let service = tower::service_fn(move |_request: Request<RequestBody>| {
+        // Sends when the request's future is dropped unanswered.
+        let guard = dropped_tx
+            .lock()
+            .expect("lock")
+            .take()
+            .map(|tx| DropSignal(Some(tx)));
+        async move {
+            let _guard = guard;
+            std::future::pending::<Result<Response<TestBody>, Infallible>>().await
+        }
+    });
+    let params = Params {
+        limits: Limits::default(),
+    };
+    tokio::spawn(server::serve(listener, None, params, stopped, service));
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /long-poll HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    stream.shutdown().await.expect("half-close");
+    drop(stream);
+    tokio::time::timeout(DEADLINE, dropped)
+        .await
+        .expect("the request is dropped")
+        .expect("signalled");
+}
+
+/// Signals when dropped.
+struct DropSignal(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
