@@ -22,7 +22,7 @@ use bytes::{Buf, BytesMut};
 use http::header::HeaderMap;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::{Body as _, Frame};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Sleep};
 use tower::Service;
@@ -456,29 +456,46 @@ impl<I: Transport> Conn<I> {
         }
     }
 
-    /// Answers a refused request head with `status` and nothing else.
+    /// Answers a refused request head with `status` and nothing else,
+    /// within the header read timeout (on the connection's own timer).
     async fn refuse(&mut self, status: StatusCode) {
         self.write_buf.clear();
         self.written = 0;
         write::encode_refusal(status, &mut self.write_buf);
+        let deadline = Instant::now() + self.settings.limits.header_read_timeout;
         let Conn {
             io,
             write_buf,
             written,
+            timer,
             ..
         } = self;
-        let write = poll_fn(|cx| poll_write_all(io, cx, write_buf, written));
-        let _ = tokio::time::timeout(self.settings.limits.header_read_timeout, write).await;
+        poll_fn(|cx| {
+            if poll_write_all(io, cx, write_buf, written).is_ready() {
+                return Poll::Ready(());
+            }
+            timer.poll_until(cx, deadline)
+        })
+        .await;
     }
 
-    /// Closes the connection (TLS: with its close_notify), bounded.
-    async fn close(mut self) {
+    /// Closes the connection (TLS: with its close_notify), bounded by the
+    /// connection's own timer.
+    async fn close(&mut self) {
         let bound = self
             .settings
             .limits
             .header_read_timeout
             .min(Duration::from_secs(1));
-        let _ = tokio::time::timeout(bound, self.io.shutdown()).await;
+        let deadline = Instant::now() + bound;
+        let Conn { io, timer, .. } = self;
+        poll_fn(|cx| {
+            if Pin::new(&mut *io).poll_shutdown(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            timer.poll_until(cx, deadline)
+        })
+        .await;
     }
 }
 
