@@ -349,7 +349,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 #[derive(Args, Clone, Copy, Debug)]
 pub struct LimitFlags {
     /// How long a client may take to send a request's headers, e.g. `10s`
-    /// or `500ms`; also how long an idle HTTP/1 connection is kept.
+    /// or `500ms`, from their first byte (or the connection's accept).
     #[arg(
         long,
         env = "PRISM_HEADER_READ_TIMEOUT",

@@ -1,7 +1,7 @@
 //! The whole request path in one process and on one thread: a keep-alive
 //! HTTP/1.1 client, the proxy and mock upstreams share a current-thread
-//! tokio runtime and talk over loopback (the route stage takes hyper's
-//! `Incoming` body, so the stack is driven through its listener). Three
+//! tokio runtime and talk over loopback (the route stage takes a listener's
+//! `RequestBody`, so the stack is driven through its listener). Three
 //! cases, one request in flight at a time:
 //!
 //! - `direct`: the client asks an upstream itself, no proxy; the floor.

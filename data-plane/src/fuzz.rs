@@ -823,9 +823,101 @@ fn gen_response(u: &mut Unstructured<'_>, nonce: String) -> Result<DeltaDiscover
     })
 }
 
+/// The HTTP/1.1 server codec's request parsing: `data` is a split point
+/// (its first byte) and bytes off the wire. The head parser must give the same
+/// answer whether the bytes come at once or in two reads, leave an
+/// incomplete head untouched and never take more than the input; a body
+/// after a parsed head then goes through the body decoder the head's framing
+/// asks for, in reads of the same split, which must yield only non-empty data,
+/// never more than it was given, and nothing after its end.
+pub fn h1_request(data: &[u8]) {
+    use bytes::BytesMut;
+
+    use crate::http::h1::chunked::{Chunk, ChunkedDecoder};
+    use crate::http::h1::head::{self, Framing};
+
+    const MAX_BYTES: usize = 4096;
+    const MAX_HEADERS: usize = 16;
+    let Some((&split, wire)) = data.split_first() else {
+        return;
+    };
+    let split = usize::from(split).min(wire.len());
+    let whole = head::parse(&mut BytesMut::from(wire), MAX_BYTES, MAX_HEADERS);
+    let mut buf = BytesMut::from(&wire[..split]);
+    let parsed = match head::parse(&mut buf, MAX_BYTES, MAX_HEADERS) {
+        Ok(None) => {
+            assert_eq!(&buf[..], &wire[..split], "an incomplete head stays as read");
+            buf.extend_from_slice(&wire[split..]);
+            head::parse(&mut buf, MAX_BYTES, MAX_HEADERS)
+        }
+        first => first,
+    };
+    let head = match (whole, parsed) {
+        (Ok(Some(whole)), Ok(Some(head))) => {
+            assert_eq!(whole.request.uri(), head.request.uri());
+            assert_eq!(whole.request.headers(), head.request.headers());
+            assert_eq!(whole.framing, head.framing);
+            assert!(whole.rest.starts_with(&head.rest));
+            whole
+        }
+        (Ok(None), Ok(None)) => return,
+        (Err(whole), Err(parsed)) => {
+            assert_eq!(whole.status(), parsed.status(), "{whole} / {parsed}");
+            return;
+        }
+        (whole, parsed) => panic!("read whole: {whole:?}; in two: {parsed:?}"),
+    };
+    assert!(head.rest.len() <= wire.len());
+    assert!(
+        wire.ends_with(&head.rest),
+        "what follows the head is the input's tail"
+    );
+    let Framing::Chunked = head.framing else {
+        return;
+    };
+    let mut decoder = ChunkedDecoder::new(1024);
+    let mut buf = BytesMut::new();
+    let mut given = 0;
+    let mut taken = 0;
+    for piece in [
+        &head.rest[..split.min(head.rest.len())],
+        &head.rest[split.min(head.rest.len())..],
+    ] {
+        buf.extend_from_slice(piece);
+        given += piece.len();
+        loop {
+            let before = buf.len();
+            match decoder.decode(&mut buf) {
+                Ok(Some(Chunk::Data(data))) => {
+                    assert!(!data.is_empty(), "empty data");
+                    taken += data.len();
+                }
+                Ok(Some(Chunk::End(_))) => {
+                    assert!(decoder.is_done());
+                    let left = buf.len();
+                    assert!(matches!(decoder.decode(&mut buf), Ok(None)));
+                    assert_eq!(buf.len(), left, "nothing taken after the end");
+                    return;
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    assert!(!error.to_string().is_empty());
+                    return;
+                }
+            }
+            assert!(buf.len() < before, "a decoded item consumed nothing");
+        }
+        assert!(taken + buf.len() <= given, "more data than input");
+    }
+}
+
 /// A target's check of one input.
 pub type Check = fn(&[u8]);
 
-/// The three targets by name, for the replay of kept inputs.
-pub const TARGETS: [(&str, Check); 3] =
-    [("policy", policy), ("routes", routes), ("stager", stager)];
+/// The targets by name, for the replay of kept inputs.
+pub const TARGETS: [(&str, Check); 4] = [
+    ("h1_request", h1_request),
+    ("policy", policy),
+    ("routes", routes),
+    ("stager", stager),
+];

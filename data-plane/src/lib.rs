@@ -100,12 +100,11 @@ pub struct Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// How long a client may take to send a request's headers (HTTP/1), from
-    /// when its connection opens or its previous response was sent; so also
-    /// how long an idle HTTP/1 connection is kept.
+    /// their first byte, or from the accept for a connection's first request
+    /// (and for the first bytes of any connection, TLS handshake included).
     pub header_read_timeout: Duration,
     /// How long a connection with no request in flight is kept open (HTTP/1
-    /// and HTTP/2; an idle HTTP/1 connection is also bound by
-    /// `header_read_timeout`, whichever is shorter).
+    /// and HTTP/2).
     pub idle_timeout: Duration,
     /// The largest request header block: HTTP/1 request line and headers
     /// (`431` and a closed connection beyond it), HTTP/2 header list size

@@ -223,7 +223,7 @@ mod tests {
             .expect("the root");
         assert_eq!(
             targets(&root.join(FUZZ_DIR)).expect("targets"),
-            ["policy", "routes", "stager"]
+            ["h1_request", "policy", "routes", "stager"]
         );
     }
 }

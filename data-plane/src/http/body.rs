@@ -6,6 +6,9 @@
 //!
 //! A request without a body costs nothing here; one with a body shares one
 //! `Arc<Mutex<_>>` between its copies, taken once per frame.
+//!
+//! What the listeners hand the stack is a [`RequestBody`]: hyper's for
+//! HTTP/2, Prism's own ([`super::h1::body`]) for HTTP/1.1.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -17,6 +20,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
 use super::error::BoxError;
+use super::h1;
 
 /// The most of a request body kept for replay.
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
@@ -26,7 +30,7 @@ pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 /// Copies share one source: they are meant to be sent one after another (a
 /// retry's copy once the previous attempt has failed), not at the same time.
 #[derive(Debug)]
-pub(crate) struct ReplayBody<B = Incoming> {
+pub(crate) struct ReplayBody<B = RequestBody> {
     state: State<B>,
     /// The source's size hint when the request arrived: every copy is the
     /// whole body.
@@ -35,7 +39,7 @@ pub(crate) struct ReplayBody<B = Incoming> {
 
 /// When a request body ended.
 #[derive(Debug)]
-pub(crate) struct BodyEnd<B = Incoming>(Arc<Mutex<Shared<B>>>);
+pub(crate) struct BodyEnd<B = RequestBody>(Arc<Mutex<Shared<B>>>);
 
 /// The body went past the route's `max_request_body_bytes`.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,15 @@ pub(crate) struct BodyTooLarge;
 #[derive(Debug, thiserror::Error)]
 #[error("the request body can no longer be replayed")]
 pub(crate) struct NotReplayable;
+
+/// A request body as a listener received it.
+#[derive(Debug)]
+pub(crate) enum RequestBody {
+    /// HTTP/2, by hyper.
+    Http2(Incoming),
+    /// HTTP/1.1, by [`super::h1`].
+    Http1(h1::body::Body),
+}
 
 #[derive(Debug)]
 enum State<B> {
@@ -283,8 +296,37 @@ where
     }
 }
 
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            RequestBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Http2(body) => body.is_end_stream(),
+            RequestBody::Http1(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Http2(body) => body.size_hint(),
+            RequestBody::Http1(body) => body.size_hint(),
+        }
+    }
+}
+
 #[cfg(test)]
-impl ReplayBody<Incoming> {
+impl ReplayBody<RequestBody> {
     /// A request body with nothing in it, for tests below the route stage.
     pub(crate) fn empty() -> Self {
         Self {

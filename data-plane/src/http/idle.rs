@@ -3,11 +3,10 @@
 //! HTTP/2 sends GOAWAY). Each connection keeps one [`Activity`]; each request
 //! holds an [`Active`] until its response body ends ([`super::inflight`]).
 //!
-//! An HTTP/1 connection with no request in flight is either idle or sending
-//! the head of its next request, so the shorter header read timeout bounds
-//! both, from the end of the previous response (or the connection's open):
-//! one lazily re-armed timer per connection instead of hyper's header read
-//! timer, which allocates and arms a timer for every request.
+//! It serves HTTP/2 connections (HTTP/1.1 ones keep their own timer in
+//! [`super::h1::conn`]): one lazily re-armed timer per connection. Until its
+//! first request a connection is bound by the shorter header read timeout
+//! too.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -57,8 +57,9 @@ pub(crate) type Stack = respond::Respond<
 
 /// The request path, in the order of DESIGN.md: server limits → rate limit →
 /// route → timeout → retry → balance → circuit breaker → endpoint client.
-/// The server's wire limits are hyper's, set per connection in
-/// [`server::serve`]; the proxy-wide concurrency limit is the first stage.
+/// The server's wire limits are applied per connection in [`server::serve`]
+/// (by [`h1`] and hyper's HTTP/2); the proxy-wide concurrency limit is the
+/// first stage.
 pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>, max_concurrent_requests: u32) -> Stack {
     ServiceBuilder::new()
         // Every error below becomes an HTTP or gRPC response here.

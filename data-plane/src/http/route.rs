@@ -19,11 +19,10 @@ use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::body::ReplayBody;
+use super::body::{ReplayBody, RequestBody};
 use super::error::{BoxError, ProxyError};
 use crate::runtime::{Action, Backend, Probe, Route, Runtime};
 
@@ -82,7 +81,7 @@ impl<S> Layer<S> for RouteLayer {
     }
 }
 
-impl<S, B> Service<Request<Incoming>> for Router<S>
+impl<S, B> Service<Request<RequestBody>> for Router<S>
 where
     S: Service<Routed, Response = Response<B>, Error = BoxError>,
 {
@@ -94,7 +93,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let runtime = self.runtime.load_full();
         if !runtime.is_configured() {
             return ResponseFuture::failed(ProxyError::NotConfigured);

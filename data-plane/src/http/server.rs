@@ -1,12 +1,14 @@
 //! The accept loop shared by the proxy, TLS and admin listeners: HTTP/1.1 and
-//! h2c on one port (hyper-util's auto builder), or the same after a TLS
-//! handshake ([`super::tls`]), with the server's wire limits
+//! h2c on one port (told apart by the HTTP/2 preface), or the same after a
+//! TLS handshake ([`super::tls`], by ALPN); HTTP/1.1 is served by Prism's own
+//! codec ([`super::h1`]), HTTP/2 by hyper; with the server's wire limits
 //! ([`crate::Limits`]), the client address put into every request's
 //! extensions, an idle timeout per connection, and a bounded drain on
 //! shutdown: stop accepting, `Connection: close` on HTTP/1.1 and GOAWAY on
 //! HTTP/2, let in-flight requests finish until the drain timeout, then close.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,22 +17,28 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Body;
 use hyper::body::Incoming;
-use hyper::rt::{Read, Write};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
 use tracing::{debug, warn};
 
+use super::body::RequestBody;
 use super::error::{BoxError, Chain};
+use super::h1;
 use super::idle::{Active, Activity};
 use super::inflight;
 use super::tls::{self, Tls};
-use crate::{DEFAULT_MAX_REQUEST_HEADERS, Limits, MIN_MAX_REQUEST_HEADER_BYTES};
+use crate::{Limits, MIN_MAX_REQUEST_HEADER_BYTES};
+
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// HTTP/2 rapid-reset defence (CVE-2023-44487): streams a client may open and
 /// reset before the server has accepted them, before GOAWAY. h2's default.
@@ -52,8 +60,9 @@ pub(crate) struct Params {
 pub(crate) struct ClientAddr(pub SocketAddr);
 
 /// Puts [`ClientAddr`] (and [`Tls`] on a TLS connection) into each request
-/// of one connection, and counts the request in the connection's
-/// [`Activity`] until its response ends.
+/// of one HTTP/2 connection, and counts the request in the connection's
+/// [`Activity`] until its response ends. (The HTTP/1.1 codec puts them in
+/// itself, and keeps its own timer.)
 #[derive(Clone, Debug)]
 struct SetClientAddr<S> {
     client: ClientAddr,
@@ -72,7 +81,7 @@ pub(crate) async fn serve<S, B>(
     mut shutdown: watch::Receiver<bool>,
     service: S,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -119,31 +128,13 @@ pub(crate) async fn serve<S, B>(
     }
 }
 
-/// The connection builder with `limits` applied.
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+/// The HTTP/2 connection builder with `limits` applied.
+fn builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
     let header_bytes = limits
         .max_request_header_bytes
         .max(MIN_MAX_REQUEST_HEADER_BYTES);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The header read timeout is the connection's own, in
-        // [`Activity::idle`]: hyper's arms a new timer for every request.
-        .header_read_timeout(None)
-        // Request line and headers beyond the read buffer: hyper answers 431
-        // and closes. (hyper panics below its minimum, hence the max above.)
-        .max_buf_size(usize::try_from(header_bytes).unwrap_or(usize::MAX));
-    // More headers: 431 and closed too. hyper's own limit is the default of
-    // 100; setting it, even to 100, makes hyper fill a 100-slot array for
-    // every request head it parses, so it is only set when it differs.
-    if limits.max_request_headers != DEFAULT_MAX_REQUEST_HEADERS {
-        builder
-            .http1()
-            .max_headers(usize::try_from(limits.max_request_headers).unwrap_or(usize::MAX));
-    }
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         // A larger header list gets 431 on its stream; CONTINUATION frames
@@ -165,12 +156,12 @@ async fn connection<S, B>(
     stream: TcpStream,
     remote: SocketAddr,
     tls: Option<TlsAcceptor>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http2::Builder<TokioExecutor>>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
     service: S,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -180,53 +171,126 @@ async fn connection<S, B>(
     B::Error: Into<BoxError>,
 {
     if let Some(acceptor) = tls {
-        let stream = tokio::select! {
-            accepted = tls::handshake(&acceptor, stream, params.limits.header_read_timeout) => {
-                match accepted {
-                    Ok(stream) => stream,
-                    Err(error) => {
-                        debug!(error = %Chain(&error), %remote, "Closing a TLS connection.");
-                        return;
-                    }
-                }
-            }
-            () = stopped(&mut shutdown) => return,
-        };
-        let io = TokioIo::new(stream);
-        serve_connection(io, remote, true, &builder, params, shutdown, service).await;
+        // Boxed, as HTTP/2 below: their state is large, and would otherwise
+        // be part of every plain HTTP/1.1 connection's task.
+        Box::pin(tls_connection(
+            stream, remote, acceptor, builder, params, shutdown, service,
+        ))
+        .await;
         return;
     }
-    // hyper's header read timeout starts once the connection is known to be
-    // HTTP/1; a client that sends nothing at all never gets that far, so the
-    // first byte gets the same bound.
-    // (`readable()` may wake spuriously; a peek really waits for a byte.)
-    let mut first = [0u8; 1];
-    tokio::select! {
-        peeked = tokio::time::timeout(params.limits.header_read_timeout, stream.peek(&mut first)) => {
-            if peeked.is_err() {
+    // A client that sends nothing at all is bound by the header read
+    // timeout too, from the accept.
+    let deadline = Instant::now() + params.limits.header_read_timeout;
+    let http2 = tokio::select! {
+        sniffed = tokio::time::timeout_at(deadline, is_http2(&stream)) => match sniffed {
+            Ok(Ok(http2)) => http2,
+            Ok(Err(_)) => return,
+            Err(_) => {
                 debug!(%remote, "Closing a connection that sent nothing.");
                 return;
             }
-        }
+        },
         () = stopped(&mut shutdown) => return,
+    };
+    if http2 {
+        Box::pin(serve_http2(
+            stream, remote, false, &builder, params, shutdown, service,
+        ))
+        .await;
+    } else {
+        h1::conn::serve(
+            stream,
+            h1_settings(remote, false, params),
+            shutdown,
+            service,
+        )
+        .await;
     }
-    let io = TokioIo::new(stream);
-    serve_connection(io, remote, false, &builder, params, shutdown, service).await;
 }
 
-/// Serves one accepted connection, plain or TLS (`tls`), until it ends or,
-/// after shutdown, has finished its in-flight requests.
-async fn serve_connection<I, S, B>(
-    io: I,
+/// The HTTP/1.1 codec's settings for a connection from `remote`.
+fn h1_settings(remote: SocketAddr, tls: bool, params: Params) -> h1::conn::Settings {
+    h1::conn::Settings {
+        client: ClientAddr(remote),
+        tls,
+        limits: params.limits,
+    }
+}
+
+/// Serves a connection over TLS: HTTP/2 when ALPN says so, else HTTP/1.1.
+async fn tls_connection<S, B>(
+    stream: TcpStream,
     remote: SocketAddr,
-    tls: bool,
-    builder: &auto::Builder<TokioExecutor>,
+    acceptor: TlsAcceptor,
+    builder: Arc<http2::Builder<TokioExecutor>>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
     service: S,
 ) where
-    I: Read + Write + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = tokio::select! {
+        accepted = tls::handshake(&acceptor, stream, params.limits.header_read_timeout) => {
+            match accepted {
+                Ok(stream) => stream,
+                Err(error) => {
+                    debug!(error = %Chain(&error), %remote, "Closing a TLS connection.");
+                    return;
+                }
+            }
+        }
+        () = stopped(&mut shutdown) => return,
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_http2(stream, remote, true, &builder, params, shutdown, service).await;
+    } else {
+        h1::conn::serve(stream, h1_settings(remote, true, params), shutdown, service).await;
+    }
+}
+
+/// Whether the client starts with the HTTP/2 preface: peeks at as many of
+/// its first bytes as it takes to tell.
+async fn is_http2(stream: &TcpStream) -> io::Result<bool> {
+    let mut first = [0u8; PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if first[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // Only a part of the preface yet. A peek returns at once while
+        // bytes wait unread, so look again a little later (rare: clients
+        // send the preface in one segment).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves one accepted HTTP/2 connection, plain or TLS (`tls`), until it
+/// ends or, after shutdown, has finished its in-flight requests.
+async fn serve_http2<I, S, B>(
+    io: I,
+    remote: SocketAddr,
+    tls: bool,
+    builder: &http2::Builder<TokioExecutor>,
+    params: Params,
+    mut shutdown: watch::Receiver<bool>,
+    service: S,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -242,8 +306,7 @@ async fn serve_connection<I, S, B>(
         activity: Arc::clone(&activity),
         inner: service,
     };
-    // With upgrades: a `101` hands the connection to [`super::upgrade`].
-    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
+    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(conn);
     let mut draining = false;
     loop {
@@ -253,7 +316,7 @@ async fn serve_connection<I, S, B>(
             biased;
             result = conn.as_mut() => {
                 if let Err(error) = result {
-                    debug!(error = %Chain(&*error), %remote, "Connection ended with an error.");
+                    debug!(error = %Chain(&error), %remote, "Connection ended with an error.");
                 }
                 break;
             }
@@ -262,25 +325,17 @@ async fn serve_connection<I, S, B>(
                 draining = true;
             }
             () = activity.idle(params.limits.idle_timeout, params.limits.header_read_timeout), if !draining => {
-                if activity.is_http2() {
-                    debug!(%remote, "Closing an idle connection.");
-                    conn.as_mut().graceful_shutdown();
-                    draining = true;
-                } else {
-                    // No request in flight: idle, or a request head not
-                    // complete in time, which hyper would go on reading
-                    // after a graceful shutdown. Either way, close now.
-                    debug!(%remote, "Closing an idle HTTP/1 connection or one slow to send its headers.");
-                    break;
-                }
+                debug!(%remote, "Closing an idle connection.");
+                conn.as_mut().graceful_shutdown();
+                draining = true;
             }
         }
     }
 }
 
-impl<S, B, ResB> Service<Request<B>> for SetClientAddr<S>
+impl<S, ResB> Service<Request<Incoming>> for SetClientAddr<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    S: Service<Request<RequestBody>, Response = Response<ResB>>,
 {
     type Response = Response<inflight::Body<ResB, Active>>;
     type Error = S::Error;
@@ -290,7 +345,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let mut request = request.map(RequestBody::Http2);
         request.extensions_mut().insert(self.client);
         if self.tls {
             request.extensions_mut().insert(Tls);

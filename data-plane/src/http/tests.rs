@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::body::RequestBody;
 use super::server::ClientAddr;
 use super::*;
 use crate::runtime::OwnAddresses;
@@ -87,7 +88,7 @@ async fn streaming_upstream(
 ) -> (SocketAddr, mpsc::Sender<Result<Frame<Bytes>, Infallible>>) {
     let (chunks, chunk_rx) = mpsc::channel(capacity);
     let chunk_rx = Arc::new(Mutex::new(Some(chunk_rx)));
-    let addr = upstream(move |_request: Request<Incoming>| {
+    let addr = upstream(move |_request: Request<RequestBody>| {
         let chunk_rx = Arc::clone(&chunk_rx);
         async move {
             let rx = chunk_rx.lock().await.take().expect("one request");
@@ -101,7 +102,7 @@ async fn streaming_upstream(
 /// An upstream answering every request with `handler`; it runs until the test ends.
 async fn upstream<F, Fut>(handler: F) -> SocketAddr
 where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    F: Fn(Request<RequestBody>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Response<BoxBody>> + Send + 'static,
 {
     let (listener, addr) = bind().await;
@@ -127,7 +128,7 @@ where
 
 /// An upstream that echoes the request body and reports what it saw in headers.
 async fn echo_upstream(name: &'static str) -> SocketAddr {
-    upstream(move |request: Request<Incoming>| async move {
+    upstream(move |request: Request<RequestBody>| async move {
         let seen = |h: &str| {
             request
                 .headers()
@@ -708,7 +709,7 @@ async fn a_per_client_ip_limit_keeps_a_bucket_per_address() {
 
 /// An upstream that reads the whole request body before it answers with its length.
 async fn counting_upstream() -> SocketAddr {
-    upstream(|request: Request<Incoming>| async move {
+    upstream(|request: Request<RequestBody>| async move {
         let length = match request.into_body().collect().await {
             Ok(body) => body.to_bytes().len().to_string(),
             Err(_) => "broken".to_string(),
@@ -762,7 +763,7 @@ async fn flaky_upstream(
 ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = Arc::clone(&seen);
-    let addr = upstream(move |request: Request<Incoming>| {
+    let addr = upstream(move |request: Request<RequestBody>| {
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async move {
             let status = if n < failures {
@@ -880,7 +881,7 @@ async fn the_retry_budget_stops_a_retry_storm() {
     let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = Arc::clone(&seen);
     // An outage: every answer is a slow 503, so tries overlap.
-    let web = upstream(move |_request: Request<Incoming>| {
+    let web = upstream(move |_request: Request<RequestBody>| {
         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -930,7 +931,7 @@ async fn a_try_slower_than_per_try_timeout_is_retried() {
     let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = Arc::clone(&seen);
     // The first try hangs far past the per-try timeout; the second is quick.
-    let web = upstream(move |_request: Request<Incoming>| {
+    let web = upstream(move |_request: Request<RequestBody>| {
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async move {
             if n == 0 {
@@ -987,7 +988,7 @@ async fn a_response_idle_past_the_idle_timeout_is_cut() {
 #[tokio::test]
 async fn a_request_body_still_streaming_keeps_the_idle_timeout_off() {
     // Answers at once with a body that never moves, and drains the request.
-    let web = upstream(|request: Request<Incoming>| async move {
+    let web = upstream(|request: Request<RequestBody>| async move {
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
         tokio::spawn(async move {
             let _tx = tx;

@@ -143,8 +143,17 @@ where
     }
 }
 
-/// The client's side of the switch `request` asks for.
+/// The client's side of the switch `request` asks for: Prism's HTTP/1.1
+/// codec's ([`super::h1::OnUpgrade`]) when the request came through it, else
+/// hyper's.
 fn client_upgrade<B>(request: &mut Request<B>) -> Upgrading {
+    if let Some(upgrading) = request
+        .extensions_mut()
+        .remove::<super::h1::OnUpgrade>()
+        .and_then(|on| on.take())
+    {
+        return upgrading;
+    }
     let on = hyper::upgrade::on(request);
     Box::pin(async move { Ok(Box::new(TokioIo::new(on.await?)) as Upgraded) })
 }

@@ -47,7 +47,7 @@ struct Echo {
 }
 
 impl Echo {
-    async fn handle(self, request: Request<Incoming>) -> Response<BoxBody> {
+    async fn handle(self, request: Request<RequestBody>) -> Response<BoxBody> {
         let mut server = tonic::server::Grpc::new(codec());
         let response = match request.uri().path() {
             "/test.Echo/Unary" => server.unary(self.unary(), request).await,

@@ -32,7 +32,7 @@ struct Probed {
 impl Probed {
     async fn start(&self, name: &'static str) -> SocketAddr {
         let me = self.clone();
-        upstream(move |request: Request<Incoming>| {
+        upstream(move |request: Request<RequestBody>| {
             let me = me.clone();
             async move {
                 if request.uri().path() != "/healthz" {

@@ -151,7 +151,7 @@ async fn an_upgrade_refused_by_the_upstream_is_an_ordinary_response() {
 
 #[tokio::test]
 async fn an_http2_backend_gets_an_upgrade_request_without_the_upgrade() {
-    let up = upstream(|request: Request<Incoming>| async move {
+    let up = upstream(|request: Request<RequestBody>| async move {
         let upgrade = request.headers().get(header::UPGRADE).cloned();
         Response::builder()
             .header("x-seen-version", format!("{:?}", request.version()))
@@ -192,7 +192,7 @@ fn http2_backend(mut snapshot: Snapshot) -> Snapshot {
 /// An upstream that reads the whole body, then answers with it and with the
 /// `expect` header it saw.
 async fn expect_upstream() -> SocketAddr {
-    upstream(|request: Request<Incoming>| async move {
+    upstream(|request: Request<RequestBody>| async move {
         let expect = request.headers().get(header::EXPECT).cloned();
         let body = request
             .into_body()
@@ -313,7 +313,7 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_cut_off() {
 
 #[tokio::test]
 async fn a_host_rewrite_reaches_an_http2_upstream_as_its_authority() {
-    let up = upstream(|request: Request<Incoming>| async move {
+    let up = upstream(|request: Request<RequestBody>| async move {
         let authority = request
             .uri()
             .authority()

@@ -209,7 +209,7 @@ pub(super) async fn mtls_upstream(ca: &TestCa) -> SocketAddr {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (listener, addr) = bind().await;
     let (stop, stopped) = watch::channel(false);
-    let service = tower::service_fn(|request: Request<Incoming>| async move {
+    let service = tower::service_fn(|request: Request<RequestBody>| async move {
         let version = format!("{:?}", request.version());
         Ok::<_, Infallible>(
             Response::builder()
