@@ -17,7 +17,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
@@ -25,13 +25,14 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::connect::Upstream;
 use super::pool::Permit;
 use crate::http::body::ReplayBody;
 use crate::http::error::BoxError;
+use crate::http::h1;
 use crate::http::h1::chunked::{self, Chunk, ChunkedDecoder, ChunkedError};
 
 /// The longest response head accepted. Offsets into a head fit a `u16`
@@ -41,8 +42,6 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// The longest trailer section of a chunked response accepted.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
-/// Room made in the read buffer before each read.
-const READ_BYTES: usize = 8 * 1024;
 /// The most write buffer an idle connection keeps.
 const IDLE_WRITE_BYTES: usize = 4 * 1024;
 /// Request body frames are gathered into the write buffer while it holds
@@ -396,8 +395,7 @@ impl Connection {
 
     /// Reads what the upstream has into the read buffer; `0` at its end.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.read.reserve(READ_BYTES);
-        pin!(self.io.read_buf(&mut self.read)).poll(cx)
+        h1::poll_read_into(&mut self.io, cx, &mut self.read)
     }
 }
 

@@ -32,7 +32,7 @@ use super::body::{Body, BodyError, Reader, Want};
 use super::chunked::{CHUNK_TAIL, encode_chunk_head, encode_last_chunk};
 use super::head::{self, Framing, Head, HeadError};
 use super::write::{self, Asked};
-use super::{OnUpgrade, Rewind, Transport};
+use super::{OnUpgrade, Rewind, Transport, poll_read_into};
 use crate::http::body::RequestBody;
 use crate::http::error::BoxError;
 use crate::http::server::ClientAddr;
@@ -40,8 +40,9 @@ use crate::http::tls::Tls;
 use crate::http::upgrade::Upgraded;
 use crate::{Limits, MIN_MAX_REQUEST_HEADER_BYTES};
 
-/// A read buffer's size.
-const READ_BUF: usize = 8 * 1024;
+/// The most bytes read past a request while its response is pending (a
+/// pipelined request), before the connection stops reading.
+const PIPELINED_BYTES: usize = 8 * 1024;
 /// Response bytes gathered before they are written.
 const FLUSH_AT: usize = 64 * 1024;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -195,17 +196,9 @@ impl<I: Transport> Conn<I> {
     }
 
     /// Reads from the socket until `deadline` or shutdown. With nothing read
-    /// yet, it waits without a buffer, and gives back the one it took when
-    /// the socket had nothing after all.
+    /// yet, it waits without a buffer ([`poll_read_into`]).
     fn poll_wait(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<Wake> {
-        let idle = self.read_buf.capacity() == 0;
-        let ready = if idle && self.io.poll_readable(cx).is_pending() {
-            Poll::Pending
-        } else {
-            reserve(&mut self.read_buf);
-            self.io.poll_read_buf(cx, &mut self.read_buf)
-        };
-        match ready {
+        match poll_read_into(&mut self.io, cx, &mut self.read_buf) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Wake::Closed),
             Poll::Ready(Ok(_)) => return Poll::Ready(Wake::Ready),
             Poll::Pending if self.read_buf.is_empty() => self.read_buf = BytesMut::new(),
@@ -382,8 +375,7 @@ impl<I: Transport> Conn<I> {
                     return;
                 }
             }
-            reserve(&mut self.read_buf);
-            match self.io.poll_read_buf(cx, &mut self.read_buf) {
+            match poll_read_into(&mut self.io, cx, &mut self.read_buf) {
                 Poll::Pending => return,
                 Poll::Ready(Ok(0)) => {
                     reader.fail(BodyError::Closed);
@@ -401,11 +393,10 @@ impl<I: Transport> Conn<I> {
     }
 
     /// Whether the client closed the connection (or it failed). Reads what
-    /// it sends meanwhile (a pipelined request) up to a read buffer's worth.
+    /// it sends meanwhile (a pipelined request) up to [`PIPELINED_BYTES`].
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> bool {
-        while self.read_buf.len() < READ_BUF {
-            reserve(&mut self.read_buf);
-            match self.io.poll_read_buf(cx, &mut self.read_buf) {
+        while self.read_buf.len() < PIPELINED_BYTES {
+            match poll_read_into(&mut self.io, cx, &mut self.read_buf) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => return false,
@@ -589,11 +580,6 @@ fn poll_write_all<I: AsyncWrite + Unpin>(
 }
 
 /// Makes room in `buf` for a read.
-fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_BUF / 4 {
-        buf.reserve(READ_BUF);
-    }
-}
 
 /// The connection's one timer, re-armed only when it would fire late, or
 /// when it fired early.

@@ -12,6 +12,7 @@ pub(crate) mod conn;
 pub(crate) mod head;
 pub(crate) mod write;
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -21,65 +22,52 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::upgrade::{Upgraded, Upgrading};
 
-/// A connection the codec can serve: it can wait to be readable without a
-/// buffer, and read into one.
-pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
-    /// Ready once a read may find bytes (perhaps spuriously). A transport
-    /// that buffers what it decrypts is always ready.
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+/// A connection the codec can serve.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
-    /// Reads into the spare capacity of `buf` (which has some): 0 at the end.
-    fn poll_read_buf(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-    ) -> Poll<io::Result<usize>>;
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
+
+/// Bytes one read takes at most through the scratch buffer.
+const SCRATCH_BYTES: usize = 16 * 1024;
+/// A buffer with at least this much room is read into directly.
+const DIRECT_READ_BYTES: usize = 4 * 1024;
+
+thread_local! {
+    /// The thread's scratch read buffer, for [`poll_read_into`].
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
 }
 
-impl Transport for TcpStream {
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
+/// Reads what `io` has into `buf`: the number of bytes, `0` at its end.
+///
+/// A buffer with little room (an idle connection's has none) is not grown
+/// before the read, which may find nothing: the bytes land in the thread's
+/// scratch buffer and only those that came are copied into `buf`. So a
+/// connection waits without a read buffer, and a request or response head
+/// allocates its own size instead of a read buffer's. Through `AsyncRead`
+/// rather than `try_read`: a short read tells the reactor the socket is
+/// drained, so waiting on it afterwards (for the client's close while its
+/// request is served) costs no system call.
+pub(crate) fn poll_read_into<R>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    if buf.capacity() - buf.len() >= DIRECT_READ_BYTES {
+        return pin!(io.read_buf(buf)).poll(cx);
     }
-
-    fn poll_read_buf(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-    ) -> Poll<io::Result<usize>> {
-        // Through `AsyncRead`, not `try_read_buf`: a read that leaves the
-        // buffer short tells the reactor the socket is drained, so watching
-        // for the client's close while its request is served costs no
-        // system call (callgrind: 2,900 instructions a request).
-        pin!(self.read_buf(buf)).poll(cx)
-    }
-}
-
-impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
-    fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_read_buf(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-    ) -> Poll<io::Result<usize>> {
-        let filled = buf.len();
-        let spare = buf.capacity() - filled;
-        // Zeroed rather than uninitialized: the crate has no unsafe code.
-        buf.resize(filled + spare, 0);
-        let mut read = ReadBuf::new(&mut buf[filled..]);
-        let result = Pin::new(&mut *self).poll_read(cx, &mut read);
-        let n = read.filled().len();
-        buf.truncate(filled + n);
-        ready!(result)?;
-        Poll::Ready(Ok(n))
-    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut read = ReadBuf::new(scratch);
+        ready!(Pin::new(io).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    })
 }
 
 /// The client's side of a protocol switch on an HTTP/1.1 connection of this

@@ -25,6 +25,9 @@ pub(crate) enum Framing {
     Close,
 }
 
+/// A body of known size up to this is reserved for with its head.
+const SMALL_BODY_BYTES: usize = 16 * 1024;
+
 /// What the request says about its response's head.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Asked {
@@ -49,7 +52,12 @@ pub(crate) fn encode_head(
     if framing == Framing::Close {
         *keep_alive = false;
     }
-    dst.reserve(128 + headers.len() * 32);
+    // Room for the head and a small body of known size, which follows it
+    // into the same buffer: one allocation, no regrowth.
+    let body = hint
+        .exact()
+        .map_or(0, |n| n.min(SMALL_BODY_BYTES as u64) as usize);
+    dst.reserve(128 + headers.len() * 32 + body);
     status_line(asked.version, status, dst);
     let own_length = matches!(framing, Framing::Length(_)) && hint.exact().is_some();
     for (name, value) in headers {
