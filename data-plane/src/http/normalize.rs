@@ -148,7 +148,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // and most messages have none of them.
     let mut present = 0u8;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        if let Some(i) = hop_by_hop_at(name) {
             present |= 1 << i;
         }
     }
@@ -161,6 +161,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
         headers
             .get_all(header::CONNECTION)
             .iter()
+            // The usual values name nothing else; skip parsing them.
+            .filter(|v| {
+                let v = v.as_bytes();
+                !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close")
+            })
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
@@ -190,6 +195,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Where `name` is in [`HOP_BY_HOP`]: one match on the name's text, which
+/// the compiler turns into a switch on its length, rather than seven
+/// comparisons of `HeaderName`s for each field of every message.
+fn hop_by_hop_at(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "te" => Some(3),
+        "trailer" => Some(4),
+        "transfer-encoding" => Some(5),
+        "upgrade" => Some(6),
+        _ => None,
     }
 }
 
@@ -272,6 +293,15 @@ fn ip_text(ip: IpAddr, buf: &mut [u8; MAX_IP_TEXT]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hop_by_hop_name_is_found_where_the_list_has_it() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_at(name), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop_at(&header::HOST), None);
+        assert_eq!(hop_by_hop_at(&HeaderName::from_static("x-te")), None);
+    }
 
     #[test]
     fn connection_named_and_hop_by_hop_headers_go_and_te_trailers_may_stay() {
