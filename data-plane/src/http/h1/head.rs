@@ -12,6 +12,11 @@ use http::{Method, Request, StatusCode, Uri, Version};
 
 use crate::DEFAULT_MAX_REQUEST_HEADERS;
 
+/// Fields a request gains on its way through the proxy (`x-forwarded-for`,
+/// `x-forwarded-proto`, `via`, and one to spare), made room for when its
+/// header map is built: growing a map rehashes it.
+const FORWARDING_ROOM: usize = 4;
+
 /// Header slots parsed on the stack; a larger `max_request_headers` takes
 /// them from the heap.
 const STACK_HEADERS: usize = DEFAULT_MAX_REQUEST_HEADERS as usize;
@@ -151,7 +156,7 @@ fn build(parsed: &httparse::Request<'_, '_>, bytes: &Bytes) -> Result<Head, Head
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + FORWARDING_ROOM);
     let mut fields = Fields::default();
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
