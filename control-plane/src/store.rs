@@ -7,18 +7,28 @@
 //! After the flush the new immutable [`Snapshot`] is published on a `watch`
 //! channel, which is what discovery streams to the fleet.
 //!
+//! A write costs what it changes, not the size of the policy: the candidate
+//! is validated with [`validate_delta`] against the route matches of the
+//! current snapshot (falling back to the whole check exactly where the
+//! proxy's stager does, so the verdict and error are the whole check's), and
+//! what it changes is read off the keys it touches.
+//!
 //! Layout on disk, one sled database with three trees:
 //! - `resources`: `"{Kind}/{name}"` (e.g. `Backend/demo/web`) → protobuf bytes.
 //! - `meta`: `revision` → the current revision, u64 big-endian.
 //! - `changelog`: revision (u64 big-endian) → encoded [`pb::admin::v1::Revision`].
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prism_proto::pb::admin::v1::ResourceChange;
 use prism_proto::pb::admin::v1::{Revision, resource_change};
-use prism_proto::{Kind, Resource, ResourceKey, Snapshot, ValidationError, validate_snapshot};
+use prism_proto::{
+    Delta, Kind, Matches, Resource, ResourceKey, Snapshot, ValidationError, validate_delta,
+    validate_snapshot,
+};
 use prost::Message;
 use serde::Serialize;
 use sled::Transactional;
@@ -155,6 +165,11 @@ struct Inner {
     /// Serializes writers: each commit builds on the snapshot the previous
     /// one published.
     writer: Mutex<()>,
+    /// The route matches of the published snapshot, or `None` when the policy
+    /// loaded from disk does not pass validation (then a write is validated
+    /// whole until one passes). Changed with the snapshot, under this lock,
+    /// so a reader that holds it sees the two agree.
+    matches: std::sync::Mutex<Option<Matches>>,
     /// Holds the latest snapshot. The store keeps the sender, so the channel
     /// never closes while a `Store` handle is alive.
     snapshots: watch::Sender<Arc<Snapshot>>,
@@ -191,6 +206,11 @@ impl Store {
             }
             snapshot.insert(resource);
         }
+        // Rules may have tightened since the policy was written: only a
+        // policy that passes them is a base for the incremental check.
+        let matches = validate_snapshot(&snapshot)
+            .is_ok()
+            .then(|| Matches::of(&snapshot));
         info!(
             path = %dir.display(),
             revision,
@@ -205,6 +225,7 @@ impl Store {
                 meta,
                 changelog,
                 writer: Mutex::new(()),
+                matches: std::sync::Mutex::new(matches),
                 snapshots,
             }),
         })
@@ -229,9 +250,21 @@ impl Store {
     /// Validates `mutation` against the current snapshot and returns what it
     /// would change, writing nothing.
     pub fn dry_run(&self, mutation: &Mutation) -> Result<Vec<Change>, StoreError> {
+        let matches = self.matches();
         let current = self.snapshot();
-        let candidate = candidate(&current, mutation)?;
-        Ok(changes(&current, &candidate))
+        let staged = candidate(&current, matches.as_ref(), mutation)?;
+        Ok(changes(&current, &staged.delta, &staged.snapshot))
+    }
+
+    /// The route matches of the published snapshot, locked: a commit
+    /// publishes its snapshot only while holding them.
+    fn matches(&self) -> std::sync::MutexGuard<'_, Option<Matches>> {
+        // A poisoned lock only means a panic elsewhere; the matches were
+        // never left half updated (an update does not panic).
+        self.inner
+            .matches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Applies `mutation` as one revision, recorded as done by `actor` through
@@ -250,8 +283,8 @@ impl Store {
     ) -> Result<Commit, StoreError> {
         let _writer = self.inner.writer.lock().await;
         let current = self.snapshot();
-        let candidate = candidate(&current, &mutation)?;
-        let changes = changes(&current, &candidate);
+        let staged = candidate(&current, self.matches().as_ref(), &mutation)?;
+        let changes = changes(&current, &staged.delta, &staged.snapshot);
         if changes.is_empty() {
             debug!(
                 revision = current.revision,
@@ -263,7 +296,7 @@ impl Store {
                 unchanged: true,
             });
         }
-        let revision = candidate.revision;
+        let revision = staged.snapshot.revision;
         let record = Revision {
             revision,
             changes: changes.iter().map(Change::to_record).collect(),
@@ -271,7 +304,7 @@ impl Store {
             action: action.to_string(),
             unix_millis: unix_millis_now(),
         };
-        self.write(&candidate, &changes, &record)?;
+        self.write(&staged.snapshot, &changes, &record)?;
         // Durability before acknowledgement: the caller answers 2xx only
         // once the transaction is on disk.
         let flushed = self.inner.db.flush_async().await;
@@ -279,7 +312,7 @@ impl Store {
         // so the published snapshot follows it: the next commit must build on
         // it rather than reuse its revision. A failed flush is still an error
         // to the caller, who must not take the write as acknowledged.
-        self.inner.snapshots.send_replace(Arc::new(candidate));
+        self.publish(&current, staged);
         flushed?;
         info!(
             revision,
@@ -293,6 +326,22 @@ impl Store {
             changes,
             unchanged: false,
         })
+    }
+
+    /// Publishes the committed `staged` snapshot, which follows `current`,
+    /// with its route matches.
+    fn publish(&self, current: &Snapshot, staged: Staged) {
+        let mut matches = self.matches();
+        *matches = match (staged.matches, matches.take()) {
+            (Some(whole), _) => Some(whole),
+            (None, Some(mut known)) => {
+                known.update(current, &staged.delta, &staged.snapshot);
+                Some(known)
+            }
+            // Without matches every write is validated whole, which gives them.
+            (None, None) => None,
+        };
+        self.inner.snapshots.send_replace(Arc::new(staged.snapshot));
     }
 
     /// The change log, newest first, at most `limit` entries.
@@ -407,58 +456,92 @@ impl Change {
     }
 }
 
-/// `current` with `mutation` applied at the next revision, validated.
-fn candidate(current: &Snapshot, mutation: &Mutation) -> Result<Snapshot, StoreError> {
-    let mut next = current.clone();
-    next.revision = current.revision + 1;
-    for key in &mutation.deletes {
-        if next.remove(key).is_none() {
-            return Err(StoreError::NotFound(key.clone()));
-        }
-    }
-    for resource in &mutation.creates {
-        let key = resource.key();
-        if current.get(&key).is_some() {
-            return Err(StoreError::AlreadyExists(key));
-        }
-        next.insert(resource.clone());
-    }
-    for resource in &mutation.upserts {
-        next.insert(resource.clone());
-    }
-    validate_snapshot(&next)?;
-    Ok(next)
+/// A validated candidate: the snapshot a write makes, the delta that makes
+/// it from the current one, and its route matches if validation gave them.
+struct Staged {
+    snapshot: Snapshot,
+    delta: Delta,
+    matches: Option<Matches>,
 }
 
-/// What turns `from` into `to`, ordered by kind then name.
-fn changes(from: &Snapshot, to: &Snapshot) -> Vec<Change> {
-    let delta = Snapshot::diff(from, to);
-    let mut changes: Vec<Change> = delta
-        .upserts
+/// `current` with `mutation` applied at the next revision, validated against
+/// `matches`, the route matches of `current` (`None`: validated whole).
+fn candidate(
+    current: &Snapshot,
+    matches: Option<&Matches>,
+    mutation: &Mutation,
+) -> Result<Staged, StoreError> {
+    // A key deleted twice is missing the second time.
+    let mut deleted = HashSet::new();
+    if let Some(key) = mutation
+        .deletes
         .iter()
-        .map(|entry| {
-            let key = entry.resource.key();
-            let op = if from.get(&key).is_some() {
-                ChangeOp::Update
-            } else {
-                ChangeOp::Create
+        .find(|key| current.get(key).is_none() || !deleted.insert(*key))
+    {
+        return Err(StoreError::NotFound(key.clone()));
+    }
+    if let Some(key) = mutation
+        .creates
+        .iter()
+        .map(Resource::key)
+        .find(|key| current.get(key).is_some())
+    {
+        return Err(StoreError::AlreadyExists(key));
+    }
+    let delta = Delta {
+        revision: current.revision + 1,
+        upserts: mutation
+            .creates
+            .iter()
+            .chain(&mutation.upserts)
+            .map(|resource| Arc::new(resource.clone().versioned()))
+            .collect(),
+        removals: mutation.deletes.clone(),
+    };
+    let snapshot = current.apply(&delta);
+    let matches = match matches {
+        Some(matches) => validate_delta(current, matches, &delta, &snapshot)?,
+        None => {
+            validate_snapshot(&snapshot)?;
+            Some(Matches::of(&snapshot))
+        }
+    };
+    Ok(Staged {
+        snapshot,
+        delta,
+        matches,
+    })
+}
+
+/// What turns `from` into `to`, which is `from` with `delta` applied, ordered
+/// by kind then name: only the keys the delta touches can differ.
+fn changes(from: &Snapshot, delta: &Delta, to: &Snapshot) -> Vec<Change> {
+    let mut touched: Vec<ResourceKey> = delta
+        .removals
+        .iter()
+        .cloned()
+        .chain(delta.upserts.iter().map(|v| v.resource.key()))
+        .collect();
+    touched.sort_unstable();
+    touched.dedup();
+    touched
+        .into_iter()
+        .filter_map(|key| {
+            let (op, version) = match (from.get(&key), to.get(&key)) {
+                (Some(old), Some(new)) if old.version == new.version => return None,
+                (Some(_), Some(new)) => (ChangeOp::Update, Some(new.version.clone())),
+                (None, Some(new)) => (ChangeOp::Create, Some(new.version.clone())),
+                (Some(_), None) => (ChangeOp::Delete, None),
+                (None, None) => return None,
             };
-            Change {
+            Some(Change {
                 op,
                 kind: key.kind,
                 name: key.name,
-                version: Some(entry.version.clone()),
-            }
+                version,
+            })
         })
-        .chain(delta.removals.into_iter().map(|key| Change {
-            op: ChangeOp::Delete,
-            kind: key.kind,
-            name: key.name,
-            version: None,
-        }))
-        .collect();
-    changes.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
-    changes
+        .collect()
 }
 
 fn encode_key(key: &ResourceKey) -> Vec<u8> {
@@ -681,6 +764,94 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path()).expect("reopens");
         assert_eq!(*store.snapshot(), *before);
+    }
+
+    fn prefixed(name: &str, prefix: &str) -> Resource {
+        Resource::Route(Route {
+            name: name.into(),
+            r#match: Some(RouteMatch {
+                path: Some(route_match::Path::Prefix(prefix.into())),
+                ..Default::default()
+            }),
+            backend: "web".into(),
+            ..Default::default()
+        })
+    }
+
+    /// The demo namespace and backend with 20 routes, `/0/` to `/19/`: large
+    /// enough that a write of a few routes is validated by what it changes.
+    async fn routed_store(dir: &Path) -> Store {
+        let store = Store::open(dir).expect("opens");
+        let mut upserts = vec![ns("demo"), backend("demo/web", "127.0.0.1:8081")];
+        upserts.extend((0..20).map(|i| prefixed(&format!("demo/r{i}"), &format!("/{i}/"))));
+        let mutation = Mutation {
+            upserts,
+            ..Mutation::default()
+        };
+        store.commit(mutation, "a", "apply").await.expect("commits");
+        store
+    }
+
+    #[tokio::test]
+    async fn a_small_write_is_refused_exactly_as_the_whole_check_refuses_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = routed_store(dir.path()).await;
+        let before = store.snapshot();
+        // r1 takes r0's match, which r0 keeps.
+        let taking = Mutation::upsert(prefixed("demo/r1", "/0/"));
+        let mut whole = (*before).clone();
+        whole.insert(prefixed("demo/r1", "/0/"));
+        let expected = validate_snapshot(&whole).expect_err("a duplicate match");
+        let err = store.commit(taking, "a", "apply").await.unwrap_err();
+        let StoreError::Invalid(e) = err else {
+            panic!("expected a validation error, got {err}")
+        };
+        assert_eq!(e, expected);
+        assert_eq!(store.snapshot(), before);
+        assert_eq!(store.history(10).expect("history").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn small_writes_follow_the_matches_they_move() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = routed_store(dir.path()).await;
+        // Two routes trade matches in one write.
+        let trade = Mutation {
+            upserts: vec![prefixed("demo/r0", "/1/"), prefixed("demo/r1", "/0/")],
+            ..Mutation::default()
+        };
+        store.commit(trade, "a", "apply").await.expect("a trade");
+        // r2 moves away; its old match is free for r3 in the next write.
+        store
+            .commit(Mutation::upsert(prefixed("demo/r2", "/new/")), "a", "apply")
+            .await
+            .expect("a fresh match");
+        store
+            .commit(Mutation::upsert(prefixed("demo/r3", "/2/")), "a", "apply")
+            .await
+            .expect("the match r2 left");
+        // r2's new match is held now.
+        let err = store
+            .commit(Mutation::upsert(prefixed("demo/r4", "/new/")), "a", "apply")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+        validate_snapshot(&store.snapshot()).expect("a valid policy");
+        assert_eq!(store.revision(), 4);
+    }
+
+    #[tokio::test]
+    async fn deleting_one_key_twice_is_not_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = routed_store(dir.path()).await;
+        let key = ResourceKey::new(Kind::Route, "demo/r0");
+        let twice = Mutation {
+            deletes: vec![key.clone(), key.clone()],
+            ..Mutation::default()
+        };
+        let err = store.commit(twice, "a", "delete").await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(k) if k == key));
+        assert_eq!(store.revision(), 1);
     }
 
     #[tokio::test]
