@@ -579,8 +579,6 @@ fn poll_write_all<I: AsyncWrite + Unpin>(
     Pin::new(io).poll_flush(cx)
 }
 
-/// Makes room in `buf` for a read.
-
 /// The connection's one timer, re-armed only when it would fire late, or
 /// when it fired early.
 struct Timer(Pin<Box<Sleep>>);
