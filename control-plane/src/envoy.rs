@@ -30,7 +30,7 @@
 //! - Every exact host is also an API listener named after it, for gRPC clients
 //!   dialing `xds:///<host>`; those are served only when asked for by name.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -61,6 +61,8 @@ mod tls;
 #[cfg(test)]
 use clusters::HTTP_PROTOCOL_OPTIONS;
 use clusters::eds_cluster;
+pub use routes::RouteCache;
+use routes::RouteContext;
 #[cfg(test)]
 use routes::{BUFFER_FILTER, NAMESPACE_RATE_LIMIT_FILTER, ROUTE_RATE_LIMIT_FILTER};
 
@@ -151,6 +153,8 @@ struct Policy<'a> {
     namespaces: Vec<&'a Namespace>,
     /// `(namespace, route)`, in name order.
     routes: Vec<(&'a str, &'a Route)>,
+    /// Each route's version (its content hash), by route name.
+    route_versions: HashMap<&'a str, &'a str>,
     /// By full name, `namespace/name`.
     backends: BTreeMap<&'a str, &'a Backend>,
     secrets: Vec<&'a Secret>,
@@ -161,6 +165,7 @@ impl<'a> Policy<'a> {
         let mut policy = Policy {
             namespaces: Vec::new(),
             routes: Vec::new(),
+            route_versions: HashMap::new(),
             backends: BTreeMap::new(),
             secrets: Vec::new(),
         };
@@ -168,7 +173,10 @@ impl<'a> Policy<'a> {
             match &versioned.resource {
                 Resource::Namespace(ns) => policy.namespaces.push(ns),
                 Resource::Route(route) => {
-                    policy.routes.push((versioned.resource.namespace(), route))
+                    policy.routes.push((versioned.resource.namespace(), route));
+                    policy
+                        .route_versions
+                        .insert(&route.name, &versioned.version);
                 }
                 Resource::Backend(backend) => {
                     policy.backends.insert(&backend.name, backend);
@@ -206,6 +214,18 @@ pub fn translate(
     fleet: &[FleetEndpoint],
     params: &EnvoyParams,
 ) -> EnvoyResources {
+    translate_reusing(snapshot, fleet, params, &RouteCache::default()).0
+}
+
+/// [`translate`], reusing the encoded routes of `previous` that did not
+/// change, and the route cache of this translation for the next one. The
+/// output is byte for byte that of [`translate`].
+pub fn translate_reusing(
+    snapshot: &Snapshot,
+    fleet: &[FleetEndpoint],
+    params: &EnvoyParams,
+    previous: &RouteCache,
+) -> (EnvoyResources, RouteCache) {
     let policy = Policy::of(snapshot);
     let mut resources = EnvoyResources::default();
     resources.listeners.insert(
@@ -217,10 +237,11 @@ pub fn translate(
             .listeners
             .insert(HTTPS_LISTENER.to_string(), pack_any(listener));
     }
-    resources.route_configurations.insert(
-        HTTP_ROUTES.to_string(),
-        routes::route_configuration(&policy),
-    );
+    let (route_configuration, route_cache) =
+        routes::route_configuration(&policy, &RouteContext::of(snapshot), previous);
+    resources
+        .route_configurations
+        .insert(HTTP_ROUTES.to_string(), route_configuration);
     for host in api_listener_hosts(&policy) {
         resources
             .api_listeners
@@ -249,7 +270,7 @@ pub fn translate(
     resources
         .cluster_load_assignments
         .insert(FLEET_CLUSTER.to_string(), pack_any(fleet_assignment(fleet)));
-    resources
+    (resources, route_cache)
 }
 
 /// The API listener for a gRPC client dialing `xds:///<host>`: a Listener

@@ -127,6 +127,8 @@ pub struct Catalog {
     /// Bumped whenever the proxy fleet's membership or health changes.
     pub fleet_generation: u64,
     types: HashMap<TypeKind, TypeResources>,
+    /// The encoded Envoy routes, for the next build to reuse.
+    route_cache: envoy::RouteCache,
 }
 
 impl Catalog {
@@ -173,7 +175,8 @@ impl Catalog {
     }
 
     /// Builds the catalog of `snapshot` and `fleet`, reusing the encoded
-    /// entries of `previous` whose version did not change.
+    /// entries of `previous` whose version did not change, and its encoded
+    /// Envoy routes (see [`envoy::RouteCache`]).
     pub fn build(
         snapshot: Arc<Snapshot>,
         fleet: &[FleetEndpoint],
@@ -206,7 +209,8 @@ impl Catalog {
                 },
             );
         }
-        let translated = envoy::translate(&snapshot, fleet, params);
+        let (translated, route_cache) =
+            envoy::translate_reusing(&snapshot, fleet, params, &previous.route_cache);
         let mut listeners = envoy_entries(translated.listeners);
         listeners.named_only = envoy_entries(translated.api_listeners).wildcard;
         types.insert(TypeKind::Listener, listeners);
@@ -232,6 +236,7 @@ impl Catalog {
             snapshot,
             fleet_generation,
             types,
+            route_cache,
         }
     }
 }

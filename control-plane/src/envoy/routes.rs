@@ -2,7 +2,8 @@
 //! host, each Prism route as an Envoy route (match, action, header changes,
 //! retries, rate limits, body limit).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, HeaderValue, HeaderValueOption, RuntimeFractionalPercent, data_source,
@@ -35,8 +36,8 @@ use prism_proto::pb::config::v1::{
     key_match, rewrite,
 };
 use prism_proto::{
-    Backend, LbPolicy, MAX_DIRECT_RESPONSE_BODY_BYTES, Namespace, Route, RouteMatch, defaults,
-    match_order,
+    Backend, Kind, LbPolicy, MAX_DIRECT_RESPONSE_BODY_BYTES, Namespace, Route, RouteMatch,
+    Snapshot, defaults, match_order,
 };
 use prost::Message;
 
@@ -76,17 +77,105 @@ const ROUTE_FILTERS: u32 = 13;
 
 /// An Envoy route and its `typed_per_filter_config`, kept apart: prost writes
 /// a map in random order, and a resource's version is a hash of its bytes.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct RouteEntry {
     route: EnvoyRoute,
     filters: BTreeMap<String, Any>,
 }
 
-/// A virtual host without its routes, its routes, and its per-filter config.
+/// A virtual host without its routes, its routes (each an encoded Envoy
+/// `Route`), and its per-filter config.
 struct VirtualHostEntry {
     vhost: VirtualHost,
-    routes: Vec<RouteEntry>,
+    routes: Vec<Arc<[u8]>>,
     filters: BTreeMap<String, Any>,
+}
+
+/// What a route's translation depends on besides the route itself: the
+/// version of every namespace, backend and secret. Conservative: any change
+/// to one of them makes every route translate afresh.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct RouteContext(Vec<(Kind, String, String)>);
+
+impl RouteContext {
+    pub(super) fn of(snapshot: &Snapshot) -> Self {
+        let kinds = [Kind::Secret, Kind::Namespace, Kind::Backend];
+        RouteContext(
+            kinds
+                .into_iter()
+                .flat_map(|kind| snapshot.of_kind(kind))
+                .map(|v| {
+                    let name = v.resource.name().to_string();
+                    (v.resource.kind(), name, v.version.clone())
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The encoded Envoy routes of one translation, by route name and version,
+/// for the next translation to reuse: a policy write then re-encodes only
+/// the routes it changed. Holds the routes of one policy, replaced per
+/// translation.
+#[derive(Debug, Default)]
+pub struct RouteCache {
+    context: RouteContext,
+    routes: HashMap<String, CachedRoute>,
+}
+
+/// A route's version and its encoded Envoy `Route`, `None` when the route is
+/// left out.
+#[derive(Debug)]
+struct CachedRoute {
+    version: String,
+    encoded: Option<Arc<[u8]>>,
+}
+
+impl RouteCache {
+    /// The encoded Envoy route of `route` of `namespace`, from `previous`
+    /// when the route did not change (`previous` having been translated in
+    /// the same context), and recorded here.
+    fn encoded(
+        &mut self,
+        previous: &RouteCache,
+        policy: &Policy<'_>,
+        namespace: &str,
+        route: &Route,
+        namespace_timeout: &Duration,
+    ) -> Option<Arc<[u8]>> {
+        let version = policy.route_versions.get(route.name.as_str()).copied();
+        let reused = previous
+            .routes
+            .get(&route.name)
+            .filter(|cached| Some(cached.version.as_str()) == version);
+        let encoded = match reused {
+            Some(cached) => cached.encoded.clone(),
+            None => envoy_route(policy, namespace, route, namespace_timeout)
+                .map(|entry| Arc::from(encode_route(&entry))),
+        };
+        if let Some(version) = version {
+            self.routes.insert(
+                route.name.clone(),
+                CachedRoute {
+                    version: version.to_string(),
+                    encoded: encoded.clone(),
+                },
+            );
+        }
+        encoded
+    }
+
+    /// How many of these routes share their encoding with `previous`.
+    #[cfg(test)]
+    pub(super) fn reused_from(&self, previous: &RouteCache) -> usize {
+        self.routes
+            .iter()
+            .filter(|(name, cached)| {
+                let before = previous.routes.get(*name).and_then(|c| c.encoded.as_ref());
+                matches!((before, &cached.encoded), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
+            })
+            .count()
+    }
 }
 
 /// Routes of one namespace: those for every host, and those restricted to
@@ -113,7 +202,14 @@ struct NamespaceRoutes<'a> {
 ///
 /// A namespace's rate limits are configured on each of its virtual hosts, so
 /// Envoy keeps one bucket per virtual host, not one per namespace.
-pub(super) fn route_configuration(policy: &Policy<'_>) -> Any {
+///
+/// Routes that `previous` holds unchanged in an unchanged `context` are
+/// reused encoded; the cache of this configuration is returned with it.
+pub(super) fn route_configuration(
+    policy: &Policy<'_>,
+    context: &RouteContext,
+    previous: &RouteCache,
+) -> (Any, RouteCache) {
     let mut grouped: BTreeMap<&str, NamespaceRoutes<'_>> = BTreeMap::new();
     for (ns, route) in &policy.routes {
         let Some(m) = &route.r#match else { continue };
@@ -132,6 +228,16 @@ pub(super) fn route_configuration(policy: &Policy<'_>) -> Any {
         }
     }
 
+    let fresh = RouteCache::default();
+    let previous = if previous.context == *context {
+        previous
+    } else {
+        &fresh
+    };
+    let mut cache = RouteCache {
+        context: RouteContext(context.0.clone()),
+        routes: HashMap::with_capacity(policy.routes.len()),
+    };
     let empty = NamespaceRoutes::default();
     let mut claimed = BTreeSet::new();
     let mut namespace_hosts = Vec::new();
@@ -139,10 +245,10 @@ pub(super) fn route_configuration(policy: &Policy<'_>) -> Any {
     for ns in &policy.namespaces {
         let group = grouped.get(ns.name.as_str()).unwrap_or(&empty);
         let timeout = some_duration(ns.default_timeout.as_ref()).unwrap_or(DEFAULT_ROUTE_TIMEOUT);
-        let envoy_routes = |routes: &[&Route]| -> Vec<RouteEntry> {
+        let mut envoy_routes = |routes: &[&Route]| -> Vec<Arc<[u8]>> {
             routes
                 .iter()
-                .filter_map(|r| envoy_route(policy, &ns.name, r, &timeout))
+                .filter_map(|r| cache.encoded(previous, policy, &ns.name, r, &timeout))
                 .collect()
         };
         let filters = namespace_filters(ns);
@@ -191,40 +297,56 @@ pub(super) fn route_configuration(policy: &Policy<'_>) -> Any {
         }),
         ..Default::default()
     };
-    encode(&config, &virtual_hosts)
+    (encode(&config, &virtual_hosts), cache)
+}
+
+/// An Envoy route with its per-filter config map written in key order.
+fn encode_route(entry: &RouteEntry) -> Vec<u8> {
+    let mut buf = entry.route.encode_to_vec();
+    write_filters(ROUTE_FILTERS, &entry.filters, &mut buf);
+    buf
+}
+
+/// `map` as the map field `tag`, in key order.
+fn write_filters(tag: u32, map: &BTreeMap<String, Any>, buf: &mut Vec<u8>) {
+    use prost::encoding::{btree_map, message, string};
+    btree_map::encode(
+        string::encode,
+        string::encoded_len,
+        message::encode,
+        message::encoded_len,
+        tag,
+        map,
+        buf,
+    );
 }
 
 /// `config` with `virtual_hosts` and their routes, the per-filter config maps
 /// written in key order. Fields may come out of number order, which every
 /// protobuf parser accepts.
 fn encode(config: &RouteConfiguration, virtual_hosts: &[VirtualHostEntry]) -> Any {
-    use prost::encoding::{btree_map, bytes, message, string};
-    let write_map = |tag: u32, map: &BTreeMap<String, Any>, buf: &mut Vec<u8>| {
-        btree_map::encode(
-            string::encode,
-            string::encoded_len,
-            message::encode,
-            message::encoded_len,
-            tag,
-            map,
-            buf,
-        );
-    };
     let mut buf = config.encode_to_vec();
     for entry in virtual_hosts {
         let mut vhost = entry.vhost.encode_to_vec();
         for route in &entry.routes {
-            let mut bytes_of_route = route.route.encode_to_vec();
-            write_map(ROUTE_FILTERS, &route.filters, &mut bytes_of_route);
-            bytes::encode(VIRTUAL_HOST_ROUTES, &bytes_of_route, &mut vhost);
+            write_bytes(VIRTUAL_HOST_ROUTES, route, &mut vhost);
         }
-        write_map(VIRTUAL_HOST_FILTERS, &entry.filters, &mut vhost);
-        bytes::encode(CONFIG_VIRTUAL_HOSTS, &vhost, &mut buf);
+        write_filters(VIRTUAL_HOST_FILTERS, &entry.filters, &mut vhost);
+        write_bytes(CONFIG_VIRTUAL_HOSTS, &vhost, &mut buf);
     }
     Any {
         type_url: ROUTE_CONFIGURATION.to_string(),
         value: buf,
     }
+}
+
+/// `bytes` as the length-delimited field `tag` (an encoded message, so that
+/// repeated fields are concatenated from pieces encoded once).
+fn write_bytes(tag: u32, bytes: &[u8], buf: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(bytes.len() as u64, buf);
+    buf.extend_from_slice(bytes);
 }
 
 /// `host` and, for an exact host, `host:*`. A second wildcard in a domain

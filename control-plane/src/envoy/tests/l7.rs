@@ -20,6 +20,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 
+use prism_proto::version_of;
+
 use super::*;
 
 const CERT: &str = include_str!("../../../../tests/support/tls/server.pem");
@@ -114,6 +116,11 @@ routes:
 "#;
 
 fn l7_snapshot() -> Snapshot {
+    l7_snapshot_of(L7)
+}
+
+/// `policy` with the L7 policy's secrets.
+fn l7_snapshot_of(policy: &str) -> Snapshot {
     let secret = |name: &str, kind: prism_proto::pb::config::v1::secret::Kind| {
         Resource::Secret(prism_proto::Secret {
             name: name.into(),
@@ -128,7 +135,7 @@ fn l7_snapshot() -> Snapshot {
             },
         )
     };
-    let mut resources = parse_policy(L7).expect("the L7 policy parses");
+    let mut resources = parse_policy(policy).expect("the L7 policy parses");
     resources.extend([
         secret("shop/cert", cert()),
         secret("fallback/cert", cert()),
@@ -201,6 +208,63 @@ fn the_l7_translation_is_deterministic() {
     let first = l7();
     for _ in 0..20 {
         assert_eq!(l7(), first);
+    }
+}
+
+/// A translation that reuses the encoded routes of the one before is byte for
+/// byte the translation afresh, whatever changed in between: routes edited,
+/// removed, added or restricted to a host reuse the others; a changed backend
+/// or namespace, on which routes depend, re-encodes every route.
+#[test]
+fn reused_routes_encode_as_a_fresh_translation_does() {
+    let edits: [(&str, &str, usize); 8] = [
+        ("", "", 0),
+        ("", "", 9),
+        ("    timeout: 10s\n", "    timeout: 11s\n", 8),
+        (
+            "  - name: shop/teapot\n    match: {regex: \"/tea(pot)?\"}\n",
+            "  - name: shop/teapot\n    match: {regex: \"/coffee\"}\n",
+            8,
+        ),
+        (
+            "  - name: shop/moved\n    match: {exact: /moved}\n    redirect: {}\n",
+            "  - name: shop/moved\n    match: {exact: /moved, host: moved.shop.test}\n    redirect: {}\n  - name: shop/extra\n    match: {prefix: /extra}\n    backend: web\n",
+            8,
+        ),
+        (
+            "  - name: shop/api-put\n    match: {prefix: /api/, methods: [PUT]}\n    backend: web\n    retry: {}\n",
+            "",
+            9,
+        ),
+        (
+            "hash_policy: {header: x-user}",
+            "hash_policy: {header: x-account}",
+            0,
+        ),
+        (
+            "    hosts: [plain.test]\n",
+            "    hosts: [plain.test]\n    default_timeout: 4s\n",
+            0,
+        ),
+    ];
+    let mut policy = L7.to_string();
+    let mut cache = RouteCache::default();
+    for (from, to, reused) in edits {
+        assert!(policy.contains(from), "{from:?} is in the policy");
+        policy = policy.replacen(from, to, 1);
+        let snapshot = l7_snapshot_of(&policy);
+        let fresh = translate(&snapshot, &[], &params());
+        let (again, next) = translate_reusing(&snapshot, &[], &params(), &cache);
+        let bytes = |r: &EnvoyResources| r.route_configurations[HTTP_ROUTES].value.clone();
+        assert_eq!(
+            version_of(&bytes(&again)),
+            version_of(&bytes(&fresh)),
+            "after {to:?}"
+        );
+        assert!(bytes(&again) == bytes(&fresh), "after {to:?}");
+        assert!(again == fresh, "after {to:?}");
+        assert_eq!(next.reused_from(&cache), reused, "after {to:?}");
+        cache = next;
     }
 }
 
