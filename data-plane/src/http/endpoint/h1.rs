@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Frame, SizeHint};
@@ -32,8 +32,8 @@ use super::connect::Upstream;
 use super::pool::Permit;
 use crate::http::body::ReplayBody;
 use crate::http::error::BoxError;
-use crate::http::h1;
 use crate::http::h1::chunked::{self, Chunk, ChunkedDecoder, ChunkedError};
+use crate::http::h1::{self, Rewind};
 
 /// The longest response head accepted. Offsets into a head fit a `u16`
 /// (see [`parse_head`]).
@@ -84,14 +84,7 @@ pub(crate) struct Body {
 /// response's extensions for the upgrade stage: its connection, with the
 /// bytes read past the `101`'s head.
 #[derive(Clone)]
-pub(crate) struct OnUpgrade(Arc<Mutex<Option<Upgraded>>>);
-
-/// An upgraded upstream connection: yields the bytes read past the `101`
-/// before reading on.
-pub(crate) struct Upgraded {
-    read: Bytes,
-    io: Upstream,
-}
+pub(crate) struct OnUpgrade(Arc<Mutex<Option<Rewind<Upstream>>>>);
 
 /// Why an exchange on an upstream HTTP/1.1 connection failed; the
 /// connection is not reused.
@@ -260,10 +253,7 @@ impl Connection {
         if status == StatusCode::SWITCHING_PROTOCOLS {
             // What was read past the `101`'s head is the new protocol's.
             let Connection { io, read, .. } = *self;
-            let upgraded = Upgraded {
-                read: read.freeze(),
-                io,
-            };
+            let upgraded = Rewind::new(read.freeze(), io);
             response
                 .extensions_mut()
                 .insert(OnUpgrade(Arc::new(Mutex::new(Some(upgraded)))));
@@ -556,55 +546,8 @@ impl Fields {
 
 impl OnUpgrade {
     /// The upgraded connection; `None` if it was taken already.
-    pub(crate) fn take(&self) -> Option<Upgraded> {
+    pub(crate) fn take(&self) -> Option<Rewind<Upstream>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
-    }
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.read.is_empty() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
-        }
-        let n = this.read.len().min(buf.remaining());
-        buf.put_slice(&this.read[..n]);
-        this.read.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -103,8 +103,8 @@ impl fmt::Debug for OnUpgrade {
     }
 }
 
-/// An upgraded connection that first yields the bytes read past the `101`'s
-/// request head.
+/// An upgraded connection that first yields the bytes read past the `101`
+/// (past the request's head on a listener, the response's upstream).
 #[derive(Debug)]
 pub(crate) struct Rewind<I> {
     prefix: Bytes,
@@ -141,6 +141,18 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
