@@ -33,7 +33,7 @@ use super::pool::Permit;
 use crate::http::body::ReplayBody;
 use crate::http::error::BoxError;
 use crate::http::h1::chunked::{self, Chunk, ChunkedDecoder, ChunkedError};
-use crate::http::h1::{self, Rewind};
+use crate::http::h1::{self, Rewind, head};
 
 /// The longest response head accepted. Offsets into a head fit a `u16`
 /// (see [`parse_head`]).
@@ -722,27 +722,11 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
 /// `length` with one more `content-length` value: the same number again,
 /// or an error.
 fn add_length(length: Result<Option<u64>, Error>, value: &[u8]) -> Result<Option<u64>, Error> {
-    let mut length = length?;
-    for item in value.split(|&b| b == b',') {
-        let parsed = parse_length(item.trim_ascii()).ok_or(Error::InvalidContentLength)?;
-        if length.is_some_and(|length| length != parsed) {
-            return Err(Error::InvalidContentLength);
-        }
-        length = Some(parsed);
+    let parsed = head::content_length(value).ok_or(Error::InvalidContentLength)?;
+    match length? {
+        Some(known) if known != parsed => Err(Error::InvalidContentLength),
+        _ => Ok(Some(parsed)),
     }
-    Ok(length)
-}
-
-/// A decimal length: digits only, no sign, no overflow.
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        let d = d.wrapping_sub(b'0');
-        (d < 10).then_some(())?;
-        n.checked_mul(10)?.checked_add(u64::from(d))
-    })
 }
 
 /// Whether the last transfer coding is `chunked`.
