@@ -5,7 +5,7 @@
 //! A revision is only applied once every kind has arrived, so no request ever
 //! sees namespaces of one revision with routes of another.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::mem;
 use std::sync::Arc;
 
@@ -225,13 +225,31 @@ impl Stager {
             revision,
             ..Delta::default()
         };
-        for staged in self.pending.values() {
-            let change = staged.change.as_ref().map_err(Clone::clone)?;
-            delta.upserts.extend(change.upserts.iter().cloned());
-            delta.removals.extend(change.removals.iter().cloned());
-        }
         let empty = Snapshot::default();
         let base = self.accepted.as_ref().unwrap_or(&empty);
+        let changes = self
+            .pending
+            .values()
+            .map(|staged| staged.change.as_ref().map_err(Clone::clone))
+            .collect::<Result<Vec<_>, String>>()?;
+        for change in &changes {
+            delta.removals.extend(change.removals.iter().cloned());
+        }
+        let removed: HashSet<&ResourceKey> = delta.removals.iter().collect();
+        // A version names its content: a resource sent again at the version
+        // already held (as after a reconnect) is the one held, so what is
+        // accepted is always what the runtime was built from.
+        let resent = |v: &Versioned| {
+            let key = v.resource.key();
+            base.get(&key).is_some_and(|held| held.version == v.version) && !removed.contains(&key)
+        };
+        let upserts = changes
+            .iter()
+            .flat_map(|change| &change.upserts)
+            .filter(|v| !resent(v))
+            .cloned()
+            .collect();
+        delta.upserts = upserts;
         let candidate = base.apply(&delta);
         let matches =
             validate_delta(base, &self.matches, &delta, &candidate).map_err(|e| e.to_string())?;
@@ -560,6 +578,37 @@ mod tests {
         });
         assert!(matches!(outcome, Offer::Rejected { revision: None, .. }));
         assert_eq!(stager.take_replies()[0].nonce, "n");
+    }
+
+    #[test]
+    fn a_resource_resent_at_its_version_is_the_one_held() {
+        let mut stager = Stager::default();
+        valid_batch(&mut stager, 1);
+        stager.commit();
+        let held = stager.accepted().cloned().expect("accepted");
+        // The same name at the same version with other content (a backend
+        // that does not exist): the version names the content, so the held
+        // resource stays and nothing changed.
+        let mut resent = response(Kind::Route, 2, &[route("upstream")], &[]);
+        let other = match route("upstream") {
+            Resource::Route(mut spec) => {
+                spec.backend = "elsewhere".into();
+                Resource::Route(spec)
+            }
+            _ => unreachable!(),
+        };
+        if let Some(any) = resent.resources[0].resource.as_mut() {
+            any.value = other.encode_to_vec();
+        }
+        for kind in [Kind::Secret, Kind::Namespace, Kind::Backend] {
+            stager.offer(response(kind, 2, &[], &[]));
+        }
+        let Offer::Ready { candidate, changed } = stager.offer(resent) else {
+            panic!("expected a ready batch");
+        };
+        assert!(!changed);
+        let key = ResourceKey::new(Kind::Route, "demo/root");
+        assert_eq!(candidate.get(&key), held.get(&key));
     }
 
     #[test]
