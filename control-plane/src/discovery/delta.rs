@@ -241,7 +241,7 @@ impl DeltaState {
     fn prism_response(&mut self, kind: Kind, catalog: &Catalog) -> DeltaDiscoveryResponse {
         let type_kind = TypeKind::Prism(kind);
         let diff = match self.subs.get(&type_kind) {
-            Some(sub) => sub.diff(&sub.desired(type_kind, catalog, &self.peer.filter)),
+            Some(sub) => sub.diff(type_kind, catalog, &self.peer.filter),
             None => Diff::default(),
         };
         let nonce = self.nonce(catalog.revision());
@@ -260,7 +260,7 @@ impl DeltaState {
             let Some(sub) = self.subs.get(&kind) else {
                 continue;
             };
-            let diff = sub.diff(&sub.desired(kind, catalog, &self.peer.filter));
+            let diff = sub.diff(kind, catalog, &self.peer.filter);
             if !diff.upserts.is_empty() {
                 upserts.push((
                     kind,
