@@ -9,9 +9,10 @@
 //! - A swap under load: a policy of `--swap-routes` routes (distinct path
 //!   prefixes in the bench namespace, all to the origin) is applied through
 //!   the control plane's admin API; once the proxy serves it, the same wrk
-//!   load at one of those routes runs twice — once with no change, once
-//!   while a revision rewriting some of the routes (the loaded one among
-//!   them; their timeouts alternate) is applied every `SWAP_EVERY`. The
+//!   load at one of those routes runs three times — with no change, while a
+//!   revision rewriting some of the routes (the loaded one among them; their
+//!   timeouts alternate) is applied every `SWAP_EVERY`, and with no change
+//!   again (how far p99 moves between runs with nothing changing). The
 //!   proxy's admin `/status` confirms each swap was applied during the run
 //!   and says how long each apply took on the proxy.
 //!
@@ -59,6 +60,9 @@ pub struct Swap {
     pub steady: Measured,
     /// wrk while swapping.
     pub swapping: Measured,
+    /// wrk with no change again, after the swaps: how far p99 moves between
+    /// two runs of the same load on this machine with nothing changing.
+    pub steady_again: Measured,
     /// Revisions posted to the control plane during the run.
     pub posted: usize,
     /// Changed revisions the proxy applied during the run (its `/status`).
@@ -170,6 +174,9 @@ fn swap(
     if after.applied > applied_seen {
         apply_times.extend(after.last_apply);
     }
+    let steady_again = driver
+        .wrk_at(addr, &path, seconds)
+        .context("no swaps, again")?;
     if let Some(mut process) = started.process {
         process.check_alive()?;
         process.stop(Duration::from_secs(5));
@@ -179,6 +186,7 @@ fn swap(
         initial_apply,
         steady,
         swapping,
+        steady_again,
         posted: posted.len(),
         applied: after.applied - before.applied,
         apply_times,
@@ -357,6 +365,20 @@ impl Section {
                 );
                 let _ = writeln!(
                     out,
+                    "| no swaps, again | {:.0} | {} | {} | {:.2} | 0 | — | — |",
+                    rps(&swap.steady_again),
+                    millis(swap.steady_again.p50),
+                    millis(swap.steady_again.p99),
+                    ratio(swap.steady_again.p99, swap.steady.p99),
+                );
+                let _ = writeln!(
+                    out,
+                    "\nThe last row repeats the first after the swaps: how far p99 moves \
+                     between two runs of the same load with nothing changing, the floor \
+                     under which a swap's effect cannot be told from noise here."
+                );
+                let _ = writeln!(
+                    out,
                     "\n\"failed\" is wrk's non-2xx responses and socket errors, which fail \
                      the run if any."
                 );
@@ -374,8 +396,12 @@ impl Section {
 impl Swap {
     /// p99 while swapping ÷ p99 with no swaps.
     pub fn p99_ratio(&self) -> f64 {
-        self.swapping.p99.as_secs_f64() / self.steady.p99.as_secs_f64().max(f64::EPSILON)
+        ratio(self.swapping.p99, self.steady.p99)
     }
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(f64::EPSILON)
 }
 
 fn median(values: &[Duration]) -> Option<Duration> {
