@@ -2,9 +2,7 @@
 //! host, each Prism route as an Envoy route (match, action, header changes,
 //! retries, rate limits, body limit).
 
-use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -44,8 +42,7 @@ use prism_proto::{
 use prost::Message;
 
 use super::{
-    DEFAULT_ROUTE_TIMEOUT, HTTP_ROUTES, Policy, PolicyRoute, ROUTE_CONFIGURATION, envoy_duration,
-    some_duration,
+    DEFAULT_ROUTE_TIMEOUT, HTTP_ROUTES, Policy, ROUTE_CONFIGURATION, envoy_duration, some_duration,
 };
 
 /// Name of the HTTP filter that enforces namespace rate limits (configured
@@ -135,88 +132,88 @@ impl RouteContext {
     }
 }
 
-/// The encoded Envoy routes of one translation, by route, for the next
-/// translation to reuse: a policy write then re-encodes only the routes it
-/// changed. Holds the routes of one policy, replaced per translation.
+/// The encoded Envoy routes of one translation, for the next translation to
+/// reuse: a policy write then re-encodes only the routes it changed. Holds
+/// the routes of one policy, replaced per translation.
 #[derive(Debug, Default)]
 pub(super) struct RouteCache {
     context: RouteContext,
-    /// Each route's encoded Envoy `Route`, `None` when the route is left out.
-    routes: HashMap<ByName, Option<EncodedRoute>>,
+    /// Every route of the policy as the snapshot holds it (whose identity
+    /// and version tell a route that did not change), in name order, with
+    /// its encoded Envoy `Route`: `None` when the route is left out.
+    routes: Vec<(Arc<Versioned>, Option<EncodedRoute>)>,
 }
-
-/// A route as the snapshot holds it, hashed and compared by its name: the
-/// cache keeps the snapshot's own `Arc` (which tells a route that did not
-/// change without comparing versions), not copies of its name and version.
-#[derive(Debug)]
-struct ByName(Arc<Versioned>);
-
-impl Borrow<str> for ByName {
-    fn borrow(&self) -> &str {
-        self.0.resource.name()
-    }
-}
-
-impl Hash for ByName {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.resource.name().hash(state);
-    }
-}
-
-impl PartialEq for ByName {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.resource.name() == other.0.resource.name()
-    }
-}
-
-impl Eq for ByName {}
 
 impl RouteCache {
-    /// The encoded Envoy route of `route`, from `previous` when the route did
-    /// not change (`previous` having been translated in the same context),
-    /// and recorded here.
-    fn encoded(
-        &mut self,
-        previous: &RouteCache,
-        policy: &Policy<'_>,
-        route: &PolicyRoute<'_>,
-        namespace_timeout: &Duration,
-    ) -> Option<EncodedRoute> {
-        let reused = previous
+    /// The encoded Envoy route of every route of `policy`, in its order,
+    /// each from `previous` when the route did not change (`previous` having
+    /// been translated in the same context). Both are in name order, so a
+    /// route's previous encoding is found by walking `previous` alongside,
+    /// one comparison per route rather than a lookup.
+    fn of(policy: &Policy<'_>, context: &RouteContext, previous: &RouteCache) -> RouteCache {
+        let timeouts: HashMap<&str, Duration> = policy
+            .namespaces
+            .iter()
+            .map(|ns| (ns.name.as_str(), namespace_timeout(ns)))
+            .collect();
+        let mut held = previous.routes.iter().peekable();
+        let routes = policy
             .routes
-            .get_key_value(route.route.name.as_str())
-            .filter(|(held, _)| {
-                Arc::ptr_eq(&held.0, route.versioned) || held.0.version == route.versioned.version
-            });
-        let encoded = match reused {
-            Some((_, encoded)) => encoded.clone(),
-            None => envoy_route(policy, route.namespace, route.route, namespace_timeout)
-                .map(|entry| EncodedRoute::new(encode_route(&entry))),
-        };
-        self.routes
-            .insert(ByName(Arc::clone(route.versioned)), encoded.clone());
-        encoded
+            .iter()
+            .map(|route| {
+                let name = route.route.name.as_str();
+                while held.next_if(|(v, _)| v.resource.name() < name).is_some() {}
+                let reused = held
+                    .peek()
+                    .filter(|(v, _)| {
+                        v.resource.name() == name
+                            && (Arc::ptr_eq(v, route.versioned)
+                                || v.version == route.versioned.version)
+                    })
+                    .map(|(_, encoded)| encoded.clone());
+                // A route outside any namespace is never served, so it is
+                // not encoded; a new namespace changes the context, which
+                // makes every route encode afresh.
+                let encoded = reused.unwrap_or_else(|| {
+                    let timeout = timeouts.get(route.namespace)?;
+                    envoy_route(policy, route.namespace, route.route, timeout)
+                        .map(|entry| EncodedRoute::new(encode_route(&entry)))
+                });
+                (Arc::clone(route.versioned), encoded)
+            })
+            .collect();
+        RouteCache {
+            context: RouteContext(context.0.clone()),
+            routes,
+        }
     }
 
     /// How many of these routes share their encoding with `previous`.
     #[cfg(test)]
     pub(super) fn reused_from(&self, previous: &RouteCache) -> usize {
+        let before: HashMap<&str, &EncodedRoute> = previous
+            .routes
+            .iter()
+            .filter_map(|(v, encoded)| Some((v.resource.name(), encoded.as_ref()?)))
+            .collect();
         self.routes
             .iter()
-            .filter(|(route, encoded)| {
-                let before = previous.routes.get(&**route).and_then(Option::as_ref);
-                matches!((before, encoded), (Some(a), Some(b)) if Arc::ptr_eq(&a.bytes, &b.bytes))
+            .filter(|(v, encoded)| {
+                matches!(
+                    (before.get(v.resource.name()), encoded),
+                    (Some(a), Some(b)) if Arc::ptr_eq(&a.bytes, &b.bytes)
+                )
             })
             .count()
     }
 }
 
-/// Routes of one namespace: those for every host, and those restricted to
-/// one host, each in match order.
+/// Routes of one namespace, by their index in the policy: those for every
+/// host, and those restricted to one host, each in match order.
 #[derive(Default)]
-struct NamespaceRoutes<'p, 'a> {
-    wide: Vec<&'p PolicyRoute<'a>>,
-    by_host: BTreeMap<&'a str, Vec<&'p PolicyRoute<'a>>>,
+struct NamespaceRoutes<'a> {
+    wide: Vec<usize>,
+    by_host: BTreeMap<&'a str, Vec<usize>>,
 }
 
 /// RouteConfiguration `prism-http`, encoded.
@@ -245,19 +242,19 @@ pub(super) fn route_configuration(
     context: &RouteContext,
     previous: &RouteCache,
 ) -> (Any, String, RouteCache) {
-    let mut grouped: BTreeMap<&str, NamespaceRoutes<'_, '_>> = BTreeMap::new();
-    for route in &policy.routes {
+    let mut grouped: BTreeMap<&str, NamespaceRoutes<'_>> = BTreeMap::new();
+    for (index, route) in policy.routes.iter().enumerate() {
         let Some(m) = &route.route.r#match else {
             continue;
         };
         let group = grouped.entry(route.namespace).or_default();
         match m.host.as_str() {
-            "" => group.wide.push(route),
-            host => group.by_host.entry(host).or_default().push(route),
+            "" => group.wide.push(index),
+            host => group.by_host.entry(host).or_default().push(index),
         }
     }
-    let by_match = |a: &&PolicyRoute<'_>, b: &&PolicyRoute<'_>| {
-        match_order(a.route).cmp(&match_order(b.route))
+    let by_match = |a: &usize, b: &usize| {
+        match_order(policy.routes[*a].route).cmp(&match_order(policy.routes[*b].route))
     };
     for group in grouped.values_mut() {
         group.wide.sort_by(by_match);
@@ -272,21 +269,17 @@ pub(super) fn route_configuration(
     } else {
         &fresh
     };
-    let mut cache = RouteCache {
-        context: RouteContext(context.0.clone()),
-        routes: HashMap::with_capacity(policy.routes.len()),
-    };
+    let cache = RouteCache::of(policy, context, previous);
     let empty = NamespaceRoutes::default();
     let mut claimed = BTreeSet::new();
     let mut namespace_hosts = Vec::new();
     let mut host_vhosts = Vec::new();
     for ns in &policy.namespaces {
         let group = grouped.get(ns.name.as_str()).unwrap_or(&empty);
-        let timeout = some_duration(ns.default_timeout.as_ref()).unwrap_or(DEFAULT_ROUTE_TIMEOUT);
-        let mut envoy_routes = |routes: &[&PolicyRoute<'_>]| -> Vec<EncodedRoute> {
+        let envoy_routes = |routes: &[usize]| -> Vec<EncodedRoute> {
             routes
                 .iter()
-                .filter_map(|r| cache.encoded(previous, policy, r, &timeout))
+                .filter_map(|index| cache.routes[*index].1.clone())
                 .collect()
         };
         let filters = namespace_filters(ns);
@@ -503,6 +496,11 @@ fn envoy_route(
         },
         filters,
     })
+}
+
+/// The timeout of a namespace's routes that set none.
+fn namespace_timeout(ns: &Namespace) -> Duration {
+    some_duration(ns.default_timeout.as_ref()).unwrap_or(DEFAULT_ROUTE_TIMEOUT)
 }
 
 /// The per-filter config of a namespace's virtual hosts.
