@@ -8,8 +8,10 @@
 //! calls [`translate`] once per policy revision or fleet change and serves the
 //! result. Every resource is encoded deterministically (sorted input, maps
 //! written in key order by hand where they can hold more than one entry),
-//! because the discovery server versions a resource by hashing its bytes and
-//! prost encodes `HashMap`s in random order.
+//! because the discovery server versions a resource by hashing its bytes (the
+//! RouteConfiguration by hashing its pieces, see
+//! [`EnvoyResources::route_configuration_versions`]) and prost encodes
+//! `HashMap`s in random order.
 //!
 //! The shape, chosen to look like what an Envoy or Istio user expects:
 //!
