@@ -189,7 +189,8 @@ impl<'a> Policy<'a> {
     fn of(snapshot: &'a Snapshot) -> Self {
         let mut policy = Policy {
             namespaces: Vec::new(),
-            routes: Vec::new(),
+            // Routes are most of a large policy: room for all at once.
+            routes: Vec::with_capacity(snapshot.len()),
             backends: BTreeMap::new(),
             secrets: Vec::new(),
         };

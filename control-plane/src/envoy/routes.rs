@@ -362,21 +362,35 @@ fn write_filters(tag: u32, map: &BTreeMap<String, Any>, buf: &mut Vec<u8>) {
 /// (which include each route's length) and, in place of each route's bytes,
 /// the hash taken when it was encoded.
 fn encode(config: &RouteConfiguration, virtual_hosts: &[VirtualHostEntry]) -> (Any, String) {
+    let head = config.encode_to_vec();
+    let vhosts: Vec<(Vec<u8>, Vec<u8>, usize)> = virtual_hosts
+        .iter()
+        .map(|entry| {
+            let mut filters = Vec::new();
+            write_filters(VIRTUAL_HOST_FILTERS, &entry.filters, &mut filters);
+            let routes: usize = entry
+                .routes
+                .iter()
+                .map(|route| delimited_len(VIRTUAL_HOST_ROUTES, route.bytes.len()))
+                .sum();
+            let vhost = entry.vhost.encode_to_vec();
+            let len = vhost.len() + routes + filters.len();
+            (vhost, filters, len)
+        })
+        .collect();
+    // Sized once: growing a buffer of some 620 KB would copy it again and again.
+    let len = head.len()
+        + vhosts
+            .iter()
+            .map(|(_, _, len)| delimited_len(CONFIG_VIRTUAL_HOSTS, *len))
+            .sum::<usize>();
     let mut out = Assembly {
-        buf: Vec::new(),
+        buf: Vec::with_capacity(len),
         version: VersionHasher::default(),
     };
-    out.raw(&config.encode_to_vec());
-    for entry in virtual_hosts {
-        let vhost = entry.vhost.encode_to_vec();
-        let mut filters = Vec::new();
-        write_filters(VIRTUAL_HOST_FILTERS, &entry.filters, &mut filters);
-        let routes: usize = entry
-            .routes
-            .iter()
-            .map(|route| delimited_len(VIRTUAL_HOST_ROUTES, route.bytes.len()))
-            .sum();
-        out.delimiter(CONFIG_VIRTUAL_HOSTS, vhost.len() + routes + filters.len());
+    out.raw(&head);
+    for (entry, (vhost, filters, len)) in virtual_hosts.iter().zip(vhosts) {
+        out.delimiter(CONFIG_VIRTUAL_HOSTS, len);
         out.raw(&vhost);
         for route in &entry.routes {
             out.delimiter(VIRTUAL_HOST_ROUTES, route.bytes.len());
