@@ -17,7 +17,7 @@ mod validate;
 pub use document::{DocumentError, parse_policy, policy_to_yaml};
 pub use order::{MatchOrder, match_order};
 pub use resource::{
-    Kind, Resource, ResourceKey, TYPE_URL_PREFIX, UnknownKind, Versioned, version_of,
+    Kind, Resource, ResourceKey, TYPE_URL_PREFIX, UnknownKind, VersionHasher, Versioned, version_of,
 };
 pub use snapshot::{Delta, Snapshot};
 pub use validate::{

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::google::protobuf::Any;
-use prism_proto::{Kind, Resource, Snapshot, version_of};
+use prism_proto::{Delta, Kind, Resource, Snapshot, version_of};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -126,9 +126,11 @@ pub struct Catalog {
     pub snapshot: Arc<Snapshot>,
     /// Bumped whenever the proxy fleet's membership or health changes.
     pub fleet_generation: u64,
-    types: HashMap<TypeKind, TypeResources>,
-    /// The encoded Envoy routes, for the next build to reuse.
-    route_cache: envoy::RouteCache,
+    /// Each type's resources, shared with the previous catalog while they
+    /// do not change: a write of routes copies no other type.
+    types: HashMap<TypeKind, Arc<TypeResources>>,
+    /// The encoded Envoy routes and clusters, for the next build to reuse.
+    translation: envoy::TranslationCache,
 }
 
 impl Catalog {
@@ -138,7 +140,7 @@ impl Catalog {
     }
 
     pub fn resources(&self, kind: TypeKind) -> Option<&TypeResources> {
-        self.types.get(&kind)
+        self.types.get(&kind).map(Arc::as_ref)
     }
 
     /// An API listener for a name a gRPC client dials that is not listed in
@@ -174,9 +176,11 @@ impl Catalog {
         })
     }
 
-    /// Builds the catalog of `snapshot` and `fleet`, reusing the encoded
-    /// entries of `previous` whose version did not change, and its encoded
-    /// Envoy routes (see [`envoy::RouteCache`]).
+    /// Builds the catalog of `snapshot` and `fleet` from `previous`: a Prism
+    /// type that the write left alone is shared, one it changed is
+    /// `previous`'s with the change applied; Envoy types reuse the encoded
+    /// routes and clusters of `previous` (see [`envoy::translate_reusing`])
+    /// and each entry whose bytes did not change.
     pub fn build(
         snapshot: Arc<Snapshot>,
         fleet: &[FleetEndpoint],
@@ -185,60 +189,103 @@ impl Catalog {
         previous: &Catalog,
     ) -> Catalog {
         let mut types = HashMap::new();
+        let delta = Snapshot::diff(&previous.snapshot, &snapshot);
         for kind in Kind::ALL {
-            let old = previous.types.get(&TypeKind::Prism(kind));
-            let wildcard = snapshot
-                .of_kind(kind)
-                .map(|versioned| {
-                    let name = versioned.resource.name();
-                    let reused = old
-                        .and_then(|o| o.wildcard.get(name))
-                        .filter(|e| e.version == versioned.version)
-                        .cloned();
-                    let entry = reused.unwrap_or_else(|| {
-                        Arc::new(prism_entry(&versioned.resource, &versioned.version))
-                    });
-                    (name.to_string(), entry)
-                })
-                .collect();
-            types.insert(
-                TypeKind::Prism(kind),
-                TypeResources {
-                    wildcard,
-                    named_only: BTreeMap::new(),
-                },
-            );
+            let type_kind = TypeKind::Prism(kind);
+            let resources = prism_resources(kind, &delta, previous.types.get(&type_kind));
+            types.insert(type_kind, resources);
         }
-        let (translated, route_cache) =
-            envoy::translate_reusing(&snapshot, fleet, params, &previous.route_cache);
-        let mut listeners = envoy_entries(translated.listeners);
-        listeners.named_only = envoy_entries(translated.api_listeners).wildcard;
-        types.insert(TypeKind::Listener, listeners);
-        types.insert(
-            TypeKind::Route,
-            envoy_entries(translated.route_configurations),
+        let (translated, translation) =
+            envoy::translate_reusing(&snapshot, fleet, params, &previous.translation);
+        let versioned_by_bytes = BTreeMap::new();
+        let mut envoy = |kind: TypeKind,
+                         wildcard: BTreeMap<String, Any>,
+                         named_only: BTreeMap<String, Any>,
+                         versions: &BTreeMap<String, String>| {
+            let old = previous.types.get(&kind);
+            let resources = TypeResources {
+                wildcard: envoy_entries(wildcard, versions, old.map(|r| &r.wildcard)),
+                named_only: envoy_entries(named_only, versions, old.map(|r| &r.named_only)),
+            };
+            types.insert(kind, shared_if_unchanged(resources, old));
+        };
+        envoy(
+            TypeKind::Listener,
+            translated.listeners,
+            translated.api_listeners,
+            &versioned_by_bytes,
         );
-        types.insert(TypeKind::Cluster, envoy_entries(translated.clusters));
-        types.insert(
+        envoy(
+            TypeKind::Route,
+            translated.route_configurations,
+            BTreeMap::new(),
+            &translated.route_configuration_versions,
+        );
+        envoy(
+            TypeKind::Cluster,
+            translated.clusters,
+            BTreeMap::new(),
+            &versioned_by_bytes,
+        );
+        envoy(
             TypeKind::Endpoint,
-            envoy_entries(translated.cluster_load_assignments),
+            translated.cluster_load_assignments,
+            BTreeMap::new(),
+            &versioned_by_bytes,
         );
         // Keys go only to those who name them, never to a wildcard subscriber.
-        let secrets = envoy_entries(translated.secrets).wildcard;
-        types.insert(
+        envoy(
             TypeKind::Secret,
-            TypeResources {
-                wildcard: BTreeMap::new(),
-                named_only: secrets,
-            },
+            BTreeMap::new(),
+            translated.secrets,
+            &versioned_by_bytes,
         );
         Catalog {
             snapshot,
             fleet_generation,
             types,
-            route_cache,
+            translation,
         }
     }
+}
+
+/// The resources of Prism `kind` after `delta`, from those of the previous
+/// catalog (of the snapshot `delta` was taken from): shared when `delta`
+/// leaves the kind alone, otherwise copied with `delta` applied: what the
+/// write did not change is copied as it is, neither looked up nor encoded.
+fn prism_resources(
+    kind: Kind,
+    delta: &Delta,
+    previous: Option<&Arc<TypeResources>>,
+) -> Arc<TypeResources> {
+    let mut removals = delta
+        .removals
+        .iter()
+        .filter(|key| key.kind == kind)
+        .peekable();
+    let mut upserts = delta
+        .upserts
+        .iter()
+        .filter(|v| v.resource.kind() == kind)
+        .peekable();
+    let unchanged = removals.peek().is_none() && upserts.peek().is_none();
+    if let Some(previous) = previous.filter(|_| unchanged) {
+        return Arc::clone(previous);
+    }
+    let mut wildcard = previous.map(|p| p.wildcard.clone()).unwrap_or_default();
+    for key in removals {
+        wildcard.remove(&key.name);
+    }
+    for versioned in upserts {
+        wildcard.insert(
+            versioned.resource.name().to_string(),
+            Arc::new(prism_entry(&versioned.resource, &versioned.version)),
+        );
+    }
+    Arc::new(TypeResources {
+        wildcard,
+        named_only: BTreeMap::new(),
+    })
 }
 
 fn prism_entry(resource: &Resource, version: &str) -> Entry {
@@ -252,24 +299,57 @@ fn prism_entry(resource: &Resource, version: &str) -> Entry {
     }
 }
 
-fn envoy_entries(resources: BTreeMap<String, Any>) -> TypeResources {
-    let wildcard = resources
+/// Envoy resources as entries, each versioned by `versions` or else by the
+/// hash of its bytes. An entry of `previous` with the same bytes is reused
+/// as it is, neither hashed again nor copied.
+fn envoy_entries(
+    resources: BTreeMap<String, Any>,
+    versions: &BTreeMap<String, String>,
+    previous: Option<&BTreeMap<String, Arc<Entry>>>,
+) -> BTreeMap<String, Arc<Entry>> {
+    resources
         .into_iter()
         .map(|(name, any)| {
-            let version = version_of(&any.value);
-            (
-                name,
+            let reused = previous
+                .and_then(|p| p.get(&name))
+                .filter(|entry| entry.any == any)
+                .cloned();
+            let entry = reused.unwrap_or_else(|| {
+                let version = versions
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_else(|| version_of(&any.value));
                 Arc::new(Entry {
                     version,
                     any,
                     namespace: None,
-                }),
-            )
+                })
+            });
+            (name, entry)
         })
-        .collect();
-    TypeResources {
-        wildcard,
-        named_only: BTreeMap::new(),
+        .collect()
+}
+
+/// `resources`, or `previous` when it holds the very same entries, so that
+/// an unchanged type stays shared from catalog to catalog.
+fn shared_if_unchanged(
+    resources: TypeResources,
+    previous: Option<&Arc<TypeResources>>,
+) -> Arc<TypeResources> {
+    let same = |a: &BTreeMap<String, Arc<Entry>>, b: &BTreeMap<String, Arc<Entry>>| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|((n, x), (m, y))| n == m && Arc::ptr_eq(x, y))
+    };
+    match previous {
+        Some(previous)
+            if same(&resources.wildcard, &previous.wildcard)
+                && same(&resources.named_only, &previous.named_only) =>
+        {
+            Arc::clone(previous)
+        }
+        _ => Arc::new(resources),
     }
 }
 

@@ -10,16 +10,19 @@ use crate::envoy::EnvoyParams;
 use prism_proto::Kind;
 use prism_proto::Snapshot;
 
-fn catalog(snapshot: Snapshot) -> Arc<Catalog> {
-    let params = EnvoyParams {
+fn params() -> EnvoyParams {
+    EnvoyParams {
         listener_address: "127.0.0.1:10000".parse().expect("addr"),
         tls_listener_address: "127.0.0.1:10443".parse().expect("addr"),
-    };
+    }
+}
+
+fn catalog(snapshot: Snapshot) -> Arc<Catalog> {
     Arc::new(Catalog::build(
         Arc::new(snapshot),
         &[],
         0,
-        &params,
+        &params(),
         &Catalog::default(),
     ))
 }
@@ -318,4 +321,94 @@ fn envoy_secrets_are_served_by_name_only() {
         TypeKind::from_url(crate::envoy::SECRET),
         Some(TypeKind::Secret)
     );
+}
+
+/// Route `demo/root` of [`policy`], renamed `demo/{name}`, on path `/{name}/`.
+fn root_as(snapshot: &Snapshot, name: &str) -> Route {
+    let key = prism_proto::ResourceKey::new(Kind::Route, "demo/root");
+    let Some(Resource::Route(root)) = snapshot.get(&key).map(|v| &v.resource) else {
+        panic!("the policy has route demo/root");
+    };
+    Route {
+        name: format!("demo/{name}"),
+        r#match: Some(RouteMatch {
+            path: Some(route_match::Path::Prefix(format!("/{name}/"))),
+            ..Default::default()
+        }),
+        ..root.clone()
+    }
+}
+
+/// A write of routes alone (one changed, one added, one removed) changes the
+/// route types only: every other type is the previous catalog's, shared, and
+/// a route the write left alone keeps its entry. Everything comes out as a
+/// build afresh would make it.
+#[test]
+fn a_routes_write_shares_what_it_did_not_change() {
+    let mut before = policy(1, 1000);
+    for name in ["kept", "gone"] {
+        before.insert(Resource::Route(root_as(&before, name)));
+    }
+    let first = catalog(before);
+    // Built anew, so every resource is another `Arc` at the same version.
+    let mut after = policy(2, 1000);
+    for name in ["kept", "added"] {
+        after.insert(Resource::Route(root_as(&after, name)));
+    }
+    after.insert(Resource::Route(Route {
+        timeout: Some(prism_proto::ProtoDuration {
+            seconds: 29,
+            nanos: 0,
+        }),
+        ..root_as(&after, "root")
+    }));
+    let second = Catalog::build(Arc::new(after.clone()), &[], 0, &params(), &first);
+    let fresh = catalog(after);
+
+    for kind in TypeKind::ALL {
+        let entries = |catalog: &Catalog| {
+            let resources = catalog.resources(kind).expect("every type is built");
+            [&resources.wildcard, &resources.named_only].map(|map| {
+                map.iter()
+                    .map(|(name, e)| {
+                        (
+                            name.clone(),
+                            e.version.clone(),
+                            e.any.clone(),
+                            e.namespace.clone(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(entries(&second), entries(&fresh), "{kind:?}");
+        // `resources` lends the type from its `Arc`: the same address is
+        // the same, shared map.
+        let shared = std::ptr::eq(
+            first.resources(kind).expect("every type is built"),
+            second.resources(kind).expect("every type is built"),
+        );
+        let changed = matches!(kind, TypeKind::Prism(Kind::Route) | TypeKind::Route);
+        assert_eq!(
+            shared, !changed,
+            "{kind:?} is shared unless the write changed it"
+        );
+    }
+    let entry = |catalog: &Catalog, name: &str| {
+        let routes = catalog.resources(TypeKind::Prism(Kind::Route));
+        Arc::clone(routes.and_then(|r| r.get(name)).expect("the route"))
+    };
+    assert!(Arc::ptr_eq(
+        &entry(&first, "demo/kept"),
+        &entry(&second, "demo/kept")
+    ));
+    assert!(!Arc::ptr_eq(
+        &entry(&first, "demo/root"),
+        &entry(&second, "demo/root")
+    ));
+    let routes = second
+        .resources(TypeKind::Prism(Kind::Route))
+        .expect("routes");
+    assert!(routes.get("demo/gone").is_none());
+    assert!(routes.get("demo/added").is_some());
 }

@@ -17,16 +17,122 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_optio
     ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config,
 };
 use envoy_types::pb::envoy::r#type::v3::{CodecClientType, Percent};
-use envoy_types::pb::google::protobuf::{Duration, UInt32Value, UInt64Value};
+use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value, UInt64Value};
 use envoy_types::util::pack_any;
 use prism_proto::pb::config::v1::health_check::Check;
 use prism_proto::{Backend, LbPolicy, Protocol, defaults};
 
-use super::{Policy, ads, backend_assignment, duration_or, tls};
+use super::{Policy, ads, backend_assignment, duration_or, target_names, tls};
 
 /// Key of `Cluster.typed_extension_protocol_options` for upstream HTTP settings.
 pub(super) const HTTP_PROTOCOL_OPTIONS: &str =
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// The retry budget that the routes forwarding to one backend give its
+/// cluster: Envoy keeps the budget on the cluster, Prism on the route, so
+/// when several routes retry to one backend the smallest budget (and smallest
+/// minimum concurrency) is the cluster's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RetryBudget {
+    budget_percent: u32,
+    min_retry_concurrency: u32,
+}
+
+/// The encoded Clusters and ClusterLoadAssignments of one translation, by
+/// backend name, for the next translation to reuse: a write that changes
+/// only routes re-encodes only the clusters whose retry budget it changes.
+#[derive(Debug, Default)]
+pub(super) struct ClusterCache(HashMap<String, CachedCluster>);
+
+/// A backend's cluster with all it was made of: the backend's version and
+/// the retry budget of the routes that forward to it.
+#[derive(Clone, Debug)]
+struct CachedCluster {
+    version: String,
+    budget: Option<RetryBudget>,
+    cluster: Any,
+    assignment: Option<Any>,
+}
+
+impl ClusterCache {
+    /// The encoded cluster (and assignment) of `backend` at `version` with
+    /// `budget`, from `previous` when both are unchanged, and recorded here.
+    pub(super) fn encoded(
+        &mut self,
+        previous: &ClusterCache,
+        backend: &Backend,
+        version: &str,
+        budget: Option<RetryBudget>,
+    ) -> (Any, Option<Any>) {
+        let reused = previous
+            .0
+            .get(&backend.name)
+            .filter(|cached| cached.version == version && cached.budget == budget);
+        let cached = match reused {
+            Some(cached) => cached.clone(),
+            None => {
+                let (cluster, assignment) = backend_cluster(backend, budget);
+                CachedCluster {
+                    version: version.to_string(),
+                    budget,
+                    cluster: pack_any(cluster),
+                    assignment: assignment.map(pack_any),
+                }
+            }
+        };
+        let encoded = (cached.cluster.clone(), cached.assignment.clone());
+        self.0.insert(backend.name.clone(), cached);
+        encoded
+    }
+
+    /// How many of these clusters are `previous`'s, not encoded again.
+    #[cfg(test)]
+    pub(super) fn reused_from(&self, previous: &ClusterCache) -> usize {
+        self.0
+            .iter()
+            .filter(|(name, cached)| {
+                previous.0.get(*name).is_some_and(|before| {
+                    before.version == cached.version && before.budget == cached.budget
+                })
+            })
+            .count()
+    }
+}
+
+/// The retry budget of every backend that some route retries to, by the
+/// backend's namespace and local name: one pass over the routes, so that a
+/// policy write costs one look at each route rather than one per route and
+/// backend.
+pub(super) fn retry_budgets<'a>(policy: &Policy<'a>) -> HashMap<(&'a str, &'a str), RetryBudget> {
+    let mut budgets: HashMap<(&str, &str), RetryBudget> = HashMap::new();
+    for route in &policy.routes {
+        let Some(retry) = &route.route.retry else {
+            continue;
+        };
+        let budget = RetryBudget {
+            budget_percent: defaults::nonzero_or(
+                retry.budget_percent,
+                defaults::retry::BUDGET_PERCENT,
+            ),
+            min_retry_concurrency: defaults::nonzero_or(
+                retry.min_retry_concurrency,
+                defaults::retry::MIN_RETRY_CONCURRENCY,
+            ),
+        };
+        for target in target_names(route.route) {
+            budgets
+                .entry((route.namespace, target))
+                .and_modify(|least| {
+                    least.budget_percent = least.budget_percent.min(budget.budget_percent);
+                    least.min_retry_concurrency = least
+                        .min_retry_concurrency
+                        .min(budget.min_retry_concurrency);
+                })
+                .or_insert(budget);
+        }
+    }
+    budgets
+}
 
 /// The Cluster of `backend`, and its ClusterLoadAssignment when it is EDS.
 ///
@@ -36,9 +142,9 @@ pub(super) const HTTP_PROTOCOL_OPTIONS: &str =
 /// Every cluster carries explicit HTTP protocol options (HTTP/2 for HTTP2 and
 /// GRPC backends; Envoy would otherwise speak HTTP/1.1 to them) with the
 /// backend's pool idle timeout and requests per connection.
-pub(super) fn backend_cluster(
+fn backend_cluster(
     backend: &Backend,
-    policy: &Policy<'_>,
+    budget: Option<RetryBudget>,
 ) -> (Cluster, Option<ClusterLoadAssignment>) {
     let connect_timeout = duration_or(backend.connect_timeout.as_ref(), defaults::CONNECT_TIMEOUT);
     let assignment = backend_assignment(backend);
@@ -71,7 +177,7 @@ pub(super) fn backend_cluster(
         .map(|h| health(h, backend))
         .collect();
     cluster.outlier_detection = outlier_detection(backend);
-    cluster.circuit_breakers = Some(circuit_breakers(backend, policy));
+    cluster.circuit_breakers = Some(circuit_breakers(backend, budget));
     cluster.common_lb_config = common_lb_config(backend);
     cluster.transport_socket = tls::upstream_tls(backend);
     // One entry only: prost encodes a HashMap in random order.
@@ -244,10 +350,8 @@ fn outlier_detection(backend: &Backend) -> Option<OutlierDetection> {
 }
 
 /// The backend's limits as the default-priority thresholds, and the retry
-/// budget of the routes that forward to it. Envoy keeps the budget on the
-/// cluster, Prism on the route: when several routes retry to one backend
-/// the smallest budget (and smallest minimum concurrency) is the cluster's.
-fn circuit_breakers(backend: &Backend, policy: &Policy<'_>) -> CircuitBreakers {
+/// budget of the routes that forward to it (see [`RetryBudget`]).
+fn circuit_breakers(backend: &Backend, budget: Option<RetryBudget>) -> CircuitBreakers {
     use defaults::limits as d;
     let limits = backend.limits.unwrap_or_default();
     let value = |v: u32, default: u32| {
@@ -255,42 +359,14 @@ fn circuit_breakers(backend: &Backend, policy: &Policy<'_>) -> CircuitBreakers {
             value: defaults::nonzero_or(v, default),
         })
     };
-    let namespace = backend.name.split_once('/').map_or("", |(ns, _)| ns);
-    let retries: Vec<&prism_proto::pb::config::v1::RetryPolicy> = policy
-        .routes
-        .iter()
-        .filter(|(ns, _)| *ns == namespace)
-        .filter(|(ns, route)| {
-            policy
-                .targets(ns, route)
-                .iter()
-                .any(|b| b.name == backend.name)
-        })
-        .filter_map(|(_, route)| route.retry.as_ref())
-        .collect();
-    let retry_budget = (!retries.is_empty()).then(|| {
-        let budget = retries
-            .iter()
-            .map(|r| defaults::nonzero_or(r.budget_percent, defaults::retry::BUDGET_PERCENT))
-            .min()
-            .unwrap_or(defaults::retry::BUDGET_PERCENT);
-        let concurrency = retries
-            .iter()
-            .map(|r| {
-                defaults::nonzero_or(
-                    r.min_retry_concurrency,
-                    defaults::retry::MIN_RETRY_CONCURRENCY,
-                )
-            })
-            .min()
-            .unwrap_or(defaults::retry::MIN_RETRY_CONCURRENCY);
-        circuit_breakers::thresholds::RetryBudget {
-            budget_percent: Some(Percent {
-                value: f64::from(budget),
-            }),
-            min_retry_concurrency: Some(UInt32Value { value: concurrency }),
-            ..Default::default()
-        }
+    let retry_budget = budget.map(|budget| circuit_breakers::thresholds::RetryBudget {
+        budget_percent: Some(Percent {
+            value: f64::from(budget.budget_percent),
+        }),
+        min_retry_concurrency: Some(UInt32Value {
+            value: budget.min_retry_concurrency,
+        }),
+        ..Default::default()
     });
     CircuitBreakers {
         thresholds: vec![circuit_breakers::Thresholds {

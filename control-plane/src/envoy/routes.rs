@@ -37,7 +37,7 @@ use prism_proto::pb::config::v1::{
 };
 use prism_proto::{
     Backend, Kind, LbPolicy, MAX_DIRECT_RESPONSE_BODY_BYTES, Namespace, Route, RouteMatch,
-    Snapshot, defaults, match_order,
+    Snapshot, VersionHasher, Versioned, defaults, match_order,
 };
 use prost::Message;
 
@@ -87,8 +87,27 @@ struct RouteEntry {
 /// `Route`), and its per-filter config.
 struct VirtualHostEntry {
     vhost: VirtualHost,
-    routes: Vec<Arc<[u8]>>,
+    routes: Vec<EncodedRoute>,
     filters: BTreeMap<String, Any>,
+}
+
+/// An encoded Envoy `Route` and the hash of its bytes, taken once when it is
+/// encoded, from which the RouteConfiguration's version is made.
+#[derive(Clone, Debug)]
+struct EncodedRoute {
+    bytes: Arc<[u8]>,
+    hash: u64,
+}
+
+impl EncodedRoute {
+    fn new(bytes: Vec<u8>) -> Self {
+        let mut hasher = VersionHasher::default();
+        hasher.write(&bytes);
+        EncodedRoute {
+            bytes: Arc::from(bytes),
+            hash: hasher.finish(),
+        }
+    }
 }
 
 /// What a route's translation depends on besides the route itself: the
@@ -113,77 +132,88 @@ impl RouteContext {
     }
 }
 
-/// The encoded Envoy routes of one translation, by route name and version,
-/// for the next translation to reuse: a policy write then re-encodes only
-/// the routes it changed. Holds the routes of one policy, replaced per
-/// translation.
+/// The encoded Envoy routes of one translation, for the next translation to
+/// reuse: a policy write then re-encodes only the routes it changed. Holds
+/// the routes of one policy, replaced per translation.
 #[derive(Debug, Default)]
-pub struct RouteCache {
+pub(super) struct RouteCache {
     context: RouteContext,
-    routes: HashMap<String, CachedRoute>,
-}
-
-/// A route's version and its encoded Envoy `Route`, `None` when the route is
-/// left out.
-#[derive(Debug)]
-struct CachedRoute {
-    version: String,
-    encoded: Option<Arc<[u8]>>,
+    /// Every route of the policy as the snapshot holds it (whose identity
+    /// and version tell a route that did not change), in name order, with
+    /// its encoded Envoy `Route`: `None` when the route is left out.
+    routes: Vec<(Arc<Versioned>, Option<EncodedRoute>)>,
 }
 
 impl RouteCache {
-    /// The encoded Envoy route of `route` of `namespace`, from `previous`
-    /// when the route did not change (`previous` having been translated in
-    /// the same context), and recorded here.
-    fn encoded(
-        &mut self,
-        previous: &RouteCache,
-        policy: &Policy<'_>,
-        namespace: &str,
-        route: &Route,
-        namespace_timeout: &Duration,
-    ) -> Option<Arc<[u8]>> {
-        let version = policy.route_versions.get(route.name.as_str()).copied();
-        let reused = previous
+    /// The encoded Envoy route of every route of `policy`, in its order,
+    /// each from `previous` when the route did not change (`previous` having
+    /// been translated in the same context). Both are in name order, so a
+    /// route's previous encoding is found by walking `previous` alongside,
+    /// one comparison per route rather than a lookup.
+    fn of(policy: &Policy<'_>, context: &RouteContext, previous: &RouteCache) -> RouteCache {
+        let timeouts: HashMap<&str, Duration> = policy
+            .namespaces
+            .iter()
+            .map(|ns| (ns.name.as_str(), namespace_timeout(ns)))
+            .collect();
+        let mut held = previous.routes.iter().peekable();
+        let routes = policy
             .routes
-            .get(&route.name)
-            .filter(|cached| Some(cached.version.as_str()) == version);
-        let encoded = match reused {
-            Some(cached) => cached.encoded.clone(),
-            None => envoy_route(policy, namespace, route, namespace_timeout)
-                .map(|entry| Arc::from(encode_route(&entry))),
-        };
-        if let Some(version) = version {
-            self.routes.insert(
-                route.name.clone(),
-                CachedRoute {
-                    version: version.to_string(),
-                    encoded: encoded.clone(),
-                },
-            );
+            .iter()
+            .map(|route| {
+                let name = route.route.name.as_str();
+                while held.next_if(|(v, _)| v.resource.name() < name).is_some() {}
+                let reused = held
+                    .peek()
+                    .filter(|(v, _)| {
+                        v.resource.name() == name
+                            && (Arc::ptr_eq(v, route.versioned)
+                                || v.version == route.versioned.version)
+                    })
+                    .map(|(_, encoded)| encoded.clone());
+                // A route outside any namespace is never served, so it is
+                // not encoded; a new namespace changes the context, which
+                // makes every route encode afresh.
+                let encoded = reused.unwrap_or_else(|| {
+                    let timeout = timeouts.get(route.namespace)?;
+                    envoy_route(policy, route.namespace, route.route, timeout)
+                        .map(|entry| EncodedRoute::new(encode_route(&entry)))
+                });
+                (Arc::clone(route.versioned), encoded)
+            })
+            .collect();
+        RouteCache {
+            context: RouteContext(context.0.clone()),
+            routes,
         }
-        encoded
     }
 
     /// How many of these routes share their encoding with `previous`.
     #[cfg(test)]
     pub(super) fn reused_from(&self, previous: &RouteCache) -> usize {
+        let before: HashMap<&str, &EncodedRoute> = previous
+            .routes
+            .iter()
+            .filter_map(|(v, encoded)| Some((v.resource.name(), encoded.as_ref()?)))
+            .collect();
         self.routes
             .iter()
-            .filter(|(name, cached)| {
-                let before = previous.routes.get(*name).and_then(|c| c.encoded.as_ref());
-                matches!((before, &cached.encoded), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
+            .filter(|(v, encoded)| {
+                matches!(
+                    (before.get(v.resource.name()), encoded),
+                    (Some(a), Some(b)) if Arc::ptr_eq(&a.bytes, &b.bytes)
+                )
             })
             .count()
     }
 }
 
-/// Routes of one namespace: those for every host, and those restricted to
-/// one host, each in match order.
+/// Routes of one namespace, by their index in the policy: those for every
+/// host, and those restricted to one host, each in match order.
 #[derive(Default)]
 struct NamespaceRoutes<'a> {
-    wide: Vec<&'a Route>,
-    by_host: BTreeMap<&'a str, Vec<&'a Route>>,
+    wide: Vec<usize>,
+    by_host: BTreeMap<&'a str, Vec<usize>>,
 }
 
 /// RouteConfiguration `prism-http`, encoded.
@@ -204,27 +234,32 @@ struct NamespaceRoutes<'a> {
 /// Envoy keeps one bucket per virtual host, not one per namespace.
 ///
 /// Routes that `previous` holds unchanged in an unchanged `context` are
-/// reused encoded; the cache of this configuration is returned with it.
+/// reused encoded; the configuration's version (see
+/// [`super::EnvoyResources::route_configuration_versions`]) and the cache of
+/// this configuration are returned with it.
 pub(super) fn route_configuration(
     policy: &Policy<'_>,
     context: &RouteContext,
     previous: &RouteCache,
-) -> (Any, RouteCache) {
+) -> (Any, String, RouteCache) {
     let mut grouped: BTreeMap<&str, NamespaceRoutes<'_>> = BTreeMap::new();
-    for (ns, route) in &policy.routes {
-        let Some(m) = &route.r#match else { continue };
-        let group = grouped.entry(ns).or_default();
+    for (index, route) in policy.routes.iter().enumerate() {
+        let Some(m) = &route.route.r#match else {
+            continue;
+        };
+        let group = grouped.entry(route.namespace).or_default();
         match m.host.as_str() {
-            "" => group.wide.push(route),
-            host => group.by_host.entry(host).or_default().push(route),
+            "" => group.wide.push(index),
+            host => group.by_host.entry(host).or_default().push(index),
         }
     }
+    let by_match = |a: &usize, b: &usize| {
+        match_order(policy.routes[*a].route).cmp(&match_order(policy.routes[*b].route))
+    };
     for group in grouped.values_mut() {
-        group
-            .wide
-            .sort_by(|a, b| match_order(a).cmp(&match_order(b)));
+        group.wide.sort_by(by_match);
         for host_routes in group.by_host.values_mut() {
-            host_routes.sort_by(|a, b| match_order(a).cmp(&match_order(b)));
+            host_routes.sort_by(by_match);
         }
     }
 
@@ -234,21 +269,17 @@ pub(super) fn route_configuration(
     } else {
         &fresh
     };
-    let mut cache = RouteCache {
-        context: RouteContext(context.0.clone()),
-        routes: HashMap::with_capacity(policy.routes.len()),
-    };
+    let cache = RouteCache::of(policy, context, previous);
     let empty = NamespaceRoutes::default();
     let mut claimed = BTreeSet::new();
     let mut namespace_hosts = Vec::new();
     let mut host_vhosts = Vec::new();
     for ns in &policy.namespaces {
         let group = grouped.get(ns.name.as_str()).unwrap_or(&empty);
-        let timeout = some_duration(ns.default_timeout.as_ref()).unwrap_or(DEFAULT_ROUTE_TIMEOUT);
-        let mut envoy_routes = |routes: &[&Route]| -> Vec<Arc<[u8]>> {
+        let envoy_routes = |routes: &[usize]| -> Vec<EncodedRoute> {
             routes
                 .iter()
-                .filter_map(|r| cache.encoded(previous, policy, &ns.name, r, &timeout))
+                .filter_map(|index| cache.routes[*index].1.clone())
                 .collect()
         };
         let filters = namespace_filters(ns);
@@ -297,7 +328,8 @@ pub(super) fn route_configuration(
         }),
         ..Default::default()
     };
-    (encode(&config, &virtual_hosts), cache)
+    let (any, version) = encode(&config, &virtual_hosts);
+    (any, version, cache)
 }
 
 /// An Envoy route with its per-filter config map written in key order.
@@ -322,31 +354,91 @@ fn write_filters(tag: u32, map: &BTreeMap<String, Any>, buf: &mut Vec<u8>) {
 }
 
 /// `config` with `virtual_hosts` and their routes, the per-filter config maps
-/// written in key order. Fields may come out of number order, which every
-/// protobuf parser accepts.
-fn encode(config: &RouteConfiguration, virtual_hosts: &[VirtualHostEntry]) -> Any {
-    let mut buf = config.encode_to_vec();
-    for entry in virtual_hosts {
-        let mut vhost = entry.vhost.encode_to_vec();
+/// written in key order, and its version. Fields may come out of number
+/// order, which every protobuf parser accepts.
+///
+/// Each route is copied once, straight into place, and its bytes are not
+/// hashed again: the version hashes every other byte of the configuration
+/// (which include each route's length) and, in place of each route's bytes,
+/// the hash taken when it was encoded.
+fn encode(config: &RouteConfiguration, virtual_hosts: &[VirtualHostEntry]) -> (Any, String) {
+    let head = config.encode_to_vec();
+    let vhosts: Vec<(Vec<u8>, Vec<u8>, usize)> = virtual_hosts
+        .iter()
+        .map(|entry| {
+            let mut filters = Vec::new();
+            write_filters(VIRTUAL_HOST_FILTERS, &entry.filters, &mut filters);
+            let routes: usize = entry
+                .routes
+                .iter()
+                .map(|route| delimited_len(VIRTUAL_HOST_ROUTES, route.bytes.len()))
+                .sum();
+            let vhost = entry.vhost.encode_to_vec();
+            let len = vhost.len() + routes + filters.len();
+            (vhost, filters, len)
+        })
+        .collect();
+    // Sized once: growing a buffer of some 620 KB would copy it again and again.
+    let len = head.len()
+        + vhosts
+            .iter()
+            .map(|(_, _, len)| delimited_len(CONFIG_VIRTUAL_HOSTS, *len))
+            .sum::<usize>();
+    let mut out = Assembly {
+        buf: Vec::with_capacity(len),
+        version: VersionHasher::default(),
+    };
+    out.raw(&head);
+    for (entry, (vhost, filters, len)) in virtual_hosts.iter().zip(vhosts) {
+        out.delimiter(CONFIG_VIRTUAL_HOSTS, len);
+        out.raw(&vhost);
         for route in &entry.routes {
-            write_bytes(VIRTUAL_HOST_ROUTES, route, &mut vhost);
+            out.delimiter(VIRTUAL_HOST_ROUTES, route.bytes.len());
+            out.buf.extend_from_slice(&route.bytes);
+            out.version.write(&route.hash.to_le_bytes());
         }
-        write_filters(VIRTUAL_HOST_FILTERS, &entry.filters, &mut vhost);
-        write_bytes(CONFIG_VIRTUAL_HOSTS, &vhost, &mut buf);
+        out.raw(&filters);
     }
-    Any {
+    let any = Any {
         type_url: ROUTE_CONFIGURATION.to_string(),
-        value: buf,
+        value: out.buf,
+    };
+    (any, out.version.version())
+}
+
+/// A RouteConfiguration being written, and the hash of what is written.
+struct Assembly {
+    buf: Vec<u8>,
+    version: VersionHasher,
+}
+
+impl Assembly {
+    /// `bytes`, written and hashed.
+    fn raw(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        self.version.write(bytes);
+    }
+
+    /// The key and length of the length-delimited field `tag`, whose `len`
+    /// bytes follow (an encoded message, so that repeated fields are
+    /// concatenated from pieces encoded once).
+    fn delimiter(&mut self, tag: u32, len: usize) {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        // A key and a varint take at most 5 and 10 bytes: written on the
+        // stack, since a RouteConfiguration has one per route.
+        let mut head = [0u8; 16];
+        let mut rest = &mut head[..];
+        encode_key(tag, WireType::LengthDelimited, &mut rest);
+        encode_varint(len as u64, &mut rest);
+        let written = 16 - rest.len();
+        self.raw(&head[..written]);
     }
 }
 
-/// `bytes` as the length-delimited field `tag` (an encoded message, so that
-/// repeated fields are concatenated from pieces encoded once).
-fn write_bytes(tag: u32, bytes: &[u8], buf: &mut Vec<u8>) {
-    use prost::encoding::{WireType, encode_key, encode_varint};
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(bytes.len() as u64, buf);
-    buf.extend_from_slice(bytes);
+/// The encoded length of `len` bytes as the length-delimited field `tag`.
+fn delimited_len(tag: u32, len: usize) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
 /// `host` and, for an exact host, `host:*`. A second wildcard in a domain
@@ -418,6 +510,11 @@ fn envoy_route(
         },
         filters,
     })
+}
+
+/// The timeout of a namespace's routes that set none.
+fn namespace_timeout(ns: &Namespace) -> Duration {
+    some_duration(ns.default_timeout.as_ref()).unwrap_or(DEFAULT_ROUTE_TIMEOUT)
 }
 
 /// The per-filter config of a namespace's virtual hosts.

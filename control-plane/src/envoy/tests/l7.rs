@@ -211,45 +211,57 @@ fn the_l7_translation_is_deterministic() {
     }
 }
 
-/// A translation that reuses the encoded routes of the one before is byte for
-/// byte the translation afresh, whatever changed in between: routes edited,
-/// removed, added or restricted to a host reuse the others; a changed backend
-/// or namespace, on which routes depend, re-encodes every route.
+/// A translation that reuses the encoded routes and clusters of the one
+/// before is byte for byte the translation afresh, whatever changed in
+/// between: routes edited, removed, added or restricted to a host reuse the
+/// others; a changed backend or namespace, on which routes depend,
+/// re-encodes every route. A cluster is encoded again only when its backend
+/// or the retry budget of the routes forwarding to it changes (the smallest
+/// budget of `web` rises to 30 with `api-put` gone, then `api` lowers those
+/// of `web` and `canary` to 10), and the RouteConfiguration's version
+/// changes exactly when its bytes do.
 #[test]
 fn reused_routes_encode_as_a_fresh_translation_does() {
-    let edits: [(&str, &str, usize); 8] = [
-        ("", "", 0),
-        ("", "", 9),
-        ("    timeout: 10s\n", "    timeout: 11s\n", 8),
+    let edits: [(&str, &str, usize, usize); 9] = [
+        ("", "", 0, 0),
+        ("", "", 9, 6),
+        ("    timeout: 10s\n", "    timeout: 11s\n", 8, 6),
         (
             "  - name: shop/teapot\n    match: {regex: \"/tea(pot)?\"}\n",
             "  - name: shop/teapot\n    match: {regex: \"/coffee\"}\n",
             8,
+            6,
         ),
         (
             "  - name: shop/moved\n    match: {exact: /moved}\n    redirect: {}\n",
             "  - name: shop/moved\n    match: {exact: /moved, host: moved.shop.test}\n    redirect: {}\n  - name: shop/extra\n    match: {prefix: /extra}\n    backend: web\n",
             8,
+            6,
         ),
         (
             "  - name: shop/api-put\n    match: {prefix: /api/, methods: [PUT]}\n    backend: web\n    retry: {}\n",
             "",
             9,
+            5,
         ),
+        ("budget_percent: 30}", "budget_percent: 10}", 8, 4),
         (
             "hash_policy: {header: x-user}",
             "hash_policy: {header: x-account}",
             0,
+            5,
         ),
         (
             "    hosts: [plain.test]\n",
             "    hosts: [plain.test]\n    default_timeout: 4s\n",
             0,
+            6,
         ),
     ];
     let mut policy = L7.to_string();
-    let mut cache = RouteCache::default();
-    for (from, to, reused) in edits {
+    let mut cache = TranslationCache::default();
+    let mut before: Option<EnvoyResources> = None;
+    for (from, to, reused, clusters_reused) in edits {
         assert!(policy.contains(from), "{from:?} is in the policy");
         policy = policy.replacen(from, to, 1);
         let snapshot = l7_snapshot_of(&policy);
@@ -263,7 +275,25 @@ fn reused_routes_encode_as_a_fresh_translation_does() {
         );
         assert!(bytes(&again) == bytes(&fresh), "after {to:?}");
         assert!(again == fresh, "after {to:?}");
-        assert_eq!(next.reused_from(&cache), reused, "after {to:?}");
+        assert_eq!(
+            next.routes.reused_from(&cache.routes),
+            reused,
+            "after {to:?}"
+        );
+        assert_eq!(
+            next.clusters.reused_from(&cache.clusters),
+            clusters_reused,
+            "after {to:?}"
+        );
+        if let Some(before) = &before {
+            let version = |r: &EnvoyResources| r.route_configuration_versions[HTTP_ROUTES].clone();
+            assert_eq!(
+                version(before) == version(&again),
+                bytes(before) == bytes(&again),
+                "after {to:?}"
+            );
+        }
+        before = Some(again);
         cache = next;
     }
 }
