@@ -1,8 +1,10 @@
 //! Policy documents: the YAML or JSON files `prism apply -f` reads. YAML is a
 //! superset of JSON, so one parser serves both.
 
+use std::collections::HashMap;
+
 use crate::pb::config::v1::Policy;
-use crate::resource::Resource;
+use crate::resource::{Resource, ResourceKey};
 use crate::validate::{ValidationError, validate_resource};
 
 /// A policy document that could not be read.
@@ -56,12 +58,12 @@ pub fn parse_policy(text: &str) -> Result<Vec<Resource>, DocumentError> {
     if resources.is_empty() {
         return Err(DocumentError::Empty);
     }
-    for (i, (path, resource)) in resources.iter().enumerate() {
+    // Where each key was first defined: one lookup a resource, so a
+    // document of many resources costs what it holds, not its square.
+    let mut defined: HashMap<ResourceKey, &str> = HashMap::with_capacity(resources.len());
+    for (path, resource) in &resources {
         validate_resource(resource).map_err(|e| e.under(path))?;
-        if let Some((first, _)) = resources[..i]
-            .iter()
-            .find(|(_, r)| r.key() == resource.key())
-        {
+        if let Some(first) = defined.insert(resource.key(), path) {
             return Err(ValidationError::new(
                 format!("{path}.name"),
                 format!("`{}` is also defined at {first}", resource.name()),
@@ -120,6 +122,21 @@ routes:
         assert_eq!(
             route.timeout.map(|t| (t.seconds, t.nanos)),
             Some((2, 500_000_000))
+        );
+    }
+
+    #[test]
+    fn a_resource_defined_twice_is_named_with_its_first_place() {
+        let err = parse_policy(
+            "routes:\n  - {name: a/one, match: {prefix: /}, backend: b}\n  - {name: a/two, \
+             match: {prefix: /}, backend: b}\n  - {name: a/one, match: {prefix: /x}, backend: b}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("routes[2].name"), "{err}");
+        assert!(
+            err.contains("`a/one` is also defined at routes[0]"),
+            "{err}"
         );
     }
 
