@@ -340,36 +340,36 @@ impl Section {
                     "| run | RPS | p50 | p99 | p99 ÷ no swaps | failed | swaps posted / applied | proxy apply per swap (median / max) |"
                 );
                 let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|");
-                let rps = |m: &Measured| m.requests as f64 / m.seconds.max(f64::EPSILON);
-                let _ = writeln!(
-                    out,
-                    "| no swaps | {:.0} | {} | {} | 1.00 | 0 | — | — |",
-                    rps(&swap.steady),
-                    millis(swap.steady.p50),
-                    millis(swap.steady.p99),
-                );
-                let _ = writeln!(
-                    out,
-                    "| swapping | {:.0} | {} | {} | {:.2} | 0 | {} / {} | {} / {} |",
-                    rps(&swap.swapping),
-                    millis(swap.swapping.p50),
-                    millis(swap.swapping.p99),
+                let mut row = |run: &str, m: &Measured, ratio: f64, swaps: &str, apply: &str| {
+                    let _ = writeln!(
+                        out,
+                        "| {run} | {:.0} | {} | {} | {ratio:.2} | 0 | {swaps} | {apply} |",
+                        m.requests as f64 / m.seconds.max(f64::EPSILON),
+                        millis(m.p50),
+                        millis(m.p99),
+                    );
+                };
+                row("no swaps", &swap.steady, 1.0, "—", "—");
+                row(
+                    "swapping",
+                    &swap.swapping,
                     swap.p99_ratio(),
-                    swap.posted,
-                    swap.applied,
-                    median(&swap.apply_times).map_or_else(|| "—".into(), millis),
-                    swap.apply_times
-                        .iter()
-                        .max()
-                        .map_or_else(|| "—".into(), |d| millis(*d)),
+                    &format!("{} / {}", swap.posted, swap.applied),
+                    &format!(
+                        "{} / {}",
+                        median(&swap.apply_times).map_or_else(|| "—".into(), millis),
+                        swap.apply_times
+                            .iter()
+                            .max()
+                            .map_or_else(|| "—".into(), |d| millis(*d)),
+                    ),
                 );
-                let _ = writeln!(
-                    out,
-                    "| no swaps, again | {:.0} | {} | {} | {:.2} | 0 | — | — |",
-                    rps(&swap.steady_again),
-                    millis(swap.steady_again.p50),
-                    millis(swap.steady_again.p99),
+                row(
+                    "no swaps, again",
+                    &swap.steady_again,
                     ratio(swap.steady_again.p99, swap.steady.p99),
+                    "—",
+                    "—",
                 );
                 let _ = writeln!(
                     out,
