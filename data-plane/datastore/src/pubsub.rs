@@ -1,0 +1,197 @@
+//! The PubSub interface: publish to a topic, subscribe alone or in a consumer
+//! group, acknowledge what was handled.
+//!
+//! Semantics every bus keeps (the conformance suite checks each; where a
+//! backend can keep less, its module says so and the suite checks that):
+//! - `publish` returns once the bus has taken the message (for NATS
+//!   JetStream and Kafka: stored by the broker). With an idempotency key, a
+//!   second publish with a key already taken (within the bus's dedupe
+//!   window) publishes nothing and returns the first message's id.
+//! - `subscribe(topic, None, _)`: this subscriber alone receives every
+//!   message published after it subscribed; acks are accepted and ignored.
+//! - `subscribe(topic, Some(group), _)`: the group's members share the
+//!   topic's messages, each message to one member, from where the group
+//!   left off (a new group starts at the messages published after it was
+//!   first joined). A message not acked within `BusParams::ack_wait` (or
+//!   whose subscriber went away) is delivered again, with `attempt` one
+//!   higher: at-least-once.
+//! - A subscription holds at most its `bound` deliveries not yet taken by
+//!   `next`: a subscriber that stops reading back-pressures its own
+//!   delivery, never grows memory. Dropping it frees at once everything it
+//!   held: its task, its broker consumer and its buffered deliveries.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::Error;
+
+/// Subscriptions open in this process, across every bus.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// The number of subscriptions open in this process: what a leak check reads.
+pub fn open_subscriptions() -> usize {
+    OPEN.load(Ordering::Relaxed)
+}
+
+/// Where a PubSub binding's messages travel and how it connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BusParams {
+    /// The namespace whose topics these are: broker-side names are prefixed
+    /// with it, so namespaces sharing a broker never see each other's.
+    pub namespace: String,
+    pub bus: BusKind,
+    /// How long a bus keeps a message for groups that have not taken it;
+    /// `None` is the bus's own default.
+    pub retention: Option<Duration>,
+    /// How long a group delivery may go unacknowledged before it is
+    /// delivered again.
+    pub ack_wait: Duration,
+    /// How long connecting may take.
+    pub connect_timeout: Duration,
+}
+
+/// A PubSub bus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BusKind {
+    /// In this process: the embedded default. Nothing survives a restart.
+    Memory,
+    /// NATS at `url`; with `stream`, topics are subjects of that JetStream
+    /// stream (created if missing) and groups are durable consumers.
+    Nats { url: String, stream: Option<String> },
+    /// Kafka at `brokers` (comma-separated `host:port`); topics are created
+    /// with `partitions` partitions if missing.
+    Kafka { brokers: String, partitions: u32 },
+}
+
+/// One message handed to a subscriber.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// What [`Subscription::ack`] takes; unique within the topic.
+    pub id: String,
+    pub topic: String,
+    pub payload: Bytes,
+    /// 1 on first delivery, higher on each redelivery.
+    pub attempt: u32,
+}
+
+/// A PubSub bus opened for one namespace.
+pub trait PubSub: Send + Sync + fmt::Debug {
+    /// Publishes `payload` to `topic`; the message's id.
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: Bytes,
+        idempotency_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, Error>>;
+
+    /// Subscribes to `topic`, alone or as a member of `group`, holding at
+    /// most `bound` deliveries not yet taken.
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: Option<&'a str>,
+        bound: usize,
+    ) -> BoxFuture<'a, Result<Subscription, Error>>;
+
+    /// Ends every subscription and closes the connection.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Acknowledges deliveries of one subscription; shared so that acks may come
+/// from another task than the one reading.
+pub trait Acker: Send + Sync {
+    fn ack<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// One subscriber's deliveries. Dropping it ends the subscription.
+pub struct Subscription {
+    deliveries: mpsc::Receiver<Result<Delivery, Error>>,
+    acker: Arc<dyn Acker>,
+    task: JoinHandle<()>,
+}
+
+impl Subscription {
+    /// A subscription fed by `task` through `deliveries` (a channel of the
+    /// subscriber's bound); the task is aborted when it is dropped.
+    pub fn new(
+        deliveries: mpsc::Receiver<Result<Delivery, Error>>,
+        acker: Arc<dyn Acker>,
+        task: JoinHandle<()>,
+    ) -> Self {
+        OPEN.fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            deliveries,
+            acker,
+            task,
+        }
+    }
+
+    /// The next delivery; `None` once the bus has ended the subscription.
+    pub async fn next(&mut self) -> Option<Result<Delivery, Error>> {
+        self.deliveries.recv().await
+    }
+
+    /// Acknowledges the delivery `id`.
+    pub fn ack<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        self.acker.ack(id)
+    }
+
+    /// The acknowledger, for acks sent from another task.
+    pub fn acker(&self) -> Arc<dyn Acker> {
+        Arc::clone(&self.acker)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+/// Opens the bus of `params`: connects (within `connect_timeout`) and
+/// checks it can serve, so the first publish finds it ready.
+pub async fn open_bus(params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
+    match &params.bus {
+        BusKind::Memory => Err(Error::Invalid("memory: not built yet".into())),
+        BusKind::Nats { .. } => open_nats(params).await,
+        BusKind::Kafka { .. } => open_kafka(params).await,
+    }
+}
+
+#[cfg(not(feature = "nats"))]
+async fn open_nats(_: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
+    Err(Error::Invalid(
+        "this proxy was built without the `nats` feature".into(),
+    ))
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn open_kafka(_: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
+    Err(Error::Invalid(
+        "this proxy was built without the `kafka` feature".into(),
+    ))
+}
+
+#[cfg(feature = "nats")]
+async fn open_nats(_params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
+    Err(Error::Invalid("nats: not built yet".into()))
+}
+
+#[cfg(feature = "kafka")]
+async fn open_kafka(_params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
+    Err(Error::Invalid("kafka: not built yet".into()))
+}
