@@ -1,7 +1,7 @@
 //! Flags and subcommands of `prism`, and their dispatch.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write as _};
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::client::{AdminClient, Output};
+use crate::data_client::{DataClient, printable};
 use crate::up::{UpConfig, bind};
 
 /// Prism: a control plane and a fleet of data-plane proxies.
@@ -27,6 +28,14 @@ pub struct Cli {
         default_value = "http://127.0.0.1:9000"
     )]
     pub admin_url: String,
+    /// Proxy whose data APIs `prism kv` calls.
+    #[arg(
+        long,
+        global = true,
+        env = "PRISM_PROXY_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub proxy_url: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -156,6 +165,47 @@ pub enum Command {
     Delete { kind: String, name: String },
     /// The proxy fleet: revision ACKed, lag, last NACK.
     Status,
+    /// A namespace's KeyValue store, through a proxy (`--proxy-url`).
+    Kv {
+        #[command(subcommand)]
+        command: KvCommand,
+    },
+}
+
+/// `prism kv`.
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// Write a value; prints its new version.
+    Put {
+        namespace: String,
+        key: String,
+        value: String,
+        /// Expire it after this long, e.g. `30s`, `5m`, `2h`.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Write only if the key is at this version (0: only if absent).
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Print the value alone.
+    Get { namespace: String, key: String },
+    /// Delete a key.
+    Del {
+        namespace: String,
+        key: String,
+        /// Delete only if the key is at this version.
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Keys under a prefix, with their versions and values, in key order.
+    Scan {
+        namespace: String,
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Stop after this many items.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
 }
 
 /// Runs the command; the process exit code says whether it worked.
@@ -340,7 +390,59 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", client.status().await?);
             Ok(())
         }
+        Command::Kv { command } => kv(&DataClient::new(&cli.proxy_url), command).await,
     }
+}
+
+async fn kv(client: &DataClient, command: KvCommand) -> anyhow::Result<()> {
+    match command {
+        KvCommand::Put {
+            namespace,
+            key,
+            value,
+            ttl,
+            if_version,
+        } => {
+            let version = client
+                .put(
+                    &namespace,
+                    &key,
+                    value.into_bytes(),
+                    ttl.as_deref(),
+                    if_version,
+                )
+                .await?;
+            println!("version {version}");
+        }
+        KvCommand::Get { namespace, key } => {
+            let value = client.get(&namespace, &key).await?;
+            // The value alone, as it is: a script gets exactly its bytes,
+            // with a newline after text that has none.
+            let mut out = std::io::stdout().lock();
+            out.write_all(&value)?;
+            if std::str::from_utf8(&value).is_ok() && !value.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+        }
+        KvCommand::Del {
+            namespace,
+            key,
+            if_version,
+        } => {
+            let deleted = client.delete(&namespace, &key, if_version).await?;
+            println!("{}", if deleted { "deleted" } else { "not found" });
+        }
+        KvCommand::Scan {
+            namespace,
+            prefix,
+            limit,
+        } => {
+            for item in client.scan(&namespace, &prefix, limit).await? {
+                println!("{}\t{}\t{}", item.key, item.version, printable(&item.value));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The proxy listener's wire limits, timeouts and drain

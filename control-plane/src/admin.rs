@@ -29,7 +29,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use prism_proto::pb::config::v1::{Backend, Namespace, Route, Secret};
+use prism_proto::pb::config::v1::{Backend, DataBinding, Namespace, Route, Secret};
 use prism_proto::{Kind, Resource, ResourceKey, parse_policy, validate_resource};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -384,6 +384,9 @@ fn json_resource(
         Kind::Namespace => serde_json::from_slice::<Namespace>(&body).map(Resource::Namespace),
         Kind::Backend => serde_json::from_slice::<Backend>(&body).map(Resource::Backend),
         Kind::Route => serde_json::from_slice::<Route>(&body).map(Resource::Route),
+        Kind::DataBinding => {
+            serde_json::from_slice::<DataBinding>(&body).map(Resource::DataBinding)
+        }
     };
     parsed.map_err(|e| ApiError::invalid(format!("the body is not a valid {kind}: {e}")))
 }
@@ -394,5 +397,6 @@ fn set_name(resource: &mut Resource, name: String) {
         Resource::Namespace(r) => r.name = name,
         Resource::Backend(r) => r.name = name,
         Resource::Route(r) => r.name = name,
+        Resource::DataBinding(r) => r.name = name,
     }
 }

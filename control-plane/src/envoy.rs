@@ -208,6 +208,8 @@ impl<'a> Policy<'a> {
                         .insert(&backend.name, (backend, &versioned.version));
                 }
                 Resource::Secret(secret) => policy.secrets.push(secret),
+                // Served by Prism's proxies only: Envoy has no data APIs.
+                Resource::DataBinding(_) => {}
             }
         }
         policy

@@ -21,7 +21,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use prism_proto::pb::config::v1::key_match::Rule as KeyRule;
 use prism_proto::pb::config::v1::route_match::Path;
 use prism_proto::pb::config::v1::{
-    CaBundle, DirectResponse, KeyMatch, RouteMatch, WeightedBackend, secret,
+    CaBundle, DataBinding, DirectResponse, KeyMatch, MemoryBus, RouteMatch, WeightedBackend,
+    data_binding, secret,
 };
 use prism_proto::{
     Backend, Endpoint, Kind, Namespace, Policy, Resource, Route, Secret, Snapshot, match_order,
@@ -240,6 +241,7 @@ fn resources_of(policy: Policy) -> Vec<Resource> {
         backends,
         routes,
         secrets,
+        bindings,
     } = policy;
     namespaces
         .into_iter()
@@ -247,6 +249,7 @@ fn resources_of(policy: Policy) -> Vec<Resource> {
         .chain(backends.into_iter().map(Resource::Backend))
         .chain(routes.into_iter().map(Resource::Route))
         .chain(secrets.into_iter().map(Resource::Secret))
+        .chain(bindings.into_iter().map(Resource::DataBinding))
         .collect()
 }
 
@@ -630,7 +633,23 @@ fn gen_resource(u: &mut Unstructured<'_>, kind: Kind) -> Result<Resource> {
         Kind::Namespace => gen_namespace(u),
         Kind::Backend => gen_backend(u, &NAMESPACES),
         Kind::Route => gen_route(u, &NAMESPACES),
+        Kind::DataBinding => gen_binding(u),
     }
+}
+
+/// A binding to the in-memory bus: one that needs no IO to open (the
+/// targets compile runtimes without the data gateway's pools).
+fn gen_binding(u: &mut Unstructured<'_>) -> Result<Resource> {
+    Ok(Resource::DataBinding(DataBinding {
+        name: format!(
+            "{}/{}",
+            u.choose(&NAMESPACES)?,
+            pick(u, &["bus", "events"])?
+        ),
+        store: Some(data_binding::Store::Memory(MemoryBus {})),
+        max_value_bytes: u.int_in_range(0..=8 << 20)?,
+        ..Default::default()
+    }))
 }
 
 fn gen_secret(u: &mut Unstructured<'_>) -> Result<Resource> {

@@ -15,6 +15,7 @@ mod admin;
 #[doc(hidden)]
 pub mod bench;
 mod config;
+pub mod data;
 mod error;
 #[cfg(feature = "fuzz")]
 #[doc(hidden)]
@@ -177,7 +178,7 @@ pub async fn run(
         ))
     });
     let (restored, runtime) = match &last_good {
-        Some(file) => restore(Arc::clone(file), &own).await,
+        Some(file) => restore(Arc::clone(file), &own, config.data_dir.as_deref()).await,
         None => (None, Runtime::unconfigured()),
     };
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
@@ -271,16 +272,30 @@ pub async fn run(
 
 /// The snapshot on disk and its compiled runtime, or nothing (and an
 /// unconfigured runtime) when there is no usable snapshot.
+///
+/// When a data binding of the snapshot cannot be opened (its database is
+/// down too), the routes are served all the same, without the data
+/// bindings, and the snapshot is not resumed from: the control plane sends
+/// the whole policy again, and that apply opens the bindings (or NACKs).
 async fn restore(
     file: Arc<last_good::LastGood>,
     own: &OwnAddresses,
+    data_dir: Option<&std::path::Path>,
 ) -> (Option<Snapshot>, Runtime) {
     let path = file.path();
     let Some(snapshot) = last_good::restore(file).await else {
         return (None, Runtime::unconfigured());
     };
-    match Runtime::compile(&snapshot, &Runtime::unconfigured(), own) {
-        Ok(runtime) => (Some(snapshot), runtime),
+    let unconfigured = Runtime::unconfigured();
+    let data = data::bindings_for(&snapshot, &unconfigured, data_dir).await;
+    match Runtime::compile(&snapshot, &unconfigured, own) {
+        Ok(runtime) => match data {
+            Ok(data) => (Some(snapshot), runtime.with_data(data)),
+            Err(error) => {
+                warn!(%error, revision = snapshot.revision, "Serving the last-known-good snapshot without its data bindings.");
+                (None, runtime)
+            }
+        },
         Err(error) => {
             warn!(
                 %error,

@@ -114,6 +114,27 @@ pub mod retry {
     pub const MIN_RETRY_CONCURRENCY: u32 = 3;
 }
 
+/// `DataBinding`.
+pub mod binding {
+    use std::time::Duration;
+
+    /// Connections in a KeyValue store's pool.
+    pub const POOL_SIZE: u32 = 4;
+    /// The most connections a pool may ask for.
+    pub const MAX_POOL_SIZE: u32 = 256;
+    /// How long opening a store or bus may take.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// The largest value or payload accepted.
+    pub const MAX_VALUE_BYTES: u64 = 1024 * 1024;
+    /// The most `max_value_bytes` may be: what one gRPC message of the data
+    /// APIs may carry.
+    pub const MAX_VALUE_BYTES_LIMIT: u64 = 4 * 1024 * 1024;
+    /// Redelivery of an unacknowledged group delivery.
+    pub const ACK_WAIT: Duration = Duration::from_secs(30);
+    /// Partitions of a Kafka topic Prism makes.
+    pub const KAFKA_PARTITIONS: u32 = 1;
+}
+
 /// `Route.redirect.status` when 0.
 pub const REDIRECT_STATUS: u32 = 302;
 /// Content type of a `direct_response` body unless `response_headers` sets one.

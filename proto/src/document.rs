@@ -54,6 +54,13 @@ pub fn parse_policy(text: &str) -> Result<Vec<Resource>, DocumentError> {
                 .enumerate()
                 .map(|(i, r)| (format!("secrets[{i}]"), Resource::Secret(r))),
         )
+        .chain(
+            policy
+                .bindings
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (format!("bindings[{i}]"), Resource::DataBinding(r))),
+        )
         .collect();
     if resources.is_empty() {
         return Err(DocumentError::Empty);
@@ -83,6 +90,7 @@ pub fn policy_to_yaml<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> 
             Resource::Namespace(r) => policy.namespaces.push(r.clone()),
             Resource::Backend(r) => policy.backends.push(r.clone()),
             Resource::Route(r) => policy.routes.push(r.clone()),
+            Resource::DataBinding(r) => policy.bindings.push(r.clone()),
         }
     }
     // Serializing a generated message cannot fail (string keys, no floats).

@@ -47,7 +47,8 @@ pub mod pb {
 }
 
 pub use pb::config::v1::{
-    Backend, Endpoint, LbPolicy, Namespace, Policy, Protocol, Route, RouteMatch, Secret,
+    Backend, DataBinding, Endpoint, LbPolicy, Namespace, Policy, Protocol, Route, RouteMatch,
+    Secret,
 };
 /// The protobuf Duration of policy messages (pbjson's, for its JSON form).
 pub use pbjson_types::Duration as ProtoDuration;

@@ -1,25 +1,26 @@
-//! The four resource kinds as one enum, their names, type URLs and versions.
+//! The five resource kinds as one enum, their names, type URLs and versions.
 
 use std::fmt;
 use std::str::FromStr;
 
 use prost::Message;
 
-use crate::pb::config::v1::{Backend, Namespace, Route, Secret};
+use crate::pb::config::v1::{Backend, DataBinding, Namespace, Route, Secret};
 
 /// Prefix of every `Any` type URL.
 pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/";
 
 /// A kind of policy resource. The order of `ALL` (and of `Ord`) is the order
 /// in which a revision is pushed: secrets first, since namespaces and
-/// backends refer to them, then namespaces, the backends they own, and the
-/// routes that point at those backends.
+/// backends refer to them, then namespaces, the backends they own, the
+/// routes that point at those backends, and the namespaces' data bindings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Secret,
     Namespace,
     Backend,
     Route,
+    DataBinding,
 }
 
 /// A `(kind, name)` pair: the identity of a resource in a snapshot.
@@ -41,6 +42,7 @@ pub enum Resource {
     Namespace(Namespace),
     Backend(Backend),
     Route(Route),
+    DataBinding(DataBinding),
 }
 
 /// A resource together with its content version.
@@ -53,12 +55,18 @@ pub struct Versioned {
 
 /// The name given for a kind is none of Prism's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind `{0}`: expected one of secrets, namespaces, backends, routes")]
+#[error("unknown kind `{0}`: expected one of secrets, namespaces, backends, routes, bindings")]
 pub struct UnknownKind(pub String);
 
 impl Kind {
     /// Every kind, in push order.
-    pub const ALL: [Kind; 4] = [Kind::Secret, Kind::Namespace, Kind::Backend, Kind::Route];
+    pub const ALL: [Kind; 5] = [
+        Kind::Secret,
+        Kind::Namespace,
+        Kind::Backend,
+        Kind::Route,
+        Kind::DataBinding,
+    ];
 
     /// The message name, e.g. `Backend`.
     pub fn as_str(self) -> &'static str {
@@ -67,6 +75,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Backend => "Backend",
             Kind::Route => "Route",
+            Kind::DataBinding => "DataBinding",
         }
     }
 
@@ -77,6 +86,7 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::Backend => "backends",
             Kind::Route => "routes",
+            Kind::DataBinding => "bindings",
         }
     }
 
@@ -87,6 +97,7 @@ impl Kind {
             Kind::Namespace => "type.googleapis.com/prism.config.v1.Namespace",
             Kind::Backend => "type.googleapis.com/prism.config.v1.Backend",
             Kind::Route => "type.googleapis.com/prism.config.v1.Route",
+            Kind::DataBinding => "type.googleapis.com/prism.config.v1.DataBinding",
         }
     }
 
@@ -117,6 +128,9 @@ impl FromStr for Kind {
             "namespace" | "namespaces" => Ok(Kind::Namespace),
             "backend" | "backends" => Ok(Kind::Backend),
             "route" | "routes" => Ok(Kind::Route),
+            "binding" | "bindings" | "databinding" | "databindings" | "data_bindings" => {
+                Ok(Kind::DataBinding)
+            }
             _ => Err(UnknownKind(s.to_string())),
         }
     }
@@ -144,6 +158,7 @@ impl Resource {
             Resource::Namespace(_) => Kind::Namespace,
             Resource::Backend(_) => Kind::Backend,
             Resource::Route(_) => Kind::Route,
+            Resource::DataBinding(_) => Kind::DataBinding,
         }
     }
 
@@ -153,6 +168,7 @@ impl Resource {
             Resource::Namespace(r) => &r.name,
             Resource::Backend(r) => &r.name,
             Resource::Route(r) => &r.name,
+            Resource::DataBinding(r) => &r.name,
         }
     }
 
@@ -179,6 +195,7 @@ impl Resource {
             Resource::Namespace(r) => r.encoded_len(),
             Resource::Backend(r) => r.encoded_len(),
             Resource::Route(r) => r.encoded_len(),
+            Resource::DataBinding(r) => r.encoded_len(),
         }
     }
 
@@ -191,6 +208,7 @@ impl Resource {
             Resource::Namespace(r) => r.encode(buf),
             Resource::Backend(r) => r.encode(buf),
             Resource::Route(r) => r.encode(buf),
+            Resource::DataBinding(r) => r.encode(buf),
         };
     }
 
@@ -201,6 +219,7 @@ impl Resource {
             Resource::Namespace(r) => r.encode_to_vec(),
             Resource::Backend(r) => r.encode_to_vec(),
             Resource::Route(r) => r.encode_to_vec(),
+            Resource::DataBinding(r) => r.encode_to_vec(),
         }
     }
 
@@ -211,6 +230,7 @@ impl Resource {
             Kind::Namespace => Resource::Namespace(Namespace::decode(bytes)?),
             Kind::Backend => Resource::Backend(Backend::decode(bytes)?),
             Kind::Route => Resource::Route(Route::decode(bytes)?),
+            Kind::DataBinding => Resource::DataBinding(DataBinding::decode(bytes)?),
         })
     }
 
@@ -221,6 +241,7 @@ impl Resource {
             Kind::Namespace => Resource::Namespace(serde_json::from_value(json)?),
             Kind::Backend => Resource::Backend(serde_json::from_value(json)?),
             Kind::Route => Resource::Route(serde_json::from_value(json)?),
+            Kind::DataBinding => Resource::DataBinding(serde_json::from_value(json)?),
         })
     }
 
@@ -232,6 +253,7 @@ impl Resource {
             Resource::Namespace(r) => serde_json::to_value(r),
             Resource::Backend(r) => serde_json::to_value(r),
             Resource::Route(r) => serde_json::to_value(r),
+            Resource::DataBinding(r) => serde_json::to_value(r),
         };
         // Serializing generated messages to a Value cannot fail: they hold no
         // maps with non-string keys and no non-finite floats.

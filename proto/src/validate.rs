@@ -13,10 +13,10 @@ use rustls_pki_types::pem::{PemObject, SectionKind};
 
 use crate::defaults;
 use crate::pb::config::v1::{
-    Backend, BackendLimits, CircuitBreaker, HashPolicy, HeaderMutation, HealthCheck, KeyMatch,
-    LbPolicy, Namespace, OutlierDetection, Protocol, RateLimit, Redirect, RetryPolicy, Rewrite,
-    Route, RouteMatch, Secret, UpstreamTls, hash_policy, health_check, key_match, rewrite,
-    route_match, secret,
+    Backend, BackendLimits, CircuitBreaker, DataBinding, HashPolicy, HeaderMutation, HealthCheck,
+    KeyMatch, LbPolicy, Namespace, OutlierDetection, Protocol, RateLimit, Redirect, RetryPolicy,
+    Rewrite, Route, RouteMatch, Secret, UpstreamTls, data_binding, hash_policy, health_check,
+    key_match, rewrite, route_match, secret,
 };
 use crate::resource::{Kind, Resource, ResourceKey};
 use crate::snapshot::Snapshot;
@@ -27,6 +27,12 @@ mod tests;
 
 pub use delta::{Matches, validate_delta};
 
+/// Largest `credential.value` of a Secret, in bytes.
+pub const MAX_CREDENTIAL_BYTES: usize = 16 * 1024;
+/// Longest `sqlite.path` of a DataBinding, in bytes.
+const MAX_PATH_BYTES: usize = 4096;
+/// Longest duration a binding's TTL or retention may be: about ten years.
+const MAX_DATA_DURATION_SECONDS: i64 = 10 * 366 * 86_400;
 /// Longest regular expression accepted, in bytes.
 pub const MAX_REGEX_BYTES: usize = 1024;
 /// Largest PEM text accepted in one Secret field, in bytes.
@@ -110,6 +116,7 @@ pub fn validate_resource(resource: &Resource) -> Result {
         Resource::Namespace(ns) => validate_namespace(ns),
         Resource::Backend(b) => validate_backend(b),
         Resource::Route(r) => validate_route(r),
+        Resource::DataBinding(b) => validate_binding(b),
     }
 }
 
@@ -124,6 +131,8 @@ pub fn validate_snapshot(snapshot: &Snapshot) -> Result {
 /// [`validate_snapshot`], giving the route that holds each match.
 fn validate_whole(snapshot: &Snapshot) -> Result<HashMap<MatchKey, &str>> {
     let mut hosts = HostOwners::default();
+    // Each namespace's KeyValue and PubSub binding, by namespace and API.
+    let mut bindings: HashMap<(&str, &str), &str> = HashMap::new();
     for entry in snapshot.iter() {
         let resource = &entry.resource;
         let key = resource.key();
@@ -148,6 +157,28 @@ fn validate_whole(snapshot: &Snapshot) -> Result<HashMap<MatchKey, &str>> {
                     .map_err(|e| e.in_resource(key))?;
             }
             Resource::Backend(b) => backend_references(snapshot, resource, b)?,
+            Resource::DataBinding(b) => {
+                let api = binding_api(b);
+                if let Some(other) = bindings.insert((resource.namespace(), api), &b.name) {
+                    return Err(ValidationError::new(
+                        "name",
+                        format!(
+                            "namespace `{}` already has a {api} binding, `{other}`",
+                            resource.namespace()
+                        ),
+                    )
+                    .in_resource(key));
+                }
+                if let Some(data_binding::Store::Postgres(pg)) = &b.store {
+                    References {
+                        snapshot,
+                        namespace: resource.namespace(),
+                    }
+                    .secret(&pg.secret, SecretSort::Credential)
+                    .at("postgres.secret")
+                    .map_err(|e| e.in_resource(key))?;
+                }
+            }
             Resource::Secret(_) | Resource::Route(_) => {}
         }
     }
@@ -359,6 +390,7 @@ impl MatchKey {
 enum SecretSort {
     TlsCertificate,
     CaBundle,
+    Credential,
 }
 
 /// Resolves names relative to one namespace.
@@ -383,11 +415,13 @@ impl References<'_> {
         };
         match (want, &secret.kind) {
             (SecretSort::TlsCertificate, Some(secret::Kind::TlsCertificate(_)))
-            | (SecretSort::CaBundle, Some(secret::Kind::CaBundle(_))) => Ok(()),
+            | (SecretSort::CaBundle, Some(secret::Kind::CaBundle(_)))
+            | (SecretSort::Credential, Some(secret::Kind::Credential(_))) => Ok(()),
             (SecretSort::TlsCertificate, _) => Err(format!(
                 "secret `{full}` holds no `tls_certificate` (a certificate with its key)"
             )),
             (SecretSort::CaBundle, _) => Err(format!("secret `{full}` holds no `ca_bundle`")),
+            (SecretSort::Credential, _) => Err(format!("secret `{full}` holds no `credential`")),
         }
     }
 
@@ -406,8 +440,20 @@ fn validate_secret(s: &Secret) -> Result {
     match &s.kind {
         None => Err(ValidationError::new(
             "tls_certificate",
-            "one of `tls_certificate` or `ca_bundle` is required",
+            "one of `tls_certificate`, `ca_bundle` or `credential` is required",
         )),
+        Some(secret::Kind::Credential(credential)) => {
+            if credential.value.is_empty() {
+                return Err(ValidationError::new("credential.value", "is required"));
+            }
+            if credential.value.len() > MAX_CREDENTIAL_BYTES {
+                return Err(ValidationError::new(
+                    "credential.value",
+                    format!("is larger than {MAX_CREDENTIAL_BYTES} bytes"),
+                ));
+            }
+            Ok(())
+        }
         Some(secret::Kind::TlsCertificate(tls)) => {
             let pem =
                 pem_sections(&tls.certificate_chain).at("tls_certificate.certificate_chain")?;
@@ -1253,11 +1299,145 @@ fn percent(p: u32) -> Check {
 }
 
 fn positive_duration(d: &pbjson_types::Duration) -> Check {
+    duration_up_to(d, 86_400, "24h")
+}
+
+/// A positive duration of at most `max_seconds`, which `max` spells.
+fn duration_up_to(d: &pbjson_types::Duration, max_seconds: i64, max: &str) -> Check {
     if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
         return Err("must be a positive duration".into());
     }
-    if d.seconds > 86_400 {
-        return Err("must be at most 24h".into());
+    if d.seconds > max_seconds {
+        return Err(format!("must be at most {max}"));
+    }
+    Ok(())
+}
+
+/// The API a binding serves, as messages name it.
+fn binding_api(b: &DataBinding) -> &'static str {
+    match b.store {
+        Some(data_binding::Store::Sqlite(_) | data_binding::Store::Postgres(_)) => "KeyValue",
+        _ => "PubSub",
+    }
+}
+
+fn validate_binding(b: &DataBinding) -> Result {
+    use data_binding::Store;
+
+    namespaced_name(&b.name)?;
+    let Some(store) = &b.store else {
+        return Err(ValidationError::new(
+            "sqlite",
+            "one of `sqlite`, `postgres` (KeyValue) or `memory`, `nats`, `kafka` (PubSub) is required",
+        ));
+    };
+    match store {
+        Store::Sqlite(sqlite) => {
+            if sqlite.path.is_empty() {
+                return Err(ValidationError::new("sqlite.path", "is required"));
+            }
+            if sqlite.path.len() > MAX_PATH_BYTES || sqlite.path.contains('\0') {
+                return Err(ValidationError::new(
+                    "sqlite.path",
+                    format!("must be a file path of at most {MAX_PATH_BYTES} bytes"),
+                ));
+            }
+        }
+        Store::Postgres(pg) => local_name(&pg.secret, "secret").at("postgres.secret")?,
+        Store::Memory(_) => {}
+        Store::Nats(nats) => {
+            let rest = ["nats://", "tls://"]
+                .iter()
+                .find_map(|scheme| nats.url.strip_prefix(scheme))
+                .ok_or_else(|| "must be a `nats://host:port` or `tls://host:port` URL".to_string())
+                .at("nats.url")?;
+            if rest.is_empty() || rest.contains(char::is_whitespace) {
+                return Err(ValidationError::new("nats.url", "must name a server"));
+            }
+            let stream_ok = nats.stream.len() <= 64
+                && nats
+                    .stream
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+            if !stream_ok {
+                return Err(ValidationError::new(
+                    "nats.stream",
+                    "must be at most 64 letters, digits, '-' and '_'",
+                ));
+            }
+        }
+        Store::Kafka(kafka) => {
+            if kafka.brokers.is_empty() {
+                return Err(ValidationError::new("kafka.brokers", "is required"));
+            }
+            for broker in kafka.brokers.split(',') {
+                let port = broker
+                    .trim()
+                    .rsplit_once(':')
+                    .map(|(host, port)| (host, port.parse::<u16>()));
+                if !matches!(port, Some((host, Ok(port))) if !host.is_empty() && port > 0) {
+                    return Err(ValidationError::new(
+                        "kafka.brokers",
+                        format!("`{broker}` is not `host:port`"),
+                    ));
+                }
+            }
+            if kafka.partitions > 10_000 {
+                return Err(ValidationError::new(
+                    "kafka.partitions",
+                    "must be at most 10000",
+                ));
+            }
+        }
+    }
+    let key_value = binding_api(b) == "KeyValue";
+    if b.pool_size > defaults::binding::MAX_POOL_SIZE {
+        return Err(ValidationError::new(
+            "pool_size",
+            format!("must be at most {}", defaults::binding::MAX_POOL_SIZE),
+        ));
+    }
+    if let Some(d) = &b.connect_timeout {
+        duration_up_to(d, 60, "60s").at("connect_timeout")?;
+    }
+    if b.max_value_bytes > defaults::binding::MAX_VALUE_BYTES_LIMIT {
+        return Err(ValidationError::new(
+            "max_value_bytes",
+            format!(
+                "must be at most {} bytes",
+                defaults::binding::MAX_VALUE_BYTES_LIMIT
+            ),
+        ));
+    }
+    let only = |field: &str, set: bool, for_key_value: bool| -> Result {
+        if set && for_key_value != key_value {
+            let api = if for_key_value {
+                "KeyValue stores"
+            } else {
+                "PubSub buses"
+            };
+            return Err(ValidationError::new(
+                field,
+                format!("applies to {api} only"),
+            ));
+        }
+        Ok(())
+    };
+    only("default_ttl", b.default_ttl.is_some(), true)?;
+    only("retention", b.retention.is_some(), false)?;
+    only("ack_wait", b.ack_wait.is_some(), false)?;
+    for (field, d) in [("default_ttl", &b.default_ttl), ("retention", &b.retention)] {
+        if let Some(d) = d {
+            duration_up_to(d, MAX_DATA_DURATION_SECONDS, "10 years").at(field)?;
+        }
+    }
+    if let Some(d) = &b.ack_wait {
+        duration_up_to(d, 43_200, "12h").at("ack_wait")?;
+    }
+    for (i, ns) in b.allow_namespaces.iter().enumerate() {
+        if ns != "*" {
+            dns_label(ns).at(format!("allow_namespaces[{i}]"))?;
+        }
     }
     Ok(())
 }

@@ -65,6 +65,9 @@ pub fn secret_view(secret: &Secret) -> Value {
                 "certificates": bundle.len(),
             })
         }
+        // The value is the secret itself (a connection string with its
+        // password): nothing of it is shown.
+        Some(secret::Kind::Credential(_)) => json!({ "name": secret.name, "kind": "credential" }),
         None => json!({ "name": secret.name, "kind": null }),
     }
 }

@@ -53,6 +53,9 @@ pub(super) fn envoy_secret(secret: &Secret) -> Option<EnvoySecret> {
                 ..Default::default()
             })
         }
+        // A credential is for Prism's own proxies (a data binding's
+        // connection string): Envoy has no use for it and never sees it.
+        secret::Kind::Credential(_) => return None,
         secret::Kind::CaBundle(ca) => {
             envoy_secret_type::Type::ValidationContext(CertificateValidationContext {
                 trusted_ca: Some(inline(&ca.certificates)),

@@ -109,8 +109,10 @@ pub trait KeyValue: Send + Sync + fmt::Debug {
     ) -> BoxFuture<'a, Result<bool, Error>>;
 
     /// The items at `keys`, in their order.
-    fn batch_get<'a>(&'a self, keys: &'a [String])
-    -> BoxFuture<'a, Result<Vec<Option<Item>>, Error>>;
+    fn batch_get<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<Item>>, Error>>;
 
     /// Writes every put in one transaction; their new versions, in order.
     fn batch_put(&self, puts: Vec<Put>) -> BoxFuture<'_, Result<Vec<u64>, Error>>;

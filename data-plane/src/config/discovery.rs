@@ -6,6 +6,7 @@
 //! on the event loop that serves requests. This is the only module that knows tonic.
 
 use std::mem;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,9 @@ use tracing::{debug, info, warn};
 use crate::Config;
 use crate::config::stager::{Offer, Reply, Stager};
 use crate::config::{background, subset};
+use crate::data;
 use crate::http::error::Chain;
-use crate::runtime::{OwnAddresses, Runtime};
+use crate::runtime::{CompileError, OwnAddresses, Runtime};
 
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
 const INVALID_ARGUMENT: i32 = 3;
@@ -175,6 +177,7 @@ impl Subscriber {
                 stager: mem::take(stager),
                 runtime: Arc::clone(&self.runtime),
                 own: self.own.clone(),
+                data_dir: self.config.data_dir.clone(),
             };
             let (back, outcome) = match background::run(move || work.run(response)).await {
                 Ok(done) => done,
@@ -242,6 +245,8 @@ struct Work {
     stager: Stager,
     runtime: Arc<ArcSwap<Runtime>>,
     own: OwnAddresses,
+    /// Where relative SQLite paths of data bindings are taken from.
+    data_dir: Option<PathBuf>,
 }
 
 /// What staging one response led to.
@@ -285,13 +290,16 @@ impl Work {
     fn apply(&mut self, candidate: &Snapshot, changed: bool) -> Outcome {
         let revision = candidate.revision;
         let compiled = if changed {
-            Runtime::compile(candidate, &self.runtime.load(), &self.own).map(Some)
+            self.compile(candidate).map(Some)
         } else {
             Ok(None)
         };
         match compiled {
             Ok(next) => {
                 let retired = next.map(|next| self.runtime.swap(Arc::new(next)));
+                if let Some(old) = &retired {
+                    old.data().retire(self.runtime.load().data());
+                }
                 let accepted = self.stager.commit().map(|accepted| Accepted {
                     status: accepted.clone(),
                     last_good: changed.then(|| accepted.clone()),
@@ -312,6 +320,26 @@ impl Work {
                 }
             }
         }
+    }
+}
+
+impl Work {
+    /// The runtime of `candidate`: its data bindings opened, then the rest
+    /// compiled.
+    ///
+    /// This thread waits for the stores to open while the event loops go on
+    /// serving and drive their IO. A plain executor, not tokio's
+    /// `Handle::block_on`: this work may also run on an event loop (tests),
+    /// where the wait is for bindings that need no opening and ends at once.
+    fn compile(&self, candidate: &Snapshot) -> Result<Runtime, CompileError> {
+        let previous = self.runtime.load();
+        let data = futures::executor::block_on(data::bindings_for(
+            candidate,
+            &previous,
+            self.data_dir.as_deref(),
+        ))
+        .map_err(CompileError::Binding)?;
+        Ok(Runtime::compile(candidate, &previous, &self.own)?.with_data(data))
     }
 }
 

@@ -416,10 +416,15 @@ mod tests {
         })
     }
 
-    /// Offers a full batch, returning the outcome of the last response.
+    /// Offers a full batch (no data bindings), returning the outcome of the
+    /// last response.
     fn batch(stager: &mut Stager, revision: u64, per_kind: [(&[Resource], &[&str]); 4]) -> Offer {
         let mut last = Offer::Waiting;
-        for (kind, (resources, removed)) in Kind::ALL.into_iter().zip(per_kind) {
+        let none: (&[Resource], &[&str]) = (&[], &[]);
+        for (kind, (resources, removed)) in Kind::ALL
+            .into_iter()
+            .zip(per_kind.into_iter().chain([none]))
+        {
             last = stager.offer(response(kind, revision, resources, removed));
         }
         last

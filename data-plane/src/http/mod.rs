@@ -32,19 +32,24 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
 
+use crate::data::gate::{DataGate, DataGateLayer};
 use crate::runtime::Runtime;
 
 /// The proxy's request path, outermost first.
 pub(crate) type Stack = respond::Respond<
     overload::ConcurrencyLimit<
         normalize::Normalize<
-            route::Router<
-                ratelimit::RateLimit<
-                    bodylimit::BodyLimit<
-                        upgrade::Upgrade<
-                            timeout::Timeout<
-                                retry::Retry<
-                                    backend::Balance<breaker::CircuitBreaker<endpoint::Forward>>,
+            DataGate<
+                route::Router<
+                    ratelimit::RateLimit<
+                        bodylimit::BodyLimit<
+                            upgrade::Upgrade<
+                                timeout::Timeout<
+                                    retry::Retry<
+                                        backend::Balance<
+                                            breaker::CircuitBreaker<endpoint::Forward>,
+                                        >,
+                                    >,
                                 >,
                             >,
                         >,
@@ -57,6 +62,7 @@ pub(crate) type Stack = respond::Respond<
 
 /// The request path, in the order of DESIGN.md: server limits → rate limit →
 /// route → timeout → retry → balance → circuit breaker → endpoint client.
+/// Data API calls leave it before the route stage, at the data gate.
 /// The server's wire limits are applied per connection in [`server::serve`]
 /// (by [`h1`] and hyper's HTTP/2); the proxy-wide concurrency limit is the
 /// first stage.
@@ -70,6 +76,9 @@ pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>, max_concurrent_requests: u32
         ))
         // Hop-by-hop headers out; x-forwarded-*, Host and via in.
         .layer(normalize::NormalizeLayer)
+        // `prism.data.v1` calls and `/v1/kv/`, `/v1/pubsub/`: to the data
+        // gateway, never to a route.
+        .layer(DataGateLayer::new(Arc::clone(&runtime)))
         // One runtime view per request; host + path → route.
         .layer(route::RouteLayer::new(runtime))
         // The namespace's and the route's token buckets: 429 when empty.

@@ -159,7 +159,7 @@ impl Limits {
     /// Takes a token from each limit. A request refused by a later limit has
     /// still spent its token of the earlier ones, as with Envoy's chained
     /// local rate limits.
-    fn acquire(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
+    pub(crate) fn acquire(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
         for limit in &self.limits {
             match (limit, client) {
                 (Limit::Shared(bucket), _) => bucket.acquire(now)?,

@@ -229,7 +229,7 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
 
 /// The host a request is for: `:authority` (HTTP/2, or an absolute-form
 /// HTTP/1 target), else the Host header.
-fn request_host<B>(request: &Request<B>) -> &str {
+pub(crate) fn request_host<B>(request: &Request<B>) -> &str {
     if let Some(authority) = request.uri().authority() {
         return authority.as_str();
     }

@@ -35,6 +35,7 @@ pub(crate) use prism_proto::defaults::{
 };
 use prism_proto::{Delta, Kind, Resource, Snapshot};
 
+use crate::data::Bindings;
 use crate::http::ratelimit::{self, Limits};
 use crate::http::{retry, timeout};
 use matcher::{Entry, Matcher};
@@ -64,6 +65,10 @@ pub(crate) struct Runtime {
     route_limits: HashMap<String, Arc<Limits>>,
     /// The TLS listener's certificates, by SNI.
     certificates: Arc<tls::Certificates>,
+    /// The namespaces' data bindings, opened before this runtime was
+    /// stored ([`Runtime::with_data`]); a compile carries the previous
+    /// runtime's.
+    data: Arc<Bindings>,
 }
 
 /// A matched route: where the request goes and the parameters of the stages
@@ -131,6 +136,9 @@ pub(crate) enum CompileError {
     },
     #[error("Route {route}: backend: backend `{backend}` does not exist")]
     MissingBackend { route: String, backend: String },
+    /// A data binding's store or bus could not be opened.
+    #[error(transparent)]
+    Binding(crate::data::OpenError),
 }
 
 impl Runtime {
@@ -213,6 +221,7 @@ impl Runtime {
             namespace_limits,
             route_limits: HashMap::new(),
             certificates: Arc::new(tls::Certificates::compile(snapshot)?),
+            data: Arc::clone(&previous.data),
         };
         let mut routes = Vec::new();
         for entry in snapshot.of_kind(Kind::Route) {
@@ -236,6 +245,7 @@ impl Runtime {
             namespace_limits: self.namespace_limits.clone(),
             route_limits: self.route_limits.clone(),
             certificates: Arc::clone(&self.certificates),
+            data: Arc::clone(&self.data),
         };
         let mut leave = Vec::new();
         let touched = delta
@@ -347,6 +357,28 @@ impl Runtime {
     /// The TLS listener's certificates.
     pub(crate) fn certificates(&self) -> &tls::Certificates {
         &self.certificates
+    }
+
+    /// This runtime serving the data bindings `data`, opened for its
+    /// snapshot.
+    pub(crate) fn with_data(mut self, data: Arc<Bindings>) -> Runtime {
+        self.data = data;
+        self
+    }
+
+    /// The namespaces' data bindings.
+    pub(crate) fn data(&self) -> &Arc<Bindings> {
+        &self.data
+    }
+
+    /// The snapshot this runtime was compiled from.
+    pub(crate) fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// The rate limits of `namespace`, if it has any.
+    pub(crate) fn namespace_limits(&self, namespace: &str) -> Option<&Arc<Limits>> {
+        self.namespace_limits.get(namespace)
     }
 
     /// A backend by full name.

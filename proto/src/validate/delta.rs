@@ -102,12 +102,13 @@ fn passes(base: &Snapshot, matches: &Matches, delta: &Delta, candidate: &Snapsho
         .map(|v| v.resource.kind())
         .chain(delta.removals.iter().map(|key| key.kind));
     // The whole check is no dearer for a delta of half the snapshot or more
-    // (a fresh policy), and the only one for namespaces and Secrets.
+    // (a fresh policy), and the only one for namespaces, Secrets and data
+    // bindings (rare writes, whose rules span their namespace).
     let large = 2 * (delta.upserts.len() + delta.removals.len()) >= candidate.len();
     if large
         || kinds
             .clone()
-            .any(|kind| matches!(kind, Kind::Namespace | Kind::Secret))
+            .any(|kind| matches!(kind, Kind::Namespace | Kind::Secret | Kind::DataBinding))
     {
         return false;
     }
@@ -128,7 +129,9 @@ fn passes(base: &Snapshot, matches: &Matches, delta: &Delta, candidate: &Snapsho
             return false;
         }
         match &entry.resource {
-            Resource::Namespace(_) | Resource::Secret(_) => return false,
+            Resource::Namespace(_) | Resource::Secret(_) | Resource::DataBinding(_) => {
+                return false;
+            }
             Resource::Backend(b) => {
                 if backend_references(candidate, &entry.resource, b).is_err() {
                     return false;

@@ -28,6 +28,17 @@ fn ca_secret(name: &str) -> Resource {
     })
 }
 
+fn credential_secret(name: &str) -> Resource {
+    Resource::Secret(Secret {
+        name: name.into(),
+        kind: Some(secret::Kind::Credential(
+            crate::pb::config::v1::Credential {
+                value: "postgres://prism:hunter2@db.shop.test/shop".into(),
+            },
+        )),
+    })
+}
+
 /// A policy that uses every field, valid as a whole.
 const FULL: &str = r#"
 namespaces:
@@ -90,11 +101,32 @@ routes:
   - name: fallback/all
     match: {prefix: /}
     backend: web
+bindings:
+  - name: shop/kv
+    postgres: {secret: db}
+    pool_size: 8
+    connect_timeout: 2s
+    default_ttl: 2592000s
+    max_value_bytes: 65536
+    allow_namespaces: [fallback]
+  - name: shop/events
+    nats: {url: "nats://127.0.0.1:4222", stream: shop-events}
+    retention: 604800s
+    ack_wait: 10s
+  - name: fallback/kv
+    sqlite: {path: fallback.db}
+    allow_namespaces: ["*"]
+  - name: fallback/bus
+    kafka: {brokers: "k1:9092, k2:9092", partitions: 3}
 "#;
 
 fn full() -> Snapshot {
     let mut resources = parse_policy(FULL).expect("the full policy parses");
-    resources.extend([cert_secret("shop/cert"), ca_secret("shop/ca")]);
+    resources.extend([
+        cert_secret("shop/cert"),
+        ca_secret("shop/ca"),
+        credential_secret("shop/db"),
+    ]);
     Snapshot::from_resources(1, resources)
 }
 
@@ -368,6 +400,75 @@ fn backend_fields_are_checked_and_named() {
     for (body, field) in cases {
         assert_eq!(backend_field(body), field, "{body}");
     }
+}
+
+fn binding_field(body: &str) -> String {
+    field_of(&format!("bindings:\n  - {{name: shop/b, {body}}}\n"))
+}
+
+#[test]
+fn binding_fields_are_checked_and_named() {
+    let cases = [
+        ("pool_size: 1", "sqlite"),
+        ("sqlite: {path: \"\"}", "sqlite.path"),
+        ("postgres: {secret: shop/db}", "postgres.secret"),
+        ("nats: {url: \"http://x:4222\"}", "nats.url"),
+        ("nats: {url: \"nats://\"}", "nats.url"),
+        ("nats: {url: \"nats://x\", stream: \"a.b\"}", "nats.stream"),
+        ("kafka: {brokers: \"\"}", "kafka.brokers"),
+        ("kafka: {brokers: \"k1:9092,k2\"}", "kafka.brokers"),
+        ("kafka: {brokers: \"k1:0\"}", "kafka.brokers"),
+        ("memory: {}, pool_size: 1000", "pool_size"),
+        ("memory: {}, connect_timeout: 0s", "connect_timeout"),
+        ("memory: {}, connect_timeout: 120s", "connect_timeout"),
+        ("memory: {}, max_value_bytes: 5000000", "max_value_bytes"),
+        ("memory: {}, default_ttl: 10s", "default_ttl"),
+        ("sqlite: {path: a.db}, retention: 10s", "retention"),
+        ("sqlite: {path: a.db}, ack_wait: 10s", "ack_wait"),
+        ("sqlite: {path: a.db}, default_ttl: -1s", "default_ttl"),
+        ("memory: {}, ack_wait: 86400s", "ack_wait"),
+        (
+            "memory: {}, allow_namespaces: [Shop]",
+            "allow_namespaces[0]",
+        ),
+    ];
+    for (body, field) in cases {
+        assert_eq!(binding_field(body), field, "{body}");
+    }
+    assert_eq!(field_of("bindings: [{name: b, memory: {}}]"), "name");
+}
+
+#[test]
+fn a_namespace_has_one_binding_per_api_and_postgres_needs_a_credential() {
+    let mut snapshot = full();
+    snapshot.insert(parse_one(
+        "bindings: [{name: shop/kv2, sqlite: {path: a.db}}]",
+    ));
+    let error = validate_snapshot(&snapshot).unwrap_err();
+    assert_eq!(error.field, "name");
+    assert!(
+        error
+            .message
+            .contains("already has a KeyValue binding, `shop/kv`"),
+        "{error}"
+    );
+
+    let mut snapshot = full();
+    snapshot.insert(parse_one(
+        "bindings: [{name: shop/kv, postgres: {secret: cert}}]",
+    ));
+    let error = validate_snapshot(&snapshot).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "DataBinding shop/kv: postgres.secret: secret `shop/cert` holds no `credential`"
+    );
+
+    let mut snapshot = full();
+    snapshot.remove(&ResourceKey::new(Kind::Secret, "shop/db"));
+    assert_eq!(
+        validate_snapshot(&snapshot).unwrap_err().field,
+        "postgres.secret"
+    );
 }
 
 #[test]

@@ -115,7 +115,7 @@ impl Session {
         revision: u64,
         per_kind: [Vec<Resource>; 4],
     ) -> Vec<DeltaDiscoveryRequest> {
-        for (kind, resources) in Kind::ALL.into_iter().zip(per_kind) {
+        for (kind, resources) in every_kind(per_kind) {
             let response = DeltaDiscoveryResponse {
                 system_version_info: revision.to_string(),
                 type_url: kind.type_url().into(),
@@ -146,6 +146,8 @@ fn wire(resource: &Resource) -> WireResource {
 }
 
 /// Secrets, namespaces, backends and routes, in `Kind::ALL` order.
+/// Secrets, namespaces, backends and routes, in push order (no data
+/// bindings).
 fn policy(backend: &str, address: SocketAddr) -> [Vec<Resource>; 4] {
     [
         vec![],
@@ -173,6 +175,13 @@ fn policy(backend: &str, address: SocketAddr) -> [Vec<Resource>; 4] {
             ..Default::default()
         })],
     ]
+}
+
+/// `per_kind` for every kind: no data bindings.
+fn every_kind(per_kind: [Vec<Resource>; 4]) -> impl Iterator<Item = (Kind, Vec<Resource>)> {
+    Kind::ALL
+        .into_iter()
+        .zip(per_kind.into_iter().chain([Vec::new()]))
 }
 
 async fn get(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
@@ -471,7 +480,7 @@ async fn work_stores_a_complete_batch_and_hands_back_the_runtime_it_replaced() {
     let upstream: SocketAddr = "127.0.0.1:9".parse().expect("address");
     let mut stager = Stager::default();
     let mut outcomes = Vec::new();
-    for (kind, resources) in Kind::ALL.into_iter().zip(policy("upstream", upstream)) {
+    for (kind, resources) in every_kind(policy("upstream", upstream)) {
         let response = DeltaDiscoveryResponse {
             system_version_info: "1".into(),
             type_url: kind.type_url().into(),
@@ -483,12 +492,13 @@ async fn work_stores_a_complete_batch_and_hands_back_the_runtime_it_replaced() {
             stager,
             runtime: Arc::clone(&runtime),
             own: OwnAddresses::default(),
+            data_dir: None,
         };
         let (back, outcome) = work.run(response);
         stager = back;
         outcomes.push(outcome);
     }
-    let last = outcomes.pop().expect("four outcomes");
+    let last = outcomes.pop().expect("five outcomes");
     assert!(outcomes.iter().all(|o| matches!(o, Outcome::Waiting)));
     let Outcome::Applied {
         revision: 1,

@@ -1,0 +1,374 @@
+//! What a namespace's DataBindings compile to: a KeyValue store and a PubSub
+//! bus, each opened (pool connected, schema made) before the runtime that
+//! holds them is stored, so the first call finds them ready.
+//!
+//! An apply reopens only what changed: a binding whose store parameters
+//! (driver, path or connection string, pool size, timeouts) are those of the
+//! binding it replaces keeps that one's open store, even when its other
+//! settings (limits, TTL, callers) changed. A store no binding uses any more
+//! drains (calls in flight finish, up to [`DRAIN_TIMEOUT`]) and closes once
+//! the runtime that replaced it is stored.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use prism_datastore::{BusKind, BusParams, KeyValue, KvParams, KvStore, PubSub, open_bus, open_kv};
+use prism_proto::defaults::{self, binding as default};
+use prism_proto::pb::config::v1::{DataBinding, data_binding, secret};
+use prism_proto::{Kind, Resource, ResourceKey, Snapshot};
+use tracing::{info, warn};
+
+/// How long a store no binding uses any more waits for the calls that still
+/// hold it before it is closed.
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Every namespace's bindings.
+#[derive(Debug, Default)]
+pub(crate) struct Bindings {
+    namespaces: HashMap<String, Namespace>,
+}
+
+/// One namespace's bindings, at most one of each API.
+#[derive(Clone, Debug, Default)]
+struct Namespace {
+    kv: Option<Arc<Binding<dyn KeyValue>>>,
+    bus: Option<Arc<Binding<dyn PubSub>>>,
+}
+
+/// One opened binding: its store or bus and the settings calls through it
+/// obey.
+#[derive(Debug)]
+pub(crate) struct Binding<T: ?Sized> {
+    /// `namespace/name`.
+    pub name: String,
+    pub settings: Settings,
+    params: Params,
+    pub store: Arc<T>,
+}
+
+/// What a call through a binding obeys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Settings {
+    pub max_value_bytes: usize,
+    /// A put's TTL when it names none.
+    pub default_ttl: Option<Duration>,
+    /// Namespaces besides its own whose callers may call it; `None` lets
+    /// every caller in.
+    pub allow: Option<Allow>,
+}
+
+/// Who may call a binding that names its callers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Allow {
+    /// `*`: a caller from any namespace.
+    pub any_namespace: bool,
+    pub namespaces: Vec<String>,
+}
+
+/// What opening a store depends on: equal params share one open store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Params {
+    Kv(KvParams),
+    Bus(BusParams),
+}
+
+/// A binding that could not be opened: the apply is refused with this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("DataBinding {binding}: {field}: {reason}")]
+pub(crate) struct OpenError {
+    pub binding: String,
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl Bindings {
+    /// The KeyValue binding of `namespace`.
+    pub(crate) fn kv(&self, namespace: &str) -> Option<&Arc<Binding<dyn KeyValue>>> {
+        self.namespaces.get(namespace)?.kv.as_ref()
+    }
+
+    /// The PubSub binding of `namespace`.
+    pub(crate) fn bus(&self, namespace: &str) -> Option<&Arc<Binding<dyn PubSub>>> {
+        self.namespaces.get(namespace)?.bus.as_ref()
+    }
+
+    /// The bindings of `snapshot`, keeping every open store of `previous`
+    /// whose params are unchanged and opening the others, all at once. The
+    /// first that cannot be opened refuses the whole apply; what was opened
+    /// for it is dropped, and `previous` is untouched.
+    ///
+    /// `data_dir` is where relative SQLite paths are taken from.
+    pub(crate) async fn open(
+        snapshot: &Snapshot,
+        previous: &Bindings,
+        data_dir: Option<&Path>,
+    ) -> Result<Bindings, OpenError> {
+        let mut namespaces: HashMap<String, Namespace> = HashMap::new();
+        let mut opening = Vec::new();
+        for entry in snapshot.of_kind(Kind::DataBinding) {
+            let Resource::DataBinding(spec) = &entry.resource else {
+                continue;
+            };
+            let namespace = entry.resource.namespace();
+            let (params, settings) = compile(snapshot, spec, namespace, data_dir)?;
+            let slot = namespaces.entry(namespace.to_string()).or_default();
+            let old = previous.namespaces.get(namespace);
+            match params {
+                Params::Kv(ref kv) => {
+                    let reused = old
+                        .and_then(|o| o.kv.as_ref())
+                        .filter(|b| b.params == params);
+                    match reused {
+                        Some(b) => slot.kv = Some(b.with(&spec.name, settings)),
+                        None => opening.push(open_one(
+                            spec.name.clone(),
+                            settings,
+                            Params::Kv(kv.clone()),
+                        )),
+                    }
+                }
+                Params::Bus(ref bus) => {
+                    let reused = old
+                        .and_then(|o| o.bus.as_ref())
+                        .filter(|b| b.params == params);
+                    match reused {
+                        Some(b) => slot.bus = Some(b.with(&spec.name, settings)),
+                        None => opening.push(open_one(
+                            spec.name.clone(),
+                            settings,
+                            Params::Bus(bus.clone()),
+                        )),
+                    }
+                }
+            }
+        }
+        for opened in join_all(opening).await {
+            match opened? {
+                Opened::Kv(binding) => {
+                    let namespace = namespace_of(&binding.name).to_string();
+                    namespaces.entry(namespace).or_default().kv = Some(binding);
+                }
+                Opened::Bus(binding) => {
+                    let namespace = namespace_of(&binding.name).to_string();
+                    namespaces.entry(namespace).or_default().bus = Some(binding);
+                }
+            }
+        }
+        Ok(Bindings { namespaces })
+    }
+
+    /// Drains and closes every store of `self` that `next` does not use:
+    /// called once `next` is the one stored.
+    pub(crate) fn retire(&self, next: &Bindings) {
+        for (namespace, old) in &self.namespaces {
+            let new = next.namespaces.get(namespace);
+            if let Some(kv) = &old.kv
+                && !new
+                    .and_then(|n| n.kv.as_ref())
+                    .is_some_and(|n| Arc::ptr_eq(&n.store, &kv.store))
+            {
+                let store = Arc::clone(&kv.store);
+                drain(kv.name.clone(), store, |s| s.close());
+            }
+            if let Some(bus) = &old.bus
+                && !new
+                    .and_then(|n| n.bus.as_ref())
+                    .is_some_and(|n| Arc::ptr_eq(&n.store, &bus.store))
+            {
+                let store = Arc::clone(&bus.store);
+                drain(bus.name.clone(), store, |s| s.close());
+            }
+        }
+    }
+}
+
+impl<T: ?Sized> Binding<T> {
+    /// This binding's open store under `name` with `settings`.
+    fn with(&self, name: &str, settings: Settings) -> Arc<Binding<T>> {
+        Arc::new(Binding {
+            name: name.to_string(),
+            settings,
+            params: self.params.clone(),
+            store: Arc::clone(&self.store),
+        })
+    }
+}
+
+impl Allow {
+    /// Whether a caller from `caller` (none when its host belongs to no
+    /// namespace) may call a binding of `own`.
+    pub(crate) fn admits(&self, own: &str, caller: Option<&str>) -> bool {
+        caller.is_some_and(|caller| {
+            caller == own || self.any_namespace || self.namespaces.iter().any(|n| n == caller)
+        })
+    }
+}
+
+enum Opened {
+    Kv(Arc<Binding<dyn KeyValue>>),
+    Bus(Arc<Binding<dyn PubSub>>),
+}
+
+async fn open_one(name: String, settings: Settings, params: Params) -> Result<Opened, OpenError> {
+    let failed = |field: &'static str, error: prism_datastore::Error| OpenError {
+        binding: name.clone(),
+        field,
+        reason: crate::http::error::Chain(&error).to_string(),
+    };
+    let opened = match &params {
+        Params::Kv(kv) => {
+            let field = match kv.store {
+                KvStore::Sqlite { .. } => "sqlite",
+                KvStore::Postgres { .. } => "postgres",
+            };
+            let store = open_kv(kv).await.map_err(|e| failed(field, e))?;
+            Opened::Kv(Arc::new(Binding {
+                name: name.clone(),
+                settings,
+                params: params.clone(),
+                store,
+            }))
+        }
+        Params::Bus(bus) => {
+            let field = match bus.bus {
+                BusKind::Memory => "memory",
+                BusKind::Nats { .. } => "nats",
+                BusKind::Kafka { .. } => "kafka",
+            };
+            let store = open_bus(bus).await.map_err(|e| failed(field, e))?;
+            Opened::Bus(Arc::new(Binding {
+                name: name.clone(),
+                settings,
+                params: params.clone(),
+                store,
+            }))
+        }
+    };
+    info!(binding = %name, "Opened data binding.");
+    Ok(opened)
+}
+
+/// The store params and call settings of `spec`.
+fn compile(
+    snapshot: &Snapshot,
+    spec: &DataBinding,
+    namespace: &str,
+    data_dir: Option<&Path>,
+) -> Result<(Params, Settings), OpenError> {
+    use data_binding::Store;
+
+    let connect_timeout =
+        defaults::duration_or(spec.connect_timeout.as_ref(), default::CONNECT_TIMEOUT);
+    let kv = |store| {
+        Params::Kv(KvParams {
+            namespace: namespace.to_string(),
+            store,
+            pool_size: defaults::nonzero_or(spec.pool_size, default::POOL_SIZE),
+            connect_timeout,
+        })
+    };
+    let bus = |bus| {
+        Params::Bus(BusParams {
+            namespace: namespace.to_string(),
+            bus,
+            retention: spec.retention.as_ref().and_then(defaults::to_std),
+            ack_wait: defaults::duration_or(spec.ack_wait.as_ref(), default::ACK_WAIT),
+            connect_timeout,
+        })
+    };
+    let params = match &spec.store {
+        Some(Store::Sqlite(sqlite)) => kv(KvStore::Sqlite {
+            path: sqlite_path(&sqlite.path, data_dir),
+        }),
+        Some(Store::Postgres(pg)) => kv(KvStore::Postgres {
+            url: credential(snapshot, namespace, &pg.secret).ok_or_else(|| OpenError {
+                binding: spec.name.clone(),
+                field: "postgres.secret",
+                reason: format!("secret `{namespace}/{}` holds no `credential`", pg.secret),
+            })?,
+        }),
+        Some(Store::Memory(_)) => bus(BusKind::Memory),
+        Some(Store::Nats(nats)) => bus(BusKind::Nats {
+            url: nats.url.clone(),
+            stream: (!nats.stream.is_empty()).then(|| nats.stream.clone()),
+        }),
+        Some(Store::Kafka(kafka)) => bus(BusKind::Kafka {
+            brokers: kafka.brokers.clone(),
+            partitions: defaults::nonzero_or(kafka.partitions, default::KAFKA_PARTITIONS),
+        }),
+        // Validation refuses a binding without a store.
+        None => {
+            return Err(OpenError {
+                binding: spec.name.clone(),
+                field: "sqlite",
+                reason: "no store".into(),
+            });
+        }
+    };
+    let max_value_bytes = if spec.max_value_bytes == 0 {
+        default::MAX_VALUE_BYTES
+    } else {
+        spec.max_value_bytes
+    };
+    let settings = Settings {
+        max_value_bytes: usize::try_from(max_value_bytes).unwrap_or(usize::MAX),
+        default_ttl: spec.default_ttl.as_ref().and_then(defaults::to_std),
+        allow: (!spec.allow_namespaces.is_empty()).then(|| Allow {
+            any_namespace: spec.allow_namespaces.iter().any(|n| n == "*"),
+            namespaces: spec.allow_namespaces.clone(),
+        }),
+    };
+    Ok((params, settings))
+}
+
+/// A relative SQLite path is taken from the proxy's data directory (the
+/// working directory when it keeps none).
+fn sqlite_path(path: &str, data_dir: Option<&Path>) -> PathBuf {
+    let path = Path::new(path);
+    match data_dir {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// The value of the credential Secret `name` of `namespace`.
+fn credential(snapshot: &Snapshot, namespace: &str, name: &str) -> Option<String> {
+    let key = ResourceKey::new(Kind::Secret, format!("{namespace}/{name}"));
+    match &snapshot.get(&key)?.resource {
+        Resource::Secret(s) => match &s.kind {
+            Some(secret::Kind::Credential(c)) => Some(c.value.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn namespace_of(name: &str) -> &str {
+    name.split_once('/')
+        .map_or(name, |(namespace, _)| namespace)
+}
+
+/// Waits (up to [`DRAIN_TIMEOUT`]) until nothing but this task holds
+/// `store`, then closes it.
+fn drain<T: ?Sized + Send + Sync + 'static>(
+    binding: String,
+    store: Arc<T>,
+    close: impl FnOnce(&T) -> futures::future::BoxFuture<'_, ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        // Calls in flight hold the store through the runtime they loaded;
+        // each ends within its own timeout, so polling ends too.
+        while Arc::strong_count(&store) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if Arc::strong_count(&store) > 1 {
+            warn!(%binding, "Closing a data binding with calls still in flight.");
+        }
+        close(&store).await;
+        info!(%binding, "Closed data binding.");
+    });
+}

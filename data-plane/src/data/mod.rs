@@ -1,0 +1,167 @@
+//! The data gateway: what a namespace's DataBindings compile to
+//! ([`bindings`]: an opened KeyValue store or PubSub bus) and the APIs that
+//! reach them on the proxy's own port, `prism.data.v1` over gRPC ([`grpc`])
+//! and the same operations over HTTP/JSON ([`json`]). Both enter through one
+//! stage, [`gate`], which takes the data API paths off the request path
+//! before routing; both call the same operations ([`kv`]) and answer their
+//! errors through one table ([`error`]).
+//!
+//! A call goes namespace → binding → store: the request names its
+//! namespace, the runtime it loaded holds that namespace's binding, and the
+//! binding holds the store (prism-datastore's trait object: no sqlx, NATS or
+//! Kafka type is seen here). The namespace's rate limits and the proxy-wide
+//! concurrency limit apply to data calls as to routed requests.
+
+pub(crate) mod bindings;
+mod error;
+pub(crate) mod gate;
+mod grpc;
+mod json;
+mod kv;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use prism_proto::{Kind, Resource, Snapshot};
+
+use crate::runtime::Runtime;
+use bindings::Binding;
+
+pub(crate) use bindings::{Bindings, OpenError};
+pub(crate) use error::DataError;
+
+/// The generated messages and services of `prism.data.v1`, clients included
+/// (tests and tools call the proxy with them).
+pub mod pb {
+    #![allow(clippy::all, missing_docs, rust_2018_idioms, unreachable_pub)]
+    tonic::include_proto!("prism.data.v1");
+}
+
+/// The body of every data API answer: tonic's, which its services give and
+/// any other body can be boxed into.
+pub(crate) type DataBody = tonic::body::Body;
+
+/// Who is calling: the host it called (which names its namespace) and its
+/// address. The gate puts it into each data call's extensions.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Caller {
+    pub host: String,
+    pub ip: Option<std::net::IpAddr>,
+}
+
+/// A JSON answer.
+pub(crate) fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<DataBody> {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut response = Response::new(DataBody::new(Full::new(Bytes::from(text))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The bindings `snapshot` needs, given the runtime it replaces: that
+/// runtime's own when no binding and no Secret changed (the common apply
+/// costs a walk of the bindings), otherwise [`Bindings::open`].
+pub(crate) async fn bindings_for(
+    snapshot: &Snapshot,
+    previous: &Runtime,
+    data_dir: Option<&std::path::Path>,
+) -> Result<Arc<Bindings>, OpenError> {
+    let same = |kind| {
+        let versions = |s: &'_ Snapshot| {
+            s.of_kind(kind)
+                .map(|v| (v.resource.name().to_string(), v.version.clone()))
+                .collect::<Vec<_>>()
+        };
+        versions(snapshot) == versions(previous.snapshot())
+    };
+    if previous.is_configured() && same(Kind::DataBinding) && same(Kind::Secret) {
+        return Ok(Arc::clone(previous.data()));
+    }
+    Ok(Arc::new(
+        Bindings::open(snapshot, previous.data(), data_dir).await?,
+    ))
+}
+
+/// The binding `pick` finds for `namespace`, if `caller` may call it now:
+/// the namespace has one, it lets the caller's namespace in, and the
+/// namespace's rate limits have a token for it.
+fn admit<'r, T: ?Sized>(
+    runtime: &'r Runtime,
+    caller: &Caller,
+    namespace: &str,
+    api: &'static str,
+    pick: impl FnOnce(&'r Bindings) -> Option<&'r Arc<Binding<T>>>,
+) -> Result<&'r Arc<Binding<T>>, DataError> {
+    if !runtime.is_configured() {
+        return Err(DataError::NotConfigured);
+    }
+    if namespace.is_empty() {
+        return Err(DataError::invalid("namespace", "is required"));
+    }
+    let binding = pick(runtime.data()).ok_or_else(|| DataError::NoBinding {
+        namespace: namespace.to_string(),
+        api,
+    })?;
+    if let Some(allow) = &binding.settings.allow {
+        let from = caller_namespace(runtime, &caller.host);
+        if !allow.admits(namespace, from) {
+            return Err(DataError::Denied {
+                api,
+                binding: binding.name.clone(),
+                caller: from.map_or_else(
+                    || format!("host `{}`, which no namespace serves", caller.host),
+                    |ns| format!("namespace `{ns}`"),
+                ),
+            });
+        }
+    }
+    if let Some(limits) = runtime.namespace_limits(namespace) {
+        limits
+            .acquire(caller.ip, tokio::time::Instant::now())
+            .map_err(|retry_after| DataError::RateLimited { retry_after })?;
+    }
+    Ok(binding)
+}
+
+/// The namespace whose hosts hold `host` (an exact host before the longest
+/// wildcard, and `*` last), as the proxy's routing would pick.
+pub(crate) fn caller_namespace<'r>(runtime: &'r Runtime, host: &str) -> Option<&'r str> {
+    let host = host.rsplit_once(':').map_or(host, |(name, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            name
+        } else {
+            host
+        }
+    });
+    let host = host.to_ascii_lowercase();
+    let mut best: Option<(usize, &str)> = None;
+    for entry in runtime.snapshot().of_kind(Kind::Namespace) {
+        let Resource::Namespace(ns) = &entry.resource else {
+            continue;
+        };
+        for pattern in &ns.hosts {
+            let rank = if *pattern == host {
+                usize::MAX
+            } else if let Some(suffix) = pattern.strip_prefix('*') {
+                if suffix.is_empty() || host.ends_with(suffix) {
+                    suffix.len() + 1
+                } else {
+                    continue;
+                }
+            } else {
+                continue;
+            };
+            if best.is_none_or(|(r, _)| rank > r) {
+                best = Some((rank, &ns.name));
+            }
+        }
+    }
+    best.map(|(_, name)| name)
+}
