@@ -90,8 +90,8 @@ async fn postgres(case: &str) -> Store {
             _dir: None,
         },
         Err(error @ Error::Unavailable { .. }) => panic!(
-            "PostgreSQL is not reachable at {DEFAULT_POSTGRES_URL} (or PRISM_TEST_POSTGRES_URL): \
-             start it (trust auth, database `test`): {error}"
+            "PostgreSQL is not reachable ({error}): start it (trust auth, database `test`), \
+             or set PRISM_TEST_POSTGRES_URL"
         ),
         Err(error) => panic!("opening PostgreSQL failed: {error}"),
     }

@@ -657,6 +657,43 @@ fn prefix_successor(prefix: &str) -> Option<String> {
 mod tests {
     use super::prefix_successor;
 
+    /// The sweeper task ends with its store, whether the store is closed
+    /// or only dropped.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn the_sweeper_ends_with_its_store() {
+        use std::time::Duration;
+
+        use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+
+        use super::SqlKv;
+
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("kv.db"))
+            .create_if_missing(true);
+        for close in [true, false] {
+            let pool = SqlitePoolOptions::new()
+                .connect_with(options.clone())
+                .await
+                .unwrap();
+            let store = SqlKv::start(pool, "sweeper").await.unwrap();
+            let sweeper = store.sweeper.abort_handle();
+            assert!(!sweeper.is_finished());
+            if close {
+                store.shut().await;
+            }
+            drop(store);
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while !sweeper.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the sweeper outlived its store (closed: {close})"));
+        }
+    }
+
     #[test]
     fn prefix_successor_bounds_the_prefix_in_byte_order() {
         assert_eq!(prefix_successor(""), None);

@@ -50,7 +50,7 @@ impl Dialect for Sqlite {
 
     fn invalid(code: &str) -> bool {
         // TOOBIG, CONSTRAINT, MISMATCH.
-        primary(code).is_some_and(|code| matches!(code, 18 | 19 | 20))
+        primary(code).is_some_and(|code| (18..=20).contains(&code))
     }
 }
 
