@@ -523,6 +523,21 @@ async fn open_fails_unavailable(params: &KvParams) -> String {
     error.to_string()
 }
 
+/// Opens PostgreSQL at `port` of 127.0.0.1 with a password in the URL and
+/// expects `Unavailable` naming the address, never the password.
+async fn postgres_at_is_unavailable(port: u16, connect_timeout: Duration) {
+    let mut params = params(
+        namespace("unreachable"),
+        KvStore::Postgres {
+            url: format!("postgres://prism:hunter2@127.0.0.1:{port}/test"),
+        },
+    );
+    params.connect_timeout = connect_timeout;
+    let message = open_fails_unavailable(&params).await;
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
 #[tokio::test]
 async fn postgres_on_a_dead_port_is_unavailable() {
     // A port that was free a moment ago: nothing listens there.
@@ -531,16 +546,7 @@ async fn postgres_on_a_dead_port_is_unavailable() {
         .local_addr()
         .unwrap()
         .port();
-    let mut params = params(
-        namespace("dead"),
-        KvStore::Postgres {
-            url: format!("postgres://prism:hunter2@127.0.0.1:{port}/test"),
-        },
-    );
-    params.connect_timeout = Duration::from_secs(2);
-    let message = open_fails_unavailable(&params).await;
-    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
-    assert!(!message.contains("hunter2"), "{message}");
+    postgres_at_is_unavailable(port, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
@@ -549,16 +555,7 @@ async fn postgres_that_never_answers_is_unavailable_in_time() {
     // word: without a deadline the startup handshake would wait forever.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
-    let mut params = params(
-        namespace("silent"),
-        KvStore::Postgres {
-            url: format!("postgres://prism:hunter2@127.0.0.1:{port}/test"),
-        },
-    );
-    params.connect_timeout = Duration::from_secs(1);
-    let message = open_fails_unavailable(&params).await;
-    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
-    assert!(!message.contains("hunter2"), "{message}");
+    postgres_at_is_unavailable(port, Duration::from_secs(1)).await;
     drop(silent);
 }
 

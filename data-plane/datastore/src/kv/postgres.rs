@@ -16,24 +16,15 @@ use super::{KeyValue, KvParams};
 use crate::Error;
 
 impl Dialect for Postgres {
+    // Byte order, as SQLite's BINARY collation, whatever the database's
+    // locale.
+    const KEY_TYPE: &'static str = "TEXT COLLATE \"C\"";
+    const BYTES_TYPE: &'static str = "BYTEA";
+    const INTEGER_TYPE: &'static str = "BIGINT";
     // Two stores opened at once would race on `CREATE … IF NOT EXISTS`
     // (both find the table missing, one fails on the catalog's unique
     // index): a transaction-scoped advisory lock makes them take turns.
-    const SCHEMA: &'static [&'static str] = &[
-        "SELECT pg_advisory_xact_lock(7239140511)",
-        "CREATE TABLE IF NOT EXISTS prism_kv_items (\
-         namespace TEXT NOT NULL, key TEXT COLLATE \"C\" NOT NULL, value BYTEA NOT NULL, \
-         version BIGINT NOT NULL, expires_at BIGINT, \
-         PRIMARY KEY (namespace, key))",
-        "CREATE INDEX IF NOT EXISTS prism_kv_items_expiry \
-         ON prism_kv_items (namespace, expires_at)",
-        "CREATE TABLE IF NOT EXISTS prism_kv_idempotency (\
-         namespace TEXT NOT NULL, idempotency_key TEXT NOT NULL, \
-         version BIGINT NOT NULL, applied_at BIGINT NOT NULL, \
-         PRIMARY KEY (namespace, idempotency_key))",
-        "CREATE INDEX IF NOT EXISTS prism_kv_idempotency_applied \
-         ON prism_kv_idempotency (namespace, applied_at)",
-    ];
+    const SCHEMA_LOCK: Option<&'static str> = Some("SELECT pg_advisory_xact_lock(7239140511)");
 
     const BEGIN_WRITE: &'static str = "BEGIN";
 

@@ -19,7 +19,9 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use sqlx::error::ErrorKind;
-use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
+use sqlx::{
+    AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type,
+};
 use tokio::task::JoinHandle;
 
 use super::{IDEMPOTENCY_RETENTION, Item, KeyValue, Page, Put, ScanLimit};
@@ -35,9 +37,15 @@ const SWEEP_BATCH: i64 = 500;
 
 /// What differs between the SQL databases.
 pub(super) trait Dialect: Database {
-    /// Statements creating the schema if missing, run in one write
-    /// transaction.
-    const SCHEMA: &'static [&'static str];
+    /// The column type of keys: one that compares and sorts in byte order.
+    const KEY_TYPE: &'static str;
+    /// The column type of values.
+    const BYTES_TYPE: &'static str;
+    /// The column type of versions and unix milliseconds.
+    const INTEGER_TYPE: &'static str;
+    /// A statement run first in the schema's transaction, to make stores
+    /// opened at once take turns creating it.
+    const SCHEMA_LOCK: Option<&'static str>;
     /// The statement beginning a transaction that will write.
     const BEGIN_WRITE: &'static str;
 
@@ -60,6 +68,33 @@ pub(super) struct SqlKv<DB: Database> {
 
 /// A row as read: key, value, version, expiry (unix milliseconds).
 type RawItem = (String, Vec<u8>, i64, Option<i64>);
+
+/// The statements creating the schema if missing, in the column types of
+/// `DB`: items keyed by (namespace, key) with an index on their expiry, and
+/// applied idempotency keys with an index on when they were applied.
+fn schema<DB: Dialect>() -> [String; 4] {
+    let (key, bytes, integer) = (DB::KEY_TYPE, DB::BYTES_TYPE, DB::INTEGER_TYPE);
+    [
+        format!(
+            "CREATE TABLE IF NOT EXISTS prism_kv_items (\
+             namespace TEXT NOT NULL, key {key} NOT NULL, value {bytes} NOT NULL, \
+             version {integer} NOT NULL, expires_at {integer}, \
+             PRIMARY KEY (namespace, key))"
+        ),
+        "CREATE INDEX IF NOT EXISTS prism_kv_items_expiry \
+         ON prism_kv_items (namespace, expires_at)"
+            .to_string(),
+        format!(
+            "CREATE TABLE IF NOT EXISTS prism_kv_idempotency (\
+             namespace TEXT NOT NULL, idempotency_key TEXT NOT NULL, \
+             version {integer} NOT NULL, applied_at {integer} NOT NULL, \
+             PRIMARY KEY (namespace, idempotency_key))"
+        ),
+        "CREATE INDEX IF NOT EXISTS prism_kv_idempotency_applied \
+         ON prism_kv_idempotency (namespace, applied_at)"
+            .to_string(),
+    ]
+}
 
 const SELECT_ITEM: &str = "SELECT key, value, version, expires_at FROM prism_kv_items \
      WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)";
@@ -158,8 +193,9 @@ where
             .begin_with(DB::BEGIN_WRITE)
             .await
             .map_err(classify::<DB>)?;
-        for statement in DB::SCHEMA {
-            sqlx::query(*statement)
+        let lock = DB::SCHEMA_LOCK.map(str::to_string);
+        for statement in lock.into_iter().chain(schema::<DB>()) {
+            sqlx::query(AssertSqlSafe(statement))
                 .execute(&mut *tx)
                 .await
                 .map_err(classify::<DB>)?;
@@ -266,6 +302,14 @@ where
             items.push(self.select_item(&mut *conn, key).await?);
         }
         Ok(items)
+    }
+
+    async fn put_one(&self, put: Put) -> Result<u64, Error> {
+        let versions = self.put_all(vec![put]).await?;
+        versions
+            .first()
+            .copied()
+            .ok_or_else(|| Error::internal(DB::NAME, "a put returned no version".to_string()))
     }
 
     /// Applies `puts` in one write transaction; nothing is applied unless
@@ -449,65 +493,60 @@ impl<DB: Dialect> fmt::Debug for SqlKv<DB> {
     }
 }
 
-impl<DB> KeyValue for SqlKv<DB>
-where
-    DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    DB::Arguments: IntoArguments<DB>,
-    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
-    for<'q> Option<i64>: Encode<'q, DB>,
-    for<'q> bool: Encode<'q, DB> + Type<DB>,
-    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
-    for<'q> Option<String>: Encode<'q, DB>,
-    for<'q> Vec<u8>: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
-    usize: ColumnIndex<DB::Row>,
-{
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Item>, Error>> {
-        Box::pin(self.get_one(key))
-    }
+/// Implements [`KeyValue`] for the store of one database by delegating to
+/// the generic methods above. A macro rather than a generic impl because
+/// the generic one would repeat every bound of the inherent impl (Rust does
+/// not carry such bounds over); for one concrete database they simply hold.
+macro_rules! key_value_for {
+    ($db:ty) => {
+        impl KeyValue for SqlKv<$db> {
+            fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Item>, Error>> {
+                Box::pin(self.get_one(key))
+            }
 
-    fn put(&self, put: Put) -> BoxFuture<'_, Result<u64, Error>> {
-        Box::pin(async move {
-            let versions = self.put_all(vec![put]).await?;
-            versions
-                .first()
-                .copied()
-                .ok_or_else(|| Error::internal(DB::NAME, "a put returned no version".to_string()))
-        })
-    }
+            fn put(&self, put: Put) -> BoxFuture<'_, Result<u64, Error>> {
+                Box::pin(self.put_one(put))
+            }
 
-    fn delete<'a>(
-        &'a self,
-        key: &'a str,
-        expected_version: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, Error>> {
-        Box::pin(self.delete_one(key, expected_version))
-    }
+            fn delete<'a>(
+                &'a self,
+                key: &'a str,
+                expected_version: Option<u64>,
+            ) -> BoxFuture<'a, Result<bool, Error>> {
+                Box::pin(self.delete_one(key, expected_version))
+            }
 
-    fn batch_get<'a>(
-        &'a self,
-        keys: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<Option<Item>>, Error>> {
-        Box::pin(self.get_many(keys))
-    }
+            fn batch_get<'a>(
+                &'a self,
+                keys: &'a [String],
+            ) -> BoxFuture<'a, Result<Vec<Option<Item>>, Error>> {
+                Box::pin(self.get_many(keys))
+            }
 
-    fn batch_put(&self, puts: Vec<Put>) -> BoxFuture<'_, Result<Vec<u64>, Error>> {
-        Box::pin(self.put_all(puts))
-    }
+            fn batch_put(&self, puts: Vec<Put>) -> BoxFuture<'_, Result<Vec<u64>, Error>> {
+                Box::pin(self.put_all(puts))
+            }
 
-    fn scan<'a>(
-        &'a self,
-        prefix: &'a str,
-        after: Option<&'a str>,
-        limit: ScanLimit,
-    ) -> BoxFuture<'a, Result<Page, Error>> {
-        Box::pin(self.scan_page(prefix, after, limit))
-    }
+            fn scan<'a>(
+                &'a self,
+                prefix: &'a str,
+                after: Option<&'a str>,
+                limit: ScanLimit,
+            ) -> BoxFuture<'a, Result<Page, Error>> {
+                Box::pin(self.scan_page(prefix, after, limit))
+            }
 
-    fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.shut())
-    }
+            fn close(&self) -> BoxFuture<'_, ()> {
+                Box::pin(self.shut())
+            }
+        }
+    };
 }
+
+#[cfg(feature = "sqlite")]
+key_value_for!(sqlx::Sqlite);
+#[cfg(feature = "postgres")]
+key_value_for!(sqlx::Postgres);
 
 impl TryFrom<Put> for Write {
     type Error = Error;

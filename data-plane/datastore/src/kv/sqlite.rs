@@ -25,20 +25,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 impl Dialect for Sqlite {
     // TEXT compares with the BINARY collation: keys sort in byte order, as
     // they do in PostgreSQL under `COLLATE "C"`.
-    const SCHEMA: &'static [&'static str] = &[
-        "CREATE TABLE IF NOT EXISTS prism_kv_items (\
-         namespace TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, \
-         version INTEGER NOT NULL, expires_at INTEGER, \
-         PRIMARY KEY (namespace, key))",
-        "CREATE INDEX IF NOT EXISTS prism_kv_items_expiry \
-         ON prism_kv_items (namespace, expires_at)",
-        "CREATE TABLE IF NOT EXISTS prism_kv_idempotency (\
-         namespace TEXT NOT NULL, idempotency_key TEXT NOT NULL, \
-         version INTEGER NOT NULL, applied_at INTEGER NOT NULL, \
-         PRIMARY KEY (namespace, idempotency_key))",
-        "CREATE INDEX IF NOT EXISTS prism_kv_idempotency_applied \
-         ON prism_kv_idempotency (namespace, applied_at)",
-    ];
+    const KEY_TYPE: &'static str = "TEXT";
+    const BYTES_TYPE: &'static str = "BLOB";
+    const INTEGER_TYPE: &'static str = "INTEGER";
+    const SCHEMA_LOCK: Option<&'static str> = None;
 
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
 
