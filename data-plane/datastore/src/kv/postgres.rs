@@ -8,8 +8,8 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use sqlx::Postgres;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Postgres};
 
 use super::sql::{Dialect, SqlKv, classify, within};
 use super::{KeyValue, KvParams};
@@ -29,10 +29,10 @@ impl Dialect for Postgres {
     const BEGIN_WRITE: &'static str = "BEGIN";
 
     fn retryable(code: &str) -> bool {
-        // Connection exceptions (08), insufficient resources (53), operator
-        // intervention such as a shutdown (57), serialization failures and
-        // deadlocks (40).
-        ["08", "53", "57", "40"]
+        // Connection exceptions (08), a refused login (28) or database
+        // (3D), insufficient resources (53), operator intervention such as
+        // a shutdown (57), serialization failures and deadlocks (40).
+        ["08", "28", "3D", "53", "57", "40"]
             .iter()
             .any(|class| code.starts_with(class))
     }
@@ -77,7 +77,7 @@ fn options(url: &str) -> Result<PgConnectOptions, Error> {
 /// Where `options` connect, without the user or password.
 fn describe(options: &PgConnectOptions) -> String {
     format!(
-        "PostgreSQL at {}:{} (database {})",
+        "{}:{} (database {})",
         options.get_host(),
         options.get_port(),
         options.get_database().unwrap_or("of the user's name")
@@ -85,6 +85,11 @@ fn describe(options: &PgConnectOptions) -> String {
 }
 
 async fn connect(params: &KvParams, options: PgConnectOptions, size: u32) -> Result<PgPool, Error> {
+    // One connection made directly first: a refused connection or a failed
+    // login answers at once with its cause, where the pool would retry
+    // until its acquire timeout and report only that it timed out.
+    let probe = options.connect().await.map_err(classify::<Postgres>)?;
+    probe.close().await.map_err(classify::<Postgres>)?;
     PgPoolOptions::new()
         .max_connections(size.max(1))
         .acquire_timeout(params.connect_timeout)
