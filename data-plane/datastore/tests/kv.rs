@@ -442,6 +442,23 @@ async fn concurrent_puts_keep_every_version(kv: Arc<dyn KeyValue>, _: KvParams) 
     assert_eq!(kv.get("hot").await.unwrap().unwrap().version, 20);
 }
 
+async fn concurrent_retries_apply_once(kv: Arc<dyn KeyValue>, _: KvParams) {
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let kv = Arc::clone(&kv);
+            let retry = Put {
+                idempotency_key: Some("request".into()),
+                ..put("k", &format!("attempt {i}"))
+            };
+            tokio::spawn(async move { kv.put(retry).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), 1);
+    }
+    assert_eq!(kv.get("k").await.unwrap().unwrap().version, 1);
+}
+
 async fn closed_store_answers_closed(kv: Arc<dyn KeyValue>, _: KvParams) {
     kv.put(put("k", "v")).await.unwrap();
     kv.close().await;
@@ -499,6 +516,7 @@ conformance!(
     scan_pages,
     scan_takes_wildcards_literally,
     concurrent_puts_keep_every_version,
+    concurrent_retries_apply_once,
     closed_store_answers_closed,
 );
 
