@@ -43,8 +43,8 @@ pub(super) trait Dialect: Database {
     const BYTES_TYPE: &'static str;
     /// The column type of versions and unix milliseconds.
     const INTEGER_TYPE: &'static str;
-    /// A statement run first in the schema's transaction, to make stores
-    /// opened at once take turns creating it.
+    /// A statement run first in each transaction creating the schema, to
+    /// make stores opened at once take turns.
     const SCHEMA_LOCK: Option<&'static str>;
     /// The statement beginning a transaction that will write.
     const BEGIN_WRITE: &'static str;
@@ -189,18 +189,28 @@ where
 {
     /// Creates the schema on `pool` and starts the sweeper of `namespace`.
     pub(super) async fn start(pool: Pool<DB>, namespace: &str) -> Result<Self, Error> {
-        let mut tx = pool
-            .begin_with(DB::BEGIN_WRITE)
-            .await
-            .map_err(classify::<DB>)?;
-        let lock = DB::SCHEMA_LOCK.map(str::to_string);
-        for statement in lock.into_iter().chain(schema::<DB>()) {
-            sqlx::query(AssertSqlSafe(statement))
-                .execute(&mut *tx)
+        // Each statement in a transaction of its own: `CREATE INDEX` locks
+        // its table against writes even when the index exists, and a
+        // transaction holding that lock on one table while it waits for the
+        // next would deadlock with a write holding the second and waiting
+        // for the first.
+        for statement in schema::<DB>() {
+            let mut tx = pool
+                .begin_with(DB::BEGIN_WRITE)
                 .await
                 .map_err(classify::<DB>)?;
+            for statement in DB::SCHEMA_LOCK
+                .into_iter()
+                .map(str::to_string)
+                .chain([statement])
+            {
+                sqlx::query(AssertSqlSafe(statement))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify::<DB>)?;
+            }
+            tx.commit().await.map_err(classify::<DB>)?;
         }
-        tx.commit().await.map_err(classify::<DB>)?;
         let sweeper = tokio::spawn(Self::sweep_forever(pool.clone(), namespace.to_string()));
         Ok(SqlKv {
             pool,
