@@ -32,7 +32,10 @@ use tokio::task::JoinHandle;
 
 use crate::Error;
 
+mod keys;
 mod memory;
+#[cfg(feature = "nats")]
+mod nats;
 
 pub use memory::MemoryBus;
 
@@ -210,6 +213,34 @@ pub(crate) fn check_group(group: &str) -> Result<(), Error> {
     }
 }
 
+/// Checks what a subscribe names: its topic, its group and its bound.
+pub(crate) fn check_subscription(
+    topic: &str,
+    group: Option<&str>,
+    bound: usize,
+) -> Result<(), Error> {
+    check_topic(topic)?;
+    if let Some(group) = group {
+        check_group(group)?;
+    }
+    if bound == 0 {
+        return Err(Error::Invalid(
+            "a subscription's bound must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The acker of subscriptions whose acks mean nothing: ungrouped ones, and
+/// every one of an at-most-once bus.
+pub(crate) struct NoAcker;
+
+impl Acker for NoAcker {
+    fn ack<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 #[cfg(not(feature = "nats"))]
 async fn open_nats(_: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
     Err(Error::Invalid(
@@ -225,8 +256,11 @@ async fn open_kafka(_: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
 }
 
 #[cfg(feature = "nats")]
-async fn open_nats(_params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
-    Err(Error::Invalid("nats: not built yet".into()))
+async fn open_nats(params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
+    match &params.bus {
+        BusKind::Nats { url, stream } => nats::open(params, url, stream.as_deref()).await,
+        _ => Err(Error::Invalid("not a NATS bus".into())),
+    }
 }
 
 #[cfg(feature = "kafka")]

@@ -99,6 +99,37 @@ async fn memory() -> Backend {
     }
 }
 
+#[cfg(feature = "nats")]
+async fn nats(jetstream: bool) -> Backend {
+    let stream = jetstream.then(|| unique("stream"));
+    let url = "nats://127.0.0.1:4222".to_string();
+    let live = params(BusKind::Nats {
+        url,
+        stream: stream.clone(),
+    });
+    let bus = open_bus(&live).await.unwrap_or_else(|error| {
+        panic!("these tests need NATS with JetStream on 127.0.0.1:4222 (nats-server -js): {error}")
+    });
+    Backend {
+        bus,
+        promises: Promises {
+            redelivery: if jetstream {
+                Redelivery::AfterAckWait
+            } else {
+                Redelivery::Never
+            },
+            splits_between_members: true,
+            counts_attempts: jetstream,
+        },
+        memory: None,
+        dead: Some(params(BusKind::Nats {
+            url: "nats://127.0.0.1:1".into(),
+            stream,
+        })),
+        _keep: None,
+    }
+}
+
 async fn next(sub: &mut Subscription) -> Delivery {
     next_within(sub, WAIT).await
 }
@@ -423,3 +454,7 @@ macro_rules! conformance {
 }
 
 conformance!(memory_bus, memory());
+#[cfg(feature = "nats")]
+conformance!(nats_jetstream, nats(true));
+#[cfg(feature = "nats")]
+conformance!(nats_core, nats(false));

@@ -25,6 +25,9 @@
 //!   holds nothing more for it.
 //!
 //! Nothing survives a restart.
+//!
+//! [`KEY_WINDOW`]: super::keys::KEY_WINDOW
+//! [`MAX_KEYS`]: super::keys::MAX_KEYS
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -37,18 +40,16 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Acker, BusParams, Delivery, PubSub, Subscription, check_group, check_topic};
+use super::keys::KeyWindow;
+use super::{
+    Acker, BusParams, Delivery, NoAcker, PubSub, Subscription, check_subscription, check_topic,
+};
 use crate::Error;
 
 /// How long a topic keeps a message when the binding does not say.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(60 * 60);
 /// The most messages a topic retains; past it the oldest is dropped.
 pub const MAX_RETAINED: usize = 10_000;
-/// How long an idempotency key is remembered.
-pub const KEY_WINDOW: Duration = Duration::from_secs(2 * 60);
-/// The most idempotency keys a topic remembers; past it the oldest is
-/// forgotten.
-pub const MAX_KEYS: usize = 10_000;
 
 /// The in-memory bus of one namespace.
 pub struct MemoryBus {
@@ -86,7 +87,7 @@ struct TopicState {
     log: VecDeque<Message>,
     /// The sequence number the next publish takes; the first is 1.
     next_seq: u64,
-    keys: Keys,
+    keys: KeyWindow,
     groups: HashMap<String, Group>,
     closed: bool,
 }
@@ -95,13 +96,6 @@ struct Message {
     seq: u64,
     payload: Bytes,
     at: Instant,
-}
-
-/// Idempotency keys taken recently, with the id each was given.
-#[derive(Default)]
-struct Keys {
-    ids: HashMap<String, u64>,
-    order: VecDeque<(String, Instant)>,
 }
 
 struct Group {
@@ -150,8 +144,6 @@ struct GroupAcker {
     group: String,
 }
 
-struct NoAcker;
-
 impl MemoryBus {
     /// An empty bus with the retention and `ack_wait` of `params`.
     pub fn new(params: &BusParams) -> Self {
@@ -186,7 +178,7 @@ impl MemoryBus {
                 state: Mutex::new(TopicState {
                     log: VecDeque::new(),
                     next_seq: 1,
-                    keys: Keys::default(),
+                    keys: KeyWindow::default(),
                     groups: HashMap::new(),
                     closed: false,
                 }),
@@ -209,9 +201,8 @@ impl MemoryBus {
         if state.closed {
             return Err(Error::Closed);
         }
-        state.keys.forget_old(now);
-        if let Some(seq) = idempotency_key.and_then(|key| state.keys.ids.get(key)) {
-            return Ok(seq.to_string());
+        if let Some(id) = idempotency_key.and_then(|key| state.keys.get(key, now)) {
+            return Ok(id);
         }
         let seq = state.next_seq;
         state.next_seq += 1;
@@ -222,7 +213,7 @@ impl MemoryBus {
         });
         state.drop_old(now, self.retention);
         if let Some(key) = idempotency_key {
-            state.keys.remember(key, seq, now);
+            state.keys.remember(key, seq.to_string(), now);
         }
         drop(state);
         topic.changed.send_replace(());
@@ -235,15 +226,7 @@ impl MemoryBus {
         group: Option<&str>,
         bound: usize,
     ) -> Result<Subscription, Error> {
-        check_topic(topic)?;
-        if let Some(group) = group {
-            check_group(group)?;
-        }
-        if bound == 0 {
-            return Err(Error::Invalid(
-                "a subscription's bound must be at least 1".into(),
-            ));
-        }
+        check_subscription(topic, group, bound)?;
         let topic = self.topic(topic)?;
         let member = {
             let mut state = lock(&topic.state);
@@ -491,24 +474,6 @@ impl TopicState {
     }
 }
 
-impl Keys {
-    fn forget_old(&mut self, now: Instant) {
-        while let Some((key, at)) = self.order.front() {
-            if self.order.len() <= MAX_KEYS && now.duration_since(*at) <= KEY_WINDOW {
-                break;
-            }
-            self.ids.remove(key);
-            self.order.pop_front();
-        }
-    }
-
-    fn remember(&mut self, key: &str, seq: u64, now: Instant) {
-        self.ids.insert(key.to_string(), seq);
-        self.order.push_back((key.to_string(), now));
-        self.forget_old(now);
-    }
-}
-
 impl Group {
     /// Gives back every delivery whose ack deadline has passed.
     fn expire(&mut self, now: Instant) {
@@ -568,12 +533,6 @@ impl Acker for GroupAcker {
     }
 }
 
-impl Acker for NoAcker {
-    fn ack<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
 /// Locks `mutex`, recovering from poisoning: every critical section here
 /// leaves the state whole between statements (no section calls out while
 /// holding it), so a panic elsewhere cannot leave it half-changed.
@@ -584,6 +543,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pubsub::keys::KEY_WINDOW;
 
     fn params(ack_wait: Duration, retention: Option<Duration>) -> BusParams {
         BusParams {
