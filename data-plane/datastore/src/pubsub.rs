@@ -32,6 +32,13 @@ use tokio::task::JoinHandle;
 
 use crate::Error;
 
+mod keys;
+mod memory;
+#[cfg(feature = "nats")]
+mod nats;
+
+pub use memory::MemoryBus;
+
 /// Subscriptions open in this process, across every bus.
 static OPEN: AtomicUsize = AtomicUsize::new(0);
 
@@ -166,9 +173,71 @@ impl fmt::Debug for Subscription {
 /// checks it can serve, so the first publish finds it ready.
 pub async fn open_bus(params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
     match &params.bus {
-        BusKind::Memory => Err(Error::Invalid("memory: not built yet".into())),
+        BusKind::Memory => Ok(Arc::new(MemoryBus::new(params))),
         BusKind::Nats { .. } => open_nats(params).await,
         BusKind::Kafka { .. } => open_kafka(params).await,
+    }
+}
+
+/// Checks a topic name: tokens of `[A-Za-z0-9_-]` separated by `.`, so
+/// that it is one subject of NATS (no wildcard) and a legal Kafka name.
+pub(crate) fn check_topic(topic: &str) -> Result<(), Error> {
+    let token_ok = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    if topic.len() <= 200 && topic.split('.').all(token_ok) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "topic `{topic}` must be `.`-separated tokens of letters, digits, `_` and `-` (200 characters at most)"
+        )))
+    }
+}
+
+/// Checks a group name: one token of `[A-Za-z0-9_-]`, so that it may name a
+/// JetStream durable consumer and a Kafka consumer group.
+pub(crate) fn check_group(group: &str) -> Result<(), Error> {
+    if !group.is_empty()
+        && group.len() <= 100
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "group `{group}` must be letters, digits, `_` and `-` (100 characters at most)"
+        )))
+    }
+}
+
+/// Checks what a subscribe names: its topic, its group and its bound.
+pub(crate) fn check_subscription(
+    topic: &str,
+    group: Option<&str>,
+    bound: usize,
+) -> Result<(), Error> {
+    check_topic(topic)?;
+    if let Some(group) = group {
+        check_group(group)?;
+    }
+    if bound == 0 {
+        return Err(Error::Invalid(
+            "a subscription's bound must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The acker of subscriptions whose acks mean nothing: ungrouped ones, and
+/// every one of an at-most-once bus.
+pub(crate) struct NoAcker;
+
+impl Acker for NoAcker {
+    fn ack<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -187,8 +256,11 @@ async fn open_kafka(_: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
 }
 
 #[cfg(feature = "nats")]
-async fn open_nats(_params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
-    Err(Error::Invalid("nats: not built yet".into()))
+async fn open_nats(params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
+    match &params.bus {
+        BusKind::Nats { url, stream } => nats::open(params, url, stream.as_deref()).await,
+        _ => Err(Error::Invalid("not a NATS bus".into())),
+    }
 }
 
 #[cfg(feature = "kafka")]
