@@ -47,11 +47,12 @@ impl TypeKind {
     ];
 
     /// Every type, Prism's first, in `Kind::ALL` order.
-    pub const ALL: [TypeKind; 9] = [
+    pub const ALL: [TypeKind; 10] = [
         TypeKind::Prism(Kind::Secret),
         TypeKind::Prism(Kind::Namespace),
         TypeKind::Prism(Kind::Backend),
         TypeKind::Prism(Kind::Route),
+        TypeKind::Prism(Kind::DataBinding),
         TypeKind::Cluster,
         TypeKind::Endpoint,
         TypeKind::Secret,

@@ -126,14 +126,18 @@ fn first_batch_carries_every_kind_at_one_revision() {
     let mut state = DeltaState::new(fleet.clone());
     let snap = snapshot(7, 1000);
     let batch = connect(&mut state, &snap);
-    assert_eq!(batch.len(), 4);
+    assert_eq!(batch.len(), Kind::ALL.len());
     let kinds: Vec<_> = batch.iter().map(|r| r.type_url.as_str()).collect();
     assert_eq!(kinds, Kind::ALL.map(Kind::type_url));
     assert!(batch.iter().all(|r| r.system_version_info == "7"));
     assert_eq!(names(&batch[at(Kind::Secret)]), ["demo/ca"]);
     assert_eq!(names(&batch[at(Kind::Backend)]), ["demo/web"]);
     let nonces: std::collections::HashSet<_> = batch.iter().map(|r| r.nonce.clone()).collect();
-    assert_eq!(nonces.len(), 4, "every response has its own nonce");
+    assert_eq!(
+        nonces.len(),
+        Kind::ALL.len(),
+        "every response has its own nonce"
+    );
 
     for response in &batch {
         assert!(
@@ -411,4 +415,20 @@ fn a_routes_write_shares_what_it_did_not_change() {
         .expect("routes");
     assert!(routes.get("demo/gone").is_none());
     assert!(routes.get("demo/added").is_some());
+}
+
+#[test]
+fn every_prism_kind_is_a_served_type_in_push_order() {
+    let prism: Vec<Kind> = TypeKind::ALL
+        .into_iter()
+        .filter_map(|t| match t {
+            TypeKind::Prism(kind) => Some(kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        prism,
+        Kind::ALL,
+        "a Prism kind the discovery server would not serve"
+    );
 }
