@@ -1,12 +1,15 @@
 //! The data gateway through public surfaces: a DataBinding applied through
-//! the admin API, opened by the proxy before it serves, and KeyValue calls
-//! through the proxy's own port over gRPC and HTTP/JSON.
+//! the admin API, opened by the proxy before it serves, and KeyValue and
+//! PubSub calls through the proxy's own port over gRPC and HTTP/JSON.
 
 mod support;
 
+use futures::StreamExt as _;
 use prism_data_plane::data::pb::key_value_client::KeyValueClient;
+use prism_data_plane::data::pb::pub_sub_client::PubSubClient;
 use prism_data_plane::data::pb::{
-    BatchGetRequest, BatchPutRequest, DeleteRequest, GetRequest, PutRequest, ScanRequest, Write,
+    AckRequest, BatchGetRequest, BatchPutRequest, DeleteRequest, GetRequest, Message,
+    PublishRequest, PutRequest, ScanRequest, SubscribeRequest, Write,
 };
 use serde_json::Value;
 use support::{ControlPlane, Proxy, eventually};
@@ -410,4 +413,261 @@ bindings:
     let kept = http.get(&key).send().await.expect("get");
     assert_eq!(kept.status(), 200);
     assert_eq!(kept.text().await.expect("body"), "safe");
+}
+
+/// The namespace `demo` with the proxy's in-memory bus; a group delivery
+/// not acknowledged within a second is delivered again.
+const MEMORY: &str = r#"
+namespaces:
+  - name: demo
+    hosts: [demo.local]
+bindings:
+  - name: demo/bus
+    memory: {}
+    ack_wait: 1s
+    max_value_bytes: 1024
+"#;
+
+async fn bus(proxy: &Proxy) -> PubSubClient<tonic::transport::Channel> {
+    PubSubClient::connect(proxy.url.clone())
+        .await
+        .expect("connect to the proxy")
+}
+
+fn subscribe(topic: &str, group: &str) -> SubscribeRequest {
+    SubscribeRequest {
+        namespace: "demo".into(),
+        topic: topic.into(),
+        group: group.into(),
+        max_in_flight: 0,
+    }
+}
+
+fn publish(topic: &str, payload: &[u8], key: &str) -> PublishRequest {
+    PublishRequest {
+        namespace: "demo".into(),
+        topic: topic.into(),
+        payload: payload.to_vec().into(),
+        idempotency_key: key.into(),
+    }
+}
+
+async fn next(stream: &mut tonic::Streaming<Message>) -> Message {
+    tokio::time::timeout(support::DEADLINE, stream.message())
+        .await
+        .expect("a message within the deadline")
+        .expect("the stream is healthy")
+        .expect("the stream is open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_gets_each_message_until_it_is_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let proxy = Proxy::start(&cp.xds, "proxy-bus-grpc").await;
+    proxy.converge(cp.client().apply(MEMORY).await).await;
+    let mut client = bus(&proxy).await;
+
+    let mut stream = client
+        .subscribe(subscribe("orders", "billing"))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let subscription = next(&mut stream).await.subscription;
+    assert!(!subscription.is_empty());
+
+    let id = client
+        .publish(publish("orders", b"order-1", "k1"))
+        .await
+        .expect("publish")
+        .into_inner()
+        .id;
+    // A retried publish with its idempotency key publishes nothing new.
+    let again = client
+        .publish(publish("orders", b"order-1", "k1"))
+        .await
+        .expect("retry")
+        .into_inner()
+        .id;
+    assert_eq!(id, again);
+    let first = next(&mut stream).await;
+    assert_eq!(
+        (first.id.as_str(), first.payload.as_ref(), first.attempt),
+        (id.as_str(), &b"order-1"[..], 1)
+    );
+    // Not acknowledged: delivered again after ack_wait, one attempt more.
+    let redelivered = next(&mut stream).await;
+    assert_eq!(
+        (redelivered.id.as_str(), redelivered.attempt),
+        (id.as_str(), 2)
+    );
+    client
+        .ack(AckRequest {
+            namespace: "demo".into(),
+            subscription: subscription.clone(),
+            ids: vec![id.clone()],
+        })
+        .await
+        .expect("ack");
+    let second = client
+        .publish(publish("orders", b"order-2", ""))
+        .await
+        .expect("publish")
+        .into_inner()
+        .id;
+    let after = next(&mut stream).await;
+    assert_eq!(
+        (after.id, after.attempt),
+        (second, 1),
+        "the acknowledged message never comes back"
+    );
+
+    // Bad input, each a clear status.
+    let big = client
+        .publish(publish("orders", &[0; 1025], ""))
+        .await
+        .expect_err("oversize");
+    assert_eq!(big.code(), Code::ResourceExhausted, "{big:?}");
+    let topic = client
+        .publish(publish("bad topic", b"x", ""))
+        .await
+        .expect_err("bad topic");
+    assert_eq!(topic.code(), Code::InvalidArgument, "{topic:?}");
+    let gone = client
+        .ack(AckRequest {
+            namespace: "demo".into(),
+            subscription: "nope".into(),
+            ids: vec![],
+        })
+        .await
+        .expect_err("unknown subscription");
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    let unbound = client
+        .publish(PublishRequest {
+            namespace: "other".into(),
+            ..publish("t", b"x", "")
+        })
+        .await
+        .expect_err("no binding");
+    assert_eq!(unbound.code(), Code::NotFound, "{unbound:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_over_http_publishes_with_post_and_subscribes_with_server_sent_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let proxy = Proxy::start(&cp.xds, "proxy-bus-sse").await;
+    proxy.converge(cp.client().apply(MEMORY).await).await;
+    let http = reqwest::Client::new();
+
+    let mut events = http
+        .get(format!("{}/v1/pubsub/demo/news", proxy.url))
+        .send()
+        .await
+        .expect("subscribe");
+    assert_eq!(events.status(), 200);
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    let mut read_until = async |needle: &str, text: &mut String| {
+        while !text.contains(needle) {
+            let chunk = tokio::time::timeout(support::DEADLINE, events.chunk())
+                .await
+                .expect("an event within the deadline")
+                .expect("the stream is healthy")
+                .expect("the stream is open");
+            text.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+        }
+    };
+    read_until("event: subscription\ndata: ", &mut text).await;
+
+    let published: Value = http
+        .post(format!("{}/v1/pubsub/demo/news", proxy.url))
+        .body("hello, world")
+        .send()
+        .await
+        .expect("publish")
+        .json()
+        .await
+        .expect("json");
+    let id = published["id"].as_str().expect("an id").to_string();
+    read_until("\n\n", &mut text.split_off(0)).await;
+    let mut message = String::new();
+    read_until("hello, world", &mut message).await;
+    assert!(message.starts_with("event: message\n"), "{message}");
+    assert!(message.contains(&format!("id: {id}\n")), "{message}");
+    let data: Value = serde_json::from_str(
+        message
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .expect("a data line"),
+    )
+    .expect("JSON data");
+    assert_eq!(data["payload"], "hello, world");
+    assert_eq!(data["attempt"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_cancelled_subscriptions_leave_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let proxy = Proxy::start(&cp.xds, "proxy-bus-leak").await;
+    proxy.converge(cp.client().apply(MEMORY).await).await;
+    let client = bus(&proxy).await;
+    let stats = || async {
+        reqwest::get(format!("{}/data", proxy.admin))
+            .await
+            .expect("proxy admin")
+            .json::<Value>()
+            .await
+            .expect("json")
+    };
+    let count = |v: &Value, field: &str| {
+        v[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} in {v}"))
+    };
+    let before = stats().await;
+
+    // 10,000 subscriptions, 100 open at a time (the proxy's HTTP/2 stream
+    // limit), each cancelled once it is open.
+    let total: usize = 10_000;
+    let mut open = futures::stream::iter(0..total)
+        .map(|i| {
+            let mut client = client.clone();
+            async move {
+                let group = if i % 2 == 0 {
+                    String::new()
+                } else {
+                    format!("g{}", i % 7)
+                };
+                let mut stream = client
+                    .subscribe(subscribe("leak", &group))
+                    .await
+                    .expect("subscribe")
+                    .into_inner();
+                next(&mut stream).await;
+            }
+        })
+        .buffer_unordered(100);
+    let mut done = 0;
+    while open.next().await.is_some() {
+        done += 1;
+    }
+    assert_eq!(done, total);
+    drop(open);
+    drop(client);
+
+    let after = eventually("the proxy is back to its baseline", || async {
+        let now = stats().await;
+        let settled = count(&now, "subscriptions") == 0
+            && count(&now, "bus_subscriptions") <= count(&before, "bus_subscriptions")
+            && count(&now, "tasks") <= count(&before, "tasks") + 4;
+        settled.then_some(now)
+    })
+    .await;
+    let grown = count(&after, "rss_bytes").saturating_sub(count(&before, "rss_bytes"));
+    assert!(
+        grown < 64 << 20,
+        "RSS grew by {grown} bytes: {before} → {after}"
+    );
 }

@@ -964,9 +964,10 @@ async fn delta_prism_kinds_arrive_as_one_batch_per_revision() {
             set(&[]),
             set(&["shop"]),
             set(&["shop/blue", "shop/green"]),
-            set(&["shop/blue", "shop/green"])
+            set(&["shop/blue", "shop/green"]),
+            set(&[])
         ],
-        "secrets (none here), namespaces, backends, routes"
+        "secrets (none here), namespaces, backends, routes, data bindings (none here)"
     );
     for r in &batch {
         d.ack(r).await;

@@ -1,7 +1,8 @@
 //! The proxy's own admin listener: readiness, liveness, a dump of the
-//! accepted configuration and a short status (revision, applies and how long
-//! the last one took) that is cheap to poll. Read-only; it never changes the
-//! runtime.
+//! accepted configuration, a short status (revision, applies and how long
+//! the last one took) that is cheap to poll, and `/data`: what the data
+//! gateway holds (subscriptions, tasks, memory), for leak checks. Read-only;
+//! it never changes the runtime.
 
 use std::convert::Infallible;
 use std::future::ready;
@@ -46,6 +47,7 @@ fn respond<B>(request: &Request<B>, node_id: &str, status: &Status) -> Response<
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "no configuration yet\n"),
         "/config_dump" => json_response(&config_dump(node_id, status)),
         "/status" => json_response(&summary(node_id, status)),
+        "/data" => json_response(&crate::data::stats()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

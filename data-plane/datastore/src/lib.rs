@@ -17,5 +17,6 @@ pub mod pubsub;
 pub use error::{BoxError, Error};
 pub use kv::{Item, KeyValue, KvParams, KvStore, Page, Put, ScanLimit, open_kv};
 pub use pubsub::{
-    BusKind, BusParams, Delivery, MemoryBus, PubSub, Subscription, open_bus, open_subscriptions,
+    Acker, BusKind, BusParams, Delivery, MemoryBus, PubSub, Subscription, open_bus,
+    open_subscriptions,
 };

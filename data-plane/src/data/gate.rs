@@ -16,21 +16,19 @@ use pin_project_lite::pin_project;
 use tonic::server::NamedService;
 use tower::{Layer, Service};
 
-use super::grpc::{self, KvService};
-use super::json::{self, KV_PREFIX};
+use super::grpc::{self, BusService, KvService};
+use super::json::{self, KV_PREFIX, PUBSUB_PREFIX};
 use super::pb::key_value_server::KeyValueServer;
+use super::pb::pub_sub_server::PubSubServer;
 use super::{Caller, DataBody, DataError};
 use crate::http::body::RequestBody;
 use crate::http::error::BoxError;
-use crate::http::respond::is_grpc;
 use crate::http::route::request_host;
 use crate::http::server::ClientAddr;
 use crate::runtime::Runtime;
 
 /// The gRPC path prefix of every data API.
 const GRPC_PREFIX: &str = "/prism.data.v1.";
-/// The HTTP/JSON path prefix of the PubSub API.
-const PUBSUB_PREFIX: &str = "/v1/pubsub/";
 
 #[derive(Clone, Debug)]
 pub(crate) struct DataGateLayer {
@@ -41,6 +39,7 @@ pub(crate) struct DataGateLayer {
 pub(crate) struct DataGate<S> {
     runtime: Arc<ArcSwap<Runtime>>,
     kv: KeyValueServer<KvService>,
+    bus: PubSubServer<BusService>,
     inner: S,
 }
 
@@ -65,6 +64,7 @@ impl<S> Layer<S> for DataGateLayer {
         DataGate {
             runtime: Arc::clone(&self.runtime),
             kv: grpc::key_value(Arc::clone(&self.runtime)),
+            bus: grpc::pub_sub(Arc::clone(&self.runtime)),
             inner,
         }
     }
@@ -96,8 +96,11 @@ where
         };
         let call: BoxFuture<'static, Response<DataBody>> = if grpc_call {
             let service = path[1..].split('/').next().unwrap_or_default();
-            if service == <KeyValueServer<KvService> as NamedService>::NAME {
-                request.extensions_mut().insert(caller);
+            let kv = service == <KeyValueServer<KvService> as NamedService>::NAME;
+            let bus = service == <PubSubServer<BusService> as NamedService>::NAME;
+            let unknown = DataError::UnknownPath(path.to_string());
+            request.extensions_mut().insert(caller);
+            if kv {
                 let mut kv = self.kv.clone();
                 Box::pin(async move {
                     match kv.call(request).await {
@@ -105,25 +108,20 @@ where
                         Err(never) => match never {},
                     }
                 })
+            } else if bus {
+                let mut bus = self.bus.clone();
+                Box::pin(async move {
+                    match bus.call(request).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    }
+                })
             } else {
-                let path = path.to_string();
-                Box::pin(
-                    async move { tonic::Status::from(DataError::UnknownPath(path)).into_http() },
-                )
+                Box::pin(async move { tonic::Status::from(unknown).into_http() })
             }
-        } else if path.starts_with(KV_PREFIX) {
+        } else {
             let runtime = self.runtime.load_full();
             Box::pin(async move { json::serve(&runtime, &caller, request).await })
-        } else {
-            let error = DataError::UnknownPath(path.to_string());
-            let grpc = is_grpc(&request);
-            Box::pin(async move {
-                if grpc {
-                    tonic::Status::from(error).into_http()
-                } else {
-                    error.into_response()
-                }
-            })
         };
         ResponseFuture::Data { call }
     }

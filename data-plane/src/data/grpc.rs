@@ -1,14 +1,19 @@
 //! `prism.data.v1` over gRPC: tonic's generated services, each call one
-//! operation of [`super::kv`] on the runtime the call loaded.
+//! operation of [`super::kv`] or [`super::pubsub`] on the runtime the call
+//! loaded.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use super::kv::{self, Write};
 use super::pb::key_value_server::{KeyValue, KeyValueServer};
+use super::pb::pub_sub_server::{PubSub, PubSubServer};
 use super::pb::{self, Item};
+use super::pubsub;
 use super::{Caller, DataError};
 use crate::runtime::Runtime;
 
@@ -22,20 +27,98 @@ pub(crate) struct KvService {
     runtime: Arc<ArcSwap<Runtime>>,
 }
 
+/// The PubSub service over the proxy's runtime.
+#[derive(Clone, Debug)]
+pub(crate) struct BusService {
+    runtime: Arc<ArcSwap<Runtime>>,
+}
+
 /// The KeyValue server for `runtime`.
 pub(crate) fn key_value(runtime: Arc<ArcSwap<Runtime>>) -> KeyValueServer<KvService> {
     KeyValueServer::new(KvService { runtime }).max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+/// The PubSub server for `runtime`.
+pub(crate) fn pub_sub(runtime: Arc<ArcSwap<Runtime>>) -> PubSubServer<BusService> {
+    PubSubServer::new(BusService { runtime }).max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Who is calling, as the gate recorded it.
+fn caller<T>(request: &Request<T>) -> Caller {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_default()
+}
+
 impl KvService {
     /// The namespace's binding for a call of `request`.
     fn admit<T>(&self, request: &Request<T>, namespace: &str) -> Result<kv::Store, DataError> {
-        let caller = request
-            .extensions()
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or_default();
-        kv::admit(&self.runtime.load(), &caller, namespace)
+        kv::admit(&self.runtime.load(), &caller(request), namespace)
+    }
+}
+
+impl BusService {
+    /// The namespace's binding for a call of `request`.
+    fn admit<T>(&self, request: &Request<T>, namespace: &str) -> Result<pubsub::Bus, DataError> {
+        pubsub::admit(&self.runtime.load(), &caller(request), namespace)
+    }
+}
+
+#[tonic::async_trait]
+impl PubSub for BusService {
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::Message, Status>> + Send>>;
+
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let bus = self.admit(&request, &request.get_ref().namespace)?;
+        let r = request.into_inner();
+        let id = pubsub::publish(&bus, &r.topic, r.payload, &r.idempotency_key).await?;
+        Ok(Response::new(pb::PublishResponse { id }))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let bus = self.admit(&request, &request.get_ref().namespace)?;
+        let r = request.into_inner();
+        let open =
+            pubsub::subscribe(&bus, &r.namespace, &r.topic, &r.group, r.max_in_flight).await?;
+        let first = pb::Message {
+            subscription: open.id.clone(),
+            ..Default::default()
+        };
+        // The stream owns the subscription: when the client goes away, tonic
+        // drops the stream, and with it everything the subscription held.
+        let deliveries = futures::stream::unfold(open, |mut open| async move {
+            let next = open.next().await?;
+            let message = next
+                .map(|d| pb::Message {
+                    subscription: open.id.clone(),
+                    id: d.id,
+                    topic: d.topic,
+                    payload: d.payload,
+                    attempt: d.attempt,
+                })
+                .map_err(Status::from);
+            Some((message, open))
+        });
+        let stream = futures::stream::once(async { Ok(first) }).chain(deliveries);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        self.admit(&request, &request.get_ref().namespace)?;
+        let r = request.into_inner();
+        pubsub::ack(&r.namespace, &r.subscription, &r.ids).await?;
+        Ok(Response::new(pb::AckResponse {}))
     }
 }
 

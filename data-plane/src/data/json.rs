@@ -10,6 +10,14 @@
 //! | `POST /v1/kv/{namespace}:batchGet` `{"keys": [...]}` | BatchGet |
 //! | `POST /v1/kv/{namespace}:batchPut` `{"writes": [{"key", "value", "ttl", "expected_version", "idempotency_key"}]}` | BatchPut |
 //!
+//! And PubSub:
+//!
+//! | request | operation |
+//! |---|---|
+//! | `POST /v1/pubsub/{namespace}/{topic}` | Publish: the body is the payload; header `idempotency-key`; answers `{"id"}` |
+//! | `GET /v1/pubsub/{namespace}/{topic}?group=G&max_in_flight=N` | Subscribe, as Server-Sent Events: first `event: subscription` with the id Ack takes, then one `event: message` each, its data `{"id", "topic", "attempt", "payload"}` (`payload_base64` instead for a payload that is not UTF-8) |
+//! | `POST /v1/pubsub/{namespace}:ack` `{"subscription", "ids": [...]}` | Ack |
+//!
 //! A key is the rest of the path, percent-decoded (so it may hold `/`).
 //! JSON follows the proto3 mapping: bytes as base64, 64-bit integers as
 //! strings. Errors are `{"error": {"code", "status", "message"}}` with the
@@ -20,19 +28,24 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
+use futures::StreamExt as _;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::Frame;
 use percent_encoding::percent_decode_str;
 use serde_json::{Value, json};
 
 use super::kv::{self, Write};
+use super::pubsub;
 use super::{Caller, DataBody, DataError, json_response};
 use crate::http::body::RequestBody;
 use crate::runtime::Runtime;
 
 /// The path prefix of the KeyValue API.
 pub(crate) const KV_PREFIX: &str = "/v1/kv/";
+/// The path prefix of the PubSub API.
+pub(crate) const PUBSUB_PREFIX: &str = "/v1/pubsub/";
 /// The largest JSON body of a batch call.
 const MAX_JSON_BYTES: usize = 16 * 1024 * 1024;
 
@@ -42,9 +55,121 @@ pub(crate) async fn serve(
     caller: &Caller,
     request: Request<RequestBody>,
 ) -> Response<DataBody> {
-    match kv_call(runtime, caller, request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
+    let answer = if request.uri().path().starts_with(PUBSUB_PREFIX) {
+        pubsub_call(runtime, caller, request).await
+    } else {
+        kv_call(runtime, caller, request).await
+    };
+    answer.unwrap_or_else(DataError::into_response)
+}
+
+async fn pubsub_call(
+    runtime: &Runtime,
+    caller: &Caller,
+    request: Request<RequestBody>,
+) -> Result<Response<DataBody>, DataError> {
+    let path = request.uri().path().to_string();
+    let rest = path
+        .strip_prefix(PUBSUB_PREFIX)
+        .ok_or_else(|| DataError::UnknownPath(path.clone()))?;
+    let method = request.method().clone();
+    match (rest.split_once('/'), rest.split_once(':'), &method) {
+        (None, Some((namespace, "ack")), &Method::POST) => {
+            let namespace = decode(namespace)?;
+            pubsub::admit(runtime, caller, &namespace)?;
+            let body = read_body(request.into_body(), MAX_JSON_BYTES, "the request body").await?;
+            let body: Value = serde_json::from_slice(&body)
+                .map_err(|e| DataError::invalid("body", format!("not JSON: {e}")))?;
+            let subscription = body
+                .get("subscription")
+                .and_then(Value::as_str)
+                .ok_or_else(|| DataError::invalid("subscription", "is required"))?;
+            pubsub::ack(&namespace, subscription, &strings(&body, "ids")?).await?;
+            Ok(json_response(StatusCode::OK, &json!({})))
+        }
+        (Some((namespace, topic)), _, &Method::POST) => {
+            let (namespace, topic) = (decode(namespace)?, decode(topic)?);
+            let bus = pubsub::admit(runtime, caller, &namespace)?;
+            let key = header_text(&request, "idempotency-key")?;
+            let payload = read_body(
+                request.into_body(),
+                bus.settings.max_value_bytes,
+                "the payload",
+            )
+            .await?;
+            let id = pubsub::publish(&bus, &topic, payload, &key).await?;
+            Ok(json_response(StatusCode::OK, &json!({ "id": id })))
+        }
+        (Some((namespace, topic)), _, &Method::GET) => {
+            let (namespace, topic) = (decode(namespace)?, decode(topic)?);
+            let bus = pubsub::admit(runtime, caller, &namespace)?;
+            let query = Query::of(request.uri().query());
+            let group = query.get("group").unwrap_or_default();
+            let open = pubsub::subscribe(
+                &bus,
+                &namespace,
+                &topic,
+                &group,
+                query.u32("max_in_flight")?,
+            )
+            .await?;
+            Ok(server_sent_events(open))
+        }
+        (Some(_), _, method) => Err(DataError::Method {
+            method: method.clone(),
+            allowed: "GET, POST",
+        }),
+        _ => Err(DataError::UnknownPath(path.clone())),
+    }
+}
+
+/// A subscription as Server-Sent Events; the stream owns it, so a client
+/// that goes away drops it.
+fn server_sent_events(open: pubsub::Open) -> Response<DataBody> {
+    let first = Bytes::from(format!("event: subscription\ndata: {}\n\n", open.id));
+    let events = futures::stream::unfold(open, |mut open| async move {
+        let event = match open.next().await? {
+            Ok(delivery) => {
+                let mut data = json!({
+                    "id": delivery.id,
+                    "topic": delivery.topic,
+                    "attempt": delivery.attempt,
+                });
+                match std::str::from_utf8(&delivery.payload) {
+                    Ok(text) => data["payload"] = json!(text),
+                    Err(_) => data["payload_base64"] = json!(STANDARD.encode(&delivery.payload)),
+                }
+                format!("event: message\nid: {}\ndata: {data}\n\n", delivery.id)
+            }
+            Err(error) => format!(
+                "event: error\ndata: {}\n\n",
+                json!({ "message": error.to_string() })
+            ),
+        };
+        Some((
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(event))),
+            open,
+        ))
+    });
+    let frames = futures::stream::once(async move { Ok(Frame::data(first)) }).chain(events);
+    let mut response = Response::new(DataBody::new(StreamBody::new(frames)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// A header's value as text; empty when absent.
+fn header_text(request: &Request<RequestBody>, name: &'static str) -> Result<String, DataError> {
+    match request.headers().get(name) {
+        Some(v) => Ok(v
+            .to_str()
+            .map_err(|_| DataError::invalid(name, "must be text"))?
+            .to_string()),
+        None => Ok(String::new()),
     }
 }
 
@@ -89,13 +214,7 @@ async fn kv_call(
         }
         (Some(key), None, &Method::PUT) => {
             let limit = store.settings.max_value_bytes;
-            let idempotency_key = match request.headers().get("idempotency-key") {
-                Some(v) => v
-                    .to_str()
-                    .map_err(|_| DataError::invalid("idempotency-key", "must be text"))?
-                    .to_string(),
-                None => String::new(),
-            };
+            let idempotency_key = header_text(&request, "idempotency-key")?;
             let value = read_body(request.into_body(), limit, "the value").await?;
             let write = Write {
                 key,

@@ -3,8 +3,8 @@
 //! reach them on the proxy's own port, `prism.data.v1` over gRPC ([`grpc`])
 //! and the same operations over HTTP/JSON ([`json`]). Both enter through one
 //! stage, [`gate`], which takes the data API paths off the request path
-//! before routing; both call the same operations ([`kv`]) and answer their
-//! errors through one table ([`error`]).
+//! before routing; both call the same operations ([`kv`], [`pubsub`]) and
+//! answer their errors through one table ([`error`]).
 //!
 //! A call goes namespace → binding → store: the request names its
 //! namespace, the runtime it loaded holds that namespace's binding, and the
@@ -18,6 +18,7 @@ pub(crate) mod gate;
 mod grpc;
 mod json;
 mod kv;
+mod pubsub;
 
 use std::sync::Arc;
 
@@ -164,4 +165,28 @@ pub(crate) fn caller_namespace<'r>(runtime: &'r Runtime, host: &str) -> Option<&
         }
     }
     best.map(|(_, name)| name)
+}
+
+/// What the data gateway holds now, for the proxy admin's `/data`: open
+/// subscriptions (registered for acks, and held by buses), the tasks alive
+/// on the proxy's runtime, and the process's resident memory.
+pub(crate) fn stats() -> serde_json::Value {
+    let tasks = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks())
+        .ok();
+    serde_json::json!({
+        "subscriptions": pubsub::registered(),
+        "bus_subscriptions": prism_datastore::open_subscriptions(),
+        "tasks": tasks,
+        "rss_bytes": rss_bytes(),
+    })
+}
+
+/// Resident memory of this process, from `/proc/self/statm` (Linux); `None`
+/// elsewhere.
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // The page size of every Linux platform Prism builds for.
+    Some(pages * 4096)
 }
