@@ -170,6 +170,32 @@ pub enum Command {
         #[command(subcommand)]
         command: KvCommand,
     },
+    /// A namespace's PubSub bus, through a proxy (`--proxy-url`).
+    Pubsub {
+        #[command(subcommand)]
+        command: PubsubCommand,
+    },
+}
+
+/// `prism pubsub`.
+#[derive(Debug, Subcommand)]
+pub enum PubsubCommand {
+    /// Publish a message; prints its id.
+    Pub {
+        namespace: String,
+        topic: String,
+        message: String,
+    },
+    /// Print each message as it arrives, one line each, until interrupted.
+    Sub {
+        namespace: String,
+        topic: String,
+        /// Share the topic with the group's other members and acknowledge
+        /// each message once printed; without it, every message published
+        /// from now on.
+        #[arg(long)]
+        group: Option<String>,
+    },
 }
 
 /// `prism kv`.
@@ -391,7 +417,46 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Kv { command } => kv(&DataClient::new(&cli.proxy_url), command).await,
+        Command::Pubsub { command } => pubsub(&DataClient::new(&cli.proxy_url), command).await,
     }
+}
+
+async fn pubsub(client: &DataClient, command: PubsubCommand) -> anyhow::Result<()> {
+    match command {
+        PubsubCommand::Pub {
+            namespace,
+            topic,
+            message,
+        } => println!(
+            "{}",
+            client
+                .publish(&namespace, &topic, message.into_bytes())
+                .await?
+        ),
+        PubsubCommand::Sub {
+            namespace,
+            topic,
+            group,
+        } => {
+            let print = |message: &serde_json::Value| {
+                let payload = match (
+                    message["payload"].as_str(),
+                    message["payload_base64"].as_str(),
+                ) {
+                    (Some(text), _) => text.to_string(),
+                    (None, Some(base64)) => format!("base64:{base64}"),
+                    (None, None) => String::new(),
+                };
+                println!("{payload}");
+                // Each line as it comes, also into a pipe.
+                let _ = std::io::stdout().flush();
+            };
+            client
+                .subscribe(&namespace, &topic, group.as_deref(), print)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 async fn kv(client: &DataClient, command: KvCommand) -> anyhow::Result<()> {

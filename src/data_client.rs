@@ -1,6 +1,6 @@
-//! `prism kv`: the data gateway's HTTP/JSON API on a proxy, for the
-//! quickstart and for scripts. Answers become short text; errors carry the
-//! proxy's message and status.
+//! `prism kv` and `prism pubsub`: the data gateway's HTTP/JSON API on a
+//! proxy, for the quickstart and for scripts. Answers become short text;
+//! errors carry the proxy's message and status.
 
 use anyhow::{Context, bail};
 use base64::Engine as _;
@@ -121,6 +121,84 @@ impl DataClient {
                 return Ok(items);
             }
         }
+    }
+
+    /// Publishes `payload` to `topic`; the message's id.
+    pub async fn publish(
+        &self,
+        namespace: &str,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<String> {
+        let url = format!(
+            "{}/v1/pubsub/{}/{}",
+            self.base,
+            encode(namespace),
+            encode(topic)
+        );
+        let answer: Value = self
+            .send(self.http.post(url).body(payload))
+            .await?
+            .json()
+            .await?;
+        Ok(answer["id"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Subscribes to `topic` (in `group`, when given) and hands each
+    /// message to `each` until the stream ends; in a group, each message
+    /// is acknowledged once `each` returned.
+    pub async fn subscribe(
+        &self,
+        namespace: &str,
+        topic: &str,
+        group: Option<&str>,
+        mut each: impl FnMut(&Value),
+    ) -> anyhow::Result<()> {
+        let url = format!(
+            "{}/v1/pubsub/{}/{}",
+            self.base,
+            encode(namespace),
+            encode(topic)
+        );
+        let query: Vec<(&str, &str)> = group.map(|g| ("group", g)).into_iter().collect();
+        let mut response = self.send(self.http.get(url).query(&query)).await?;
+        let mut buffer = String::new();
+        let mut subscription = String::new();
+        while let Some(chunk) = response.chunk().await? {
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            // One event per blank-line-terminated block.
+            while let Some(end) = buffer.find("\n\n") {
+                let event: String = buffer.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    event
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                match field("event: ").as_str() {
+                    "subscription" => subscription = field("data: "),
+                    "message" => {
+                        let data: Value = serde_json::from_str(&field("data: "))
+                            .context("the proxy sent an event that is not JSON")?;
+                        each(&data);
+                        if group.is_some() {
+                            self.ack(namespace, &subscription, &data["id"]).await?;
+                        }
+                    }
+                    "error" => bail!("the subscription failed: {}", field("data: ")),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ack(&self, namespace: &str, subscription: &str, id: &Value) -> anyhow::Result<()> {
+        let url = format!("{}/v1/pubsub/{}:ack", self.base, encode(namespace));
+        let body = serde_json::json!({ "subscription": subscription, "ids": [id] });
+        self.send(self.http.post(url).json(&body)).await?;
+        Ok(())
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {

@@ -13,9 +13,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use support::{ControlPlane, KillOnDrop, eventually, get};
 
 fn prism(admin: &str, args: &[&str]) -> (bool, String, String) {
+    prism_with(&[("PRISM_ADMIN_URL", admin)], args)
+}
+
+/// `prism args` with `env` set; whether it succeeded, its stdout and stderr.
+fn prism_with(env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_prism"))
         .args(args)
-        .env("PRISM_ADMIN_URL", admin)
+        .envs(env.iter().copied())
         .output()
         .expect("prism runs");
     (
@@ -222,6 +227,71 @@ async fn prism_up_serves_the_quickstart() {
         .await
         .expect("join");
     assert!(ok && out.contains("local"), "{out}");
+
+    // The README's data gateway steps: the quickstart binds `demo` to the
+    // embedded SQLite store and the in-memory bus.
+    let data = |args: &'static [&'static str]| {
+        let proxy = proxy.clone();
+        tokio::task::spawn_blocking(move || prism_with(&[("PRISM_PROXY_URL", &proxy)], args))
+    };
+    let (ok, out, err) = data(&["kv", "put", "demo", "greeting", "hello"])
+        .await
+        .expect("join");
+    assert!(ok, "{err}");
+    assert_eq!(out, "version 1\n");
+    let (ok, out, err) = data(&["kv", "get", "demo", "greeting"])
+        .await
+        .expect("join");
+    assert!(ok, "{err}");
+    assert_eq!(out, "hello\n", "the value alone");
+    let (ok, out, _) = data(&["kv", "scan", "demo", "greet"]).await.expect("join");
+    assert!(ok);
+    assert_eq!(out, "greeting\t1\thello\n");
+    let (ok, out, _) = data(&["kv", "del", "demo", "greeting"])
+        .await
+        .expect("join");
+    assert!(ok && out == "deleted\n", "{out}");
+    let (ok, _, err) = data(&["kv", "get", "demo", "greeting"])
+        .await
+        .expect("join");
+    assert!(
+        !ok && err.contains("key `greeting` not found (HTTP 404)"),
+        "{err}"
+    );
+
+    let mut subscriber = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_prism"))
+            .args(["pubsub", "sub", "demo", "news"])
+            .env("PRISM_PROXY_URL", proxy)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("prism pubsub sub starts"),
+    );
+    let proxy_admin = urls["proxy admin"]
+        .trim_end_matches("/config_dump")
+        .to_string();
+    eventually("the subscriber is subscribed", || async {
+        let data: serde_json::Value = reqwest::get(format!("{proxy_admin}/data"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (data["subscriptions"].as_u64()? >= 1).then_some(())
+    })
+    .await;
+    let (ok, out, err) = data(&["pubsub", "pub", "demo", "news", "hi there"])
+        .await
+        .expect("join");
+    assert!(ok && !out.trim().is_empty(), "{err}");
+    let mut received = BufReader::new(subscriber.stdout.take().expect("stdout")).lines();
+    let line = tokio::task::spawn_blocking(move || received.next())
+        .await
+        .expect("join")
+        .expect("a line")
+        .expect("text");
+    assert_eq!(line, "hi there");
+    let _ = subscriber.kill();
 
     // SIGTERM: everything drains and the process exits cleanly, in bounded time.
     let term = Command::new("kill")
