@@ -1000,6 +1000,7 @@ async fn delta_prism_kinds_arrive_as_one_batch_per_revision() {
             (Kind::Namespace.type_url(), revision, set(&[]), 0),
             (Kind::Backend.type_url(), revision, set(&["shop/blue"]), 0),
             (Kind::Route.type_url(), revision, set(&[]), 0),
+            (Kind::DataBinding.type_url(), revision, set(&[]), 0),
         ],
         "one response per kind, all at the new revision, unchanged kinds empty"
     );

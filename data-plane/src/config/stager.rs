@@ -458,6 +458,10 @@ mod tests {
             stager.offer(response(Kind::Backend, 1, &[backend("demo/upstream")], &[])),
             Offer::Waiting
         ));
+        assert!(matches!(
+            stager.offer(response(Kind::DataBinding, 1, &[], &[])),
+            Offer::Waiting
+        ));
         assert!(
             stager.take_replies().is_empty(),
             "nothing is answered early"
@@ -474,7 +478,7 @@ mod tests {
         assert!(stager.accepted().is_none(), "not accepted before commit");
         assert_eq!(stager.commit().map(|s| s.revision), Some(1));
         let replies = stager.take_replies();
-        assert_eq!(replies.len(), 4);
+        assert_eq!(replies.len(), Kind::ALL.len());
         assert!(replies.iter().all(|r| r.error.is_none()));
         assert_eq!(replies[0].nonce, "1-Secret");
         assert_eq!(
@@ -497,6 +501,7 @@ mod tests {
         assert!(replies[0].error.is_some());
         stager.offer(response(Kind::Namespace, 2, &[namespace()], &[]));
         stager.offer(response(Kind::Secret, 2, &[], &[]));
+        stager.offer(response(Kind::DataBinding, 2, &[], &[]));
         assert!(matches!(
             stager.offer(response(Kind::Route, 2, &[route("upstream")], &[])),
             Offer::Ready { .. }
@@ -524,7 +529,11 @@ mod tests {
             "Route demo/root: backend: backend `demo/x` does not exist"
         );
         let replies = stager.take_replies();
-        assert_eq!(replies.len(), 4, "every response of the batch is NACKed");
+        assert_eq!(
+            replies.len(),
+            Kind::ALL.len(),
+            "every response of the batch is NACKed"
+        );
         assert!(
             replies
                 .iter()
@@ -565,6 +574,7 @@ mod tests {
         stager.offer(response(Kind::Secret, 1, &[], &[]));
         stager.offer(response(Kind::Namespace, 1, &[namespace()], &[]));
         stager.offer(bad);
+        stager.offer(response(Kind::DataBinding, 1, &[], &[]));
         let outcome = stager.offer(response(Kind::Route, 1, &[], &[]));
         let Offer::Rejected { message, .. } = outcome else {
             panic!("expected a rejection, got {outcome:?}");
@@ -573,7 +583,7 @@ mod tests {
             message.starts_with("Backend demo/upstream: type URL"),
             "{message}"
         );
-        assert_eq!(stager.take_replies().len(), 4);
+        assert_eq!(stager.take_replies().len(), Kind::ALL.len());
         assert!(stager.accepted().is_none());
 
         let outcome = stager.offer(DeltaDiscoveryResponse {
@@ -605,7 +615,12 @@ mod tests {
         if let Some(any) = resent.resources[0].resource.as_mut() {
             any.value = other.encode_to_vec();
         }
-        for kind in [Kind::Secret, Kind::Namespace, Kind::Backend] {
+        for kind in [
+            Kind::Secret,
+            Kind::Namespace,
+            Kind::Backend,
+            Kind::DataBinding,
+        ] {
             stager.offer(response(kind, 2, &[], &[]));
         }
         let Offer::Ready { candidate, changed } = stager.offer(resent) else {

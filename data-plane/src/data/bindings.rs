@@ -372,3 +372,106 @@ fn drain<T: ?Sized + Send + Sync + 'static>(
         info!(%binding, "Closed data binding.");
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use prism_proto::pb::config::v1::{MemoryBus, Namespace, SqliteStore};
+
+    use super::*;
+
+    fn snapshot(bindings: impl IntoIterator<Item = DataBinding>) -> Snapshot {
+        let namespace = Resource::Namespace(Namespace {
+            name: "demo".into(),
+            ..Default::default()
+        });
+        Snapshot::from_resources(
+            1,
+            std::iter::once(namespace).chain(bindings.into_iter().map(Resource::DataBinding)),
+        )
+    }
+
+    fn sqlite(path: &str, max_value_bytes: u64) -> DataBinding {
+        DataBinding {
+            name: "demo/kv".into(),
+            store: Some(data_binding::Store::Sqlite(SqliteStore {
+                path: path.into(),
+            })),
+            max_value_bytes,
+            ..Default::default()
+        }
+    }
+
+    fn memory() -> DataBinding {
+        DataBinding {
+            name: "demo/bus".into(),
+            store: Some(data_binding::Store::Memory(MemoryBus {})),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_store_is_kept_and_a_replaced_one_drains_and_closes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |snapshot: Snapshot, previous: &Bindings| {
+            let dir = dir.path().to_path_buf();
+            let previous = Bindings {
+                namespaces: previous.namespaces.clone(),
+            };
+            async move {
+                Bindings::open(&snapshot, &previous, Some(&dir))
+                    .await
+                    .expect("opens")
+            }
+        };
+        let first = open(
+            snapshot([sqlite("a.db", 0), memory()]),
+            &Bindings::default(),
+        )
+        .await;
+        let kv = |b: &Bindings| Arc::clone(&b.kv("demo").expect("a KeyValue binding").store);
+        let bus = |b: &Bindings| Arc::clone(&b.bus("demo").expect("a PubSub binding").store);
+        assert!(
+            dir.path().join("a.db").exists(),
+            "a relative path is in the data directory"
+        );
+
+        // Another limit: the same open store, under the new settings.
+        let second = open(snapshot([sqlite("a.db", 10), memory()]), &first).await;
+        assert!(Arc::ptr_eq(&kv(&first), &kv(&second)));
+        assert!(Arc::ptr_eq(&bus(&first), &bus(&second)));
+        assert_eq!(second.kv("demo").expect("kv").settings.max_value_bytes, 10);
+
+        // Another file: a store of its own; the old one is closed once
+        // nothing holds it.
+        let third = open(snapshot([sqlite("b.db", 10)]), &second).await;
+        assert!(!Arc::ptr_eq(&kv(&second), &kv(&third)));
+        assert!(third.bus("demo").is_none());
+        let (old_kv, old_bus) = (Arc::downgrade(&kv(&second)), Arc::downgrade(&bus(&second)));
+        second.retire(&third);
+        drop((first, second));
+        tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while old_kv.strong_count() + old_bus.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the replaced store and the removed bus are closed and freed");
+        // The store kept goes on serving.
+        assert_eq!(kv(&third).get("k").await.expect("get"), None);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_open_names_its_binding_and_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("no-such-dir/x.db");
+        let error = Bindings::open(
+            &snapshot([sqlite(missing.to_str().expect("UTF-8"), 0)]),
+            &Bindings::default(),
+            None,
+        )
+        .await
+        .expect_err("a file in a missing directory cannot be opened");
+        assert_eq!((error.binding.as_str(), error.field), ("demo/kv", "sqlite"));
+        assert!(!error.reason.is_empty());
+    }
+}
