@@ -41,7 +41,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
@@ -55,10 +55,10 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::keys::KeyWindow;
+use super::keys::{KeyWindow, publish_once};
 use super::{
     Acker, BusParams, Delivery, NoAcker, PubSub, Subscription, check_group, check_subscription,
-    check_topic,
+    check_topic, lock, open_or_closed, unique_suffix, wait_closed,
 };
 use crate::Error;
 
@@ -216,7 +216,7 @@ impl JetStreamBus {
             }
             None => {
                 let config = pull::Config {
-                    name: Some(unique_name()),
+                    name: Some(format!("prism-{}", unique_suffix())),
                     deliver_policy: DeliverPolicy::New,
                     ack_policy: AckPolicy::None,
                     filter_subject,
@@ -373,36 +373,26 @@ impl PubSub for CoreBus {
         Box::pin(async move {
             check_topic(topic)?;
             open_or_closed(&self.closed)?;
-            let mut keys = match idempotency_key {
-                Some(key) => {
-                    let mut keys = self.keys.lock().await;
-                    if let Some(id) = keys.get(key, Instant::now()) {
-                        return Ok(id);
-                    }
-                    Some(keys)
-                }
-                None => None,
+            let publish = async {
+                let id = format!(
+                    "{}-{}",
+                    self.id_base,
+                    self.next_id.fetch_add(1, Ordering::Relaxed)
+                );
+                let mut headers = HeaderMap::new();
+                headers.insert(MSG_ID_HEADER, id.as_str());
+                let subject = format!("{}.{topic}", self.prefix);
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|error| Error::unavailable("publish to NATS", error))?;
+                self.client
+                    .flush()
+                    .await
+                    .map_err(|error| Error::unavailable("publish to NATS", error))?;
+                Ok(id)
             };
-            let id = format!(
-                "{}-{}",
-                self.id_base,
-                self.next_id.fetch_add(1, Ordering::Relaxed)
-            );
-            let mut headers = HeaderMap::new();
-            headers.insert(MSG_ID_HEADER, id.as_str());
-            let subject = format!("{}.{topic}", self.prefix);
-            self.client
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(|error| Error::unavailable("publish to NATS", error))?;
-            self.client
-                .flush()
-                .await
-                .map_err(|error| Error::unavailable("publish to NATS", error))?;
-            if let (Some(keys), Some(key)) = (keys.as_mut(), idempotency_key) {
-                keys.remember(key, id.clone(), Instant::now());
-            }
-            Ok(id)
+            publish_once(&self.keys, idempotency_key, publish).await
         })
     }
 
@@ -472,15 +462,9 @@ impl PubSub for CoreBus {
 }
 
 impl JetStreamAcker {
-    fn held(&self) -> MutexGuard<'_, HashMap<u64, (jetstream::Message, Instant)>> {
-        // Every section under this lock is one map operation: a panic
-        // elsewhere cannot leave the map half-changed.
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn hold(&self, seq: u64, message: jetstream::Message) {
         let now = Instant::now();
-        let mut held = self.held();
+        let mut held = lock(&self.held);
         held.retain(|_, (_, at)| now.duration_since(*at) < self.keep);
         held.insert(seq, (message, now));
     }
@@ -492,7 +476,7 @@ impl Acker for JetStreamAcker {
             let seq = id
                 .parse::<u64>()
                 .map_err(|_| Error::Invalid(format!("`{id}` is not a delivery id of this bus")))?;
-            let message = self.held().remove(&seq).map(|(message, _)| message);
+            let message = lock(&self.held).remove(&seq).map(|(message, _)| message);
             // An id not held was acked already or given to another member:
             // acking it again is harmless, so it is not an error.
             if let Some(message) = message {
@@ -538,26 +522,12 @@ impl fmt::Debug for CoreBus {
     }
 }
 
-/// `Closed` once the bus was closed.
-fn open_or_closed(closed: &watch::Sender<bool>) -> Result<(), Error> {
-    if *closed.borrow() {
-        Err(Error::Closed)
-    } else {
-        Ok(())
-    }
-}
-
 /// Ends the bus's subscriptions, then drains and closes its connection.
 async fn close(client: &Client, closed: &watch::Sender<bool>) {
     closed.send_replace(true);
     if let Err(error) = client.drain().await {
         tracing::debug!(%error, "Draining the NATS connection failed.");
     }
-}
-
-async fn wait_closed(mut closed: watch::Receiver<bool>) {
-    // An error means the bus itself is gone: closed as well.
-    let _ = closed.wait_for(|closed| *closed).await;
 }
 
 fn publish_error(error: jetstream::context::PublishError) -> Error {
@@ -576,19 +546,6 @@ fn publish_error(error: jetstream::context::PublishError) -> Error {
 fn durable_name(group: &str, topic: &str) -> String {
     let escape = |s: &str| s.replace('_', "__").replace('.', "_d");
     format!("{}_g{}", escape(group), escape(topic))
-}
-
-/// A name no other ephemeral consumer has.
-fn unique_name() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "prism-{}-{nanos:x}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// What sets this connection's message ids apart from other publishers':
