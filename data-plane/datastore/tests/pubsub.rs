@@ -103,9 +103,44 @@ async fn memory() -> Backend {
     }
 }
 
+/// The streams these tests make (and the bus's own unit tests).
+#[cfg(feature = "nats")]
+const STREAM_PREFIX: &str = "prism-conformance";
+
+/// Deletes the streams that runs of these tests made more than ten minutes
+/// ago: a test cannot delete its own through the trait, and the server
+/// keeps them across runs. Younger ones may belong to a run going on.
+#[cfg(feature = "nats")]
+async fn sweep_old_streams() {
+    use futures::StreamExt;
+    let Ok(client) = async_nats::connect("nats://127.0.0.1:4222").await else {
+        return; // The test itself says the server is missing.
+    };
+    let js = async_nats::jetstream::new(client);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut old = Vec::new();
+    let mut streams = js.streams();
+    while let Some(Ok(info)) = streams.next().await {
+        let created = u64::try_from(info.created.unix_timestamp()).unwrap_or(0);
+        let ours = ["prism-conformance-", "prism-unit-"]
+            .iter()
+            .any(|prefix| info.config.name.starts_with(prefix));
+        if ours && now.saturating_sub(created) > 600 {
+            old.push(info.config.name);
+        }
+    }
+    for name in old {
+        let _ = js.delete_stream(&name).await;
+    }
+}
+
 #[cfg(feature = "nats")]
 async fn nats(jetstream: bool) -> Backend {
-    let stream = jetstream.then(|| unique("stream"));
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT.get_or_init(sweep_old_streams).await;
+    let stream = jetstream.then(|| unique(STREAM_PREFIX));
     let url = "nats://127.0.0.1:4222".to_string();
     let live = params(BusKind::Nats {
         url,

@@ -560,6 +560,80 @@ fn id_base(client: &Client) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BusKind;
+
+    const URL: &str = "nats://127.0.0.1:4222";
+
+    /// Polls `read` until `done` holds of what it returns, for at most ten
+    /// seconds.
+    async fn eventually<T: fmt::Debug, F: Future<Output = T>>(
+        mut read: impl FnMut() -> F,
+        done: impl Fn(&T) -> bool,
+    ) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = read().await;
+            if done(&value) || Instant::now() > deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What the suite in `tests/pubsub.rs` cannot see through the trait:
+    /// the server holds back what a stalled subscriber has no room for, and
+    /// an ungrouped subscriber's consumer goes when it is dropped.
+    #[tokio::test]
+    async fn a_stalled_member_pulls_at_most_bound_and_a_dropped_lone_consumer_is_deleted() {
+        let stream = format!("prism-unit-{}", unique_suffix());
+        let params = BusParams {
+            namespace: format!("unit-{}", unique_suffix()),
+            bus: BusKind::Nats {
+                url: URL.into(),
+                stream: Some(stream.clone()),
+            },
+            retention: Some(Duration::from_secs(60)),
+            ack_wait: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(2),
+        };
+        let bus = open(&params, URL, Some(&stream)).await.unwrap_or_else(|error| {
+            panic!("this test needs NATS with JetStream on 127.0.0.1:4222 (nats-server -js): {error}")
+        });
+        let js = jetstream::new(async_nats::connect(URL).await.unwrap());
+        let server_stream = js.get_stream(&stream).await.unwrap();
+
+        let _stalled = bus.subscribe("t", Some("g"), 4).await.unwrap();
+        for i in 0..20 {
+            bus.publish("t", Bytes::from(format!("{i}")), None)
+                .await
+                .unwrap();
+        }
+        let durable = durable_name("g", "t");
+        let pending = || async {
+            let info = server_stream.consumer_info(&durable).await.unwrap();
+            (info.num_ack_pending, info.num_pending)
+        };
+        eventually(pending, |(in_flight, _)| *in_flight >= 4).await;
+        // Every chance to pull more; it must not have.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            pending().await,
+            (4, 16),
+            "(handed out, held back by the server)"
+        );
+
+        let consumers = || async {
+            let mut info = js.get_stream(&stream).await.unwrap();
+            info.info().await.unwrap().state.consumer_count
+        };
+        let lone = bus.subscribe("t", None, 4).await.unwrap();
+        assert_eq!(consumers().await, 2);
+        drop(lone);
+        assert_eq!(eventually(consumers, |count| *count == 1).await, 1);
+
+        bus.close().await;
+        js.delete_stream(&stream).await.unwrap();
+    }
 
     #[test]
     fn durable_names_of_different_pairs_differ() {
