@@ -184,18 +184,20 @@ pub async fn open_bus(params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
 }
 
 /// Checks a topic name: tokens of `[A-Za-z0-9_-]` separated by `.`, so
-/// that it is one subject of NATS (no wildcard) and a legal Kafka name.
+/// that it is one subject of NATS (no wildcard) and a legal Kafka name
+/// (at most 249 characters with the `prism.` prefix and a namespace of at
+/// most 100).
 pub(crate) fn check_topic(topic: &str) -> Result<(), Error> {
     let token_ok = |t: &str| {
         !t.is_empty()
             && t.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     };
-    if topic.len() <= 200 && topic.split('.').all(token_ok) {
+    if topic.len() <= 140 && topic.split('.').all(token_ok) {
         Ok(())
     } else {
         Err(Error::Invalid(format!(
-            "topic `{topic}` must be `.`-separated tokens of letters, digits, `_` and `-` (200 characters at most)"
+            "topic `{topic}` must be `.`-separated tokens of letters, digits, `_` and `-` (140 characters at most)"
         )))
     }
 }

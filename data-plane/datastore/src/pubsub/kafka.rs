@@ -228,6 +228,11 @@ impl KafkaBus {
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "latest")
+            // A member that vanishes without leaving the group (a crash)
+            // has its partitions moved after six seconds (Kafka's default
+            // floor), and rebalances wait no longer than that for a member.
+            // librdkafka heartbeats from its own thread, so a subscriber
+            // that reads slowly is not taken for gone.
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500")
             .create_with_context(MemberContext {
@@ -241,8 +246,14 @@ impl KafkaBus {
         blocking(move || {
             let ends = ends_without_commits(&setup, &name, grouped, timeout)?;
             if grouped {
-                if ends.count() > 0 {
-                    setup.commit(&ends, CommitMode::Sync)?;
+                // The brokers refuse this commit from outside a group that
+                // has members; those members have started the group, and
+                // `auto.offset.reset=latest` covers a partition they have
+                // not committed yet.
+                if ends.count() > 0
+                    && let Err(error) = setup.commit(&ends, CommitMode::Sync)
+                {
+                    tracing::debug!(%error, topic = %name, "Could not start a Kafka group at the end.");
                 }
                 setup.subscribe(&[&name])
             } else {

@@ -32,7 +32,7 @@
 //! - A group is a queue group; acks are accepted and do nothing; nothing is
 //!   ever delivered again.
 //! - A subscriber that stops reading holds `bound` deliveries in its
-//!   channel and at most the client's per-subscription buffer behind it;
+//!   channel and at most [`CLIENT_BUFFER`] more in the client behind it;
 //!   past that the client drops messages for it (NATS's slow consumer).
 //!
 //! [`KEY_WINDOW`]: super::keys::KEY_WINDOW
@@ -71,6 +71,10 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 60);
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How long the server keeps an ephemeral consumer nobody pulls from.
 const EPHEMERAL_INACTIVE: Duration = Duration::from_secs(60);
+/// How many messages the client buffers for one of its subscriptions
+/// (async-nats's default is 65,536); past it, it drops them and reports a
+/// slow consumer. A pull never asks for more than this.
+const CLIENT_BUFFER: usize = 4096;
 /// The header carrying a core NATS message's id.
 const MSG_ID_HEADER: &str = "Prism-Msg-Id";
 
@@ -88,6 +92,7 @@ pub(super) async fn open(
     })?;
     let connecting = async_nats::ConnectOptions::new()
         .connection_timeout(params.connect_timeout)
+        .subscription_capacity(CLIENT_BUFFER)
         .connect(url);
     let client = match tokio::time::timeout(params.connect_timeout, connecting).await {
         Ok(Ok(client)) => client,
@@ -314,7 +319,7 @@ async fn pull(
             return;
         };
         // Only this task sends, so the room counted here stays free.
-        let room = 1 + tx.capacity();
+        let room = (1 + tx.capacity()).min(CLIENT_BUFFER);
         let batch = consumer
             .batch()
             .max_messages(room)
