@@ -22,6 +22,10 @@ use tokio::time::timeout;
 const ACK_WAIT: Duration = Duration::from_millis(500);
 /// The longest any single expected event may take.
 const WAIT: Duration = Duration::from_secs(10);
+/// The longest a subscribe may take: joining a Kafka group waits for the
+/// group to rebalance (on the mock cluster 3 s for a new group and 5 s for
+/// one with members, longer on a loaded machine).
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(30);
 
 /// `open_subscriptions` counts across the process: the leak check takes
 /// this for writing so that no other test opens a subscription meanwhile.
@@ -258,10 +262,10 @@ async fn subscribe(
     group: Option<&str>,
     bound: usize,
 ) -> Subscription {
-    match timeout(WAIT, bus.subscribe(topic, group, bound)).await {
+    match timeout(SUBSCRIBE_WAIT, bus.subscribe(topic, group, bound)).await {
         Ok(Ok(sub)) => sub,
         Ok(Err(error)) => panic!("subscribe to {topic} failed: {error}"),
-        Err(_) => panic!("subscribe to {topic} took more than {WAIT:?}"),
+        Err(_) => panic!("subscribe to {topic} took more than {SUBSCRIBE_WAIT:?}"),
     }
 }
 
