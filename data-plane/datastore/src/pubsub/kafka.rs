@@ -22,10 +22,12 @@
 //! - An ungrouped subscriber reads every partition from its end at the
 //!   moment it subscribed (an assignment, not a group: nothing is committed
 //!   and no group is left behind on the brokers).
-//! - A subscriber whose channel is full pauses its partitions, so librdkafka
-//!   fetches nothing more for it, and keeps polling, so that it still takes
-//!   part in its group's rebalances. A message fetched before the pause took
-//!   hold is put back by seeking to it.
+//! - A subscriber's consumer prefetches about `bound` messages a partition
+//!   (`queued.min.messages`). One whose channel is full pauses its
+//!   partitions, so librdkafka fetches nothing more for it, and keeps
+//!   polling, so that it still takes part in its group's rebalances. A
+//!   message fetched before the pause took hold is put back by seeking to
+//!   it.
 //!
 //! [`KEY_WINDOW`]: super::keys::KEY_WINDOW
 //! [`MAX_KEYS`]: super::keys::MAX_KEYS
@@ -209,6 +211,7 @@ impl KafkaBus {
         &self,
         name: &str,
         group: Option<&str>,
+        bound: usize,
     ) -> Result<
         (
             Arc<KafkaConsumer>,
@@ -228,6 +231,9 @@ impl KafkaBus {
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "latest")
+            // librdkafka prefetches up to 100,000 messages a partition by
+            // default; a subscription asks for about what it can hold.
+            .set("queued.min.messages", bound.to_string())
             // A member that vanishes without leaving the group (a crash)
             // has its partitions moved after six seconds (Kafka's default
             // floor), and rebalances wait no longer than that for a member.
@@ -332,7 +338,7 @@ impl PubSub for KafkaBus {
             open_or_closed(&self.closed)?;
             let name = self.topic_name(topic);
             self.ensure_topic(&name).await?;
-            let (consumer, mut joined, offsets) = self.consumer(&name, group).await?;
+            let (consumer, mut joined, offsets) = self.consumer(&name, group, bound).await?;
             let acker: Arc<dyn Acker> = match group {
                 Some(_) => Arc::new(KafkaAcker {
                     consumer: Arc::downgrade(&consumer),
