@@ -21,17 +21,21 @@
 //!   held: its task, its broker consumer and its buffered deliveries.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
+#[cfg(any(feature = "nats", feature = "kafka"))]
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::Error;
 
+#[cfg(feature = "kafka")]
+mod kafka;
 mod keys;
 mod memory;
 #[cfg(feature = "nats")]
@@ -180,18 +184,20 @@ pub async fn open_bus(params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
 }
 
 /// Checks a topic name: tokens of `[A-Za-z0-9_-]` separated by `.`, so
-/// that it is one subject of NATS (no wildcard) and a legal Kafka name.
+/// that it is one subject of NATS (no wildcard) and a legal Kafka name
+/// (at most 249 characters with the `prism.` prefix and a namespace of at
+/// most 100).
 pub(crate) fn check_topic(topic: &str) -> Result<(), Error> {
     let token_ok = |t: &str| {
         !t.is_empty()
             && t.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     };
-    if topic.len() <= 200 && topic.split('.').all(token_ok) {
+    if topic.len() <= 140 && topic.split('.').all(token_ok) {
         Ok(())
     } else {
         Err(Error::Invalid(format!(
-            "topic `{topic}` must be `.`-separated tokens of letters, digits, `_` and `-` (200 characters at most)"
+            "topic `{topic}` must be `.`-separated tokens of letters, digits, `_` and `-` (140 characters at most)"
         )))
     }
 }
@@ -241,6 +247,48 @@ impl Acker for NoAcker {
     }
 }
 
+/// Locks `mutex`, recovering from poisoning: every section the buses run
+/// under their locks leaves the state whole between statements (none calls
+/// out while holding one), so a panic elsewhere cannot leave it
+/// half-changed.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A suffix no other name made by this process has, and that names made by
+/// other processes are unlikely to share: the process id, the time and a
+/// counter.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub(crate) fn unique_suffix() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{nanos:x}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `Closed` once the bus of `closed` was closed.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub(crate) fn open_or_closed(closed: &watch::Sender<bool>) -> Result<(), Error> {
+    if *closed.borrow() {
+        Err(Error::Closed)
+    } else {
+        Ok(())
+    }
+}
+
+/// Returns once the bus of `closed` was closed.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub(crate) async fn wait_closed(mut closed: watch::Receiver<bool>) {
+    // An error means the bus itself is gone: closed as well.
+    let _ = closed.wait_for(|closed| *closed).await;
+}
+
 #[cfg(not(feature = "nats"))]
 async fn open_nats(_: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
     Err(Error::Invalid(
@@ -264,6 +312,12 @@ async fn open_nats(params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
 }
 
 #[cfg(feature = "kafka")]
-async fn open_kafka(_params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
-    Err(Error::Invalid("kafka: not built yet".into()))
+async fn open_kafka(params: &BusParams) -> Result<Arc<dyn PubSub>, Error> {
+    match &params.bus {
+        BusKind::Kafka {
+            brokers,
+            partitions,
+        } => kafka::open(params, brokers, *partitions).await,
+        _ => Err(Error::Invalid("not a Kafka bus".into())),
+    }
 }

@@ -45,6 +45,28 @@ impl KeyWindow {
     }
 }
 
+/// Runs `publish` unless `key` is remembered in `keys`, and remembers the
+/// id it returns. The window is locked across the publish, so that two
+/// publishes of one key cannot both find it absent; publishes without a key
+/// do not wait for it.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub(crate) async fn publish_once(
+    keys: &tokio::sync::Mutex<KeyWindow>,
+    key: Option<&str>,
+    publish: impl Future<Output = Result<String, crate::Error>>,
+) -> Result<String, crate::Error> {
+    let Some(key) = key else {
+        return publish.await;
+    };
+    let mut window = keys.lock().await;
+    if let Some(id) = window.get(key, Instant::now()) {
+        return Ok(id);
+    }
+    let id = publish.await?;
+    window.remember(key, id.clone(), Instant::now());
+    Ok(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

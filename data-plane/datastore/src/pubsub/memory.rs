@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,6 +43,7 @@ use tokio::time::Instant;
 use super::keys::KeyWindow;
 use super::{
     Acker, BusParams, Delivery, NoAcker, PubSub, Subscription, check_subscription, check_topic,
+    lock,
 };
 use crate::Error;
 
@@ -531,13 +532,6 @@ impl Acker for GroupAcker {
             });
         Box::pin(async move { result })
     }
-}
-
-/// Locks `mutex`, recovering from poisoning: every critical section here
-/// leaves the state whole between statements (no section calls out while
-/// holding it), so a panic elsewhere cannot leave it half-changed.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@
 //! - A group is a queue group; acks are accepted and do nothing; nothing is
 //!   ever delivered again.
 //! - A subscriber that stops reading holds `bound` deliveries in its
-//!   channel and at most the client's per-subscription buffer behind it;
+//!   channel and at most [`CLIENT_BUFFER`] more in the client behind it;
 //!   past that the client drops messages for it (NATS's slow consumer).
 //!
 //! [`KEY_WINDOW`]: super::keys::KEY_WINDOW
@@ -41,7 +41,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
@@ -55,10 +55,10 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::keys::KeyWindow;
+use super::keys::{KeyWindow, publish_once};
 use super::{
     Acker, BusParams, Delivery, NoAcker, PubSub, Subscription, check_group, check_subscription,
-    check_topic,
+    check_topic, lock, open_or_closed, unique_suffix, wait_closed,
 };
 use crate::Error;
 
@@ -71,6 +71,10 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 60);
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How long the server keeps an ephemeral consumer nobody pulls from.
 const EPHEMERAL_INACTIVE: Duration = Duration::from_secs(60);
+/// How many messages the client buffers for one of its subscriptions
+/// (async-nats's default is 65,536); past it, it drops them and reports a
+/// slow consumer. A pull never asks for more than this.
+const CLIENT_BUFFER: usize = 4096;
 /// The header carrying a core NATS message's id.
 const MSG_ID_HEADER: &str = "Prism-Msg-Id";
 
@@ -88,6 +92,7 @@ pub(super) async fn open(
     })?;
     let connecting = async_nats::ConnectOptions::new()
         .connection_timeout(params.connect_timeout)
+        .subscription_capacity(CLIENT_BUFFER)
         .connect(url);
     let client = match tokio::time::timeout(params.connect_timeout, connecting).await {
         Ok(Ok(client)) => client,
@@ -216,7 +221,7 @@ impl JetStreamBus {
             }
             None => {
                 let config = pull::Config {
-                    name: Some(unique_name()),
+                    name: Some(format!("prism-{}", unique_suffix())),
                     deliver_policy: DeliverPolicy::New,
                     ack_policy: AckPolicy::None,
                     filter_subject,
@@ -314,7 +319,7 @@ async fn pull(
             return;
         };
         // Only this task sends, so the room counted here stays free.
-        let room = 1 + tx.capacity();
+        let room = (1 + tx.capacity()).min(CLIENT_BUFFER);
         let batch = consumer
             .batch()
             .max_messages(room)
@@ -373,36 +378,26 @@ impl PubSub for CoreBus {
         Box::pin(async move {
             check_topic(topic)?;
             open_or_closed(&self.closed)?;
-            let mut keys = match idempotency_key {
-                Some(key) => {
-                    let mut keys = self.keys.lock().await;
-                    if let Some(id) = keys.get(key, Instant::now()) {
-                        return Ok(id);
-                    }
-                    Some(keys)
-                }
-                None => None,
+            let publish = async {
+                let id = format!(
+                    "{}-{}",
+                    self.id_base,
+                    self.next_id.fetch_add(1, Ordering::Relaxed)
+                );
+                let mut headers = HeaderMap::new();
+                headers.insert(MSG_ID_HEADER, id.as_str());
+                let subject = format!("{}.{topic}", self.prefix);
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|error| Error::unavailable("publish to NATS", error))?;
+                self.client
+                    .flush()
+                    .await
+                    .map_err(|error| Error::unavailable("publish to NATS", error))?;
+                Ok(id)
             };
-            let id = format!(
-                "{}-{}",
-                self.id_base,
-                self.next_id.fetch_add(1, Ordering::Relaxed)
-            );
-            let mut headers = HeaderMap::new();
-            headers.insert(MSG_ID_HEADER, id.as_str());
-            let subject = format!("{}.{topic}", self.prefix);
-            self.client
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(|error| Error::unavailable("publish to NATS", error))?;
-            self.client
-                .flush()
-                .await
-                .map_err(|error| Error::unavailable("publish to NATS", error))?;
-            if let (Some(keys), Some(key)) = (keys.as_mut(), idempotency_key) {
-                keys.remember(key, id.clone(), Instant::now());
-            }
-            Ok(id)
+            publish_once(&self.keys, idempotency_key, publish).await
         })
     }
 
@@ -472,15 +467,9 @@ impl PubSub for CoreBus {
 }
 
 impl JetStreamAcker {
-    fn held(&self) -> MutexGuard<'_, HashMap<u64, (jetstream::Message, Instant)>> {
-        // Every section under this lock is one map operation: a panic
-        // elsewhere cannot leave the map half-changed.
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn hold(&self, seq: u64, message: jetstream::Message) {
         let now = Instant::now();
-        let mut held = self.held();
+        let mut held = lock(&self.held);
         held.retain(|_, (_, at)| now.duration_since(*at) < self.keep);
         held.insert(seq, (message, now));
     }
@@ -492,7 +481,7 @@ impl Acker for JetStreamAcker {
             let seq = id
                 .parse::<u64>()
                 .map_err(|_| Error::Invalid(format!("`{id}` is not a delivery id of this bus")))?;
-            let message = self.held().remove(&seq).map(|(message, _)| message);
+            let message = lock(&self.held).remove(&seq).map(|(message, _)| message);
             // An id not held was acked already or given to another member:
             // acking it again is harmless, so it is not an error.
             if let Some(message) = message {
@@ -538,26 +527,12 @@ impl fmt::Debug for CoreBus {
     }
 }
 
-/// `Closed` once the bus was closed.
-fn open_or_closed(closed: &watch::Sender<bool>) -> Result<(), Error> {
-    if *closed.borrow() {
-        Err(Error::Closed)
-    } else {
-        Ok(())
-    }
-}
-
 /// Ends the bus's subscriptions, then drains and closes its connection.
 async fn close(client: &Client, closed: &watch::Sender<bool>) {
     closed.send_replace(true);
     if let Err(error) = client.drain().await {
         tracing::debug!(%error, "Draining the NATS connection failed.");
     }
-}
-
-async fn wait_closed(mut closed: watch::Receiver<bool>) {
-    // An error means the bus itself is gone: closed as well.
-    let _ = closed.wait_for(|closed| *closed).await;
 }
 
 fn publish_error(error: jetstream::context::PublishError) -> Error {
@@ -578,19 +553,6 @@ fn durable_name(group: &str, topic: &str) -> String {
     format!("{}_g{}", escape(group), escape(topic))
 }
 
-/// A name no other ephemeral consumer has.
-fn unique_name() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "prism-{}-{nanos:x}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 /// What sets this connection's message ids apart from other publishers':
 /// the server's id for the client and when it connected.
 fn id_base(client: &Client) -> String {
@@ -603,6 +565,80 @@ fn id_base(client: &Client) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BusKind;
+
+    const URL: &str = "nats://127.0.0.1:4222";
+
+    /// Polls `read` until `done` holds of what it returns, for at most ten
+    /// seconds.
+    async fn eventually<T: fmt::Debug, F: Future<Output = T>>(
+        mut read: impl FnMut() -> F,
+        done: impl Fn(&T) -> bool,
+    ) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = read().await;
+            if done(&value) || Instant::now() > deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What the suite in `tests/pubsub.rs` cannot see through the trait:
+    /// the server holds back what a stalled subscriber has no room for, and
+    /// an ungrouped subscriber's consumer goes when it is dropped.
+    #[tokio::test]
+    async fn a_stalled_member_pulls_at_most_bound_and_a_dropped_lone_consumer_is_deleted() {
+        let stream = format!("prism-unit-{}", unique_suffix());
+        let params = BusParams {
+            namespace: format!("unit-{}", unique_suffix()),
+            bus: BusKind::Nats {
+                url: URL.into(),
+                stream: Some(stream.clone()),
+            },
+            retention: Some(Duration::from_secs(60)),
+            ack_wait: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(2),
+        };
+        let bus = open(&params, URL, Some(&stream)).await.unwrap_or_else(|error| {
+            panic!("this test needs NATS with JetStream on 127.0.0.1:4222 (nats-server -js): {error}")
+        });
+        let js = jetstream::new(async_nats::connect(URL).await.unwrap());
+        let server_stream = js.get_stream(&stream).await.unwrap();
+
+        let _stalled = bus.subscribe("t", Some("g"), 4).await.unwrap();
+        for i in 0..20 {
+            bus.publish("t", Bytes::from(format!("{i}")), None)
+                .await
+                .unwrap();
+        }
+        let durable = durable_name("g", "t");
+        let pending = || async {
+            let info = server_stream.consumer_info(&durable).await.unwrap();
+            (info.num_ack_pending, info.num_pending)
+        };
+        eventually(pending, |(in_flight, _)| *in_flight >= 4).await;
+        // Every chance to pull more; it must not have.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            pending().await,
+            (4, 16),
+            "(handed out, held back by the server)"
+        );
+
+        let consumers = || async {
+            let mut info = js.get_stream(&stream).await.unwrap();
+            info.info().await.unwrap().state.consumer_count
+        };
+        let lone = bus.subscribe("t", None, 4).await.unwrap();
+        assert_eq!(consumers().await, 2);
+        drop(lone);
+        assert_eq!(eventually(consumers, |count| *count == 1).await, 1);
+
+        bus.close().await;
+        js.delete_stream(&stream).await.unwrap();
+    }
 
     #[test]
     fn durable_names_of_different_pairs_differ() {
