@@ -671,3 +671,136 @@ async fn ten_thousand_cancelled_subscriptions_leave_nothing_behind() {
         "RSS grew by {grown} bytes: {before} → {after}"
     );
 }
+
+/// The PostgreSQL the tests use: `PRISM_TEST_POSTGRES_URL`, or the local
+/// server's database `test`. Fails the test, saying so, when it is not up.
+async fn postgres_url() -> String {
+    let url = std::env::var("PRISM_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let host = url
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("a postgres://user@host:port/db URL");
+    if let Err(error) = tokio::net::TcpStream::connect(host).await {
+        panic!(
+            "PostgreSQL is not reachable at {host} ({error}): start it, or set PRISM_TEST_POSTGRES_URL"
+        );
+    }
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_moves_from_sqlite_to_postgres_while_a_client_writes() {
+    let url = postgres_url().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let admin = cp.client();
+    let proxy = Proxy::start(&cp.xds, "proxy-kv-move").await;
+    // A namespace of its own in the shared test database.
+    let ns = format!(
+        "move-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_nanos()
+            % 1_000_000_000
+    );
+    proxy
+        .converge(
+            admin
+                .apply(&format!(
+                    "namespaces: [{{name: {ns}, hosts: [{ns}.local]}}]\n\
+                     bindings: [{{name: {ns}/kv, sqlite: {{path: move.db}}}}]\n"
+                ))
+                .await,
+        )
+        .await;
+
+    // A client writing one key after another, retrying what it is told to
+    // retry and failing on anything else; it records what was acknowledged.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let (mut kv, ns, stop, acked) =
+            (grpc(&proxy).await, ns.clone(), stop.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut retries = 0;
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let value = i.to_string();
+                match kv
+                    .put(put(&ns, write(&format!("k{i:06}"), value.as_bytes())))
+                    .await
+                {
+                    Ok(_) => {
+                        i += 1;
+                        acked.store(i, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(status) if status.code() == Code::Unavailable => {
+                        retries += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    }
+                    Err(status) => {
+                        panic!("write {i} failed with an error not to retry: {status:?}")
+                    }
+                }
+            }
+            (i, retries)
+        })
+    };
+    let at_least = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            eventually(&format!("{n} writes acknowledged"), || async {
+                (acked.load(std::sync::atomic::Ordering::SeqCst) >= n).then_some(())
+            })
+            .await
+        }
+    };
+    at_least(300).await;
+
+    let moved = admin
+        .apply(&format!(
+            "secrets: [{{name: {ns}/db, credential: {{value: \"{url}\"}}}}]\n\
+             bindings: [{{name: {ns}/kv, postgres: {{secret: db}}, move_items: true}}]\n"
+        ))
+        .await;
+    proxy.converge(moved).await;
+    let then = acked.load(std::sync::atomic::Ordering::SeqCst);
+    at_least(then + 300).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (written, retries) = writer
+        .await
+        .expect("the writer saw no error it was not told to retry");
+
+    // Every acknowledged write is there, now in PostgreSQL.
+    let mut kv = grpc(&proxy).await;
+    let keys: Vec<String> = (0..written).map(|i| format!("k{i:06}")).collect();
+    for chunk in keys.chunks(500) {
+        let items = kv
+            .batch_get(BatchGetRequest {
+                namespace: ns.clone(),
+                keys: chunk.to_vec(),
+            })
+            .await
+            .expect("batch get")
+            .into_inner()
+            .items;
+        for item in items {
+            let i: usize = item.key[1..].parse().expect("k + number");
+            assert_eq!(item.version, 1, "{} was lost ({retries} retries)", item.key);
+            assert_eq!(item.value.as_ref(), i.to_string().as_bytes());
+        }
+    }
+    let dump = proxy.config_dump().await.expect("config dump");
+    assert!(
+        dump["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .any(|r| r["name"] == format!("{ns}/db")),
+        "the proxy serves the Postgres binding: {dump}"
+    );
+}

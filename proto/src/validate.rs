@@ -1424,6 +1424,7 @@ fn validate_binding(b: &DataBinding) -> Result {
         Ok(())
     };
     only("default_ttl", b.default_ttl.is_some(), true)?;
+    only("move_items", b.move_items, true)?;
     only("retention", b.retention.is_some(), false)?;
     only("ack_wait", b.ack_wait.is_some(), false)?;
     for (field, d) in [("default_ttl", &b.default_ttl), ("retention", &b.retention)] {

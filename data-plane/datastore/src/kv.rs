@@ -132,6 +132,12 @@ pub trait KeyValue: Send + Sync + fmt::Debug {
         limit: ScanLimit,
     ) -> BoxFuture<'a, Result<Page, Error>>;
 
+    /// Writes `items` as they are, keeping their versions and expiry, in one
+    /// transaction, where the store holds no newer version of the key (or
+    /// only an expired one): the copy of a namespace moved here from
+    /// another store. Idempotency keys are not carried over.
+    fn import(&self, items: Vec<Item>) -> BoxFuture<'_, Result<(), Error>>;
+
     /// Waits for operations in flight, then closes the pool. Later calls
     /// fail with [`Error::Closed`].
     fn close(&self) -> BoxFuture<'_, ()>;

@@ -480,6 +480,35 @@ async fn closed_store_answers_closed(kv: Arc<dyn KeyValue>, _: KvParams) {
 
 /// Runs each case against each store, as `sqlite::case` and
 /// `postgres::case`.
+/// A moved namespace's items keep their versions and expiry, and never
+/// replace a newer version of a key.
+async fn import_keeps_versions_and_newer_writes(kv: Arc<dyn KeyValue>, _: KvParams) {
+    for _ in 0..3 {
+        kv.put(put("newer", "here")).await.expect("put");
+    }
+    let at = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let item = |key: &str, value: &str, version: u64, expires_at| prism_datastore::Item {
+        key: key.into(),
+        value: Bytes::from(value.to_string()),
+        version,
+        expires_at,
+    };
+    kv.import(vec![
+        item("moved", "there", 7, Some(at)),
+        item("newer", "stale", 2, None),
+    ])
+    .await
+    .expect("import");
+    let moved = kv.get("moved").await.expect("get").expect("moved is there");
+    assert_eq!((moved.value.as_ref(), moved.version), (&b"there"[..], 7));
+    let expires = moved.expires_at.expect("its expiry is kept");
+    let drift = expires.duration_since(at).unwrap_or_else(|e| e.duration());
+    assert!(drift < Duration::from_millis(2), "{drift:?}");
+    assert_eq!(value_of(&kv, "newer").await, Some((Bytes::from("here"), 3)));
+    // The next write of a moved key goes on from its version.
+    assert_eq!(kv.put(put("moved", "again")).await.expect("put"), 8);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -518,6 +547,7 @@ conformance!(
     concurrent_puts_keep_every_version,
     concurrent_retries_apply_once,
     closed_store_answers_closed,
+    import_keeps_versions_and_newer_writes,
 );
 
 // Opening what is not there.

@@ -339,7 +339,14 @@ impl Work {
             self.data_dir.as_deref(),
         ))
         .map_err(CompileError::Binding)?;
-        Ok(Runtime::compile(candidate, &previous, &self.own)?.with_data(data))
+        match Runtime::compile(candidate, &previous, &self.own) {
+            Ok(runtime) => Ok(runtime.with_data(data)),
+            Err(error) => {
+                // The bindings before serve on, writes and all.
+                data.abandon();
+                Err(error)
+            }
+        }
     }
 }
 

@@ -8,27 +8,48 @@
 //! settings (limits, TTL, callers) changed. A store no binding uses any more
 //! drains (calls in flight finish, up to [`DRAIN_TIMEOUT`]) and closes once
 //! the runtime that replaced it is stored.
+//!
+//! A KeyValue binding with `move_items` that replaces one of another store
+//! moves the namespace: the old binding is sealed ([`Seal`]: its writes in
+//! flight finish, new ones answer UNAVAILABLE, retry), its items are copied
+//! into the new store, and only then is the runtime that serves the new
+//! store stored. A write acknowledged before the seal is in the copy; one
+//! refused by it is retried by its client against the new store. Should the
+//! apply fail after all, [`Bindings::abandon`] unseals the old binding.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::future::join_all;
-use prism_datastore::{BusKind, BusParams, KeyValue, KvParams, KvStore, PubSub, open_bus, open_kv};
+use prism_datastore::{
+    BusKind, BusParams, KeyValue, KvParams, KvStore, PubSub, ScanLimit, open_bus, open_kv,
+};
 use prism_proto::defaults::{self, binding as default};
 use prism_proto::pb::config::v1::{DataBinding, data_binding, secret};
 use prism_proto::{Kind, Resource, ResourceKey, Snapshot};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 /// How long a store no binding uses any more waits for the calls that still
 /// hold it before it is closed.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Items copied in one step of a move.
+const MOVE_PAGE: ScanLimit = ScanLimit {
+    max_items: 1000,
+    max_bytes: 4 * 1024 * 1024,
+};
+
 /// Every namespace's bindings.
 #[derive(Debug, Default)]
 pub(crate) struct Bindings {
     namespaces: HashMap<String, Namespace>,
+    /// The seals of the bindings whose namespaces these bindings moved to
+    /// another store, for [`Bindings::abandon`].
+    moved_from: Vec<Arc<Seal>>,
 }
 
 /// One namespace's bindings, at most one of each API.
@@ -47,7 +68,21 @@ pub(crate) struct Binding<T: ?Sized> {
     pub settings: Settings,
     params: Params,
     pub store: Arc<T>,
+    /// Admits the writes to `store`: shared by every binding of it.
+    pub seal: Arc<Seal>,
 }
+
+/// Admits writes to a KeyValue store until its namespace moves away.
+#[derive(Debug, Default)]
+pub(crate) struct Seal {
+    sealed: AtomicBool,
+    writing: AtomicUsize,
+    idle: Notify,
+}
+
+/// A write admitted by a [`Seal`], until it is dropped.
+#[derive(Debug)]
+pub(crate) struct Writing<'a>(&'a Seal);
 
 /// What a call through a binding obeys.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +93,8 @@ pub(crate) struct Settings {
     /// Namespaces besides its own whose callers may call it; `None` lets
     /// every caller in.
     pub allow: Option<Allow>,
+    /// Copy the items of the store this binding replaces.
+    pub move_items: bool,
 }
 
 /// Who may call a binding that names its callers.
@@ -106,58 +143,70 @@ impl Bindings {
         previous: &Bindings,
         data_dir: Option<&Path>,
     ) -> Result<Bindings, OpenError> {
-        let mut namespaces: HashMap<String, Namespace> = HashMap::new();
+        let mut bindings = Bindings::default();
         let mut opening = Vec::new();
+        // The KeyValue bindings whose namespaces move to another store.
+        let mut moves = Vec::new();
         for entry in snapshot.of_kind(Kind::DataBinding) {
             let Resource::DataBinding(spec) = &entry.resource else {
                 continue;
             };
             let namespace = entry.resource.namespace();
             let (params, settings) = compile(snapshot, spec, namespace, data_dir)?;
-            let slot = namespaces.entry(namespace.to_string()).or_default();
             let old = previous.namespaces.get(namespace);
-            match params {
-                Params::Kv(ref kv) => {
-                    let reused = old
-                        .and_then(|o| o.kv.as_ref())
-                        .filter(|b| b.params == params);
-                    match reused {
+            let slot = bindings
+                .namespaces
+                .entry(namespace.to_string())
+                .or_default();
+            match &params {
+                Params::Kv(_) => {
+                    let old = old.and_then(|o| o.kv.as_ref());
+                    match old.filter(|b| b.params == params) {
                         Some(b) => slot.kv = Some(b.with(&spec.name, settings)),
-                        None => opening.push(open_one(
-                            spec.name.clone(),
-                            settings,
-                            Params::Kv(kv.clone()),
-                        )),
+                        None => {
+                            if let Some(old) = old.filter(|_| settings.move_items) {
+                                moves.push(Arc::clone(old));
+                            }
+                            opening.push(open_one(spec.name.clone(), settings, params));
+                        }
                     }
                 }
-                Params::Bus(ref bus) => {
-                    let reused = old
-                        .and_then(|o| o.bus.as_ref())
-                        .filter(|b| b.params == params);
-                    match reused {
-                        Some(b) => slot.bus = Some(b.with(&spec.name, settings)),
-                        None => opening.push(open_one(
-                            spec.name.clone(),
-                            settings,
-                            Params::Bus(bus.clone()),
-                        )),
-                    }
-                }
+                Params::Bus(_) => match old
+                    .and_then(|o| o.bus.as_ref())
+                    .filter(|b| b.params == params)
+                {
+                    Some(b) => slot.bus = Some(b.with(&spec.name, settings)),
+                    None => opening.push(open_one(spec.name.clone(), settings, params)),
+                },
             }
         }
         for opened in join_all(opening).await {
-            match opened? {
-                Opened::Kv(binding) => {
-                    let namespace = namespace_of(&binding.name).to_string();
-                    namespaces.entry(namespace).or_default().kv = Some(binding);
-                }
-                Opened::Bus(binding) => {
-                    let namespace = namespace_of(&binding.name).to_string();
-                    namespaces.entry(namespace).or_default().bus = Some(binding);
-                }
+            let (namespace, opened) = opened?;
+            let slot = bindings.namespaces.entry(namespace).or_default();
+            match opened {
+                Opened::Kv(binding) => slot.kv = Some(binding),
+                Opened::Bus(binding) => slot.bus = Some(binding),
             }
         }
-        Ok(Bindings { namespaces })
+        for old in moves {
+            let Some(new) = bindings.kv(namespace_of(&old.name)).map(Arc::clone) else {
+                continue;
+            };
+            bindings.moved_from.push(Arc::clone(&old.seal));
+            if let Err(error) = move_items(&old, &new).await {
+                bindings.abandon();
+                return Err(error);
+            }
+        }
+        Ok(bindings)
+    }
+
+    /// Unseals the bindings these bindings moved namespaces away from: the
+    /// apply that opened them failed, and the old bindings go on serving.
+    pub(crate) fn abandon(&self) {
+        for seal in &self.moved_from {
+            seal.sealed.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Drains and closes every store of `self` that `next` does not use:
@@ -186,6 +235,17 @@ impl Bindings {
 }
 
 impl<T: ?Sized> Binding<T> {
+    /// A binding of a store just opened.
+    fn opened(name: &str, settings: Settings, params: &Params, store: Arc<T>) -> Arc<Self> {
+        Arc::new(Binding {
+            name: name.to_string(),
+            settings,
+            params: params.clone(),
+            store,
+            seal: Arc::default(),
+        })
+    }
+
     /// This binding's open store under `name` with `settings`.
     fn with(&self, name: &str, settings: Settings) -> Arc<Binding<T>> {
         Arc::new(Binding {
@@ -193,6 +253,7 @@ impl<T: ?Sized> Binding<T> {
             settings,
             params: self.params.clone(),
             store: Arc::clone(&self.store),
+            seal: Arc::clone(&self.seal),
         })
     }
 }
@@ -207,12 +268,92 @@ impl Allow {
     }
 }
 
+impl Seal {
+    /// Admits one write, unless the store is sealed.
+    pub(crate) fn enter(&self) -> Option<Writing<'_>> {
+        // Counted before the check, so that `seal` either sees this write
+        // and waits for it, or this write sees the seal.
+        self.writing.fetch_add(1, Ordering::SeqCst);
+        if self.sealed.load(Ordering::SeqCst) {
+            self.leave();
+            return None;
+        }
+        Some(Writing(self))
+    }
+
+    fn leave(&self) {
+        if self.writing.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Refuses new writes and waits for those in flight.
+    async fn seal(&self) {
+        self.sealed.store(true, Ordering::SeqCst);
+        loop {
+            // Made before the check: a last write that leaves in between
+            // still wakes this wait.
+            let idle = self.idle.notified();
+            if self.writing.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// Moves a namespace's items from `old`'s store into `new`'s: seals `old`,
+/// then copies page by page.
+async fn move_items(
+    old: &Binding<dyn KeyValue>,
+    new: &Binding<dyn KeyValue>,
+) -> Result<(), OpenError> {
+    let failed = |error: prism_datastore::Error| OpenError {
+        binding: new.name.clone(),
+        field: "move_items",
+        reason: format!(
+            "copying the items of `{}`: {}",
+            old.name,
+            crate::http::error::Chain(&error)
+        ),
+    };
+    old.seal.seal().await;
+    let mut after: Option<String> = None;
+    let mut moved = 0usize;
+    loop {
+        let page = old
+            .store
+            .scan("", after.as_deref(), MOVE_PAGE)
+            .await
+            .map_err(failed)?;
+        moved += page.items.len();
+        new.store.import(page.items).await.map_err(failed)?;
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    info!(from = %old.name, to = %new.name, items = moved, "Moved a namespace's items to its new store.");
+    Ok(())
+}
+
 enum Opened {
     Kv(Arc<Binding<dyn KeyValue>>),
     Bus(Arc<Binding<dyn PubSub>>),
 }
 
-async fn open_one(name: String, settings: Settings, params: Params) -> Result<Opened, OpenError> {
+/// Opens the store of one binding; its namespace and the binding.
+async fn open_one(
+    name: String,
+    settings: Settings,
+    params: Params,
+) -> Result<(String, Opened), OpenError> {
     let failed = |field: &'static str, error: prism_datastore::Error| OpenError {
         binding: name.clone(),
         field,
@@ -225,12 +366,7 @@ async fn open_one(name: String, settings: Settings, params: Params) -> Result<Op
                 KvStore::Postgres { .. } => "postgres",
             };
             let store = open_kv(kv).await.map_err(|e| failed(field, e))?;
-            Opened::Kv(Arc::new(Binding {
-                name: name.clone(),
-                settings,
-                params: params.clone(),
-                store,
-            }))
+            Opened::Kv(Binding::opened(&name, settings, &params, store))
         }
         Params::Bus(bus) => {
             let field = match bus.bus {
@@ -239,16 +375,11 @@ async fn open_one(name: String, settings: Settings, params: Params) -> Result<Op
                 BusKind::Kafka { .. } => "kafka",
             };
             let store = open_bus(bus).await.map_err(|e| failed(field, e))?;
-            Opened::Bus(Arc::new(Binding {
-                name: name.clone(),
-                settings,
-                params: params.clone(),
-                store,
-            }))
+            Opened::Bus(Binding::opened(&name, settings, &params, store))
         }
     };
     info!(binding = %name, "Opened data binding.");
-    Ok(opened)
+    Ok((namespace_of(&name).to_string(), opened))
 }
 
 /// The store params and call settings of `spec`.
@@ -320,6 +451,7 @@ fn compile(
             any_namespace: spec.allow_namespaces.iter().any(|n| n == "*"),
             namespaces: spec.allow_namespaces.clone(),
         }),
+        move_items: spec.move_items,
     };
     Ok((params, settings))
 }
@@ -416,6 +548,7 @@ mod tests {
             let dir = dir.path().to_path_buf();
             let previous = Bindings {
                 namespaces: previous.namespaces.clone(),
+                moved_from: Vec::new(),
             };
             async move {
                 Bindings::open(&snapshot, &previous, Some(&dir))

@@ -43,6 +43,10 @@ pub(crate) enum DataError {
     RateLimited { retry_after: Duration },
     #[error("no configuration yet")]
     NotConfigured,
+    /// The binding's namespace is moving to another store: a write is
+    /// refused until the new store serves it.
+    #[error("the namespace of `{binding}` is moving to another store; retry")]
+    Moving { binding: String },
     #[error("subscription `{0}` is not open on this proxy")]
     NoSubscription(String),
     #[error("no data API at {0}")]
@@ -80,7 +84,9 @@ impl DataError {
             DataError::RateLimited { .. } => {
                 (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS)
             }
-            DataError::NotConfigured => (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            DataError::NotConfigured | DataError::Moving { .. } => {
+                (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE)
+            }
             DataError::Store(error) => match error {
                 StoreError::VersionMismatch { .. } => {
                     (Code::FailedPrecondition, StatusCode::PRECONDITION_FAILED)

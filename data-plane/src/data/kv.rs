@@ -10,7 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prism_datastore::{Item, KeyValue, Page, Put, ScanLimit};
 
-use super::bindings::Binding;
+use super::bindings::{Binding, Writing};
 use super::pb;
 use super::{Caller, DataError};
 use crate::runtime::Runtime;
@@ -64,6 +64,7 @@ pub(crate) async fn get(store: &Store, key: &str) -> Result<Item, DataError> {
 
 pub(crate) async fn put(store: &Store, write: Write) -> Result<u64, DataError> {
     let put = checked(store, write)?;
+    let _writing = writing(store)?;
     Ok(store.store.put(put).await?)
 }
 
@@ -73,6 +74,7 @@ pub(crate) async fn delete(
     expected_version: Option<u64>,
 ) -> Result<bool, DataError> {
     check_key("key", key)?;
+    let _writing = writing(store)?;
     Ok(store.store.delete(key, expected_version).await?)
 }
 
@@ -103,6 +105,7 @@ pub(crate) async fn batch_put(store: &Store, writes: Vec<Write>) -> Result<Vec<u
         .into_iter()
         .map(|w| checked(store, w))
         .collect::<Result<Vec<_>, _>>()?;
+    let _writing = writing(store)?;
     Ok(store.store.batch_put(puts).await?)
 }
 
@@ -144,6 +147,14 @@ fn bounded(
         n if n > max => Err(DataError::invalid(field, format!("at most {max}"))),
         n => Ok(n),
     }
+}
+
+/// Admits a write to the binding's store: refused, to be retried, while
+/// its namespace moves to another store.
+fn writing(store: &Store) -> Result<Writing<'_>, DataError> {
+    store.seal.enter().ok_or_else(|| DataError::Moving {
+        binding: store.name.clone(),
+    })
 }
 
 /// A write checked against the binding, with its TTL defaulted.

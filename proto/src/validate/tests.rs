@@ -109,6 +109,7 @@ bindings:
     default_ttl: 2592000s
     max_value_bytes: 65536
     allow_namespaces: [fallback]
+    move_items: true
   - name: shop/events
     nats: {url: "nats://127.0.0.1:4222", stream: shop-events}
     retention: 604800s
@@ -423,6 +424,7 @@ fn binding_fields_are_checked_and_named() {
         ("memory: {}, connect_timeout: 120s", "connect_timeout"),
         ("memory: {}, max_value_bytes: 5000000", "max_value_bytes"),
         ("memory: {}, default_ttl: 10s", "default_ttl"),
+        ("memory: {}, move_items: true", "move_items"),
         ("sqlite: {path: a.db}, retention: 10s", "retention"),
         ("sqlite: {path: a.db}, ack_wait: 10s", "ack_wait"),
         ("sqlite: {path: a.db}, default_ttl: -1s", "default_ttl"),

@@ -121,6 +121,13 @@ const UPDATE_IF_VERSION: &str = "UPDATE prism_kv_items \
      AND (expires_at IS NULL OR expires_at > $5) \
      RETURNING version";
 
+/// Writes an item as it is, where the row is missing, older or expired.
+const IMPORT: &str = "INSERT INTO prism_kv_items (namespace, key, value, version, expires_at) \
+     VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (namespace, key) DO UPDATE SET \
+     value = excluded.value, version = excluded.version, expires_at = excluded.expires_at \
+     WHERE prism_kv_items.version < excluded.version OR prism_kv_items.expires_at <= $6";
+
 const DELETE: &str = "DELETE FROM prism_kv_items \
      WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > $3) \
      AND ($4 IS NULL OR version = $4) \
@@ -482,6 +489,32 @@ where
         Ok(page)
     }
 
+    async fn import_all(&self, items: Vec<Item>) -> Result<(), Error> {
+        self.check_open()?;
+        let now = now_millis();
+        let mut tx = self
+            .pool
+            .begin_with(DB::BEGIN_WRITE)
+            .await
+            .map_err(classify::<DB>)?;
+        for item in items {
+            let expires_at = item
+                .expires_at
+                .map(|at| millis(at.duration_since(UNIX_EPOCH).unwrap_or_default()));
+            sqlx::query(IMPORT)
+                .bind(self.namespace.clone())
+                .bind(item.key)
+                .bind(item.value.to_vec())
+                .bind(to_i64(item.version)?)
+                .bind(expires_at)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify::<DB>)?;
+        }
+        tx.commit().await.map_err(classify::<DB>)
+    }
+
     async fn shut(&self) {
         self.sweeper.abort();
         self.pool.close().await;
@@ -544,6 +577,10 @@ macro_rules! key_value_for {
                 limit: ScanLimit,
             ) -> BoxFuture<'a, Result<Page, Error>> {
                 Box::pin(self.scan_page(prefix, after, limit))
+            }
+
+            fn import(&self, items: Vec<Item>) -> BoxFuture<'_, Result<(), Error>> {
+                Box::pin(self.import_all(items))
             }
 
             fn close(&self) -> BoxFuture<'_, ()> {
