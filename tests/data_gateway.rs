@@ -804,3 +804,139 @@ async fn a_namespace_moves_from_sqlite_to_postgres_while_a_client_writes() {
         "the proxy serves the Postgres binding: {dump}"
     );
 }
+
+/// A TCP forwarder to `to`, on `at` (any free port when 0), that can be cut:
+/// aborting its task drops every connection through it.
+async fn forwarder(at: u16, to: &str) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", at))
+        .await
+        .expect("bind the forwarder");
+    let port = listener.local_addr().expect("addr").port();
+    let to = to.to_string();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut client, _)) = listener.accept().await {
+            let to = to.clone();
+            connections.spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_goes_down_answers_unavailable_and_serves_again_when_back() {
+    let url = postgres_url().await;
+    let target = url
+        .split('@')
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("host:port")
+        .to_string();
+    let (port, cut) = forwarder(0, &target).await;
+    let through = url.replace(&target, &format!("127.0.0.1:{port}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let proxy = Proxy::start(&cp.xds, "proxy-kv-down").await;
+    let ns = format!("down-{}", std::process::id());
+    proxy
+        .converge(
+            cp.client()
+                .apply(&format!(
+                    "namespaces: [{{name: {ns}, hosts: [{ns}.local]}}]\n\
+                     secrets: [{{name: {ns}/db, credential: {{value: \"{through}\"}}}}]\n\
+                     bindings: [{{name: {ns}/kv, postgres: {{secret: db}}, connect_timeout: 1s}}]\n"
+                ))
+                .await,
+        )
+        .await;
+    let mut kv = grpc(&proxy).await;
+    kv.put(put(&ns, write("kept", b"before")))
+        .await
+        .expect("put while the store is up");
+    let get = GetRequest {
+        namespace: ns.clone(),
+        key: "kept".into(),
+    };
+
+    cut.abort();
+    let _ = cut.await;
+    let status = kv.get(get.clone()).await.expect_err("the store is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("retry"), "{status:?}");
+    assert!(!status.message().contains("postgres://"), "{status:?}");
+
+    let (_, _back) = forwarder(port, &target).await;
+    let item = eventually("the store serves again", || {
+        let (mut kv, get) = (kv.clone(), get.clone());
+        async move { kv.get(get).await.ok() }
+    })
+    .await
+    .into_inner();
+    assert_eq!(
+        item.value.as_ref(),
+        b"before",
+        "nothing accepted before is lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_calls_obey_the_namespace_rate_limits_and_the_binding_callers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let proxy = Proxy::start(&cp.xds, "proxy-kv-limits").await;
+    let policy = r#"
+namespaces:
+  - name: demo
+    hosts: [demo.local]
+    rate_limits: [{requests_per_second: 1, burst: 3}]
+  - name: web
+    hosts: [web.local]
+  - name: other
+    hosts: [other.local]
+bindings:
+  - name: demo/kv
+    sqlite: {path: limits.db}
+    allow_namespaces: [web]
+"#;
+    proxy.converge(cp.client().apply(policy).await).await;
+    let http = reqwest::Client::new();
+    let call = |host: &'static str| {
+        http.get(format!("{}/v1/kv/demo/k", proxy.url))
+            .header("host", host)
+            .send()
+    };
+    // Callers from `other`, or from no namespace at all, are refused.
+    for host in ["other.local", "127.0.0.1"] {
+        let refused = call(host).await.expect("answer");
+        assert_eq!(refused.status(), 403, "{host}");
+        let body: Value = refused.json().await.expect("json");
+        assert_eq!(body["error"]["status"], "PERMISSION_DENIED", "{body}");
+    }
+    // `web` is let in, and so is `demo` itself, until the namespace's
+    // bucket is empty.
+    let mut statuses = Vec::new();
+    for host in ["web.local", "demo.local", "web.local", "demo.local"] {
+        statuses.push(call(host).await.expect("answer").status().as_u16());
+    }
+    assert_eq!(statuses[..3], [404, 404, 404], "allowed: no such key yet");
+    assert_eq!(statuses[3], 429, "the burst of 3 is spent");
+}
+
+#[test]
+fn the_compose_examples_validate_together() {
+    let read = |name: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/examples")
+            .join(name);
+        prism_proto::parse_policy(&std::fs::read_to_string(&path).expect("example")).expect(name)
+    };
+    let resources = read("compose.yaml")
+        .into_iter()
+        .chain(read("compose-data.yaml"));
+    let snapshot = prism_proto::Snapshot::from_resources(1, resources);
+    assert_eq!(prism_proto::validate_snapshot(&snapshot), Ok(()));
+}
