@@ -44,6 +44,16 @@ pub enum Error {
     Closed,
 }
 
+// Used by every backend with a driver; a build with none has no use for them.
+#[cfg_attr(
+    not(any(
+        feature = "sqlite",
+        feature = "postgres",
+        feature = "nats",
+        feature = "kafka"
+    )),
+    allow(dead_code)
+)]
 impl Error {
     pub(crate) fn unavailable(what: &'static str, source: impl Into<BoxError>) -> Self {
         Error::Unavailable {
