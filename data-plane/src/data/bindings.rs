@@ -214,22 +214,12 @@ impl Bindings {
     pub(crate) fn retire(&self, next: &Bindings) {
         for (namespace, old) in &self.namespaces {
             let new = next.namespaces.get(namespace);
-            if let Some(kv) = &old.kv
-                && !new
-                    .and_then(|n| n.kv.as_ref())
-                    .is_some_and(|n| Arc::ptr_eq(&n.store, &kv.store))
-            {
-                let store = Arc::clone(&kv.store);
-                drain(kv.name.clone(), store, |s| s.close());
-            }
-            if let Some(bus) = &old.bus
-                && !new
-                    .and_then(|n| n.bus.as_ref())
-                    .is_some_and(|n| Arc::ptr_eq(&n.store, &bus.store))
-            {
-                let store = Arc::clone(&bus.store);
-                drain(bus.name.clone(), store, |s| s.close());
-            }
+            retire(old.kv.as_ref(), new.and_then(|n| n.kv.as_ref()), |s| {
+                s.close()
+            });
+            retire(old.bus.as_ref(), new.and_then(|n| n.bus.as_ref()), |s| {
+                s.close()
+            });
         }
     }
 }
@@ -481,6 +471,19 @@ fn credential(snapshot: &Snapshot, namespace: &str, name: &str) -> Option<String
 fn namespace_of(name: &str) -> &str {
     name.split_once('/')
         .map_or(name, |(namespace, _)| namespace)
+}
+
+/// Drains and closes the store of `old` unless `new` is of the same store.
+fn retire<T: ?Sized + Send + Sync + 'static>(
+    old: Option<&Arc<Binding<T>>>,
+    new: Option<&Arc<Binding<T>>>,
+    close: impl FnOnce(&T) -> futures::future::BoxFuture<'_, ()> + Send + 'static,
+) {
+    if let Some(old) = old
+        && !new.is_some_and(|new| Arc::ptr_eq(&new.store, &old.store))
+    {
+        drain(old.name.clone(), Arc::clone(&old.store), close);
+    }
 }
 
 /// Waits (up to [`DRAIN_TIMEOUT`]) until nothing but this task holds

@@ -55,23 +55,25 @@ pub(crate) async fn serve(
     caller: &Caller,
     request: Request<RequestBody>,
 ) -> Response<DataBody> {
-    let answer = if request.uri().path().starts_with(PUBSUB_PREFIX) {
-        pubsub_call(runtime, caller, request).await
+    let path = request.uri().path().to_string();
+    let answer = if let Some(rest) = path.strip_prefix(PUBSUB_PREFIX) {
+        pubsub_call(runtime, caller, &path, rest, request).await
+    } else if let Some(rest) = path.strip_prefix(KV_PREFIX) {
+        kv_call(runtime, caller, &path, rest, request).await
     } else {
-        kv_call(runtime, caller, request).await
+        Err(DataError::UnknownPath(path.clone()))
     };
     answer.unwrap_or_else(DataError::into_response)
 }
 
+/// A PubSub call; `rest` is its path after [`PUBSUB_PREFIX`].
 async fn pubsub_call(
     runtime: &Runtime,
     caller: &Caller,
+    path: &str,
+    rest: &str,
     request: Request<RequestBody>,
 ) -> Result<Response<DataBody>, DataError> {
-    let path = request.uri().path().to_string();
-    let rest = path
-        .strip_prefix(PUBSUB_PREFIX)
-        .ok_or_else(|| DataError::UnknownPath(path.clone()))?;
     let method = request.method().clone();
     match (rest.split_once('/'), rest.split_once(':'), &method) {
         (None, Some((namespace, "ack")), &Method::POST) => {
@@ -119,7 +121,7 @@ async fn pubsub_call(
             method: method.clone(),
             allowed: "GET, POST",
         }),
-        _ => Err(DataError::UnknownPath(path.clone())),
+        _ => Err(DataError::UnknownPath(path.to_string())),
     }
 }
 
@@ -173,15 +175,14 @@ fn header_text(request: &Request<RequestBody>, name: &'static str) -> Result<Str
     }
 }
 
+/// A KeyValue call; `rest` is its path after [`KV_PREFIX`].
 async fn kv_call(
     runtime: &Runtime,
     caller: &Caller,
+    path: &str,
+    rest: &str,
     request: Request<RequestBody>,
 ) -> Result<Response<DataBody>, DataError> {
-    let path = request.uri().path().to_string();
-    let rest = path
-        .strip_prefix(KV_PREFIX)
-        .ok_or_else(|| DataError::UnknownPath(path.clone()))?;
     let query = Query::of(request.uri().query());
     let method = request.method().clone();
     let (namespace, key) = match rest.split_once('/') {
@@ -293,7 +294,7 @@ async fn kv_call(
             method: method.clone(),
             allowed: "POST",
         }),
-        (_, _, _) => Err(DataError::UnknownPath(path.clone())),
+        (_, _, _) => Err(DataError::UnknownPath(path.to_string())),
     }
 }
 
@@ -458,22 +459,18 @@ mod tests {
 
     #[test]
     fn durations_take_the_usual_units_and_refuse_the_rest() {
-        assert_eq!(
-            parse_duration("30s", "ttl").unwrap(),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            parse_duration("1.5s", "ttl").unwrap(),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(
-            parse_duration("500ms", "ttl").unwrap(),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            parse_duration("2h", "ttl").unwrap(),
-            Duration::from_secs(7200)
-        );
+        for (text, millis) in [
+            ("30s", 30_000),
+            ("1.5s", 1500),
+            ("500ms", 500),
+            ("2h", 7_200_000),
+        ] {
+            assert_eq!(
+                parse_duration(text, "ttl").ok(),
+                Some(Duration::from_millis(millis)),
+                "{text}"
+            );
+        }
         for bad in ["", "30", "s", "0s", "-1s", "1d", "1e9999s"] {
             assert!(parse_duration(bad, "ttl").is_err(), "{bad}");
         }
