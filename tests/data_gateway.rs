@@ -516,9 +516,14 @@ async fn a_group_gets_each_message_until_it_is_acknowledged() {
         .into_inner()
         .id;
     let after = next(&mut stream).await;
+    assert_eq!((after.id.as_str(), after.attempt), (second.as_str(), 1));
+    // The second is not acknowledged: it comes again after ack_wait. Had the
+    // first not been acknowledged, its redelivery, due earlier, would come
+    // before.
+    let again = next(&mut stream).await;
     assert_eq!(
-        (after.id, after.attempt),
-        (second, 1),
+        (again.id, again.attempt),
+        (second, 2),
         "the acknowledged message never comes back"
     );
 
@@ -561,7 +566,7 @@ async fn pubsub_over_http_publishes_with_post_and_subscribes_with_server_sent_ev
     let http = reqwest::Client::new();
 
     let mut events = http
-        .get(format!("{}/v1/pubsub/demo/news", proxy.url))
+        .get(format!("{}/v1/pubsub/demo/news?group=readers", proxy.url))
         .send()
         .await
         .expect("subscribe");
@@ -590,7 +595,13 @@ async fn pubsub_over_http_publishes_with_post_and_subscribes_with_server_sent_ev
         .await
         .expect("json");
     let id = published["id"].as_str().expect("an id").to_string();
-    read_until("\n\n", &mut text.split_off(0)).await;
+    let mut first = text.split_off(0);
+    read_until("\n\n", &mut first).await;
+    let subscription = first
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("the subscription's id")
+        .to_string();
     let mut message = String::new();
     read_until("hello, world", &mut message).await;
     assert!(message.starts_with("event: message\n"), "{message}");
@@ -604,6 +615,17 @@ async fn pubsub_over_http_publishes_with_post_and_subscribes_with_server_sent_ev
     .expect("JSON data");
     assert_eq!(data["payload"], "hello, world");
     assert_eq!(data["attempt"], 1);
+
+    let ack = |subscription: &str| {
+        http.post(format!("{}/v1/pubsub/demo:ack", proxy.url))
+            .json(&serde_json::json!({"subscription": subscription, "ids": [id]}))
+            .send()
+    };
+    assert_eq!(ack(&subscription).await.expect("ack").status(), 200);
+    let unknown = ack("nope").await.expect("ack");
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.expect("json");
+    assert_eq!(body["error"]["status"], "NOT_FOUND", "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
