@@ -342,8 +342,11 @@ impl Work {
         match Runtime::compile(candidate, &previous, &self.own) {
             Ok(runtime) => Ok(runtime.with_data(data)),
             Err(error) => {
-                // The bindings before serve on, writes and all.
-                data.abandon();
+                // The bindings before serve on, writes and all (unless they
+                // are these very ones, whose moves are long done).
+                if !Arc::ptr_eq(&data, previous.data()) {
+                    data.abandon();
+                }
                 Err(error)
             }
         }
