@@ -153,8 +153,9 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Show resources of a kind (secrets, namespaces, backends, routes), or one
-    /// by name. Secrets show name, kind, expiry and names only.
+    /// Show resources of a kind (secrets, namespaces, backends, routes,
+    /// bindings), or one by name. Secrets show name, kind, expiry and names
+    /// only.
     Get {
         kind: String,
         name: Option<String>,
