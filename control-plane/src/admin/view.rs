@@ -190,6 +190,19 @@ mod tests {
     }
 
     #[test]
+    fn a_credential_shows_its_name_and_nothing_of_its_value() {
+        let view = resource_view(&Resource::Secret(Secret {
+            name: "shop/db".into(),
+            kind: Some(secret::Kind::Credential(
+                prism_proto::pb::config::v1::Credential {
+                    value: "postgres://prism:hunter2@db/shop".into(),
+                },
+            )),
+        }));
+        assert_eq!(view, json!({"name": "shop/db", "kind": "credential"}));
+    }
+
+    #[test]
     fn unreadable_certificates_are_null_not_an_error() {
         let view = secret_view(&Secret {
             name: "shop/odd".into(),
