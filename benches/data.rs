@@ -154,6 +154,9 @@ struct Gateway {
 impl Gateway {
     async fn start(dir: &Path) -> Self {
         let data_dir = dir.join("proxy");
+        // The proxy opens the SQLite file in its data directory but does
+        // not make the directory.
+        std::fs::create_dir_all(&data_dir).expect("make the proxy's data directory");
         let control_plane = Prism::start(&[
             "control-plane",
             "--admin-addr",
