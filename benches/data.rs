@@ -21,9 +21,7 @@
 //! running: the bench fails, saying so, when it is not.
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -34,11 +32,16 @@ use futures::{Stream, StreamExt as _};
 use prism_data_plane::data::pb::key_value_client::KeyValueClient;
 use prism_data_plane::data::pb::pub_sub_client::PubSubClient;
 use prism_data_plane::data::pb::{GetRequest, PublishRequest, PutRequest, SubscribeRequest, Write};
+use prism_datastore::kv::{SELECT_ITEM, UPSERT};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row as _, SqlitePool};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
+
+use support::Prism;
+
+mod support;
 
 const NATS_URL: &str = "nats://127.0.0.1:4222";
 /// The JetStream stream of the `js` namespace, deleted when the bench ends.
@@ -65,24 +68,15 @@ fn policy() -> String {
     )
 }
 
-// The store's statements (data-plane/datastore/src/kv/sql.rs), for the
-// namespace's rows.
-const SELECT_ITEM: &str = "SELECT key, value, version, expires_at FROM prism_kv_items \
-     WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)";
-const UPSERT: &str = "INSERT INTO prism_kv_items (namespace, key, value, version, expires_at) \
-     VALUES ($1, $2, $3, 1, $4) \
-     ON CONFLICT (namespace, key) DO UPDATE SET \
-     value = excluded.value, expires_at = excluded.expires_at, \
-     version = CASE WHEN prism_kv_items.expires_at <= $5 THEN 1 \
-     ELSE prism_kv_items.version + 1 END \
-     WHERE $6 OR prism_kv_items.expires_at <= $5 \
-     RETURNING version";
-
 #[derive(Parser)]
 struct Args {
     /// KeyValue requests per second, proxied and direct alike.
     #[arg(long, default_value_t = 10_000.0)]
     rate: f64,
+    /// Puts per second; `--rate` unless given. SQLite takes one writer at a
+    /// time: past the rate it sustains, a Put's latency is its wait in line.
+    #[arg(long)]
+    put_rate: Option<f64>,
     /// Seconds each measurement runs.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
@@ -104,44 +98,6 @@ struct Args {
     bench: bool,
 }
 
-/// A `prism` child process, killed when dropped, and the addresses it printed.
-struct Prism {
-    child: Child,
-    line: String,
-}
-
-impl Prism {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
-            .args(args)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("prism starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout is piped"))
-            .read_line(&mut line)
-            .expect("prism prints its addresses");
-        Self { child, line }
-    }
-
-    /// The address printed as `name=ADDRESS`.
-    fn address(&self, name: &str) -> String {
-        self.line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name}= in {:?}", self.line))
-            .to_string()
-    }
-}
-
-impl Drop for Prism {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A control plane and one proxy serving [`policy`].
 struct Gateway {
     _control_plane: Prism,
@@ -157,15 +113,7 @@ impl Gateway {
         // The proxy opens the SQLite file in its data directory but does
         // not make the directory.
         std::fs::create_dir_all(&data_dir).expect("make the proxy's data directory");
-        let control_plane = Prism::start(&[
-            "control-plane",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--xds-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-            &dir.join("control-plane").display().to_string(),
-        ]);
+        let control_plane = Prism::control_plane(&dir.join("control-plane"));
         let admin = control_plane.address("admin");
         let http = reqwest::Client::new();
         let answer: serde_json::Value = eventually("the admin API applies the policy", || {
@@ -534,16 +482,17 @@ async fn key_value(gateway: &Gateway, args: &Args) -> Vec<Row> {
         &direct,
         Some((Duration::from_micros(300), Duration::from_millis(2))),
     );
-    let proxy = open_loop(args.rate, args.seconds, args.concurrency, |i, _| {
+    let put_rate = args.put_rate.unwrap_or(args.rate);
+    let proxy = open_loop(put_rate, args.seconds, args.concurrency, |i, _| {
         proxy_put(kv.clone(), i)
     })
     .await;
-    let direct = open_loop(args.rate, args.seconds, args.concurrency, |i, _| {
+    let direct = open_loop(put_rate, args.seconds, args.concurrency, |i, _| {
         direct_put(pool.clone(), i)
     })
     .await;
     rows.extend(latency_rows(
-        &format!("SQLite Put @ {:.0}/s", args.rate),
+        &format!("SQLite Put @ {put_rate:.0}/s"),
         &proxy,
         &direct,
         None,
