@@ -17,8 +17,10 @@
 //!   Subscribe stream and through an async-nats subscription.
 //!
 //! It prints a markdown table (and writes it to `--out FILE` if given):
-//! `cargo bench --bench data -- --rate 10000 --seconds 3`. NATS must be
-//! running: the bench fails, saying so, when it is not.
+//! `cargo bench --bench data -- --rate 10000 --seconds 3`. Puts run at
+//! `--rate` too unless `--put-rate` says otherwise: SQLite writes one at a
+//! time, and past the rate it sustains a Put's latency is its wait in line.
+//! NATS must be running: the bench fails, saying so, when it is not.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
