@@ -10,8 +10,6 @@
 //! arguments: `cargo bench --bench fanout -- 100 2000`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -22,51 +20,32 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use support::Prism;
+
+mod support;
+
 /// Streams multiplexed on one HTTP/2 connection.
 const STREAMS_PER_CONNECTION: usize = 100;
 
 struct ControlPlane {
-    child: Child,
+    prism: Prism,
     admin: String,
     xds: String,
 }
 
 impl ControlPlane {
     fn start(dir: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
-            .args([
-                "control-plane",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--xds-addr",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("prism control-plane starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("addresses");
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .expect("address")
-                .to_string()
-        };
+        let prism = Prism::control_plane(dir);
         Self {
-            admin: field("admin"),
-            xds: field("xds"),
-            child,
+            admin: prism.address("admin"),
+            xds: prism.address("xds"),
+            prism,
         }
     }
 
     /// (RSS in bytes, CPU seconds) of the control-plane process.
     fn usage(&self) -> (u64, f64) {
-        let pid = self.child.id();
+        let pid = self.prism.child.id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let rss_kib: u64 = status
             .lines()
@@ -81,13 +60,6 @@ impl ControlPlane {
             .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
             .sum();
         (rss_kib * 1024, ticks as f64 / 100.0)
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -96,7 +96,9 @@ fn schema<DB: Dialect>() -> [String; 4] {
     ]
 }
 
-const SELECT_ITEM: &str = "SELECT key, value, version, expires_at FROM prism_kv_items \
+/// Reads a live item: `$1` namespace, `$2` key, `$3` now in Unix
+/// milliseconds.
+pub const SELECT_ITEM: &str = "SELECT key, value, version, expires_at FROM prism_kv_items \
      WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)";
 
 const SELECT_VERSION: &str = "SELECT version FROM prism_kv_items \
@@ -104,8 +106,9 @@ const SELECT_VERSION: &str = "SELECT version FROM prism_kv_items \
 
 /// Writes a key whether or not it exists (`$6` true), or only where it does
 /// not (`$6` false: the row is missing or expired). An expired row written
-/// again starts at version 1.
-const UPSERT: &str = "INSERT INTO prism_kv_items (namespace, key, value, version, expires_at) \
+/// again starts at version 1. `$3` is the value, `$4` when it expires (null
+/// for never), `$5` now, both in Unix milliseconds.
+pub const UPSERT: &str = "INSERT INTO prism_kv_items (namespace, key, value, version, expires_at) \
      VALUES ($1, $2, $3, 1, $4) \
      ON CONFLICT (namespace, key) DO UPDATE SET \
      value = excluded.value, expires_at = excluded.expires_at, \
