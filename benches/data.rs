@@ -112,9 +112,6 @@ struct Gateway {
 impl Gateway {
     async fn start(dir: &Path) -> Self {
         let data_dir = dir.join("proxy");
-        // The proxy opens the SQLite file in its data directory but does
-        // not make the directory.
-        std::fs::create_dir_all(&data_dir).expect("make the proxy's data directory");
         let control_plane = Prism::control_plane(&dir.join("control-plane"));
         let admin = control_plane.address("admin");
         let http = reqwest::Client::new();

@@ -962,3 +962,15 @@ fn the_compose_examples_validate_together() {
     let snapshot = prism_proto::Snapshot::from_resources(1, resources);
     assert_eq!(prism_proto::validate_snapshot(&snapshot), Ok(()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_makes_its_data_directory_for_its_sqlite_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let data_dir = dir.path().join("not/yet/there");
+    let proxy = Proxy::start_with(&cp.xds, "proxy-kv-dir", &data_dir).await;
+    proxy.converge(cp.client().apply(SQLITE).await).await;
+    let mut kv = grpc(&proxy).await;
+    kv.put(put("demo", write("k", b"v"))).await.expect("put");
+    assert!(data_dir.join("demo-kv.db").exists());
+}

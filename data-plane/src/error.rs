@@ -18,6 +18,12 @@ pub enum Error {
     /// A serving task panicked or was cancelled before shutdown finished.
     #[error("a proxy task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// `Config::data_dir` does not exist and cannot be made.
+    #[error("cannot make the data directory {}: {source}", path.display())]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// The TLS listener's configuration could not be built.
     #[error("TLS listener: {source}")]
     Tls { source: rustls::Error },

@@ -166,6 +166,16 @@ pub async fn run(
         source: source.into(),
     })?;
     subset::check(&config.namespaces, &config.selector)?;
+    // Made at start, not by the first save: data bindings keep their
+    // SQLite files here from the first apply on.
+    if let Some(dir) = &config.data_dir {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|source| Error::DataDir {
+                path: dir.clone(),
+                source,
+            })?;
+    }
     let config = Arc::new(config);
     let own = match listeners.proxy.local_addr() {
         Ok(addr) => OwnAddresses::new(addr, &config.advertise_address).with_zone(&config.zone),
