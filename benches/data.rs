@@ -52,6 +52,9 @@ const STREAM: &str = "PRISM_BENCH_DATA";
 const KEYS: u64 = 1_000;
 const VALUE: [u8; 100] = [b'v'; 100];
 const PAYLOAD: [u8; 128] = [b'p'; 128];
+/// Publishes one streaming publisher keeps unanswered, through the proxy's
+/// PublishStream (which publishes 64 at once) and directly alike.
+const WINDOW: usize = 64;
 /// How long to wait for a process, a binding or the last delivery.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -301,6 +304,88 @@ where
     }
     tasks.join_all().await;
     finish.await;
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Publishes `each` on `workers` tasks for `seconds`, each keeping up to
+/// [`WINDOW`] unanswered: `publish` sends one and gives the future of its
+/// answer, awaited in order. Answered publishes per second.
+async fn windowed<P, A, E>(workers: usize, seconds: f64, publish: P) -> f64
+where
+    P: Fn() -> A + Clone + Send + 'static,
+    A: Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+{
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..workers {
+        let (publish, done) = (publish.clone(), done.clone());
+        tasks.spawn(async move {
+            let mut pending = futures::stream::FuturesOrdered::new();
+            while Instant::now() < end || !pending.is_empty() {
+                if Instant::now() < end && pending.len() < WINDOW {
+                    pending.push_back(publish());
+                    continue;
+                }
+                if let Some(Ok(())) = pending.next().await {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    tasks.join_all().await;
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Publishes through the proxy's PublishStream on `streams` streams for
+/// `seconds`, each keeping up to [`WINDOW`] messages unanswered. Answered
+/// messages per second.
+async fn streamed(
+    bus: PubSubClient<Channel>,
+    namespace: &'static str,
+    streams: usize,
+    seconds: f64,
+) -> f64 {
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..streams {
+        let (mut bus, done) = (bus.clone(), done.clone());
+        tasks.spawn(async move {
+            let window = Arc::new(Semaphore::new(WINDOW));
+            let (messages, outgoing) = mpsc::channel(WINDOW);
+            let sender = {
+                let window = window.clone();
+                tokio::spawn(async move {
+                    while Instant::now() < end {
+                        let Ok(permit) = window.acquire().await else {
+                            break;
+                        };
+                        permit.forget();
+                        let message =
+                            publish_request(namespace, "streamed", Bytes::from_static(&PAYLOAD));
+                        if messages.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            };
+            let mut answers = bus
+                .publish_stream(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+                .await
+                .expect("a publish stream through the proxy")
+                .into_inner();
+            while let Ok(Some(_)) = answers.message().await {
+                done.fetch_add(1, Ordering::Relaxed);
+                window.add_permits(1);
+            }
+            sender.abort();
+        });
+    }
+    tasks.join_all().await;
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
@@ -608,6 +693,21 @@ async fn pubsub(gateway: &Gateway, nats: &async_nats::Client, args: &Args) -> Ve
     let direct_core_each = closed_loop(n, seconds, direct_publish(true), async {}).await;
     let proxied_stream = closed_loop(n, seconds, proxy_publish("js", "throughput"), async {}).await;
     let direct_stream = closed_loop(n, seconds, stream_publish, async {}).await;
+    let streams = n.div_ceil(WINDOW).max(1);
+    let streamed_core = streamed(bus.clone(), "core", streams, seconds).await;
+    let streamed_js = streamed(bus.clone(), "js", streams, seconds).await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let direct_js_windowed = windowed(streams, seconds, move || {
+        let js = js.clone();
+        async move {
+            let ack = js
+                .publish("prism.js.direct", Bytes::from_static(&PAYLOAD))
+                .await?;
+            ack.await?;
+            Ok::<_, async_nats::Error>(())
+        }
+    })
+    .await;
     let mut rows = vec![
         throughput_row(
             &format!("NATS core publish, {n} publishers (direct: flush at end)"),
@@ -625,6 +725,22 @@ async fn pubsub(gateway: &Gateway, nats: &async_nats::Client, args: &Args) -> Ve
             &format!("JetStream publish, {n} publishers (each waits for its ack)"),
             proxied_stream,
             direct_stream,
+            true,
+        ),
+        throughput_row(
+            &format!(
+                "NATS core publish, {streams} PublishStream(s) of {WINDOW} in flight (direct: flush at end)"
+            ),
+            streamed_core,
+            direct_core,
+            true,
+        ),
+        throughput_row(
+            &format!(
+                "JetStream publish, {streams} PublishStream(s) of {WINDOW} in flight (direct: {WINDOW} acks pending)"
+            ),
+            streamed_js,
+            direct_js_windowed,
             true,
         ),
     ];

@@ -974,3 +974,53 @@ async fn a_proxy_makes_its_data_directory_for_its_sqlite_files() {
     kv.put(put("demo", write("k", b"v"))).await.expect("put");
     assert!(data_dir.join("demo-kv.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_answers_each_message_in_order_and_ends_at_the_first_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let proxy = Proxy::start(&cp.xds, "proxy-bus-stream").await;
+    proxy.converge(cp.client().apply(MEMORY).await).await;
+    let mut client = bus(&proxy).await;
+    let mut subscription = client
+        .subscribe(subscribe("ticks", "counter"))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    next(&mut subscription).await;
+
+    let messages: Vec<PublishRequest> = (0..200)
+        .map(|i| publish("ticks", i.to_string().as_bytes(), ""))
+        .collect();
+    let answers: Vec<String> = client
+        .publish_stream(futures::stream::iter(messages))
+        .await
+        .expect("publish stream")
+        .into_inner()
+        .map(|answer| answer.expect("published").id)
+        .collect()
+        .await;
+    assert_eq!(answers.len(), 200);
+    for (i, id) in answers.iter().enumerate() {
+        let message = next(&mut subscription).await;
+        assert_eq!(
+            (&message.id, message.payload.as_ref()),
+            (id, i.to_string().as_bytes())
+        );
+    }
+
+    // An oversize message in the middle: the ones before it are answered,
+    // then the stream ends with its status.
+    let mut messages: Vec<PublishRequest> = (0..10).map(|_| publish("ticks", b"ok", "")).collect();
+    messages[5].payload = vec![0u8; 2048].into();
+    let mut answers = client
+        .publish_stream(futures::stream::iter(messages))
+        .await
+        .expect("publish stream")
+        .into_inner();
+    for _ in 0..5 {
+        answers.message().await.expect("answered").expect("an id");
+    }
+    let status = answers.message().await.expect_err("the oversize message");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}

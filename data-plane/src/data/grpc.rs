@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use futures::{Stream, StreamExt as _};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::kv::{self, Write};
 use super::pb::key_value_server::{KeyValue, KeyValueServer};
@@ -20,6 +20,9 @@ use crate::runtime::Runtime;
 /// The largest gRPC message a data call may send: the largest value a
 /// binding may take, and room for the rest of the message.
 const MAX_MESSAGE_BYTES: usize = 5 * 1024 * 1024;
+
+/// Messages of one PublishStream being published at once.
+const PUBLISH_IN_FLIGHT: usize = 64;
 
 /// The KeyValue service over the proxy's runtime.
 #[derive(Clone, Debug)]
@@ -78,6 +81,33 @@ impl PubSub for BusService {
         let r = request.into_inner();
         let id = pubsub::publish(&bus, &r.topic, r.payload, &r.idempotency_key).await?;
         Ok(Response::new(pb::PublishResponse { id }))
+    }
+
+    type PublishStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let caller = caller(&request);
+        let runtime = Arc::clone(&self.runtime);
+        // Each message is admitted on its own (its namespace's binding and
+        // rate limits, in the runtime live when it arrives) and published;
+        // `buffered` keeps PUBLISH_IN_FLIGHT going and answers in order.
+        let answers = request
+            .into_inner()
+            .map(move |message| {
+                let (runtime, caller) = (Arc::clone(&runtime), caller.clone());
+                async move {
+                    let r = message?;
+                    let bus = pubsub::admit(&runtime.load(), &caller, &r.namespace)?;
+                    let id = pubsub::publish(&bus, &r.topic, r.payload, &r.idempotency_key).await?;
+                    Ok(pb::PublishResponse { id })
+                }
+            })
+            .buffered(PUBLISH_IN_FLIGHT);
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn subscribe(
