@@ -22,7 +22,7 @@ pub use resource::{
 pub use snapshot::{Delta, Snapshot};
 pub use validate::{
     MAX_DIRECT_RESPONSE_BODY_BYTES, MAX_PEM_BYTES, MAX_REGEX_BYTES, Matches, ValidationError,
-    validate_delta, validate_resource, validate_snapshot,
+    host_namespace, validate_delta, validate_resource, validate_snapshot,
 };
 
 /// Generated messages for the `prism.*` packages, with serde impls following the

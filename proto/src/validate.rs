@@ -303,6 +303,15 @@ pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
+/// The namespace whose hosts hold `host` (lowercase, without a port) in a
+/// valid `snapshot`: an exact host first, then the longest wildcard, then
+/// `*`, as the proxy's routing picks.
+pub fn host_namespace<'s>(snapshot: &'s Snapshot, host: &str) -> Option<&'s str> {
+    HostOwners::of(snapshot)
+        .owner(host)
+        .map(|(namespace, _)| namespace)
+}
+
 /// Which namespace answers for which host pattern.
 #[derive(Default)]
 struct HostOwners<'a> {
@@ -310,6 +319,20 @@ struct HostOwners<'a> {
 }
 
 impl<'a> HostOwners<'a> {
+    /// Which namespace answers for which host pattern, in `snapshot` (valid,
+    /// so each pattern has one owner).
+    fn of(snapshot: &'a Snapshot) -> Self {
+        let mut hosts = HostOwners::default();
+        for entry in snapshot.of_kind(Kind::Namespace) {
+            if let Resource::Namespace(ns) = &entry.resource {
+                for host in &ns.hosts {
+                    hosts.insert(host, &ns.name);
+                }
+            }
+        }
+        hosts
+    }
+
     /// Records `pattern` as `namespace`'s; the previous owner if it had one.
     fn insert(&mut self, pattern: &'a str, namespace: &'a str) -> Option<&'a str> {
         self.owners.insert(pattern, namespace)

@@ -79,9 +79,7 @@ async fn pubsub_call(
         (None, Some((namespace, "ack")), &Method::POST) => {
             let namespace = decode(namespace)?;
             pubsub::admit(runtime, caller, &namespace)?;
-            let body = read_body(request.into_body(), MAX_JSON_BYTES, "the request body").await?;
-            let body: Value = serde_json::from_slice(&body)
-                .map_err(|e| DataError::invalid("body", format!("not JSON: {e}")))?;
+            let body = read_json(request.into_body()).await?;
             let subscription = body
                 .get("subscription")
                 .and_then(Value::as_str)
@@ -112,7 +110,7 @@ async fn pubsub_call(
                 &namespace,
                 &topic,
                 &group,
-                query.u32("max_in_flight")?,
+                query.number("max_in_flight")?.unwrap_or_default(),
             )
             .await?;
             Ok(server_sent_events(open))
@@ -221,7 +219,7 @@ async fn kv_call(
                 key,
                 value,
                 ttl: query.duration("ttl")?,
-                expected_version: query.u64("if_version")?,
+                expected_version: query.number("if_version")?,
                 idempotency_key,
             };
             let version = kv::put(&store, write).await?;
@@ -231,7 +229,7 @@ async fn kv_call(
             ))
         }
         (Some(key), None, &Method::DELETE) => {
-            let deleted = kv::delete(&store, &key, query.u64("if_version")?).await?;
+            let deleted = kv::delete(&store, &key, query.number("if_version")?).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &json!({ "deleted": deleted }),
@@ -244,8 +242,8 @@ async fn kv_call(
         (None, None, &Method::GET) => {
             let prefix = query.get("prefix").unwrap_or_default();
             let page_token = query.get("page_token").unwrap_or_default();
-            let page_size = query.u32("page_size")?;
-            let page_bytes = query.u32("page_bytes")?;
+            let page_size = query.number("page_size")?.unwrap_or_default();
+            let page_bytes = query.number("page_bytes")?.unwrap_or_default();
             let (items, next) =
                 kv::scan(&store, &prefix, &page_token, page_size, page_bytes).await?;
             let items: Vec<Value> = items.into_iter().map(|i| item_json(kv::to_pb(i))).collect();
@@ -259,9 +257,7 @@ async fn kv_call(
             allowed: "GET",
         }),
         (None, Some(verb @ ("batchGet" | "batchPut")), &Method::POST) => {
-            let body = read_body(request.into_body(), MAX_JSON_BYTES, "the request body").await?;
-            let body: Value = serde_json::from_slice(&body)
-                .map_err(|e| DataError::invalid("body", format!("not JSON: {e}")))?;
+            let body = read_json(request.into_body()).await?;
             if verb == "batchGet" {
                 let keys = strings(&body, "keys")?;
                 let found = kv::batch_get(&store, &keys).await?;
@@ -296,6 +292,12 @@ async fn kv_call(
         }),
         (_, _, _) => Err(DataError::UnknownPath(path.to_string())),
     }
+}
+
+/// Reads a JSON body of at most [`MAX_JSON_BYTES`].
+async fn read_json(body: RequestBody) -> Result<Value, DataError> {
+    let body = read_body(body, MAX_JSON_BYTES, "the request body").await?;
+    serde_json::from_slice(&body).map_err(|e| DataError::invalid("body", format!("not JSON: {e}")))
 }
 
 /// Reads a body of at most `limit` bytes.
@@ -427,7 +429,8 @@ impl Query {
             .map(|(_, v)| v.clone())
     }
 
-    fn u64(&self, name: &'static str) -> Result<Option<u64>, DataError> {
+    /// An unsigned integer parameter, if given.
+    fn number<T: std::str::FromStr>(&self, name: &'static str) -> Result<Option<T>, DataError> {
         self.get(name)
             .map(|v| {
                 v.parse().map_err(|_| {
@@ -435,17 +438,6 @@ impl Query {
                 })
             })
             .transpose()
-    }
-
-    fn u32(&self, name: &'static str) -> Result<u32, DataError> {
-        self.get(name)
-            .map(|v| {
-                v.parse().map_err(|_| {
-                    DataError::invalid(name, format!("`{v}` is not an unsigned integer"))
-                })
-            })
-            .transpose()
-            .map(Option::unwrap_or_default)
     }
 
     fn duration(&self, name: &'static str) -> Result<Option<Duration>, DataError> {

@@ -12,13 +12,11 @@ use prism_datastore::{Item, KeyValue, Page, Put, ScanLimit};
 
 use super::bindings::{Binding, Writing};
 use super::pb;
-use super::{Caller, DataError};
+use super::{Caller, DataError, check_size, idempotency_key};
 use crate::runtime::Runtime;
 
 /// The longest key, in bytes.
 pub(crate) const MAX_KEY_BYTES: usize = 1024;
-/// The longest idempotency key, in bytes.
-pub(crate) const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 /// The most keys or writes in one batch.
 pub(crate) const MAX_BATCH: usize = 1000;
 /// A scan page's items unless asked otherwise, and at most.
@@ -125,28 +123,14 @@ pub(crate) async fn scan(
     }
     let after = decode_page_token(page_token, prefix)?;
     let limit = ScanLimit {
-        max_items: bounded(page_size, PAGE_SIZE, MAX_PAGE_SIZE, "page_size")?,
-        max_bytes: bounded(page_bytes, PAGE_BYTES, MAX_PAGE_BYTES, "page_bytes")?,
+        max_items: super::bounded(page_size, PAGE_SIZE, MAX_PAGE_SIZE, "page_size")?,
+        max_bytes: super::bounded(page_bytes, PAGE_BYTES, MAX_PAGE_BYTES, "page_bytes")?,
     };
     let Page { items, next_after } = store.store.scan(prefix, after.as_deref(), limit).await?;
     let token = next_after
         .map(|key| encode_page_token(&key))
         .unwrap_or_default();
     Ok((items, token))
-}
-
-/// `value`, or `default` when 0; refused past `max`.
-fn bounded(
-    value: u32,
-    default: usize,
-    max: usize,
-    field: &'static str,
-) -> Result<usize, DataError> {
-    match usize::try_from(value).unwrap_or(usize::MAX) {
-        0 => Ok(default),
-        n if n > max => Err(DataError::invalid(field, format!("at most {max}"))),
-        n => Ok(n),
-    }
 }
 
 /// Admits a write to the binding's store: refused, to be retried, while
@@ -160,20 +144,8 @@ fn writing(store: &Store) -> Result<Writing<'_>, DataError> {
 /// A write checked against the binding, with its TTL defaulted.
 fn checked(store: &Store, write: Write) -> Result<Put, DataError> {
     check_key("key", &write.key)?;
-    let limit = store.settings.max_value_bytes;
-    if write.value.len() > limit {
-        return Err(DataError::TooLarge {
-            what: "the value",
-            size: write.value.len(),
-            limit,
-        });
-    }
-    if write.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-        return Err(DataError::invalid(
-            "idempotency_key",
-            format!("longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
-        ));
-    }
+    check_size(&store.settings, "the value", write.value.len())?;
+    let idempotency_key = idempotency_key(&write.idempotency_key)?.map(str::to_string);
     if write.ttl.is_some_and(|ttl| ttl.is_zero()) {
         return Err(DataError::invalid("ttl", "must be positive"));
     }
@@ -182,7 +154,7 @@ fn checked(store: &Store, write: Write) -> Result<Put, DataError> {
         value: write.value,
         ttl: write.ttl.or(store.settings.default_ttl),
         expected_version: write.expected_version,
-        idempotency_key: (!write.idempotency_key.is_empty()).then_some(write.idempotency_key),
+        idempotency_key,
     })
 }
 

@@ -26,10 +26,10 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use prism_proto::{Kind, Resource, Snapshot};
+use prism_proto::{Kind, Snapshot};
 
 use crate::runtime::Runtime;
-use bindings::Binding;
+use bindings::{Binding, Settings};
 
 pub(crate) use bindings::{Bindings, OpenError};
 pub(crate) use error::DataError;
@@ -131,40 +131,53 @@ fn admit<'r, T: ?Sized>(
     Ok(binding)
 }
 
-/// The namespace whose hosts hold `host` (an exact host before the longest
-/// wildcard, and `*` last), as the proxy's routing would pick.
-pub(crate) fn caller_namespace<'r>(runtime: &'r Runtime, host: &str) -> Option<&'r str> {
-    let host = host.rsplit_once(':').map_or(host, |(name, port)| {
-        if port.bytes().all(|b| b.is_ascii_digit()) {
-            name
-        } else {
-            host
-        }
-    });
-    let host = host.to_ascii_lowercase();
-    let mut best: Option<(usize, &str)> = None;
-    for entry in runtime.snapshot().of_kind(Kind::Namespace) {
-        let Resource::Namespace(ns) = &entry.resource else {
-            continue;
-        };
-        for pattern in &ns.hosts {
-            let rank = if *pattern == host {
-                usize::MAX
-            } else if let Some(suffix) = pattern.strip_prefix('*') {
-                if suffix.is_empty() || host.ends_with(suffix) {
-                    suffix.len() + 1
-                } else {
-                    continue;
-                }
-            } else {
-                continue;
-            };
-            if best.is_none_or(|(r, _)| rank > r) {
-                best = Some((rank, &ns.name));
-            }
-        }
+/// The longest idempotency key, in bytes.
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+/// A value or payload of `size` bytes within the binding's
+/// `max_value_bytes`.
+fn check_size(settings: &Settings, what: &'static str, size: usize) -> Result<(), DataError> {
+    let limit = settings.max_value_bytes;
+    if size > limit {
+        return Err(DataError::TooLarge { what, size, limit });
     }
-    best.map(|(_, name)| name)
+    Ok(())
+}
+
+/// An idempotency key as the stores take it: none when empty.
+fn idempotency_key(key: &str) -> Result<Option<&str>, DataError> {
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(DataError::invalid(
+            "idempotency_key",
+            format!("longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+        ));
+    }
+    Ok((!key.is_empty()).then_some(key))
+}
+
+/// A request's count `value`, or `default` when 0; refused past `max`.
+fn bounded(
+    value: u32,
+    default: usize,
+    max: usize,
+    field: &'static str,
+) -> Result<usize, DataError> {
+    match usize::try_from(value).unwrap_or(usize::MAX) {
+        0 => Ok(default),
+        n if n > max => Err(DataError::invalid(field, format!("at most {max}"))),
+        n => Ok(n),
+    }
+}
+
+/// The namespace of a caller that called `host` (a Host header or
+/// `:authority`, any case, with or without port): the one whose hosts hold
+/// it, by the contract's rule.
+fn caller_namespace<'r>(runtime: &'r Runtime, host: &str) -> Option<&'r str> {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    prism_proto::host_namespace(runtime.snapshot(), &name.to_ascii_lowercase())
 }
 
 /// What the data gateway holds now, for the proxy admin's `/data`: open

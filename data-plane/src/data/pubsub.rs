@@ -19,8 +19,8 @@ use super::{Caller, DataError};
 use crate::runtime::Runtime;
 
 /// Deliveries a subscriber holds unless it asks otherwise, and at most.
-const MAX_IN_FLIGHT: u32 = 64;
-const MAX_IN_FLIGHT_LIMIT: u32 = 1024;
+const MAX_IN_FLIGHT: usize = 64;
+const MAX_IN_FLIGHT_LIMIT: usize = 1024;
 
 /// A PubSub binding, admitted for one call.
 pub(crate) type Bus = Arc<Binding<dyn PubSub>>;
@@ -40,7 +40,7 @@ struct Registered {
 /// leaves the registry when dropped.
 pub(crate) struct Open {
     pub id: String,
-    pub subscription: Subscription,
+    subscription: Subscription,
 }
 
 /// The namespace's PubSub binding, if `caller` may call it now.
@@ -55,21 +55,8 @@ pub(crate) async fn publish(
     payload: Bytes,
     idempotency_key: &str,
 ) -> Result<String, DataError> {
-    let limit = bus.settings.max_value_bytes;
-    if payload.len() > limit {
-        return Err(DataError::TooLarge {
-            what: "the payload",
-            size: payload.len(),
-            limit,
-        });
-    }
-    if idempotency_key.len() > super::kv::MAX_IDEMPOTENCY_KEY_BYTES {
-        return Err(DataError::invalid(
-            "idempotency_key",
-            "longer than 256 bytes",
-        ));
-    }
-    let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
+    super::check_size(&bus.settings, "the payload", payload.len())?;
+    let key = super::idempotency_key(idempotency_key)?;
     Ok(bus.store.publish(topic, payload, key).await?)
 }
 
@@ -82,18 +69,14 @@ pub(crate) async fn subscribe(
     group: &str,
     max_in_flight: u32,
 ) -> Result<Open, DataError> {
-    let bound = match max_in_flight {
-        0 => MAX_IN_FLIGHT,
-        n if n > MAX_IN_FLIGHT_LIMIT => {
-            return Err(DataError::invalid(
-                "max_in_flight",
-                format!("at most {MAX_IN_FLIGHT_LIMIT}"),
-            ));
-        }
-        n => n,
-    };
+    let bound = super::bounded(
+        max_in_flight,
+        MAX_IN_FLIGHT,
+        MAX_IN_FLIGHT_LIMIT,
+        "max_in_flight",
+    )?;
     let group = (!group.is_empty()).then_some(group);
-    let subscription = bus.store.subscribe(topic, group, bound as usize).await?;
+    let subscription = bus.store.subscribe(topic, group, bound).await?;
     let id = format!(
         "{:016x}{:016x}",
         NEXT_ID.fetch_add(1, Ordering::Relaxed),

@@ -138,7 +138,7 @@ fn passes(base: &Snapshot, matches: &Matches, delta: &Delta, candidate: &Snapsho
                 }
             }
             Resource::Route(route) => {
-                let hosts = hosts.get_or_insert_with(|| host_owners(candidate));
+                let hosts = hosts.get_or_insert_with(|| HostOwners::of(candidate));
                 if route_references(candidate, hosts, &entry.resource, route).is_err() {
                     return false;
                 }
@@ -176,18 +176,4 @@ fn match_of(entry: &Versioned) -> Option<(MatchKey, &str)> {
     };
     let m = route.r#match.as_ref()?;
     Some((MatchKey::of(entry.resource.namespace(), m), &route.name))
-}
-
-/// Which namespace answers for which host pattern, in `snapshot` (valid, so
-/// each pattern has one owner).
-fn host_owners(snapshot: &Snapshot) -> HostOwners<'_> {
-    let mut hosts = HostOwners::default();
-    for entry in snapshot.of_kind(Kind::Namespace) {
-        if let Resource::Namespace(ns) = &entry.resource {
-            for host in &ns.hosts {
-                hosts.insert(host, &ns.name);
-            }
-        }
-    }
-    hosts
 }
