@@ -1024,3 +1024,301 @@ async fn a_publish_stream_answers_each_message_in_order_and_ends_at_the_first_fa
     let status = answers.message().await.expect_err("the oversize message");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 }
+
+/// A certificate authority for the client-certificate test, and the
+/// certificates it signs, as PEM.
+struct Authority {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate with its key, PEM.
+struct Issued {
+    chain: String,
+    key: String,
+}
+
+impl Authority {
+    fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("key");
+        Self {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("ca"),
+        }
+    }
+
+    /// A server certificate for DNS `names`.
+    fn server(&self, names: &[&str]) -> Issued {
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        self.sign(rcgen::CertificateParams::new(names).expect("params"))
+    }
+
+    /// A client certificate whose only subject alt name is URI `identity`.
+    fn client(&self, identity: &str) -> Issued {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            identity.try_into().expect("an IA5 URI"),
+        )];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, params: rcgen::CertificateParams) -> Issued {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Issued {
+            chain: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+}
+
+/// A request over a new TLS connection to the proxy's TLS listener, naming
+/// `server_name` (SNI) and presenting `certificate`, in HTTP/2 (ALPN `h2`)
+/// with `http2`, else HTTP/1.1: the status and body, or why it failed.
+async fn over_tls(
+    http2: bool,
+    proxy: &Proxy,
+    roots: &rustls::RootCertStore,
+    server_name: &str,
+    certificate: Option<&Issued>,
+    request: hyper::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<(u16, bytes::Bytes), String> {
+    use http_body_util::BodyExt as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots.clone());
+    let mut config = match certificate {
+        None => builder.with_no_client_auth(),
+        Some(issued) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(issued.chain.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("chain"),
+                PrivateKeyDer::from_pem_slice(issued.key.as_bytes()).expect("key"),
+            )
+            .expect("client certificate"),
+    };
+    config.alpn_protocols = vec![if http2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    let mut request = request;
+    if http2 {
+        // The host goes in `:authority`, from an absolute URI.
+        let host = request.headers_mut().remove("host").expect("a host");
+        let uri = format!("https://{}{}", host.to_str().expect("host"), request.uri());
+        *request.uri_mut() = uri.parse().expect("uri");
+    }
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(proxy.tls_addr.expect("a TLS listener"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(server_name.to_string()).expect("server name");
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let io = hyper_util::rt::TokioIo::new(tls);
+        let response = if http2 {
+            let executor = hyper_util::rt::TokioExecutor::new();
+            let (mut sender, connection) = hyper::client::conn::http2::handshake(executor, io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        } else {
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        };
+        let response = response.map_err(|e| format!("request: {e}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .expect("an answer or an error in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_are_admitted_by_the_identity_of_their_client_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let proxy = Proxy::start_tls(&cp.xds, "proxy-kv-mtls").await;
+    // `demo` verifies client certificates against the mesh's CA, `other`
+    // against its own; demo's KeyValue binding lets in the `web` workloads
+    // of the mesh only.
+    let (mesh, rogue) = (Authority::new("mesh"), Authority::new("rogue"));
+    let server = mesh.server(&["demo.local", "other.local"]);
+    let web = mesh.client("spiffe://prism.test/ns/web/sa/api");
+    let batch = mesh.client("spiffe://prism.test/ns/batch/sa/job");
+    let forged = rogue.client("spiffe://prism.test/ns/web/sa/api");
+    let policy = |require: bool| {
+        serde_json::json!({
+            "namespaces": [
+                {"name": "demo", "hosts": ["demo.local"], "tls_secret": "cert",
+                 "client_ca_secret": "mesh", "require_client_certificate": require},
+                {"name": "other", "hosts": ["other.local"], "tls_secret": "cert",
+                 "client_ca_secret": "rogue"},
+            ],
+            "secrets": [
+                {"name": "demo/cert", "tls_certificate":
+                    {"certificate_chain": server.chain, "private_key": server.key}},
+                {"name": "other/cert", "tls_certificate":
+                    {"certificate_chain": server.chain, "private_key": server.key}},
+                {"name": "demo/mesh", "ca_bundle": {"certificates": mesh.pem()}},
+                {"name": "other/rogue", "ca_bundle": {"certificates": rogue.pem()}},
+            ],
+            "bindings": [
+                {"name": "demo/kv", "sqlite": {"path": "mtls.db"},
+                 "allow_namespaces": ["*"],
+                 "allow_identities": ["spiffe://prism.test/ns/web/*"]},
+            ],
+        })
+        .to_string()
+    };
+    proxy
+        .converge(cp.client().apply(&policy(false)).await)
+        .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(mesh.issuer.der().clone()).expect("root");
+    let put = |value: &'static str, host: &str| {
+        hyper::Request::put("/v1/kv/demo/greeting")
+            .header("host", host)
+            .body(http_body_util::Full::new(bytes::Bytes::from(value)))
+            .expect("request")
+    };
+    let denied = |answer: Result<(u16, bytes::Bytes), String>| {
+        let (status, body) = answer.expect("an answer");
+        let body: Value = serde_json::from_slice(&body).expect("a JSON error");
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"]["status"], "PERMISSION_DENIED", "{body}");
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // The mesh's `web` workload is let in, over HTTP/1.1 and HTTP/2 alike;
+    // another identity of the same mesh over neither.
+    for http2 in [false, true] {
+        let web = over_tls(
+            http2,
+            &proxy,
+            &roots,
+            "demo.local",
+            Some(&web),
+            put("hello", "demo.local"),
+        );
+        assert_eq!(web.await.expect("an answer").0, 200, "http2: {http2}");
+        let batch = over_tls(
+            http2,
+            &proxy,
+            &roots,
+            "demo.local",
+            Some(&batch),
+            put("x", "demo.local"),
+        );
+        let message = denied(batch.await);
+        assert!(
+            message.contains("spiffe://prism.test/ns/batch/sa/job"),
+            "{message}"
+        );
+    }
+    // A client without a certificate, and one over plain HTTP, are refused
+    // too.
+    let message = denied(
+        over_tls(
+            false,
+            &proxy,
+            &roots,
+            "demo.local",
+            None,
+            put("x", "demo.local"),
+        )
+        .await,
+    );
+    assert!(
+        message.contains("without a client certificate"),
+        "{message}"
+    );
+    let plain = reqwest::Client::new()
+        .put(format!("{}/v1/kv/demo/greeting", proxy.url))
+        .header("host", "demo.local")
+        .body("x")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(plain.status(), 403);
+    // A certificate from another CA does not verify for demo's hosts...
+    let forged_at_demo = over_tls(
+        false,
+        &proxy,
+        &roots,
+        "demo.local",
+        Some(&forged),
+        put("x", "demo.local"),
+    )
+    .await;
+    assert!(forged_at_demo.is_err(), "{forged_at_demo:?}");
+    // ...and the CA of `other`, which does verify it, vouches for callers
+    // of other's hosts only: through other's handshake to demo's host, it is
+    // no identity at all.
+    denied(
+        over_tls(
+            false,
+            &proxy,
+            &roots,
+            "other.local",
+            Some(&forged),
+            put("x", "demo.local"),
+        )
+        .await,
+    );
+
+    // Required: a client without a certificate no longer gets through the
+    // handshake, and the mesh's `web` still does.
+    proxy.converge(cp.client().apply(&policy(true)).await).await;
+    let anonymous = over_tls(
+        false,
+        &proxy,
+        &roots,
+        "demo.local",
+        None,
+        put("x", "demo.local"),
+    )
+    .await;
+    assert!(anonymous.is_err(), "{anonymous:?}");
+    let get = hyper::Request::get("/v1/kv/demo/greeting")
+        .header("host", "demo.local")
+        .body(http_body_util::Full::default())
+        .expect("request");
+    let answer = over_tls(false, &proxy, &roots, "demo.local", Some(&web), get).await;
+    // Nothing refused was written: the value is the one `web` put.
+    assert_eq!(
+        answer.expect("an answer"),
+        (200, bytes::Bytes::from("hello"))
+    );
+}

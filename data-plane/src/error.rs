@@ -24,7 +24,4 @@ pub enum Error {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    /// The TLS listener's configuration could not be built.
-    #[error("TLS listener: {source}")]
-    Tls { source: rustls::Error },
 }

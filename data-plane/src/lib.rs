@@ -262,7 +262,7 @@ pub async fn run(
     proxy?;
     admin?;
     if let Some(tls) = tls {
-        tls.await?.map_err(|source| Error::Tls { source })?;
+        tls.await?;
     }
     if let Err(error) = discovery.await
         && !error.is_cancelled()

@@ -154,6 +154,9 @@ fn validate_whole(snapshot: &Snapshot) -> Result<HashMap<MatchKey, &str>> {
                 };
                 refs.secret(&ns.tls_secret, SecretSort::TlsCertificate)
                     .at("tls_secret")
+                    .map_err(|e| e.in_resource(key.clone()))?;
+                refs.secret(&ns.client_ca_secret, SecretSort::CaBundle)
+                    .at("client_ca_secret")
                     .map_err(|e| e.in_resource(key))?;
             }
             Resource::Backend(b) => backend_references(snapshot, resource, b)?,
@@ -584,6 +587,20 @@ fn validate_namespace(ns: &Namespace) -> Result {
     }
     if !ns.tls_secret.is_empty() {
         local_name(&ns.tls_secret, "secret").at("tls_secret")?;
+    }
+    if !ns.client_ca_secret.is_empty() {
+        if ns.tls_secret.is_empty() {
+            return Err(ValidationError::new(
+                "client_ca_secret",
+                "needs `tls_secret`: client certificates are asked for over TLS only",
+            ));
+        }
+        local_name(&ns.client_ca_secret, "secret").at("client_ca_secret")?;
+    } else if ns.require_client_certificate {
+        return Err(ValidationError::new(
+            "require_client_certificate",
+            "needs `client_ca_secret`, the authorities client certificates are verified against",
+        ));
     }
     rate_limits(&ns.rate_limits)
 }
@@ -1462,6 +1479,38 @@ fn validate_binding(b: &DataBinding) -> Result {
         if ns != "*" {
             dns_label(ns).at(format!("allow_namespaces[{i}]"))?;
         }
+    }
+    for (i, identity) in b.allow_identities.iter().enumerate() {
+        identity_pattern(identity).at(format!("allow_identities[{i}]"))?;
+    }
+    Ok(())
+}
+
+/// The longest identity a binding may name, in bytes.
+const MAX_IDENTITY_BYTES: usize = 2048;
+
+/// A URI (`scheme:rest`), or a prefix of one ending in `*`: what a
+/// certificate's URI subject alt name is matched against.
+fn identity_pattern(pattern: &str) -> Check {
+    let uri = pattern.strip_suffix('*').unwrap_or(pattern);
+    let scheme_ok = uri.split_once(':').is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    if !scheme_ok {
+        return Err(format!(
+            "`{pattern}` must be a URI such as `spiffe://example.org/ns/web/sa/api`, or a prefix of one ending in `*`"
+        ));
+    }
+    if pattern.len() > MAX_IDENTITY_BYTES
+        || uri.contains('*')
+        || uri.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "`{pattern}` must be at most {MAX_IDENTITY_BYTES} bytes without spaces, with `*` at the end only"
+        ));
     }
     Ok(())
 }

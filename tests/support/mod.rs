@@ -279,6 +279,8 @@ impl Admin {
 pub struct Proxy {
     pub url: String,
     pub addr: SocketAddr,
+    /// Its TLS listener, if it was started with one.
+    pub tls_addr: Option<SocketAddr>,
     pub admin: String,
     pub node_id: String,
     /// Where it keeps its last-known-good snapshot.
@@ -298,7 +300,15 @@ impl Proxy {
     /// directory of its own.
     pub async fn start_subset(control_plane: &str, node_id: &str, namespaces: &[&str]) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(control_plane, node_id, temp.path(), namespaces).await;
+        let mut proxy = Self::launch(control_plane, node_id, temp.path(), namespaces, false).await;
+        proxy._temp = Some(temp);
+        proxy
+    }
+
+    /// A proxy serving every namespace, with a TLS listener too.
+    pub async fn start_tls(control_plane: &str, node_id: &str) -> Self {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut proxy = Self::launch(control_plane, node_id, temp.path(), &[], true).await;
         proxy._temp = Some(temp);
         proxy
     }
@@ -306,7 +316,7 @@ impl Proxy {
     /// A proxy keeping its snapshot in `data_dir`, which the caller owns: a
     /// proxy started again on it restores what the last one accepted.
     pub async fn start_with(control_plane: &str, node_id: &str, data_dir: &Path) -> Self {
-        Self::launch(control_plane, node_id, data_dir, &[]).await
+        Self::launch(control_plane, node_id, data_dir, &[], false).await
     }
 
     async fn launch(
@@ -314,8 +324,15 @@ impl Proxy {
         node_id: &str,
         data_dir: &Path,
         namespaces: &[&str],
+        tls: bool,
     ) -> Self {
         let (proxy, addr) = local().await;
+        let (tls, tls_addr) = if tls {
+            let (listener, addr) = local().await;
+            (Some(listener), Some(addr))
+        } else {
+            (None, None)
+        };
         let (admin, admin_addr) = local().await;
         let (stop, stopped) = oneshot::channel::<()>();
         let config = prism_data_plane::Config {
@@ -332,11 +349,7 @@ impl Proxy {
         let task = tokio::spawn(async move {
             prism_data_plane::run(
                 config,
-                prism_data_plane::Listeners {
-                    proxy,
-                    tls: None,
-                    admin,
-                },
+                prism_data_plane::Listeners { proxy, tls, admin },
                 async {
                     let _ = stopped.await;
                 },
@@ -347,6 +360,7 @@ impl Proxy {
         Self {
             url: format!("http://{addr}"),
             addr,
+            tls_addr,
             admin: format!("http://{admin_addr}"),
             node_id: node_id.to_string(),
             data_dir: data_dir.to_path_buf(),

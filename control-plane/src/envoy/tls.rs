@@ -22,6 +22,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, secret as envoy_secret_type, subject_alt_name_matcher,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::util::pack_any;
 use prism_proto::pb::config::v1::secret;
 use prism_proto::{Backend, Secret};
@@ -79,7 +80,9 @@ fn sds(name: String) -> SdsSecretConfig {
 
 /// Listener `prism-https` at `at`: the TLS inspector reads the SNI, and one
 /// filter chain per namespace with a `tls_secret` presents its certificate
-/// (ALPN h2 and http/1.1) for its hosts, exact and wildcard, before the same
+/// (ALPN h2 and http/1.1) for its hosts, exact and wildcard, verifies client
+/// certificates against its `client_ca_secret` (SDS) if it has one, and
+/// requires them with `require_client_certificate`, before the same
 /// HttpConnectionManager as `prism-http`. A namespace holding the catch-all
 /// `*` also gets a chain without server names: the one Envoy takes for any
 /// other SNI, or none. `None` when no namespace serves TLS: Envoy rejects a
@@ -92,6 +95,8 @@ pub(super) fn https_listener(policy: &Policy<'_>, at: SocketAddr) -> Option<List
         .filter(|ns| !ns.tls_secret.is_empty())
     {
         let secret = format!("{}/{}", ns.name, ns.tls_secret);
+        let client_ca = (!ns.client_ca_secret.is_empty())
+            .then(|| format!("{}/{}", ns.name, ns.client_ca_secret));
         let chain = |name: String, server_names: Vec<String>| FilterChain {
             name,
             filter_chain_match: Some(FilterChainMatch {
@@ -102,9 +107,17 @@ pub(super) fn https_listener(policy: &Policy<'_>, at: SocketAddr) -> Option<List
             transport_socket: Some(transport(pack_any(DownstreamTlsContext {
                 common_tls_context: Some(CommonTlsContext {
                     tls_certificate_sds_secret_configs: vec![sds(secret.clone())],
+                    validation_context_type: client_ca.clone().map(|ca| {
+                        common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                            sds(ca),
+                        )
+                    }),
                     alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
                     ..Default::default()
                 }),
+                require_client_certificate: ns
+                    .require_client_certificate
+                    .then_some(BoolValue { value: true }),
                 ..Default::default()
             }))),
             ..Default::default()

@@ -90,8 +90,7 @@ pub(crate) struct Settings {
     pub max_value_bytes: usize,
     /// A put's TTL when it names none.
     pub default_ttl: Option<Duration>,
-    /// Namespaces besides its own whose callers may call it; `None` lets
-    /// every caller in.
+    /// Who may call it; `None` lets every caller in.
     pub allow: Option<Allow>,
     /// Copy the items of the store this binding replaces.
     pub move_items: bool,
@@ -100,9 +99,12 @@ pub(crate) struct Settings {
 /// Who may call a binding that names its callers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Allow {
-    /// `*`: a caller from any namespace.
-    pub any_namespace: bool,
-    pub namespaces: Vec<String>,
+    /// Namespaces besides its own whose callers may call it; `None` for any
+    /// (no list, or `*`).
+    pub namespaces: Option<Vec<String>>,
+    /// Identities (or prefixes, ending in `*`) of which a caller must
+    /// present one; none needed when empty.
+    pub identities: Vec<String>,
 }
 
 /// What opening a store depends on: equal params share one open store.
@@ -249,11 +251,39 @@ impl<T: ?Sized> Binding<T> {
 }
 
 impl Allow {
-    /// Whether a caller from `caller` (none when its host belongs to no
-    /// namespace) may call a binding of `own`.
-    pub(crate) fn admits(&self, own: &str, caller: Option<&str>) -> bool {
-        caller.is_some_and(|caller| {
-            caller == own || self.any_namespace || self.namespaces.iter().any(|n| n == caller)
+    /// Whether a caller from namespace `caller` (none when its host belongs
+    /// to no namespace), presenting `identities`, may call a binding of
+    /// `own`; if not, who was refused, for the error.
+    pub(crate) fn admits(
+        &self,
+        own: &str,
+        caller: Option<&str>,
+        identities: &[String],
+    ) -> Result<(), String> {
+        let Some(caller) = caller else {
+            return Err("callers from a host that no namespace serves".into());
+        };
+        let listed = |list: &Vec<String>| list.iter().any(|n| n == caller);
+        if caller != own && !self.namespaces.as_ref().is_none_or(listed) {
+            return Err(format!("callers from namespace `{caller}`"));
+        }
+        let matches = |identity: &String| {
+            self.identities
+                .iter()
+                .any(|pattern| match pattern.strip_suffix('*') {
+                    Some(prefix) => identity.starts_with(prefix),
+                    None => identity == pattern,
+                })
+        };
+        if self.identities.is_empty() || identities.iter().any(matches) {
+            return Ok(());
+        }
+        Err(if identities.is_empty() {
+            format!(
+                "callers from namespace `{caller}` without a client certificate that its `client_ca_secret` verifies"
+            )
+        } else {
+            format!("identity `{}`", identities.join("`, `"))
         })
     }
 }
@@ -437,10 +467,14 @@ fn compile(
     let settings = Settings {
         max_value_bytes: usize::try_from(max_value_bytes).unwrap_or(usize::MAX),
         default_ttl: spec.default_ttl.as_ref().and_then(defaults::to_std),
-        allow: (!spec.allow_namespaces.is_empty()).then(|| Allow {
-            any_namespace: spec.allow_namespaces.iter().any(|n| n == "*"),
-            namespaces: spec.allow_namespaces.clone(),
-        }),
+        allow: (!spec.allow_namespaces.is_empty() || !spec.allow_identities.is_empty()).then(
+            || Allow {
+                namespaces: (!spec.allow_namespaces.is_empty()
+                    && !spec.allow_namespaces.iter().any(|n| n == "*"))
+                .then(|| spec.allow_namespaces.clone()),
+                identities: spec.allow_identities.clone(),
+            },
+        ),
         move_items: spec.move_items,
     };
     Ok((params, settings))

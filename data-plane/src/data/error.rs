@@ -27,7 +27,7 @@ pub(crate) enum DataError {
         namespace: String,
         api: &'static str,
     },
-    #[error("the {api} binding `{binding}` does not let callers from {caller} in")]
+    #[error("the {api} binding `{binding}` does not let in {caller}")]
     Denied {
         api: &'static str,
         binding: String,

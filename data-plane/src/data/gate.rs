@@ -25,6 +25,7 @@ use crate::http::body::RequestBody;
 use crate::http::error::BoxError;
 use crate::http::route::request_host;
 use crate::http::server::ClientAddr;
+use crate::http::tls::Tls;
 use crate::runtime::Runtime;
 
 /// The gRPC path prefix of every data API.
@@ -93,6 +94,10 @@ where
         let caller = Caller {
             host: request_host(&request).to_string(),
             ip: request.extensions().get::<ClientAddr>().map(|c| c.0.ip()),
+            peer: request
+                .extensions()
+                .get::<Tls>()
+                .and_then(|tls| tls.peer.clone()),
         };
         let call: BoxFuture<'static, Response<DataBody>> = if grpc_call {
             let service = path[1..].split('/').next().unwrap_or_default();

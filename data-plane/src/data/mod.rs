@@ -28,6 +28,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use prism_proto::{Kind, Snapshot};
 
+use crate::http::tls::Peer;
 use crate::runtime::Runtime;
 use bindings::{Binding, Settings};
 
@@ -45,12 +46,14 @@ pub mod pb {
 /// any other body can be boxed into.
 pub(crate) type DataBody = tonic::body::Body;
 
-/// Who is calling: the host it called (which names its namespace) and its
-/// address. The gate puts it into each data call's extensions.
+/// Who is calling: the host it called (which names its namespace), its
+/// address, and the certificate it gave the TLS listener. The gate puts it
+/// into each data call's extensions.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Caller {
     pub host: String,
     pub ip: Option<std::net::IpAddr>,
+    pub peer: Option<Arc<Peer>>,
 }
 
 /// A JSON answer.
@@ -112,16 +115,21 @@ fn admit<'r, T: ?Sized>(
     })?;
     if let Some(allow) = &binding.settings.allow {
         let from = caller_namespace(runtime, &caller.host);
-        if !allow.admits(namespace, from) {
-            return Err(DataError::Denied {
+        // A certificate's identities hold for the hosts of the namespace
+        // whose CA verified it only: one namespace's CA cannot vouch for
+        // callers of another's hosts.
+        let identities = caller
+            .peer
+            .as_deref()
+            .filter(|peer| Some(&*peer.namespace) == from)
+            .map_or(&[][..], |peer| &peer.identities[..]);
+        allow
+            .admits(namespace, from, identities)
+            .map_err(|caller| DataError::Denied {
                 api,
                 binding: binding.name.clone(),
-                caller: from.map_or_else(
-                    || format!("host `{}`, which no namespace serves", caller.host),
-                    |ns| format!("namespace `{ns}`"),
-                ),
-            });
-        }
+                caller,
+            })?;
     }
     if let Some(limits) = runtime.namespace_limits(namespace) {
         limits

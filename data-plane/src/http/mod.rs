@@ -122,11 +122,9 @@ pub(crate) async fn serve_tls(
     runtime: Arc<ArcSwap<Runtime>>,
     params: server::Params,
     shutdown: watch::Receiver<bool>,
-) -> Result<(), rustls::Error> {
-    let acceptor = tls::acceptor(Arc::clone(&runtime))?;
-    let stack = stack(runtime, params.limits.max_concurrent_requests);
-    server::serve(listener, Some(acceptor), params, shutdown, stack).await;
-    Ok(())
+) {
+    let stack = stack(Arc::clone(&runtime), params.limits.max_concurrent_requests);
+    server::serve(listener, Some(runtime), params, shutdown, stack).await;
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Body;
 use hyper::body::Incoming;
@@ -25,7 +26,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use tower::Service;
 use tracing::{debug, warn};
 
@@ -35,6 +35,7 @@ use super::h1;
 use super::idle::{Active, Activity};
 use super::inflight;
 use super::tls::{self, Tls};
+use crate::runtime::Runtime;
 use crate::{Limits, MIN_MAX_REQUEST_HEADER_BYTES};
 
 /// What an HTTP/2 client sends first (RFC 9113 §3.4).
@@ -66,17 +67,17 @@ pub(crate) struct ClientAddr(pub SocketAddr);
 #[derive(Clone, Debug)]
 struct SetClientAddr<S> {
     client: ClientAddr,
-    tls: bool,
+    tls: Option<Tls>,
     activity: Arc<Activity>,
     inner: S,
 }
 
-/// Serves `service` on `listener` (over TLS with `tls`) until `shutdown`
-/// turns true, then stops accepting, lets open connections finish (bounded)
-/// and returns.
+/// Serves `service` on `listener` (over TLS with `tls`, the runtime whose
+/// namespaces' certificates the handshakes use) until `shutdown` turns true,
+/// then stops accepting, lets open connections finish (bounded) and returns.
 pub(crate) async fn serve<S, B>(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ArcSwap<Runtime>>>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
     service: S,
@@ -155,7 +156,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 async fn connection<S, B>(
     stream: TcpStream,
     remote: SocketAddr,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ArcSwap<Runtime>>>,
     builder: Arc<http2::Builder<TokioExecutor>>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
@@ -170,11 +171,11 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    if let Some(acceptor) = tls {
+    if let Some(runtime) = tls {
         // Boxed, as HTTP/2 below: their state is large, and would otherwise
         // be part of every plain HTTP/1.1 connection's task.
         Box::pin(tls_connection(
-            stream, remote, acceptor, builder, params, shutdown, service,
+            stream, remote, runtime, builder, params, shutdown, service,
         ))
         .await;
         return;
@@ -195,22 +196,16 @@ async fn connection<S, B>(
     };
     if http2 {
         Box::pin(serve_http2(
-            stream, remote, false, &builder, params, shutdown, service,
+            stream, remote, None, &builder, params, shutdown, service,
         ))
         .await;
     } else {
-        h1::conn::serve(
-            stream,
-            h1_settings(remote, false, params),
-            shutdown,
-            service,
-        )
-        .await;
+        h1::conn::serve(stream, h1_settings(remote, None, params), shutdown, service).await;
     }
 }
 
 /// The HTTP/1.1 codec's settings for a connection from `remote`.
-fn h1_settings(remote: SocketAddr, tls: bool, params: Params) -> h1::conn::Settings {
+fn h1_settings(remote: SocketAddr, tls: Option<Tls>, params: Params) -> h1::conn::Settings {
     h1::conn::Settings {
         client: ClientAddr(remote),
         tls,
@@ -222,7 +217,7 @@ fn h1_settings(remote: SocketAddr, tls: bool, params: Params) -> h1::conn::Setti
 async fn tls_connection<S, B>(
     stream: TcpStream,
     remote: SocketAddr,
-    acceptor: TlsAcceptor,
+    runtime: Arc<ArcSwap<Runtime>>,
     builder: Arc<http2::Builder<TokioExecutor>>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
@@ -237,10 +232,10 @@ async fn tls_connection<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let stream = tokio::select! {
-        accepted = tls::handshake(&acceptor, stream, params.limits.header_read_timeout) => {
+    let (stream, tls) = tokio::select! {
+        accepted = tls::handshake(&runtime, stream, params.limits.header_read_timeout) => {
             match accepted {
-                Ok(stream) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     debug!(error = %Chain(&error), %remote, "Closing a TLS connection.");
                     return;
@@ -250,9 +245,24 @@ async fn tls_connection<S, B>(
         () = stopped(&mut shutdown) => return,
     };
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        serve_http2(stream, remote, true, &builder, params, shutdown, service).await;
+        serve_http2(
+            stream,
+            remote,
+            Some(tls),
+            &builder,
+            params,
+            shutdown,
+            service,
+        )
+        .await;
     } else {
-        h1::conn::serve(stream, h1_settings(remote, true, params), shutdown, service).await;
+        h1::conn::serve(
+            stream,
+            h1_settings(remote, Some(tls), params),
+            shutdown,
+            service,
+        )
+        .await;
     }
 }
 
@@ -278,12 +288,13 @@ async fn is_http2(stream: &TcpStream) -> io::Result<bool> {
     }
 }
 
-/// Serves one accepted HTTP/2 connection, plain or TLS (`tls`), until it
+/// Serves one accepted HTTP/2 connection, plain or TLS (`tls`, with the
+/// client's certificate if it sent one), until it
 /// ends or, after shutdown, has finished its in-flight requests.
 async fn serve_http2<I, S, B>(
     io: I,
     remote: SocketAddr,
-    tls: bool,
+    tls: Option<Tls>,
     builder: &http2::Builder<TokioExecutor>,
     params: Params,
     mut shutdown: watch::Receiver<bool>,
@@ -348,8 +359,8 @@ where
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let mut request = request.map(RequestBody::Http2);
         request.extensions_mut().insert(self.client);
-        if self.tls {
-            request.extensions_mut().insert(Tls);
+        if let Some(tls) = &self.tls {
+            request.extensions_mut().insert(tls.clone());
         }
         let active = self.activity.start(request.version());
         inflight::ResponseFuture::new(self.inner.call(request), active)

@@ -1,6 +1,7 @@
-//! TLS material compiled from the snapshot's Secrets: the certificates the
-//! TLS listener serves, chosen by SNI among the namespaces' hosts, and each
-//! TLS backend's rustls client configuration.
+//! TLS material compiled from the snapshot's Secrets: what the TLS listener
+//! does for each namespace's hosts (its certificate and, with a
+//! `client_ca_secret`, the client certificates it asks for), chosen by SNI,
+//! and each TLS backend's rustls client configuration.
 //!
 //! Everything is parsed and checked here, when a snapshot is compiled, so a
 //! bad certificate or a key that does not match its certificate is a NACK,
@@ -9,13 +10,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prism_proto::pb::config::v1::{UpstreamTls, secret};
+use prism_proto::pb::config::v1::{Namespace, UpstreamTls, secret};
 use prism_proto::{Kind, Resource, Snapshot};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::CompileError;
 
@@ -23,14 +25,25 @@ use super::CompileError;
 pub(crate) const PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-/// The certificates of the TLS listener by host, matched like the route
+/// The TLS listener's handshake for each host, matched like the route
 /// table's hosts: exact, then the longest wildcard, then the catch-all `*`.
 #[derive(Debug, Default)]
 pub(crate) struct Certificates {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    /// `(".suffix", key)`, longest suffix first.
-    wildcards: Vec<(String, Arc<CertifiedKey>)>,
-    any: Option<Arc<CertifiedKey>>,
+    exact: HashMap<String, Arc<Handshake>>,
+    /// `(".suffix", handshake)`, longest suffix first.
+    wildcards: Vec<(String, Arc<Handshake>)>,
+    any: Option<Arc<Handshake>>,
+}
+
+/// How the TLS listener completes a handshake for one namespace's hosts.
+#[derive(Debug)]
+pub(crate) struct Handshake {
+    /// The namespace whose hosts these are: the one whose `client_ca_secret`
+    /// verified the client's certificate, if it sent one.
+    pub namespace: Arc<str>,
+    /// Its certificate, ALPN `h2` and `http/1.1`, and its client
+    /// certificate verifier, if any.
+    pub config: Arc<ServerConfig>,
 }
 
 /// A backend's upstream TLS: its client configuration and the server name
@@ -49,7 +62,7 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 }
 
 impl Certificates {
-    /// The certificate of every namespace of `snapshot` that names a
+    /// The handshake of every namespace of `snapshot` that names a
     /// `tls_secret`, for each of its hosts.
     pub(crate) fn compile(snapshot: &Snapshot) -> Result<Self, CompileError> {
         let provider = provider();
@@ -61,25 +74,23 @@ impl Certificates {
             if ns.tls_secret.is_empty() {
                 continue;
             }
-            let secret = format!("{}/{}", ns.name, ns.tls_secret);
-            let key = certified_key(snapshot, &secret, &provider).map_err(|reason| {
-                CompileError::Tls {
+            let handshake = Arc::new(Handshake::compile(snapshot, ns, &provider).map_err(
+                |(field, reason)| CompileError::Tls {
                     resource: entry.resource.key().to_string(),
-                    field: "tls_secret",
+                    field,
                     reason,
-                }
-            })?;
-            let key = Arc::new(key);
+                },
+            )?);
             for host in &ns.hosts {
                 let host = host.to_ascii_lowercase();
                 if host == "*" {
-                    certificates.any = Some(Arc::clone(&key));
+                    certificates.any = Some(Arc::clone(&handshake));
                 } else if let Some(suffix) = host.strip_prefix('*') {
                     certificates
                         .wildcards
-                        .push((suffix.to_string(), Arc::clone(&key)));
+                        .push((suffix.to_string(), Arc::clone(&handshake)));
                 } else {
-                    certificates.exact.insert(host, Arc::clone(&key));
+                    certificates.exact.insert(host, Arc::clone(&handshake));
                 }
             }
         }
@@ -89,20 +100,81 @@ impl Certificates {
         Ok(certificates)
     }
 
-    /// The certificate for a handshake naming `server_name` (SNI); the
+    /// The handshake for a client naming `server_name` (SNI); the
     /// catch-all's when the client sent none or no host matches.
-    pub(crate) fn resolve(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+    pub(crate) fn resolve(&self, server_name: Option<&str>) -> Option<&Arc<Handshake>> {
         let found = server_name.and_then(|name| {
             // rustls hands over SNI already lowercased and without a trailing dot.
             self.exact.get(name).or_else(|| {
                 self.wildcards
                     .iter()
                     .find(|(suffix, _)| name.len() > suffix.len() && name.ends_with(suffix))
-                    .map(|(_, key)| key)
+                    .map(|(_, handshake)| handshake)
             })
         });
-        found.or(self.any.as_ref()).cloned()
+        found.or(self.any.as_ref())
     }
+}
+
+impl Handshake {
+    /// Namespace `ns`'s handshake; on error, the field at fault and why.
+    fn compile(
+        snapshot: &Snapshot,
+        ns: &Namespace,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, (&'static str, String)> {
+        let secret = format!("{}/{}", ns.name, ns.tls_secret);
+        let key = certified_key(snapshot, &secret, provider).map_err(|e| ("tls_secret", e))?;
+        let builder = ServerConfig::builder_with_provider(Arc::clone(provider))
+            .with_protocol_versions(PROTOCOL_VERSIONS)
+            .map_err(|e| ("tls_secret", e.to_string()))?;
+        let builder = if ns.client_ca_secret.is_empty() {
+            builder.with_no_client_auth()
+        } else {
+            let name = format!("{}/{}", ns.name, ns.client_ca_secret);
+            let roots = ca_bundle(snapshot, &name).map_err(|e| ("client_ca_secret", e))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+            let verifier = if ns.require_client_certificate {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| ("client_ca_secret", format!("`{name}`: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(ServerCertificate(Arc::new(key))));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self {
+            namespace: Arc::from(ns.name.as_str()),
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// Always presents one server certificate: the SNI was matched before.
+#[derive(Debug)]
+struct ServerCertificate(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for ServerCertificate {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+/// The certificates of CA bundle Secret `name`, as a root store.
+fn ca_bundle(snapshot: &Snapshot, name: &str) -> Result<RootCertStore, String> {
+    let Some(secret::Kind::CaBundle(ca)) = secret(snapshot, name) else {
+        return Err(format!("`{name}` is not a CA bundle"));
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.certificates.as_bytes()) {
+        let cert = cert.map_err(|e| format!("`{name}`: {e}"))?;
+        roots.add(cert).map_err(|e| format!("`{name}`: {e}"))?;
+    }
+    Ok(roots)
 }
 
 impl UpstreamParams {
@@ -115,22 +187,14 @@ impl UpstreamParams {
         http2: bool,
     ) -> Result<Self, (&'static str, String)> {
         let provider = provider();
-        let mut roots = RootCertStore::empty();
-        if tls.ca_secret.is_empty() {
+        let roots = if tls.ca_secret.is_empty() {
+            let mut roots = RootCertStore::empty();
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            roots
         } else {
-            let name = format!("{namespace}/{}", tls.ca_secret);
-            let pem = match secret(snapshot, &name) {
-                Some(secret::Kind::CaBundle(ca)) => &ca.certificates,
-                _ => return Err(("tls.ca_secret", format!("`{name}` is not a CA bundle"))),
-            };
-            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                let cert = cert.map_err(|e| ("tls.ca_secret", format!("`{name}`: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| ("tls.ca_secret", format!("`{name}`: {e}")))?;
-            }
-        }
+            ca_bundle(snapshot, &format!("{namespace}/{}", tls.ca_secret))
+                .map_err(|e| ("tls.ca_secret", e))?
+        };
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(PROTOCOL_VERSIONS)
             .map_err(|e| ("tls", e.to_string()))?
@@ -272,19 +336,27 @@ mod tests {
         let served = |name: Option<&str>| {
             certificates
                 .resolve(name)
-                .map(|key| key.cert[0].clone())
-                .expect("a certificate")
+                .map(|handshake| handshake.namespace.to_string())
+                .expect("a handshake")
         };
-        assert_eq!(served(Some("a.demo.test")), exact.der());
-        assert_eq!(served(Some("b.demo.test")), wide.der());
-        assert_eq!(served(Some("x.api.demo.test")), narrow.der());
-        assert_eq!(served(Some("elsewhere.test")), any.der());
-        assert_eq!(served(None), any.der());
+        assert_eq!(served(Some("a.demo.test")), "exact");
+        assert_eq!(served(Some("b.demo.test")), "wide");
+        assert_eq!(served(Some("x.api.demo.test")), "narrow");
+        assert_eq!(served(Some("elsewhere.test")), "any");
+        assert_eq!(served(None), "any");
         assert!(
             Certificates::default()
                 .resolve(Some("a.demo.test"))
                 .is_none()
         );
+    }
+
+    /// Why `snapshot` does not compile.
+    fn refusal(snapshot: &Snapshot) -> String {
+        Runtime::compile(snapshot, &Runtime::unconfigured(), &OwnAddresses::default())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -297,16 +369,34 @@ mod tests {
         };
         let snapshot =
             Snapshot::from_resources(1, with_certificate("demo", &["demo.local"], &mismatched));
-        let error = Runtime::compile(
-            &snapshot,
-            &Runtime::unconfigured(),
-            &OwnAddresses::default(),
-        )
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
+        let error = refusal(&snapshot);
         assert!(
             error.starts_with("Namespace demo: tls_secret: `demo/cert`:"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_client_ca_without_a_certificate_is_refused() {
+        let ca = TestCa::new();
+        let leaf = ca.issue(&["demo.local"]);
+        let [cert, Resource::Namespace(mut ns)] = with_certificate("demo", &["demo.local"], &leaf)
+        else {
+            unreachable!()
+        };
+        ns.client_ca_secret = "clients".into();
+        let empty = Resource::Secret(prism_proto::pb::config::v1::Secret {
+            name: "demo/clients".into(),
+            kind: Some(secret::Kind::CaBundle(
+                prism_proto::pb::config::v1::CaBundle {
+                    certificates: "no PEM here".into(),
+                },
+            )),
+        });
+        let snapshot = Snapshot::from_resources(1, [cert, Resource::Namespace(ns), empty]);
+        let error = refusal(&snapshot);
+        assert!(
+            error.starts_with("Namespace demo: client_ca_secret: `demo/clients`:"),
             "{error}"
         );
     }

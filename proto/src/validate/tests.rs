@@ -45,6 +45,8 @@ namespaces:
   - name: shop
     hosts: [shop.test, "*.shop.test"]
     tls_secret: cert
+    client_ca_secret: clients
+    require_client_certificate: true
     rate_limits:
       - {requests_per_second: 100, burst: 200}
       - {requests_per_second: 10, per_client_ip: true}
@@ -109,6 +111,7 @@ bindings:
     default_ttl: 2592000s
     max_value_bytes: 65536
     allow_namespaces: [fallback]
+    allow_identities: ["spiffe://shop.test/ns/web/*", "spiffe://shop.test/sa/admin"]
     move_items: true
   - name: shop/events
     nats: {url: "nats://127.0.0.1:4222", stream: shop-events}
@@ -126,6 +129,7 @@ fn full() -> Snapshot {
     resources.extend([
         cert_secret("shop/cert"),
         ca_secret("shop/ca"),
+        ca_secret("shop/clients"),
         credential_secret("shop/db"),
     ]);
     Snapshot::from_resources(1, resources)
@@ -433,6 +437,19 @@ fn binding_fields_are_checked_and_named() {
             "memory: {}, allow_namespaces: [Shop]",
             "allow_namespaces[0]",
         ),
+        ("memory: {}, allow_identities: [web]", "allow_identities[0]"),
+        (
+            "memory: {}, allow_identities: [\"spiffe://a/*/b\"]",
+            "allow_identities[0]",
+        ),
+        (
+            "memory: {}, allow_identities: [\"spiffe://a/ b\"]",
+            "allow_identities[0]",
+        ),
+        (
+            "memory: {}, allow_identities: [\"spiffe://ok/*\", \"1x:/\"]",
+            "allow_identities[1]",
+        ),
     ];
     for (body, field) in cases {
         assert_eq!(binding_field(body), field, "{body}");
@@ -479,6 +496,15 @@ fn namespace_fields_are_checked_and_named() {
         ("hosts: [\"*\", \"*\"]", "hosts[1]"),
         ("hosts: [\"**\"]", "hosts[0]"),
         ("tls_secret: shop/cert", "tls_secret"),
+        ("client_ca_secret: ca", "client_ca_secret"),
+        (
+            "tls_secret: c, client_ca_secret: shop/ca",
+            "client_ca_secret",
+        ),
+        (
+            "require_client_certificate: true",
+            "require_client_certificate",
+        ),
         (
             "rate_limits: [{requests_per_second: 0}]",
             "rate_limits[0].requests_per_second",
@@ -608,6 +634,11 @@ fn secret_references_must_name_a_secret_of_the_right_sort() {
     s.insert(cert_secret("shop/ca"));
     let err = validate_snapshot(&s).unwrap_err();
     assert_eq!(err.field, "tls.ca_secret", "{err}");
+    let mut s = full();
+    s.insert(cert_secret("shop/clients"));
+    let err = validate_snapshot(&s).unwrap_err();
+    assert_eq!(err.field, "client_ca_secret", "{err}");
+    assert!(err.message.contains("ca_bundle"), "{err}");
 
     // A secret of another namespace does not count.
     let mut s = full();

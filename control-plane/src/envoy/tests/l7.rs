@@ -33,6 +33,8 @@ namespaces:
   - name: shop
     hosts: [shop.test, "*.shop.test"]
     tls_secret: cert
+    client_ca_secret: ca
+    require_client_certificate: true
     rate_limits:
       - {requests_per_second: 100, burst: 200}
       - {requests_per_second: 10, per_client_ip: true}
@@ -1051,6 +1053,25 @@ fn namespaces_with_a_tls_secret_get_a_filter_chain_by_sni() {
             .as_ref()
     ));
     assert_eq!(common.alpn_protocols, ["h2", "http/1.1"]);
+    // Client certificates: verified against the namespace's CA (SDS), and
+    // required.
+    let Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(ca)) =
+        &common.validation_context_type
+    else {
+        panic!("a client CA: {:?}", common.validation_context_type)
+    };
+    assert_eq!(ca.name, "shop/ca");
+    assert_eq!(tls.require_client_certificate.map(|b| b.value), Some(true));
+    let fallback: DownstreamTlsContext =
+        tls_context(listener.filter_chains[0].transport_socket.as_ref());
+    assert_eq!(
+        fallback
+            .common_tls_context
+            .expect("common context")
+            .validation_context_type,
+        None
+    );
+    assert_eq!(fallback.require_client_certificate, None);
     let Some(filter::ConfigType::TypedConfig(any)) = &shop.filters[0].config_type else {
         panic!("the HCM")
     };

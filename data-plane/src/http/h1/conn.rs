@@ -48,10 +48,11 @@ const FLUSH_AT: usize = 64 * 1024;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// Who is on the other end, and the server's limits.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Settings {
     pub client: ClientAddr,
-    pub tls: bool,
+    /// Over TLS: with the client's certificate, if it sent one.
+    pub tls: Option<Tls>,
     pub limits: Limits,
 }
 
@@ -119,7 +120,7 @@ pub(crate) async fn serve<I, S, B>(
         let head = match conn.read_head(idle_until, first).await {
             Some(Ok(head)) => head,
             Some(Err(error)) => {
-                debug!(%error, remote = %settings.client.0, "Refusing a request.");
+                debug!(%error, remote = %conn.settings.client.0, "Refusing a request.");
                 conn.refuse(error.status()).await;
                 break;
             }
@@ -261,8 +262,8 @@ impl<I: Transport> Conn<I> {
         let mut request = request.map(|()| RequestBody::Http1(body));
         let extensions = request.extensions_mut();
         extensions.insert(self.settings.client);
-        if self.settings.tls {
-            extensions.insert(Tls);
+        if let Some(tls) = &self.settings.tls {
+            extensions.insert(tls.clone());
         }
         let upgrade = upgrade.then(|| {
             let (tx, on_upgrade) = OnUpgrade::new();

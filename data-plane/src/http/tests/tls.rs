@@ -4,12 +4,10 @@
 use std::sync::Arc;
 
 use prism_proto::pb::config::v1::{Protocol, UpstreamTls};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::*;
 use crate::runtime::tls::provider;
@@ -192,21 +190,32 @@ async fn alpn_h2_serves_http2_over_tls() {
 }
 
 /// A TLS upstream for `upstream.test` that requires a client certificate
-/// signed by `ca`, answering with the HTTP version it saw.
+/// signed by `ca`, answering with the HTTP version it saw: Prism's own TLS
+/// listener, with a namespace that sets `require_client_certificate`.
 pub(super) async fn mtls_upstream(ca: &TestCa) -> SocketAddr {
     let leaf = ca.issue(&["upstream.test"]);
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots()), provider())
-        .build()
-        .expect("verifier");
-    let key = PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("key");
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![leaf.der()], key)
-        .expect("config");
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let snapshot = Snapshot::from_resources(
+        1,
+        [
+            leaf.secret("upstream/cert"),
+            ca.secret("upstream/clients"),
+            Resource::Namespace(Namespace {
+                name: "upstream".into(),
+                hosts: vec!["upstream.test".into()],
+                tls_secret: "cert".into(),
+                client_ca_secret: "clients".into(),
+                require_client_certificate: true,
+                ..Default::default()
+            }),
+        ],
+    );
+    prism_proto::validate_snapshot(&snapshot).expect("valid policy");
+    let runtime = Runtime::compile(
+        &snapshot,
+        &Runtime::unconfigured(),
+        &OwnAddresses::default(),
+    )
+    .expect("compiles");
     let (listener, addr) = bind().await;
     let (stop, stopped) = watch::channel(false);
     let service = tower::service_fn(|request: Request<RequestBody>| async move {
@@ -218,9 +227,10 @@ pub(super) async fn mtls_upstream(ca: &TestCa) -> SocketAddr {
                 .expect("response"),
         )
     });
+    let runtime = Arc::new(ArcSwap::from_pointee(runtime));
     tokio::spawn(async move {
         let _stop = stop;
-        server::serve(listener, Some(acceptor), params(), stopped, service).await;
+        server::serve(listener, Some(runtime), params(), stopped, service).await;
     });
     addr
 }
