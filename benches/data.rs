@@ -95,6 +95,10 @@ struct Args {
     /// Messages per second in the publish → deliver runs.
     #[arg(long, default_value_t = 1_000.0)]
     latency_rate: f64,
+    /// The proxy's `--workers`: its runtime's threads (the number of CPUs
+    /// unless given; 1 runs it on one event loop).
+    #[arg(long)]
+    proxy_workers: Option<usize>,
     /// Also write the table to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -113,7 +117,7 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn start(dir: &Path) -> Self {
+    async fn start(dir: &Path, workers: Option<usize>) -> Self {
         let data_dir = dir.join("proxy");
         let control_plane = Prism::control_plane(&dir.join("control-plane"));
         let admin = control_plane.address("admin");
@@ -129,10 +133,11 @@ impl Gateway {
         let revision = answer["revision"]
             .as_u64()
             .unwrap_or_else(|| panic!("the policy is refused: {answer}"));
-        let proxy = Prism::start(&[
+        let (xds, data_dir_arg) = (control_plane.address("xds"), data_dir.display().to_string());
+        let mut args = vec![
             "proxy",
             "--control-plane",
-            &control_plane.address("xds"),
+            &xds,
             "--listen",
             "127.0.0.1:0",
             "--tls-listen",
@@ -142,8 +147,13 @@ impl Gateway {
             "--node-id",
             "bench",
             "--data-dir",
-            &data_dir.display().to_string(),
-        ]);
+            &data_dir_arg,
+        ];
+        let workers = workers.map(|n| n.to_string());
+        if let Some(n) = &workers {
+            args.extend(["--workers", n]);
+        }
+        let proxy = Prism::start(&args);
         let proxy_admin = proxy.address("admin");
         eventually("the proxy serves the bindings", || {
             let request = http.get(format!("{proxy_admin}/config_dump"));
@@ -400,7 +410,7 @@ fn now_millis() -> i64 {
 }
 
 /// The pool the SQLite store opens on the same file: WAL, synchronous
-/// NORMAL, a 5 s busy timeout and 4 connections.
+/// NORMAL, a 5 s busy timeout, 4 connections, no ping before each acquire.
 async fn sqlite(path: &Path) -> SqlitePool {
     let options = SqliteConnectOptions::new()
         .filename(path)
@@ -409,6 +419,7 @@ async fn sqlite(path: &Path) -> SqlitePool {
         .busy_timeout(Duration::from_secs(5));
     SqlitePoolOptions::new()
         .max_connections(4)
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .expect("open the proxy's SQLite file")
@@ -816,7 +827,7 @@ async fn run(args: Args) {
             panic!("NATS is not reachable at {NATS_URL} ({error}): start nats-server -js there")
         });
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = Gateway::start(dir.path()).await;
+    let gateway = Gateway::start(dir.path(), args.proxy_workers).await;
     let mut rows = key_value(&gateway, &args).await;
     rows.extend(pubsub(&gateway, &nats, &args).await);
     drop(gateway);
