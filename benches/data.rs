@@ -95,10 +95,10 @@ struct Args {
     /// Messages per second in the publish → deliver runs.
     #[arg(long, default_value_t = 1_000.0)]
     latency_rate: f64,
-    /// The proxy's `--workers`: its runtime's threads (the number of CPUs
-    /// unless given; 1 runs it on one event loop).
-    #[arg(long)]
-    proxy_workers: Option<usize>,
+    /// The proxy's `--workers`: its runtime's threads. 1, one event loop,
+    /// as the load harness runs it.
+    #[arg(long, default_value_t = 1)]
+    proxy_workers: usize,
     /// Also write the table to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -117,7 +117,7 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn start(dir: &Path, workers: Option<usize>) -> Self {
+    async fn start(dir: &Path, workers: usize) -> Self {
         let data_dir = dir.join("proxy");
         let control_plane = Prism::control_plane(&dir.join("control-plane"));
         let admin = control_plane.address("admin");
@@ -149,10 +149,8 @@ impl Gateway {
             "--data-dir",
             &data_dir_arg,
         ];
-        let workers = workers.map(|n| n.to_string());
-        if let Some(n) = &workers {
-            args.extend(["--workers", n]);
-        }
+        let workers = workers.to_string();
+        args.extend(["--workers", &workers]);
         let proxy = Prism::start(&args);
         let proxy_admin = proxy.address("admin");
         eventually("the proxy serves the bindings", || {
@@ -836,10 +834,11 @@ async fn run(args: Args) {
         .await;
 
     let table = format!(
-        "{}\n{} CPUs; proxy and bench on the same machine; {:.0} s per measurement, \
-         at most {} requests in flight in the fixed-rate runs.\n",
+        "{}\n{} CPUs; proxy (`--workers {}`) and bench on the same machine; {:.0} s per \
+         measurement, at most {} requests in flight in the fixed-rate runs.\n",
         table(&rows),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.proxy_workers,
         args.seconds,
         args.concurrency,
     );
