@@ -8,8 +8,9 @@
 //! - SQLite Get and Put at a fixed request rate (open loop: requests are sent
 //!   on a schedule whatever the answers do, and each latency counts from the
 //!   scheduled send, so a stall is not hidden by sending less), through the
-//!   proxy (gRPC on one HTTP/2 connection) and through sqlx on the same file
-//!   with the statements the store runs;
+//!   proxy (gRPC on one HTTP/2 connection) and through the proxy's own
+//!   SQLite store (prism-datastore, over sqlx) opened in the bench on the same
+//!   file: what the proxy adds is all that differs;
 //! - NATS publish throughput with concurrent publishers (closed loop), through
 //!   the proxy and through async-nats, core against core and JetStream
 //!   against JetStream;
@@ -34,9 +35,7 @@ use futures::{Stream, StreamExt as _};
 use prism_data_plane::data::pb::key_value_client::KeyValueClient;
 use prism_data_plane::data::pb::pub_sub_client::PubSubClient;
 use prism_data_plane::data::pb::{GetRequest, PublishRequest, PutRequest, SubscribeRequest, Write};
-use prism_datastore::kv::{SELECT_ITEM, UPSERT};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row as _, SqlitePool};
+use prism_datastore::{KeyValue, KvParams, KvStore, Put};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
@@ -401,24 +400,18 @@ fn key(i: u64) -> String {
     format!("key/{}", i % KEYS)
 }
 
-fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// The pool the SQLite store opens on the same file: WAL, synchronous
-/// NORMAL, a 5 s busy timeout, 4 connections, no ping before each acquire.
-async fn sqlite(path: &Path) -> SqlitePool {
-    let options = SqliteConnectOptions::new()
-        .filename(path)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(5));
-    SqlitePoolOptions::new()
-        .max_connections(4)
-        .test_before_acquire(false)
-        .connect_with(options)
+/// The proxy's own SQLite store, opened in this process on the proxy's file
+/// and namespace: the same statements, pool and reads, without the proxy.
+async fn sqlite(path: &Path) -> Arc<dyn KeyValue> {
+    let params = KvParams {
+        namespace: "kv".into(),
+        store: KvStore::Sqlite {
+            path: path.to_path_buf(),
+        },
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(5),
+    };
+    prism_datastore::open_kv(&params)
         .await
         .expect("open the proxy's SQLite file")
 }
@@ -446,31 +439,21 @@ async fn proxy_get(kv: KeyValueClient<Channel>, i: u64) -> Result<u64, tonic::St
     Ok(kv.get(request).await?.into_inner().version)
 }
 
-/// What the store's Get does: one SELECT on a pooled connection.
-async fn direct_get(pool: SqlitePool, i: u64) -> Result<i64, sqlx::Error> {
-    let row = sqlx::query(SELECT_ITEM)
-        .bind("kv")
-        .bind(key(i))
-        .bind(now_millis())
-        .fetch_one(&pool)
-        .await?;
-    row.try_get("version")
+async fn direct_get(store: Arc<dyn KeyValue>, i: u64) -> Result<u64, prism_datastore::Error> {
+    let item = store.get(&key(i)).await?;
+    Ok(item.map_or(0, |item| item.version))
 }
 
-/// What the store's Put does: the upsert in a `BEGIN IMMEDIATE` transaction.
-async fn direct_put(pool: SqlitePool, i: u64) -> Result<i64, sqlx::Error> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let row = sqlx::query(UPSERT)
-        .bind("kv")
-        .bind(key(i))
-        .bind(&VALUE[..])
-        .bind(None::<i64>)
-        .bind(now_millis())
-        .bind(true)
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    row.try_get("version")
+async fn direct_put(store: Arc<dyn KeyValue>, i: u64) -> Result<u64, prism_datastore::Error> {
+    store
+        .put(Put {
+            key: key(i),
+            value: Bytes::from_static(&VALUE),
+            ttl: None,
+            expected_version: None,
+            idempotency_key: None,
+        })
+        .await
 }
 
 /// One row of the table.
@@ -559,14 +542,14 @@ async fn key_value(gateway: &Gateway, args: &Args) -> Vec<Row> {
     })
     .await;
     assert_eq!(written.errors, 0, "the keys are written");
-    let pool = sqlite(&gateway.data_dir.join("kv.db")).await;
+    let store = sqlite(&gateway.data_dir.join("kv.db")).await;
 
     let proxy = open_loop(args.rate, args.seconds, args.concurrency, |i, _| {
         proxy_get(kv.clone(), i)
     })
     .await;
     let direct = open_loop(args.rate, args.seconds, args.concurrency, |i, _| {
-        direct_get(pool.clone(), i)
+        direct_get(store.clone(), i)
     })
     .await;
     let mut rows = latency_rows(
@@ -581,7 +564,7 @@ async fn key_value(gateway: &Gateway, args: &Args) -> Vec<Row> {
     })
     .await;
     let direct = open_loop(put_rate, args.seconds, args.concurrency, |i, _| {
-        direct_put(pool.clone(), i)
+        direct_put(store.clone(), i)
     })
     .await;
     rows.extend(latency_rows(
@@ -590,7 +573,7 @@ async fn key_value(gateway: &Gateway, args: &Args) -> Vec<Row> {
         &direct,
         None,
     ));
-    pool.close().await;
+    store.close().await;
     rows
 }
 

@@ -35,12 +35,6 @@ mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-/// The statements the SQL stores run for a Get and an unconditional Put,
-/// public so that `benches/data.rs` runs the very same ones directly to
-/// measure what the proxy adds.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use sql::{SELECT_ITEM, UPSERT};
-
 /// How long an applied idempotency key is remembered.
 pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 

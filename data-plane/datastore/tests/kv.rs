@@ -478,8 +478,27 @@ async fn closed_store_answers_closed(kv: Arc<dyn KeyValue>, _: KvParams) {
     ));
 }
 
-/// Runs each case against each store, as `sqlite::case` and
-/// `postgres::case`.
+/// Gets cancelled part-way (each closes the connection it read through)
+/// and more Gets at once than the store keeps connections for leave every
+/// later read right.
+async fn cancelled_and_crowded_reads_stay_right(kv: Arc<dyn KeyValue>, _: KvParams) {
+    kv.put(put("k", "v")).await.expect("put");
+    for _ in 0..20 {
+        // Polled once, then dropped: cancelled before or after its query went.
+        let _ = tokio::time::timeout(Duration::ZERO, kv.get("k")).await;
+    }
+    let reads: Vec<_> = (0..64)
+        .map(|_| {
+            let kv = kv.clone();
+            tokio::spawn(async move { kv.get("k").await })
+        })
+        .collect();
+    for read in reads {
+        let item = read.await.expect("join").expect("get").expect("k is there");
+        assert_eq!((item.value, item.version), (Bytes::from("v"), 1));
+    }
+}
+
 /// A moved namespace's items keep their versions and expiry, and never
 /// replace a newer version of a key.
 async fn import_keeps_versions_and_newer_writes(kv: Arc<dyn KeyValue>, _: KvParams) {
@@ -509,6 +528,8 @@ async fn import_keeps_versions_and_newer_writes(kv: Arc<dyn KeyValue>, _: KvPara
     assert_eq!(kv.put(put("moved", "again")).await.expect("put"), 8);
 }
 
+/// Runs each case against each store, as `sqlite::case` and
+/// `postgres::case`.
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -548,6 +569,7 @@ conformance!(
     concurrent_retries_apply_once,
     closed_store_answers_closed,
     import_keeps_versions_and_newer_writes,
+    cancelled_and_crowded_reads_stay_right,
 );
 
 // Opening what is not there.

@@ -61,9 +61,83 @@ pub(super) trait Dialect: Database {
 /// One namespace's view of an SQL store.
 pub(super) struct SqlKv<DB: Database> {
     pool: Pool<DB>,
+    readers: Readers<DB>,
     namespace: String,
     /// Deletes expired rows; aborted on close and on drop.
     sweeper: JoinHandle<()>,
+}
+
+/// The connections Gets read through, kept out of sqlx's pool: the pool
+/// pings a connection each time it is given back (a round trip to SQLite's
+/// worker thread, or to the Postgres server, that no pool option turns
+/// off, and which the data bench's profile found on every Get), so a read
+/// takes an idle reader and puts it back as it is. A reader whose read
+/// failed or was cancelled is dropped, which closes it, and a new one is
+/// taken out of the pool when none is idle: as many readers as the pool's
+/// `pool_size`, besides the pool's own connections for writes and scans.
+struct Readers<DB: Database> {
+    idle: std::sync::Mutex<Vec<DB::Connection>>,
+    permits: tokio::sync::Semaphore,
+}
+
+/// A reader lent to one read: dropped with it unless [`Reader::keep`] gives
+/// it back.
+struct Reader<'a, DB: Database> {
+    conn: Option<DB::Connection>,
+    readers: &'a Readers<DB>,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl<DB: Dialect> Readers<DB> {
+    fn new(size: usize) -> Self {
+        Readers {
+            idle: std::sync::Mutex::new(Vec::with_capacity(size)),
+            permits: tokio::sync::Semaphore::new(size),
+        }
+    }
+
+    /// An idle reader, else a connection taken out of `pool`.
+    async fn lend<'a>(&'a self, pool: &Pool<DB>) -> Result<Reader<'a, DB>, Error> {
+        let permit = self.permits.acquire().await.map_err(|_| Error::Closed)?;
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => pool.acquire().await.map_err(classify::<DB>)?.detach(),
+        };
+        Ok(Reader {
+            conn: Some(conn),
+            readers: self,
+            _permit: permit,
+        })
+    }
+
+    /// Closes every idle reader, and lends no more.
+    fn close(&self) {
+        self.permits.close();
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+impl<DB: Database> Reader<'_, DB> {
+    fn conn(&mut self) -> &mut DB::Connection {
+        self.conn
+            .as_mut()
+            .expect("a lent reader holds its connection")
+    }
+
+    /// Gives the connection back for the next read, unless the store is
+    /// closed.
+    fn keep(mut self) {
+        if let Some(conn) = self.conn.take()
+            && !self.readers.permits.is_closed()
+        {
+            self.readers
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+        }
+    }
 }
 
 /// A row as read: key, value, version, expiry (unix milliseconds).
@@ -98,7 +172,7 @@ fn schema<DB: Dialect>() -> [String; 4] {
 
 /// Reads a live item: `$1` namespace, `$2` key, `$3` now in Unix
 /// milliseconds.
-pub const SELECT_ITEM: &str = "SELECT key, value, version, expires_at FROM prism_kv_items \
+const SELECT_ITEM: &str = "SELECT key, value, version, expires_at FROM prism_kv_items \
      WHERE namespace = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > $3)";
 
 const SELECT_VERSION: &str = "SELECT version FROM prism_kv_items \
@@ -108,7 +182,7 @@ const SELECT_VERSION: &str = "SELECT version FROM prism_kv_items \
 /// not (`$6` false: the row is missing or expired). An expired row written
 /// again starts at version 1. `$3` is the value, `$4` when it expires (null
 /// for never), `$5` now, both in Unix milliseconds.
-pub const UPSERT: &str = "INSERT INTO prism_kv_items (namespace, key, value, version, expires_at) \
+const UPSERT: &str = "INSERT INTO prism_kv_items (namespace, key, value, version, expires_at) \
      VALUES ($1, $2, $3, 1, $4) \
      ON CONFLICT (namespace, key) DO UPDATE SET \
      value = excluded.value, expires_at = excluded.expires_at, \
@@ -223,6 +297,7 @@ where
         }
         let sweeper = tokio::spawn(Self::sweep_forever(pool.clone(), namespace.to_string()));
         Ok(SqlKv {
+            readers: Readers::new(pool.options().get_max_connections() as usize),
             pool,
             namespace: namespace.to_string(),
             sweeper,
@@ -295,8 +370,10 @@ where
 
     async fn get_one(&self, key: &str) -> Result<Option<Item>, Error> {
         self.check_open()?;
-        let mut conn = self.pool.acquire().await.map_err(classify::<DB>)?;
-        self.select_item(&mut *conn, key).await
+        let mut reader = self.readers.lend(&self.pool).await?;
+        let item = self.select_item(reader.conn(), key).await?;
+        reader.keep();
+        Ok(item)
     }
 
     async fn select_item(
@@ -316,11 +393,12 @@ where
 
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Item>>, Error> {
         self.check_open()?;
-        let mut conn = self.pool.acquire().await.map_err(classify::<DB>)?;
+        let mut reader = self.readers.lend(&self.pool).await?;
         let mut items = Vec::with_capacity(keys.len());
         for key in keys {
-            items.push(self.select_item(&mut *conn, key).await?);
+            items.push(self.select_item(reader.conn(), key).await?);
         }
+        reader.keep();
         Ok(items)
     }
 
@@ -520,6 +598,7 @@ where
 
     async fn shut(&self) {
         self.sweeper.abort();
+        self.readers.close();
         self.pool.close().await;
     }
 }
