@@ -80,8 +80,9 @@ async fn connect(params: &KvParams, path: &Path, size: u32) -> Result<SqlitePool
         // sqlx pings an idle connection before it hands it out, by default:
         // for SQLite a round trip to the connection's worker thread that
         // checks only that the thread lives, and doubles the thread
-        // hand-offs of a Get (the data bench's profile: most of its time
-        // is the kernel switching threads).
+        // hand-offs of a write (the data bench's profile: most of its time
+        // is the kernel switching threads). Gets do not use the pool at
+        // all (`Readers` in `sql.rs`).
         .test_before_acquire(false)
         .acquire_timeout(params.connect_timeout)
         .connect_with(options)
