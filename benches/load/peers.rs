@@ -230,16 +230,17 @@ impl Launcher {
             .prefix(target.name())
             .tempdir_in(&self.scratch)
             .context("cannot create a temp dir")?;
-        let h1 = free_port()?;
         // nginx 1.22 serves HTTP/2 without TLS only on a listener of its
-        // own; the others detect the HTTP/2 preface on one port.
-        let h2 = if target == Target::Nginx {
-            free_port()?
-        } else {
-            h1
-        };
-        let admin = (target == Target::Prism).then(free_port).transpose()?;
-        let mut command = self.command(target, dir.path(), h1, h2, admin, data_dir)?;
+        // own; the others detect the HTTP/2 preface on one port. Both are
+        // found at once: two ports found one after the other can be the
+        // same one ("duplicate listen" from nginx).
+        let [h1, second, third] = free_ports()?;
+        let h2 = if target == Target::Nginx { second } else { h1 };
+        // Prism's admin listener, and its TLS listener: not the default
+        // 0.0.0.0:8443, which something else on the machine may hold.
+        let prism = (target == Target::Prism).then_some((second, third));
+        let admin = prism.map(|(admin, _)| admin);
+        let mut command = self.command(target, dir.path(), h1, h2, prism, data_dir)?;
         let log = File::create(dir.path().join("output.log"))?;
         command
             .stdout(Stdio::from(log.try_clone()?))
@@ -275,14 +276,15 @@ impl Launcher {
 
     /// The command line of `target` listening on `h1` and `h2`, pinned to
     /// the proxy CPUs, with its configuration written to `dir` (Prism: its
-    /// admin on `admin`, its data in `data_dir` or the shared one).
+    /// admin and TLS listeners at `prism`, its data in `data_dir` or the
+    /// shared one).
     fn command(
         &self,
         target: Target,
         dir: &Path,
         h1: SocketAddr,
         h2: SocketAddr,
-        admin: Option<SocketAddr>,
+        prism: Option<(SocketAddr, SocketAddr)>,
         data_dir: Option<&Path>,
     ) -> Result<Command> {
         let tool = |path: &Option<PathBuf>| -> Result<PathBuf> {
@@ -293,18 +295,14 @@ impl Launcher {
             Target::Direct => bail!("the origin has no command"),
             Target::Prism => {
                 let plane = self.prism.as_ref().context("Prism's control plane")?;
+                let (admin, tls) = prism.context("Prism's admin and TLS addresses")?;
                 let mut command = pinned(&self.tools.taskset, &self.proxy_cpus, &self.tools.prism);
                 command
                     .arg("proxy")
                     .args(["--control-plane", &plane.xds])
                     .args(["--listen", &h1.to_string()])
-                    // Not the default 0.0.0.0:8443, which something else on
-                    // the machine may hold.
-                    .args(["--tls-listen", &free_port()?.to_string()])
-                    .args([
-                        "--admin-addr",
-                        &admin.context("Prism's admin address")?.to_string(),
-                    ])
+                    .args(["--tls-listen", &tls.to_string()])
+                    .args(["--admin-addr", &admin.to_string()])
                     .arg("--data-dir")
                     .arg(data_dir.unwrap_or(&plane.proxy_data))
                     .args(["--node-id", PRISM_NODE])
@@ -430,10 +428,19 @@ impl Started {
     }
 }
 
-/// A loopback address that was free a moment ago.
-fn free_port() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(listener.local_addr()?)
+/// `N` distinct loopback addresses that were free a moment ago: each one's
+/// listener is held until all are found.
+fn free_ports<const N: usize>() -> Result<[SocketAddr; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("cannot find a free port"))
+        .collect::<Result<Vec<_>>>()?;
+    let addresses = listeners
+        .iter()
+        .map(|l| l.local_addr().context("a bound port"))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(addresses
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N listeners give N addresses")))
 }
 
 /// Waits until `path` exists.
