@@ -152,6 +152,11 @@ pub enum Command {
         /// Show what would change without changing it.
         #[arg(long)]
         dry_run: bool,
+        /// Apply only if the policy is still at this revision (the one a
+        /// `--dry-run` showed); by default, the revision of a dry run made
+        /// just before.
+        #[arg(long, value_name = "REVISION")]
+        if_match: Option<u64>,
     },
     /// Show resources of a kind (secrets, namespaces, backends, routes,
     /// bindings), or one by name. Secrets show name, kind, expiry and names
@@ -391,7 +396,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             crate::demo::serve(listener, name, shutdown_signal()).await;
             Ok(())
         }
-        Command::Apply { file, dry_run } => {
+        Command::Apply {
+            file,
+            dry_run,
+            if_match,
+        } => {
             let document = if file.as_os_str() == "-" {
                 let mut text = String::new();
                 std::io::stdin()
@@ -402,7 +411,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 std::fs::read_to_string(&file)
                     .with_context(|| format!("cannot read {}", file.display()))?
             };
-            print!("{}", client.apply(document, dry_run).await?);
+            print!("{}", client.apply(document, dry_run, if_match).await?);
             Ok(())
         }
         Command::Get { kind, name, output } => {

@@ -30,17 +30,45 @@ impl AdminClient {
         }
     }
 
-    /// `POST /v1/apply` with the document at `path` (`-` reads stdin).
-    pub async fn apply(&self, document: String, dry_run: bool) -> anyhow::Result<String> {
-        let url = format!("{}/v1/apply?dry_run={dry_run}", self.base);
-        let answer = self
-            .send(
-                self.http
-                    .post(url)
-                    .header("content-type", "application/yaml")
-                    .body(document),
-            )
-            .await?;
+    /// `POST /v1/apply` with `document`. A real apply is sent with
+    /// `If-Match` on a revision: `if_match` if given, else the one a dry run
+    /// just computed the changes against, so that the changes printed are
+    /// the ones made. When the policy moved on in between, nothing is
+    /// applied and the error says what changed underneath.
+    pub async fn apply(
+        &self,
+        document: String,
+        dry_run: bool,
+        if_match: Option<u64>,
+    ) -> anyhow::Result<String> {
+        let post = |dry_run: bool, based_on: Option<u64>| {
+            let mut request = self
+                .http
+                .post(format!("{}/v1/apply?dry_run={dry_run}", self.base))
+                .header("content-type", "application/yaml")
+                .body(document.clone());
+            if let Some(revision) = based_on {
+                request = request.header("if-match", format!("\"r{revision}\""));
+            }
+            request
+        };
+        let based_on = match (dry_run, if_match) {
+            (false, None) => {
+                let preview = self.send(post(true, None)).await?;
+                preview["revision"].as_u64()
+            }
+            _ => if_match,
+        };
+        let answer = match self.send(post(dry_run, based_on)).await {
+            Err(error) if based_on.is_some() && error.to_string().contains("(HTTP 412)") => {
+                let based_on = based_on.unwrap_or_default();
+                bail!(
+                    "{error}\nnothing was applied; changed since revision {based_on}:\n{}",
+                    self.changes_since(based_on).await?
+                )
+            }
+            answer => answer?,
+        };
         let revision = answer["revision"].as_u64().unwrap_or_default();
         let changes = answer["changes"].as_array().cloned().unwrap_or_default();
         let mut out = String::new();
@@ -49,15 +77,34 @@ impl AdminClient {
         } else {
             let verb = if dry_run { "would apply" } else { "applied" };
             out.push_str(&format!("{verb} at revision {revision}:\n"));
-            for change in changes {
-                let text = |k: &str| change[k].as_str().unwrap_or("?").to_string();
-                out.push_str(&format!(
-                    "  {:<7} {} {}\n",
-                    text("op"),
-                    text("kind"),
-                    text("name")
-                ));
-            }
+            out.push_str(&change_lines(&changes));
+        }
+        Ok(out)
+    }
+
+    /// The change log after `revision`, oldest first, one line per change.
+    async fn changes_since(&self, revision: u64) -> anyhow::Result<String> {
+        let url = format!("{}/v1/history?limit=1000", self.base);
+        let answer = self.send(self.http.get(url)).await?;
+        let mut items: Vec<Value> = answer["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|item| revision_of(item).is_some_and(|r| r > revision))
+            .collect();
+        items.reverse();
+        let mut out = String::new();
+        for item in items {
+            out.push_str(&format!(
+                "revision {} by {} ({}):\n",
+                revision_of(&item).unwrap_or_default(),
+                item["actor"].as_str().unwrap_or("?"),
+                item["action"].as_str().unwrap_or("?"),
+            ));
+            out.push_str(&change_lines(
+                item["changes"].as_array().map_or(&[][..], Vec::as_slice),
+            ));
         }
         Ok(out)
     }
@@ -164,4 +211,24 @@ impl AdminClient {
         }
         bail!("{message} (HTTP {})", status.as_u16())
     }
+}
+
+/// One indented line per change: op (lowercase), kind, name.
+fn change_lines(changes: &[Value]) -> String {
+    changes
+        .iter()
+        .map(|change| {
+            let text = |k: &str| change[k].as_str().unwrap_or("?").to_string();
+            let op = text("op").to_ascii_lowercase();
+            format!("  {op:<7} {} {}\n", text("kind"), text("name"))
+        })
+        .collect()
+}
+
+/// A change-log entry's revision: a string in the proto3 JSON mapping.
+fn revision_of(item: &Value) -> Option<u64> {
+    let revision = &item["revision"];
+    revision
+        .as_u64()
+        .or_else(|| revision.as_str().and_then(|r| r.parse().ok()))
 }

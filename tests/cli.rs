@@ -79,6 +79,24 @@ async fn apply_get_delete_through_the_cli() {
     assert!(out.contains("revision 2"), "{out}");
     let (ok, _, err) = run(vec!["get", "widgets"]).await.expect("join");
     assert!(!ok && err.contains("unknown kind `widgets`"), "{err}");
+
+    // An apply based on revision 1 after the delete at 2: nothing applied,
+    // and the error says what changed underneath, and who changed it.
+    let (ok, _, err) = run(vec!["apply", "-f", quickstart, "--if-match", "1"])
+        .await
+        .expect("join");
+    assert!(!ok, "a stale apply is refused");
+    assert!(
+        err.contains("HTTP 412")
+            && err.contains("changed since revision 1")
+            && err.contains("revision 2 by")
+            && err.contains("delete  Route demo/root"),
+        "{err}"
+    );
+    let (ok, out, err) = run(vec!["apply", "-f", quickstart, "--if-match", "2"])
+        .await
+        .expect("join");
+    assert!(ok && out.contains("applied at revision 3"), "{out}{err}");
     cp.stop().await;
 }
 

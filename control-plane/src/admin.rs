@@ -8,15 +8,21 @@
 //! validates the whole policy and answers only once the revision is on disk.
 //! Every failure becomes a response in one place: [`ApiError`].
 //!
+//! Optimistic concurrency, as HTTP has it: a resource's `ETag` is its content
+//! version (`"…"`), the policy's is its revision (`"r7"`); a write sent with
+//! `If-Match` applies only if the tag still matches, checked under the
+//! store's writer lock, and otherwise gets `412` with the current `ETag` and
+//! changes nothing.
+//!
 //! | Method and path                 | What it does                                  |
 //! |---------------------------------|-----------------------------------------------|
 //! | `GET /v1/{kind}`                | list one kind (`secrets`, `namespaces`, `backends`, `routes`) |
 //! | `POST /v1/{kind}`               | create; 409 if the name exists                |
-//! | `GET /v1/{kind}/{name}`         | read one (header `x-prism-revision`)          |
-//! | `PUT /v1/{kind}/{name}`         | create or replace                             |
-//! | `DELETE /v1/{kind}/{name}`      | delete                                        |
-//! | `POST /v1/apply?dry_run=…`      | upsert a YAML/JSON policy document, all or nothing |
-//! | `GET /v1/revision`              | the current revision                          |
+//! | `GET /v1/{kind}/{name}`         | read one (header `x-prism-revision`, `ETag`)  |
+//! | `PUT /v1/{kind}/{name}`         | create or replace (`If-Match`: its `ETag`)    |
+//! | `DELETE /v1/{kind}/{name}`      | delete (`If-Match`: its `ETag`)               |
+//! | `POST /v1/apply?dry_run=…`      | upsert a YAML/JSON policy document, all or nothing (`If-Match`: the policy's `ETag`) |
+//! | `GET /v1/revision`              | the current revision (`ETag` of the policy)   |
 //! | `GET /v1/history?limit=N`       | the change log, newest first                  |
 //! | `GET /v1/proxies`               | the fleet's status                            |
 //! | `GET /healthz`                  | liveness                                      |
@@ -36,7 +42,7 @@ use serde_json::{Value, json};
 
 use crate::error::ApiError;
 use crate::fleet::Fleet;
-use crate::store::{Mutation, Store};
+use crate::store::{Mutation, Precondition, Store, policy_etag, resource_etag};
 
 #[cfg(test)]
 mod tests;
@@ -116,8 +122,12 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-async fn revision(State(state): State<AdminState>) -> Json<Value> {
-    Json(json!({ "revision": state.store.revision() }))
+async fn revision(State(state): State<AdminState>) -> Response {
+    let revision = state.store.revision();
+    with_etag(
+        Json(json!({ "revision": revision })).into_response(),
+        &policy_etag(revision),
+    )
 }
 
 async fn history(
@@ -165,15 +175,17 @@ async fn nearest(
 async fn list(
     State(state): State<AdminState>,
     kind: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let kind = parse_kind(kind)?;
     let snapshot = state.store.snapshot();
     let items: Vec<Value> = snapshot
         .of_kind(kind)
         .map(|entry| resource_view(&entry.resource))
         .collect();
-    Ok(Json(
-        json!({ "items": items, "revision": snapshot.revision }),
+    let answer = Json(json!({ "items": items, "revision": snapshot.revision }));
+    Ok(with_etag(
+        answer.into_response(),
+        &policy_etag(snapshot.revision),
     ))
 }
 
@@ -188,7 +200,7 @@ async fn read(
     response
         .headers_mut()
         .insert(REVISION_HEADER, HeaderValue::from(snapshot.revision));
-    Ok(response)
+    Ok(with_etag(response, &resource_etag(&entry.version)))
 }
 
 async fn create(
@@ -219,7 +231,7 @@ async fn replace(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = parse_key(path)?;
     let mut resource = json_resource(key.kind, &headers, body)?;
     if resource.name().is_empty() {
@@ -233,17 +245,24 @@ async fn replace(
         .with_field("name"));
     }
     validate_resource(&resource)?;
+    let precondition = if_match(&headers)?.map(|versions| Precondition::Resource {
+        key: key.clone(),
+        versions,
+    });
     let commit = state
         .store
         .commit(
-            Mutation::upsert(resource.clone()),
+            Mutation {
+                precondition,
+                ..Mutation::upsert(resource.clone())
+            },
             &actor(&headers),
             "replace",
         )
         .await?;
-    Ok(Json(
-        json!({ "revision": commit.revision, "resource": resource_view(&resource) }),
-    ))
+    let etag = resource_etag(&resource.clone().versioned().version);
+    let answer = Json(json!({ "revision": commit.revision, "resource": resource_view(&resource) }));
+    Ok(with_etag(answer.into_response(), &etag))
 }
 
 async fn remove(
@@ -252,9 +271,17 @@ async fn remove(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let key = parse_key(path)?;
+    let precondition = if_match(&headers)?.map(|versions| Precondition::Resource {
+        key: key.clone(),
+        versions,
+    });
+    let mutation = Mutation {
+        precondition,
+        ..Mutation::delete(key)
+    };
     let commit = state
         .store
-        .commit(Mutation::delete(key), &actor(&headers), "delete")
+        .commit(mutation, &actor(&headers), "delete")
         .await?;
     Ok(Json(json!({ "revision": commit.revision })))
 }
@@ -264,7 +291,7 @@ async fn apply(
     params: Result<Query<ApplyParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::invalid(e.body_text()))?;
     check_media_type(
         &headers,
@@ -280,30 +307,87 @@ async fn apply(
     let body = read_body(body)?;
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::invalid(format!("the document is not UTF-8: {e}")))?;
+    // `*` matches any revision: no condition at all.
+    let precondition = if_match(&headers)?
+        .filter(|tags| !tags.is_empty())
+        .map(|tags| Precondition::Revision(tags.iter().filter_map(|t| revision_of(t)).collect()));
     let mutation = Mutation {
         upserts: parse_policy(text)?,
+        precondition,
         ..Mutation::default()
     };
     if params.dry_run {
         let revision = state.store.revision();
         let changes = state.store.dry_run(&mutation)?;
-        return Ok(Json(json!({
+        let answer = Json(json!({
             "revision": revision,
             "dry_run": true,
             "unchanged": changes.is_empty(),
             "changes": changes,
-        })));
+        }));
+        return Ok(with_etag(answer.into_response(), &policy_etag(revision)));
     }
     let commit = state
         .store
         .commit(mutation, &actor(&headers), "apply")
         .await?;
-    Ok(Json(json!({
+    let answer = Json(json!({
         "revision": commit.revision,
         "dry_run": false,
         "unchanged": commit.unchanged,
         "changes": commit.changes,
-    })))
+    }));
+    Ok(with_etag(
+        answer.into_response(),
+        &policy_etag(commit.revision),
+    ))
+}
+
+/// The entity tags of an `If-Match` header, without their quotes: `None`
+/// without the header, empty for `*`. A weak tag (`W/"…"`) is kept with its
+/// prefix, so that it matches nothing, as `If-Match` compares strongly.
+fn if_match(headers: &HeaderMap) -> Result<Option<Vec<String>>, ApiError> {
+    let mut values = headers.get_all(header::IF_MATCH).iter().peekable();
+    if values.peek().is_none() {
+        return Ok(None);
+    }
+    let mut tags = Vec::new();
+    for value in values {
+        let text = value.to_str().unwrap_or_default();
+        for tag in text.split(',').map(str::trim) {
+            if tag == "*" {
+                return Ok(Some(Vec::new()));
+            }
+            let quoted = tag.strip_prefix("W/").unwrap_or(tag);
+            let inner = quoted.strip_prefix('"').and_then(|t| t.strip_suffix('"'));
+            match inner {
+                Some(inner) if !inner.contains('"') => tags.push(if quoted.len() == tag.len() {
+                    inner.to_string()
+                } else {
+                    tag.to_string()
+                }),
+                _ => {
+                    return Err(ApiError::invalid(format!(
+                        "If-Match: `{tag}` is not `*` or a quoted entity tag such as \"r7\""
+                    ))
+                    .with_field("If-Match"));
+                }
+            }
+        }
+    }
+    Ok(Some(tags))
+}
+
+/// The revision a policy entity tag names (`r7`, unquoted), if it is one.
+fn revision_of(tag: &str) -> Option<u64> {
+    tag.strip_prefix('r')?.parse().ok()
+}
+
+fn with_etag(mut response: Response, etag: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
 }
 
 fn parse_kind(path: Result<Path<String>, PathRejection>) -> Result<Kind, ApiError> {

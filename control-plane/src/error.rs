@@ -6,7 +6,7 @@
 //! logged and answered with a generic message: nothing internal leaks.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prism_proto::{DocumentError, UnknownKind, ValidationError};
 use serde::Serialize;
@@ -28,6 +28,8 @@ pub struct ApiError {
     pub field: Option<String>,
     /// The resource at fault, e.g. `Route demo/root`.
     pub resource: Option<String>,
+    /// An entity tag sent back as `ETag` (a failed `If-Match`: the current one).
+    pub etag: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -54,6 +56,7 @@ impl ApiError {
             message: message.into(),
             field: None,
             resource: None,
+            etag: None,
         }
     }
 
@@ -114,7 +117,11 @@ impl IntoResponse for ApiError {
                 resource: self.resource.as_deref(),
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(etag) = self.etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+            response.headers_mut().insert(header::ETAG, etag);
+        }
+        response
     }
 }
 
@@ -138,6 +145,16 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyExists(key) => {
                 ApiError::conflict(format!("{key} already exists")).with_resource(key.to_string())
             }
+            StoreError::PreconditionFailed { what, now, etag } => ApiError {
+                etag,
+                ..ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    "failed_precondition",
+                    format!(
+                        "If-Match: {what} changed underneath, it is now {now}; nothing was changed"
+                    ),
+                )
+            },
             e
             @ (StoreError::CreateDir { .. } | StoreError::Storage(_) | StoreError::Corrupt(_)) => {
                 ApiError::internal(&e)

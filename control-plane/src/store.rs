@@ -87,6 +87,25 @@ pub struct Mutation {
     /// [`StoreError::AlreadyExists`]. Checked under the writer lock, so two
     /// concurrent creates of one name cannot both succeed.
     pub creates: Vec<Resource>,
+    /// What must still hold when the write applies (an HTTP `If-Match`),
+    /// or the whole write fails with [`StoreError::PreconditionFailed`].
+    /// Checked under the writer lock, so no other write slips in between.
+    pub precondition: Option<Precondition>,
+}
+
+/// A write's condition on what it was based on: optimistic concurrency.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Precondition {
+    /// The policy is at one of these revisions.
+    Revision(Vec<u64>),
+    /// The resource exists, at one of these content versions (any version
+    /// when empty: `If-Match: *`).
+    Resource {
+        /// The resource.
+        key: ResourceKey,
+        /// Its acceptable content versions.
+        versions: Vec<String>,
+    },
 }
 
 /// The outcome of a successful [`Store::commit`].
@@ -140,6 +159,17 @@ pub enum StoreError {
     /// A resource to create exists already; nothing was written.
     #[error("{0} already exists")]
     AlreadyExists(ResourceKey),
+    /// The write's [`Precondition`] no longer holds: the policy or the
+    /// resource changed since the writer read it; nothing was written.
+    #[error("{what} changed underneath: it is now {now}")]
+    PreconditionFailed {
+        /// What the precondition was on: `the policy`, or a resource key.
+        what: String,
+        /// Where it is now: `revision N`, a version, or `deleted`.
+        now: String,
+        /// Its entity tag now, if it exists.
+        etag: Option<String>,
+    },
     /// The store directory could not be created.
     #[error("cannot create the store directory {path}: {source}")]
     CreateDir {
@@ -466,11 +496,53 @@ struct Staged {
 
 /// `current` with `mutation` applied at the next revision, validated against
 /// `matches`, the route matches of `current` (`None`: validated whole).
+/// The entity tag of the policy at `revision`: `"r{revision}"`.
+pub fn policy_etag(revision: u64) -> String {
+    format!("\"r{revision}\"")
+}
+
+/// The entity tag of a resource at content `version`: `"{version}"`.
+pub fn resource_etag(version: &str) -> String {
+    format!("\"{version}\"")
+}
+
+/// Whether `precondition` holds in `current`.
+fn check(current: &Snapshot, precondition: &Precondition) -> Result<(), StoreError> {
+    match precondition {
+        Precondition::Revision(revisions) => {
+            if revisions.contains(&current.revision) {
+                return Ok(());
+            }
+            Err(StoreError::PreconditionFailed {
+                what: "the policy".into(),
+                now: format!("at revision {}", current.revision),
+                etag: Some(policy_etag(current.revision)),
+            })
+        }
+        Precondition::Resource { key, versions } => match current.get(key) {
+            Some(entry) if versions.is_empty() || versions.contains(&entry.version) => Ok(()),
+            Some(entry) => Err(StoreError::PreconditionFailed {
+                what: key.to_string(),
+                now: format!("at version {}", entry.version),
+                etag: Some(resource_etag(&entry.version)),
+            }),
+            None => Err(StoreError::PreconditionFailed {
+                what: key.to_string(),
+                now: "absent".into(),
+                etag: None,
+            }),
+        },
+    }
+}
+
 fn candidate(
     current: &Snapshot,
     matches: Option<&Matches>,
     mutation: &Mutation,
 ) -> Result<Staged, StoreError> {
+    if let Some(precondition) = &mutation.precondition {
+        check(current, precondition)?;
+    }
     // A key deleted twice is missing the second time.
     let mut deleted = HashSet::new();
     if let Some(key) = mutation

@@ -612,3 +612,135 @@ async fn a_referenced_secret_cannot_be_deleted() {
         .await;
     assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
 }
+
+impl Harness {
+    /// `method` on `uri` with header `If-Match: if_match` and a JSON or
+    /// YAML body.
+    async fn if_match(&self, method: Method, uri: &str, if_match: &str, body: String) -> Answer {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::IF_MATCH, if_match)
+            .body(Body::from(body))
+            .expect("request");
+        self.send(request).await
+    }
+}
+
+fn etag(answer: &Answer) -> String {
+    answer.headers[header::ETAG]
+        .to_str()
+        .expect("an ETag")
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_write_with_a_stale_if_match_is_412_and_changes_nothing() {
+    let h = Harness::new();
+    h.apply(QUICKSTART, false).await;
+    let uri = "/v1/backends/demo/web";
+    let read = h.get(uri).await;
+    let first = etag(&read);
+    assert!(first.starts_with('"') && first.ends_with('"'), "{first}");
+
+    // A write based on the version read applies, and answers the new tag.
+    let moved = backend("demo/web", "127.0.0.1:9001").to_string();
+    let put = h.if_match(Method::PUT, uri, &first, moved).await;
+    assert_eq!(put.status, StatusCode::OK, "{:?}", put.body);
+    let second = etag(&put);
+    assert_ne!(second, first);
+    assert_eq!(etag(&h.get(uri).await), second);
+
+    // A second writer still holding the first tag loses, and learns why.
+    let revision = h.revision();
+    let late = backend("demo/web", "127.0.0.1:9002").to_string();
+    let stale = h.if_match(Method::PUT, uri, &first, late).await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(error(&stale)["code"], "failed_precondition");
+    assert_eq!(etag(&stale), second, "the current tag comes back");
+    let deleted = h.if_match(Method::DELETE, uri, &first, String::new()).await;
+    assert_eq!(deleted.status, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(h.revision(), revision, "nothing was written");
+    assert_eq!(
+        h.get(uri).await.body["endpoints"][0]["address"],
+        "127.0.0.1:9001"
+    );
+
+    // `*` needs the resource to exist; a list matches any of its tags; a
+    // weak tag matches nothing; a malformed header is a 400 naming it.
+    let absent = h
+        .if_match(
+            Method::PUT,
+            "/v1/backends/demo/new",
+            "*",
+            backend("demo/new", "127.0.0.1:1").to_string(),
+        )
+        .await;
+    assert_eq!(absent.status, StatusCode::PRECONDITION_FAILED);
+    let listed = h
+        .if_match(
+            Method::PUT,
+            uri,
+            &format!("{first}, {second}"),
+            backend("demo/web", "127.0.0.1:9003").to_string(),
+        )
+        .await;
+    assert_eq!(listed.status, StatusCode::OK, "{:?}", listed.body);
+    let weak = h
+        .if_match(
+            Method::DELETE,
+            uri,
+            &format!("W/{}", etag(&listed)),
+            String::new(),
+        )
+        .await;
+    assert_eq!(weak.status, StatusCode::PRECONDITION_FAILED);
+    let garbled = h.if_match(Method::DELETE, uri, "r7", String::new()).await;
+    assert_eq!(garbled.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&garbled)["field"], "If-Match");
+    let gone = h
+        .if_match(Method::DELETE, "/v1/routes/demo/root", "*", String::new())
+        .await;
+    assert_eq!(gone.status, StatusCode::OK, "{:?}", gone.body);
+}
+
+#[tokio::test]
+async fn apply_with_if_match_needs_the_policy_at_that_revision() {
+    let h = Harness::new();
+    let first = h.apply(QUICKSTART, false).await;
+    let tag = etag(&first);
+    assert_eq!(tag, format!("\"r{}\"", h.revision()));
+    assert_eq!(etag(&h.get("/v1/revision").await), tag);
+    assert_eq!(etag(&h.get("/v1/routes").await), tag);
+
+    // Someone else writes in between: the apply (and its dry run) based on
+    // the old revision is refused, naming where the policy is now.
+    h.json(Method::PUT, "/v1/namespaces/other", ns("other"))
+        .await;
+    let now = h.revision();
+    let document = QUICKSTART.replace("127.0.0.1:8081", "127.0.0.1:8082");
+    for dry_run in [true, false] {
+        let uri = format!("/v1/apply?dry_run={dry_run}");
+        let refused = h.if_match(Method::POST, &uri, &tag, document.clone()).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::PRECONDITION_FAILED,
+            "dry run: {dry_run}"
+        );
+        let message = error(&refused)["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("revision {now}")), "{message}");
+        assert_eq!(etag(&refused), format!("\"r{now}\""));
+    }
+    assert_eq!(h.revision(), now, "nothing was written");
+    // With the current tag, or `*`, it applies.
+    let current = format!("\"r{now}\"");
+    let applied = h
+        .if_match(Method::POST, "/v1/apply", &current, document.clone())
+        .await;
+    assert_eq!(applied.status, StatusCode::OK, "{:?}", applied.body);
+    assert_eq!(etag(&applied), format!("\"r{}\"", now + 1));
+    let any = h
+        .if_match(Method::POST, "/v1/apply", "*", QUICKSTART.to_string())
+        .await;
+    assert_eq!(any.status, StatusCode::OK, "{:?}", any.body);
+}
