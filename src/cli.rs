@@ -169,6 +169,19 @@ pub enum Command {
     },
     /// Delete one resource.
     Delete { kind: String, name: String },
+    /// The change log, newest first: each revision's author, action, time
+    /// and changes.
+    History {
+        /// Only revisions that changed this namespace or a resource in it.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only revisions by this author.
+        #[arg(long)]
+        author: Option<String>,
+        /// At most this many revisions (1000 at most).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// The proxy fleet: revision ACKed, lag, last NACK.
     Status,
     /// A namespace's KeyValue store, through a proxy (`--proxy-url`).
@@ -420,6 +433,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Delete { kind, name } => {
             print!("{}", client.delete(&kind, &name).await?);
+            Ok(())
+        }
+        Command::History {
+            namespace,
+            author,
+            limit,
+        } => {
+            let history = client.history(limit, namespace.as_deref(), author.as_deref());
+            print!("{}", history.await?);
             Ok(())
         }
         Command::Status => {

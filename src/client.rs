@@ -1,5 +1,5 @@
 //! The operator commands' side of the admin API: `apply`, `get`, `delete`,
-//! `status`. Turns answers into short text, and API errors into messages that
+//! `history`, `status`. Turns answers into short text, and API errors into messages that
 //! name the field.
 
 use std::str::FromStr;
@@ -82,6 +82,29 @@ impl AdminClient {
         Ok(out)
     }
 
+    /// `GET /v1/history`: the newest `limit` revisions, optionally only
+    /// those that touched `namespace` or were made by `author`, newest first.
+    pub async fn history(
+        &self,
+        limit: usize,
+        namespace: Option<&str>,
+        author: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let mut query = vec![("limit", limit.to_string())];
+        query.extend(namespace.map(|ns| ("namespace", ns.to_string())));
+        query.extend(author.map(|a| ("author", a.to_string())));
+        let request = self
+            .http
+            .get(format!("{}/v1/history", self.base))
+            .query(&query);
+        let answer = self.send(request).await?;
+        let items = answer["items"].as_array().cloned().unwrap_or_default();
+        if items.is_empty() {
+            return Ok("no revisions\n".to_string());
+        }
+        Ok(items.iter().map(revision_lines).collect())
+    }
+
     /// The change log after `revision`, oldest first, one line per change.
     async fn changes_since(&self, revision: u64) -> anyhow::Result<String> {
         let url = format!("{}/v1/history?limit=1000", self.base);
@@ -94,19 +117,7 @@ impl AdminClient {
             .filter(|item| revision_of(item).is_some_and(|r| r > revision))
             .collect();
         items.reverse();
-        let mut out = String::new();
-        for item in items {
-            out.push_str(&format!(
-                "revision {} by {} ({}):\n",
-                revision_of(&item).unwrap_or_default(),
-                item["actor"].as_str().unwrap_or("?"),
-                item["action"].as_str().unwrap_or("?"),
-            ));
-            out.push_str(&change_lines(
-                item["changes"].as_array().map_or(&[][..], Vec::as_slice),
-            ));
-        }
-        Ok(out)
+        Ok(items.iter().map(revision_lines).collect())
     }
 
     /// `GET /v1/{kind}` or `GET /v1/{kind}/{name}`, rendered as a policy
@@ -223,6 +234,30 @@ fn change_lines(changes: &[Value]) -> String {
             format!("  {op:<7} {} {}\n", text("kind"), text("name"))
         })
         .collect()
+}
+
+/// A change-log entry: `revision N by ACTOR (ACTION) at TIME:`, then its
+/// changes.
+fn revision_lines(item: &Value) -> String {
+    let millis = &item["unix_millis"];
+    let at = millis
+        .as_i64()
+        .or_else(|| millis.as_str().and_then(|m| m.parse().ok()))
+        .and_then(|ms| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+        })
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "?".to_string());
+    format!(
+        "revision {} by {} ({}) at {at}:\n{}",
+        revision_of(item).unwrap_or_default(),
+        item["actor"].as_str().unwrap_or("?"),
+        item["action"].as_str().unwrap_or("?"),
+        change_lines(item["changes"].as_array().map_or(&[][..], Vec::as_slice)),
+    )
 }
 
 /// A change-log entry's revision: a string in the proto3 JSON mapping.

@@ -97,6 +97,25 @@ async fn apply_get_delete_through_the_cli() {
         .await
         .expect("join");
     assert!(ok && out.contains("applied at revision 3"), "{out}{err}");
+
+    // The change log, newest first, filtered by namespace and author.
+    let (ok, out, err) = run(vec!["history", "--namespace", "demo", "--limit", "2"])
+        .await
+        .expect("join");
+    assert!(ok, "{err}");
+    let revision_lines: Vec<&str> = out.lines().filter(|l| l.starts_with("revision")).collect();
+    assert_eq!(revision_lines.len(), 2, "{out}");
+    assert!(
+        revision_lines[0].starts_with("revision 3 by ")
+            && revision_lines[0].contains("(apply) at 20")
+            && revision_lines[1].starts_with("revision 2 by ")
+            && out.contains("delete  Route demo/root"),
+        "{out}"
+    );
+    let (ok, out, _) = run(vec!["history", "--author", "nobody"])
+        .await
+        .expect("join");
+    assert!(ok && out == "no revisions\n", "{out}");
     cp.stop().await;
 }
 

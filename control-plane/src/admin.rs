@@ -23,7 +23,7 @@
 //! | `DELETE /v1/{kind}/{name}`      | delete (`If-Match`: its `ETag`)               |
 //! | `POST /v1/apply?dry_run=…`      | upsert a YAML/JSON policy document, all or nothing (`If-Match`: the policy's `ETag`) |
 //! | `GET /v1/revision`              | the current revision (`ETag` of the policy)   |
-//! | `GET /v1/history?limit=N`       | the change log, newest first                  |
+//! | `GET /v1/history?limit=N&namespace=NS&author=A` | the change log, newest first, optionally only one namespace's or one author's |
 //! | `GET /v1/proxies`               | the fleet's status                            |
 //! | `GET /healthz`                  | liveness                                      |
 
@@ -35,6 +35,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use prism_proto::pb::admin::v1::ResourceChange;
 use prism_proto::pb::config::v1::{Backend, DataBinding, Namespace, Route, Secret};
 use prism_proto::{Kind, Resource, ResourceKey, parse_policy, validate_resource};
 use serde::Deserialize;
@@ -87,6 +88,10 @@ struct ApplyParams {
 #[derive(Deserialize)]
 struct HistoryParams {
     limit: Option<usize>,
+    /// Only revisions that changed this namespace or a resource in it.
+    namespace: Option<String>,
+    /// Only revisions by this author.
+    author: Option<String>,
 }
 
 /// The admin API's routes over `state`.
@@ -137,7 +142,20 @@ async fn history(
     let Query(params) = params.map_err(|e| ApiError::invalid(e.body_text()))?;
     let limit = params.limit.unwrap_or(DEFAULT_HISTORY).min(MAX_HISTORY);
     let revision = state.store.revision();
-    let items = state.store.history(limit)?;
+    let in_namespace = |change: &ResourceChange, ns: &str| {
+        let name = change.name.as_str();
+        (change.kind == Kind::Namespace.as_str() && name == ns)
+            || name
+                .strip_prefix(ns)
+                .is_some_and(|rest| rest.starts_with('/'))
+    };
+    let items = state.store.history(limit, |entry| {
+        params.author.as_deref().is_none_or(|a| entry.actor == a)
+            && params
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| entry.changes.iter().any(|c| in_namespace(c, ns)))
+    })?;
     let items = serde_json::to_value(items).map_err(|e| ApiError::internal(&e))?;
     Ok(Json(json!({ "revision": revision, "items": items })))
 }

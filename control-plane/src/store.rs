@@ -374,22 +374,25 @@ impl Store {
         self.inner.snapshots.send_replace(Arc::new(staged.snapshot));
     }
 
-    /// The change log, newest first, at most `limit` entries.
-    pub fn history(&self, limit: usize) -> Result<Vec<Revision>, StoreError> {
-        self.inner
-            .changelog
-            .iter()
-            .rev()
-            .take(limit)
-            .map(|entry| {
-                let (key, value) = entry?;
-                Revision::decode(value.as_ref()).map_err(|e| {
-                    StoreError::Corrupt(format!(
-                        "change-log entry {}: {e}",
-                        decode_revision(&key).unwrap_or_default()
-                    ))
-                })
+    /// The newest `limit` change-log entries that `keep` keeps, newest
+    /// first.
+    pub fn history(
+        &self,
+        limit: usize,
+        keep: impl Fn(&Revision) -> bool,
+    ) -> Result<Vec<Revision>, StoreError> {
+        let decoded = self.inner.changelog.iter().rev().map(|entry| {
+            let (key, value) = entry?;
+            Revision::decode(value.as_ref()).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "change-log entry {}: {e}",
+                    decode_revision(&key).unwrap_or_default()
+                ))
             })
+        });
+        decoded
+            .filter(|entry| entry.as_ref().map_or(true, &keep))
+            .take(limit)
             .collect()
     }
 
@@ -734,7 +737,7 @@ mod tests {
             .expect("backend survives");
         assert_eq!(web.resource, backend("demo/web", "127.0.0.1:9999"));
 
-        let history = store.history(10).expect("history");
+        let history = store.history(10, |_| true).expect("history");
         assert_eq!(
             history.iter().map(|r| r.revision).collect::<Vec<_>>(),
             [2, 1]
@@ -742,7 +745,7 @@ mod tests {
         assert_eq!(history[0].actor, "bob");
         assert_eq!(history[1].action, "apply");
         assert_eq!(history[1].changes.len(), 3);
-        assert_eq!(store.history(1).expect("history").len(), 1);
+        assert_eq!(store.history(1, |_| true).expect("history").len(), 1);
 
         let commit = store
             .commit(
@@ -792,7 +795,10 @@ mod tests {
         let store = Store::open(dir.path()).expect("reopens");
         assert_eq!(store.revision(), 1);
         assert_eq!(store.snapshot().len(), 3);
-        assert_eq!(store.history(10).expect("history")[0].actor, "child");
+        assert_eq!(
+            store.history(10, |_| true).expect("history")[0].actor,
+            "child"
+        );
     }
 
     #[tokio::test]
@@ -815,7 +821,7 @@ mod tests {
         };
         assert_eq!(e.field, "endpoints[0].address");
         assert_eq!(store.snapshot(), before);
-        assert_eq!(store.history(10).expect("history").len(), 1);
+        assert_eq!(store.history(10, |_| true).expect("history").len(), 1);
 
         // A backend a route still points at cannot go.
         let err = store
@@ -880,7 +886,7 @@ mod tests {
         };
         assert_eq!(e, expected);
         assert_eq!(store.snapshot(), before);
-        assert_eq!(store.history(10).expect("history").len(), 1);
+        assert_eq!(store.history(10, |_| true).expect("history").len(), 1);
     }
 
     #[tokio::test]
@@ -945,7 +951,7 @@ mod tests {
             }
         );
         assert_eq!(store.revision(), 1);
-        assert_eq!(store.history(10).expect("history").len(), 1);
+        assert_eq!(store.history(10, |_| true).expect("history").len(), 1);
         assert!(!updates.has_changed().expect("open channel"));
     }
 

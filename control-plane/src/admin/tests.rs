@@ -481,7 +481,7 @@ async fn proxies_and_health_are_served() {
 async fn the_actor_defaults_to_anonymous() {
     let h = Harness::new();
     h.json(Method::POST, "/v1/namespaces", ns("demo")).await;
-    let history = h.state.store.history(1).expect("history");
+    let history = h.state.store.history(1, |_| true).expect("history");
     assert_eq!(history[0].actor, "anonymous");
     assert_eq!(history[0].action, "create");
 }
@@ -743,4 +743,38 @@ async fn apply_with_if_match_needs_the_policy_at_that_revision() {
         .if_match(Method::POST, "/v1/apply", "*", QUICKSTART.to_string())
         .await;
     assert_eq!(any.status, StatusCode::OK, "{:?}", any.body);
+}
+
+#[tokio::test]
+async fn history_is_filtered_by_namespace_and_author() {
+    let h = Harness::new();
+    h.apply(QUICKSTART, false).await; // tester: demo
+    h.json(Method::POST, "/v1/namespaces", ns("demos")).await; // anonymous: demos
+    h.json(
+        Method::POST,
+        "/v1/backends",
+        backend("demos/api", "127.0.0.1:1"),
+    )
+    .await; // anonymous: demos
+    let h = &h;
+    let revisions = |uri: &'static str| async move {
+        let answer = h.get(uri).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        answer.body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|item| item["revision"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(revisions("/v1/history").await, ["3", "2", "1"]);
+    // `demo` is not a prefix match of `demos`.
+    assert_eq!(revisions("/v1/history?namespace=demo").await, ["1"]);
+    assert_eq!(revisions("/v1/history?namespace=demos").await, ["3", "2"]);
+    assert_eq!(revisions("/v1/history?author=anonymous").await, ["3", "2"]);
+    assert_eq!(
+        revisions("/v1/history?author=anonymous&namespace=demos&limit=1").await,
+        ["3"]
+    );
+    assert!(revisions("/v1/history?author=nobody").await.is_empty());
 }
