@@ -44,6 +44,27 @@ fn put(namespace: &str, write: Write) -> PutRequest {
     }
 }
 
+/// A control plane and a proxy that serves its policy, with the directory
+/// the control plane keeps.
+struct Gateway {
+    proxy: Proxy,
+    _cp: ControlPlane,
+    _dir: tempfile::TempDir,
+}
+
+/// [`Gateway`]: proxy `node` serving `policy`.
+async fn gateway(node: &str, policy: &str) -> Gateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let proxy = Proxy::start(&cp.xds, node).await;
+    proxy.converge(cp.client().apply(policy).await).await;
+    Gateway {
+        proxy,
+        _cp: cp,
+        _dir: dir,
+    }
+}
+
 async fn grpc(proxy: &Proxy) -> KeyValueClient<tonic::transport::Channel> {
     KeyValueClient::connect(proxy.url.clone())
         .await
@@ -52,11 +73,9 @@ async fn grpc(proxy: &Proxy) -> KeyValueClient<tonic::transport::Channel> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_bound_to_sqlite_serves_key_value_over_grpc() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = ControlPlane::start(dir.path()).await;
-    let proxy = Proxy::start(&cp.xds, "proxy-kv-grpc").await;
-    proxy.converge(cp.client().apply(SQLITE).await).await;
-    let mut kv = grpc(&proxy).await;
+    let gateway = gateway("proxy-kv-grpc", SQLITE).await;
+    let proxy = &gateway.proxy;
+    let mut kv = grpc(proxy).await;
 
     let first = kv
         .put(put("demo", write("users/1", b"ada")))
@@ -231,10 +250,8 @@ async fn a_namespace_bound_to_sqlite_serves_key_value_over_grpc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_value_over_json_answers_as_transcoding_would() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = ControlPlane::start(dir.path()).await;
-    let proxy = Proxy::start(&cp.xds, "proxy-kv-json").await;
-    proxy.converge(cp.client().apply(SQLITE).await).await;
+    let gateway = gateway("proxy-kv-json", SQLITE).await;
+    let proxy = &gateway.proxy;
     let http = reqwest::Client::new();
     let url = |path: &str| format!("{}/v1/kv/demo/{path}", proxy.url);
 
@@ -462,11 +479,9 @@ async fn next(stream: &mut tonic::Streaming<Message>) -> Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_gets_each_message_until_it_is_acknowledged() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = ControlPlane::start(dir.path()).await;
-    let proxy = Proxy::start(&cp.xds, "proxy-bus-grpc").await;
-    proxy.converge(cp.client().apply(MEMORY).await).await;
-    let mut client = bus(&proxy).await;
+    let gateway = gateway("proxy-bus-grpc", MEMORY).await;
+    let proxy = &gateway.proxy;
+    let mut client = bus(proxy).await;
 
     let mut stream = client
         .subscribe(subscribe("orders", "billing"))
@@ -559,10 +574,8 @@ async fn a_group_gets_each_message_until_it_is_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_over_http_publishes_with_post_and_subscribes_with_server_sent_events() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = ControlPlane::start(dir.path()).await;
-    let proxy = Proxy::start(&cp.xds, "proxy-bus-sse").await;
-    proxy.converge(cp.client().apply(MEMORY).await).await;
+    let gateway = gateway("proxy-bus-sse", MEMORY).await;
+    let proxy = &gateway.proxy;
     let http = reqwest::Client::new();
 
     let mut events = http
@@ -630,11 +643,9 @@ async fn pubsub_over_http_publishes_with_post_and_subscribes_with_server_sent_ev
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_cancelled_subscriptions_leave_nothing_behind() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = ControlPlane::start(dir.path()).await;
-    let proxy = Proxy::start(&cp.xds, "proxy-bus-leak").await;
-    proxy.converge(cp.client().apply(MEMORY).await).await;
-    let client = bus(&proxy).await;
+    let gateway = gateway("proxy-bus-leak", MEMORY).await;
+    let proxy = &gateway.proxy;
+    let client = bus(proxy).await;
     let stats = || async {
         reqwest::get(format!("{}/data", proxy.admin))
             .await
@@ -977,11 +988,9 @@ async fn a_proxy_makes_its_data_directory_for_its_sqlite_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_stream_answers_each_message_in_order_and_ends_at_the_first_failure() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = ControlPlane::start(dir.path()).await;
-    let proxy = Proxy::start(&cp.xds, "proxy-bus-stream").await;
-    proxy.converge(cp.client().apply(MEMORY).await).await;
-    let mut client = bus(&proxy).await;
+    let gateway = gateway("proxy-bus-stream", MEMORY).await;
+    let proxy = &gateway.proxy;
+    let mut client = bus(proxy).await;
     let mut subscription = client
         .subscribe(subscribe("ticks", "counter"))
         .await
