@@ -120,10 +120,12 @@ impl Gateway {
         let data_dir = dir.join("proxy");
         let control_plane = Prism::control_plane(&dir.join("control-plane"));
         let admin = control_plane.address("admin");
+        let token = Prism::admin_token(&dir.join("control-plane"));
         let http = reqwest::Client::new();
         let answer: serde_json::Value = eventually("the admin API applies the policy", || {
             let request = http
                 .post(format!("{admin}/v1/apply"))
+                .bearer_auth(&token)
                 .header("content-type", "application/yaml")
                 .body(policy());
             async move { request.send().await.ok()?.json().await.ok() }

@@ -30,6 +30,7 @@ const STREAMS_PER_CONNECTION: usize = 100;
 struct ControlPlane {
     prism: Prism,
     admin: String,
+    token: String,
     xds: String,
 }
 
@@ -38,6 +39,7 @@ impl ControlPlane {
         let prism = Prism::control_plane(dir);
         Self {
             admin: prism.address("admin"),
+            token: Prism::admin_token(dir),
             xds: prism.address("xds"),
             prism,
         }
@@ -71,9 +73,10 @@ fn policy(port: u16) -> String {
     )
 }
 
-async fn apply(http: &reqwest::Client, admin: &str, port: u16) -> u64 {
+async fn apply(http: &reqwest::Client, cp: &ControlPlane, port: u16) -> u64 {
     let answer: serde_json::Value = http
-        .post(format!("{admin}/v1/apply"))
+        .post(format!("{}/v1/apply", cp.admin))
+        .bearer_auth(&cp.token)
         .header("content-type", "application/yaml")
         .body(policy(port))
         .send()
@@ -151,7 +154,7 @@ async fn run(n: usize) {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let first = apply(&http, &cp.admin, 1000).await;
+    let first = apply(&http, &cp, 1000).await;
     let (rss_before, _) = cp.usage();
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -184,7 +187,7 @@ async fn run(n: usize) {
     let (rss_streams, cpu_before) = cp.usage();
 
     let write = Instant::now();
-    let next = apply(&http, &cp.admin, 1001).await;
+    let next = apply(&http, &cp, 1001).await;
     let acked = Instant::now();
     let mut latencies = Vec::with_capacity(n);
     while latencies.len() < n {

@@ -28,6 +28,18 @@ pub struct Cli {
         default_value = "http://127.0.0.1:9000"
     )]
     pub admin_url: String,
+    /// Bearer token for the admin API; by default the one in `--token-file`.
+    #[arg(long, global = true, env = "PRISM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the admin API token, read when `--token` is not given:
+    /// where `prism up` and `prism control-plane` write the first admin token.
+    #[arg(
+        long,
+        global = true,
+        env = "PRISM_TOKEN_FILE",
+        default_value = "./prism-data/admin-token"
+    )]
+    pub token_file: PathBuf,
     /// Proxy whose data APIs `prism kv` calls.
     #[arg(
         long,
@@ -184,6 +196,11 @@ pub enum Command {
     },
     /// The proxy fleet: revision ACKed, lag, last NACK.
     Status,
+    /// Bearer tokens of the admin API (needs an admin token).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// A namespace's KeyValue store, through a proxy (`--proxy-url`).
     Kv {
         #[command(subcommand)]
@@ -194,6 +211,27 @@ pub enum Command {
         #[command(subcommand)]
         command: PubsubCommand,
     },
+}
+
+/// `prism token`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; prints it, once: it is stored only as a digest.
+    Create {
+        /// Who holds it: the author recorded for its writes.
+        subject: String,
+        /// viewer (reads), editor (reads and writes) or admin (also tokens).
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        /// Limit it to this namespace; repeat for more. Every namespace by
+        /// default.
+        #[arg(long = "namespace", value_name = "NAMESPACE")]
+        namespaces: Vec<String>,
+    },
+    /// Every token: id, subject, role, namespaces, creation.
+    List,
+    /// Revoke a token by id, at once.
+    Revoke { id: String },
 }
 
 /// `prism pubsub`.
@@ -303,7 +341,13 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let client = AdminClient::new(&cli.admin_url);
+    let token = match cli.token {
+        Some(token) => Some(token),
+        None => std::fs::read_to_string(&cli.token_file)
+            .ok()
+            .map(|text| text.trim().to_string()),
+    };
+    let client = AdminClient::new(&cli.admin_url, token);
     match cli.command {
         Command::Up {
             data_dir,
@@ -338,23 +382,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => {
             let admin = bind("admin API", admin_addr).await?;
             let xds = bind("discovery server", xds_addr).await?;
-            // Tests and scripts read this line to learn ports chosen by the OS.
+            let control_plane =
+                prism_control_plane::ControlPlane::open(prism_control_plane::Config {
+                    data_dir,
+                    envoy_listener: envoy_listener_addr,
+                    envoy_tls_listener: envoy_tls_listener_addr,
+                })
+                .await
+                .context("control plane")?;
+            // Tests and scripts read this line to learn ports chosen by the
+            // OS; printed once the store is open, so the admin token file
+            // is there too.
             println!(
                 "listening: admin=http://{} xds=http://{}",
                 admin.local_addr()?,
                 xds.local_addr()?
             );
-            prism_control_plane::run(
-                prism_control_plane::Config {
-                    data_dir,
-                    envoy_listener: envoy_listener_addr,
-                    envoy_tls_listener: envoy_tls_listener_addr,
-                },
-                prism_control_plane::Listeners { admin, xds },
-                shutdown_signal(),
-            )
-            .await
-            .context("control plane")
+            control_plane
+                .serve(
+                    prism_control_plane::Listeners { admin, xds },
+                    shutdown_signal(),
+                )
+                .await
+                .context("control plane")
         }
         Command::Proxy {
             control_plane,
@@ -446,6 +496,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status => {
             print!("{}", client.status().await?);
+            Ok(())
+        }
+        Command::Token { command } => {
+            let out = match command {
+                TokenCommand::Create {
+                    subject,
+                    role,
+                    namespaces,
+                } => client.create_token(&subject, &role, &namespaces).await?,
+                TokenCommand::List => client.tokens().await?,
+                TokenCommand::Revoke { id } => client.revoke_token(&id).await?,
+            };
+            print!("{out}");
             Ok(())
         }
         Command::Kv { command } => kv(&DataClient::new(&cli.proxy_url), command).await,

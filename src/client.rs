@@ -20,13 +20,29 @@ pub enum Output {
 pub struct AdminClient {
     base: String,
     http: reqwest::Client,
+    /// Whether it sends a bearer token.
+    has_token: bool,
 }
 
 impl AdminClient {
-    pub fn new(base: &str) -> Self {
+    /// A client that sends `token` with every request, if there is one.
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let bearer = token
+            .filter(|t| !t.is_empty())
+            .and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok());
+        let has_token = bearer.is_some();
+        if let Some(mut value) = bearer {
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         Self {
             base: base.trim_end_matches('/').to_string(),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .unwrap_or_default(),
+            has_token,
         }
     }
 
@@ -199,6 +215,69 @@ impl AdminClient {
         Ok(out)
     }
 
+    /// `POST /v1/tokens`: the new token, printed once.
+    pub async fn create_token(
+        &self,
+        subject: &str,
+        role: &str,
+        namespaces: &[String],
+    ) -> anyhow::Result<String> {
+        let body =
+            serde_json::json!({ "subject": subject, "role": role, "namespaces": namespaces });
+        let request = self
+            .http
+            .post(format!("{}/v1/tokens", self.base))
+            .json(&body);
+        let answer = self.send(request).await?;
+        Ok(format!(
+            "{}\n(token {} for {}, role {}; shown only this once)\n",
+            answer["token"].as_str().unwrap_or_default(),
+            answer["id"].as_str().unwrap_or_default(),
+            answer["subject"].as_str().unwrap_or_default(),
+            answer["role"].as_str().unwrap_or_default(),
+        ))
+    }
+
+    /// `GET /v1/tokens`, as a table.
+    pub async fn tokens(&self) -> anyhow::Result<String> {
+        let answer = self
+            .send(self.http.get(format!("{}/v1/tokens", self.base)))
+            .await?;
+        let mut out = format!(
+            "{:<17} {:<20} {:<7} {:<20} {:<21} CREATED BY\n",
+            "ID", "SUBJECT", "ROLE", "NAMESPACES", "CREATED"
+        );
+        for token in answer["items"].as_array().cloned().unwrap_or_default() {
+            let text = |k: &str| token[k].as_str().unwrap_or("-").to_string();
+            let namespaces: Vec<&str> = token["namespaces"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let namespaces = if namespaces.is_empty() {
+                "*".to_string()
+            } else {
+                namespaces.join(",")
+            };
+            out.push_str(&format!(
+                "{:<17} {:<20} {:<7} {:<20} {:<21} {}\n",
+                text("id"),
+                text("subject"),
+                text("role"),
+                namespaces,
+                text("created_at"),
+                text("created_by"),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// `DELETE /v1/tokens/{id}`.
+    pub async fn revoke_token(&self, id: &str) -> anyhow::Result<String> {
+        let url = format!("{}/v1/tokens/{id}", self.base);
+        self.send(self.http.delete(url)).await?;
+        Ok(format!("revoked token {id}\n"))
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = request
             .send()
@@ -219,6 +298,12 @@ impl AdminClient {
         }
         if let Some(resource) = error["resource"].as_str().filter(|r| !r.is_empty()) {
             message = format!("{resource}: {message}");
+        }
+        if status == reqwest::StatusCode::UNAUTHORIZED && !self.has_token {
+            message.push_str(
+                "; pass --token or set PRISM_TOKEN, or point --token-file at the \
+                 admin-token file in the control plane's data directory",
+            );
         }
         bail!("{message} (HTTP {})", status.as_u16())
     }

@@ -57,8 +57,13 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let control_plane = tokio::spawn(prism_control_plane::run(
-        prism_control_plane::Config::new(config.data_dir.clone()),
+    let control_plane = prism_control_plane::ControlPlane::open(prism_control_plane::Config::new(
+        config.data_dir.clone(),
+    ))
+    .await
+    .context("control plane")?;
+    let token_file = control_plane.token_file().to_path_buf();
+    let control_plane = tokio::spawn(control_plane.serve(
         prism_control_plane::Listeners { admin, xds },
         stopped(stop_rx.clone()),
     ));
@@ -85,6 +90,10 @@ pub async fn run(
 
     println!("Prism is up (data in {}).", config.data_dir.display());
     println!("  admin API      http://{admin_addr}/v1/");
+    println!(
+        "  admin token    {}  (the CLI reads it from there)",
+        token_file.display()
+    );
     println!("  discovery      http://{xds_addr}  (xDS v3, gRPC)");
     println!("  proxy          http://{proxy_addr}");
     println!("  proxy TLS      https://{proxy_tls_addr}");

@@ -12,14 +12,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::{ControlPlane, KillOnDrop, eventually, get};
 
-fn prism(admin: &str, args: &[&str]) -> (bool, String, String) {
-    prism_with(&[("PRISM_ADMIN_URL", admin)], args)
+/// `prism args` against the admin API at `admin`, with `token`.
+fn prism(admin: &str, token: &str, args: &[&str]) -> (bool, String, String) {
+    prism_with(&[("PRISM_ADMIN_URL", admin), ("PRISM_TOKEN", token)], args)
 }
 
 /// `prism args` with `env` set; whether it succeeded, its stdout and stderr.
 fn prism_with(env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
+    prism_in(std::path::Path::new("."), env, args)
+}
+
+/// `prism args` run in `dir` with `env` set.
+fn prism_in(dir: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_prism"))
         .args(args)
+        .current_dir(dir)
+        .env_remove("PRISM_TOKEN")
         .envs(env.iter().copied())
         .output()
         .expect("prism runs");
@@ -38,11 +46,11 @@ async fn apply_get_delete_through_the_cli() {
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/examples/quickstart.yaml"
     );
-    let admin = cp.admin.clone();
+    let (admin, token) = (cp.admin.clone(), cp.token.clone());
 
     let run = move |args: Vec<&'static str>| {
-        let admin = admin.clone();
-        tokio::task::spawn_blocking(move || prism(&admin, &args))
+        let (admin, token) = (admin.clone(), token.clone());
+        tokio::task::spawn_blocking(move || prism(&admin, &token, &args))
     };
     let (ok, out, err) = run(vec!["apply", "-f", quickstart, "--dry-run"])
         .await
@@ -116,6 +124,62 @@ async fn apply_get_delete_through_the_cli() {
         .await
         .expect("join");
     assert!(ok && out == "no revisions\n", "{out}");
+
+    // Tokens: a viewer made through the CLI reads but cannot write, and
+    // once revoked is refused; no token at all is refused with a hint.
+    let (ok, out, err) = run(vec!["token", "create", "ci-bot", "--role", "viewer"])
+        .await
+        .expect("join");
+    assert!(ok, "{err}");
+    let viewer = out.lines().next().unwrap_or_default().to_string();
+    let id = out
+        .split_once("(token ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .expect("the token's id")
+        .to_string();
+    let as_viewer = |args: Vec<&'static str>| {
+        let (admin, viewer) = (cp.admin.clone(), viewer.clone());
+        tokio::task::spawn_blocking(move || prism(&admin, &viewer, &args))
+    };
+    let (ok, out, err) = as_viewer(vec!["get", "routes"]).await.expect("join");
+    assert!(ok && out.contains("demo/root"), "{out}{err}");
+    let (ok, _, err) = as_viewer(vec!["apply", "-f", quickstart])
+        .await
+        .expect("join");
+    assert!(
+        !ok && err.contains("HTTP 403") && err.contains("viewer"),
+        "{err}"
+    );
+    let (ok, out, _) = run(vec!["token", "list"]).await.expect("join");
+    assert!(
+        ok && out.contains("ci-bot") && out.contains("admin"),
+        "{out}"
+    );
+    let (ok, _, err) = tokio::task::spawn_blocking({
+        let (admin, token) = (cp.admin.clone(), cp.token.clone());
+        move || prism(&admin, &token, &["token", "revoke", &id])
+    })
+    .await
+    .expect("join");
+    assert!(ok, "{err}");
+    let (ok, _, err) = as_viewer(vec!["get", "routes"]).await.expect("join");
+    assert!(!ok && err.contains("HTTP 401"), "{err}");
+    let admin = cp.admin.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        prism_with(
+            &[
+                ("PRISM_ADMIN_URL", &admin),
+                ("PRISM_TOKEN_FILE", "/nonexistent"),
+            ],
+            &["status"],
+        )
+    })
+    .await
+    .expect("join");
+    assert!(
+        !ok && err.contains("HTTP 401") && err.contains("--token"),
+        "{err}"
+    );
     cp.stop().await;
 }
 
@@ -142,21 +206,22 @@ async fn get_secrets_shows_expiry_and_names_never_the_key() {
         ),
     )
     .expect("write");
-    let admin = cp.admin.clone();
+    let (admin, token) = (cp.admin.clone(), cp.token.clone());
     let path = document.to_string_lossy().into_owned();
     let (ok, out, err) =
-        tokio::task::spawn_blocking(move || prism(&admin, &["apply", "-f", &path]))
+        tokio::task::spawn_blocking(move || prism(&admin, &token, &["apply", "-f", &path]))
             .await
             .expect("join");
     assert!(ok, "{err}");
     assert!(out.contains("Secret shop/tls"), "{out}");
 
     for output in ["yaml", "json"] {
-        let admin = cp.admin.clone();
-        let (ok, out, err) =
-            tokio::task::spawn_blocking(move || prism(&admin, &["get", "secrets", "-o", output]))
-                .await
-                .expect("join");
+        let (admin, token) = (cp.admin.clone(), cp.token.clone());
+        let (ok, out, err) = tokio::task::spawn_blocking(move || {
+            prism(&admin, &token, &["get", "secrets", "-o", output])
+        })
+        .await
+        .expect("join");
         assert!(ok, "{err}");
         assert!(
             out.contains("shop/tls")
@@ -194,9 +259,11 @@ async fn prism_up_serves_the_quickstart() {
                 "127.0.0.1:0",
                 "--drain-timeout",
                 "2s",
-                "--data-dir",
             ])
-            .arg(dir.path().join("data"))
+            // The quickstart's way: the data in ./prism-data, where the
+            // CLI, run from the same directory, finds the admin token.
+            .current_dir(dir.path())
+            .env_remove("PRISM_DATA_DIR")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -230,8 +297,15 @@ async fn prism_up_serves_the_quickstart() {
     std::fs::write(&file, quickstart).expect("write");
 
     let path = file.to_string_lossy().into_owned();
-    let admin2 = admin.clone();
-    let (ok, _, err) = tokio::task::spawn_blocking(move || prism(&admin2, &["apply", "-f", &path]))
+    let here = dir.path().to_path_buf();
+    let operator = move |args: Vec<String>| {
+        let (admin, here) = (admin.clone(), here.clone());
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            prism_in(&here, &[("PRISM_ADMIN_URL", &admin)], &args)
+        })
+    };
+    let (ok, _, err) = operator(vec!["apply".into(), "-f".into(), path])
         .await
         .expect("join");
     assert!(ok, "{err}");
@@ -245,11 +319,9 @@ async fn prism_up_serves_the_quickstart() {
 
     // The README's TLS step: deploy/examples/tls.yaml, then https with the demo CA.
     let tls_example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/tls.yaml");
-    let admin2 = admin.clone();
-    let (ok, _, err) =
-        tokio::task::spawn_blocking(move || prism(&admin2, &["apply", "-f", tls_example]))
-            .await
-            .expect("join");
+    let (ok, _, err) = operator(vec!["apply".into(), "-f".into(), tls_example.into()])
+        .await
+        .expect("join");
     assert!(ok, "{err}");
     let tls_addr = urls["proxy TLS"].trim_start_matches("https://").to_string();
     let answer = eventually("the quickstart answers over TLS", || async {
@@ -260,9 +332,7 @@ async fn prism_up_serves_the_quickstart() {
     .await;
     assert!(answer.contains("Prism demo upstream"), "{answer}");
 
-    let (ok, out, _) = tokio::task::spawn_blocking(move || prism(&admin, &["status"]))
-        .await
-        .expect("join");
+    let (ok, out, _) = operator(vec!["status".into()]).await.expect("join");
     assert!(ok && out.contains("local"), "{out}");
 
     // The README's data gateway steps: the quickstart binds `demo` to the

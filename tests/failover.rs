@@ -98,7 +98,7 @@ async fn proxies_answer_every_request_while_the_control_plane_is_killed_and_rest
     let dir = tempfile::tempdir().expect("tempdir");
     let cp = ControlPlaneProcess::start(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     cp.healthy().await;
-    let admin = Admin::new(&cp.admin);
+    let admin = cp.client();
     let (one, two) = (Upstream::start("one").await, Upstream::start("two").await);
     let proxies = [
         Proxy::start(&cp.xds, "proxy-f1").await,
@@ -149,7 +149,7 @@ async fn proxies_answer_every_request_while_the_control_plane_is_killed_and_rest
     // Back on the same store and addresses, with every acknowledged write.
     let cp = ControlPlaneProcess::start(dir.path(), &admin_addr, &xds_addr);
     cp.healthy().await;
-    let admin = Admin::new(&cp.admin);
+    let admin = cp.client();
     assert_eq!(admin.revision().await, last, "the acknowledged revision");
     assert_eq!(
         everything(&admin).await,

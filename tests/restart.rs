@@ -5,17 +5,17 @@
 mod support;
 
 use reqwest::Method;
-use support::{Admin, ControlPlaneProcess as Process, Proxy, Upstream, eventually, get, policy};
+use support::{ControlPlaneProcess as Process, Proxy, Upstream, eventually, get, policy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_and_the_proxy_reconverges() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cp = Process::start(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
-    let admin = Admin::new(&cp.admin);
     eventually("admin API up", || async {
         reqwest::get(format!("{}/healthz", cp.admin)).await.ok()
     })
     .await;
+    let admin = cp.client();
     let proxy = Proxy::start(&cp.xds, "proxy-restart").await;
     let (one, two) = (Upstream::start("one").await, Upstream::start("two").await);
     let http = reqwest::Client::new();
@@ -49,11 +49,11 @@ async fn acknowledged_writes_survive_kill_9_and_the_proxy_reconverges() {
     }
 
     let cp = Process::start(dir.path(), &admin_addr, &xds_addr);
-    let admin = Admin::new(&cp.admin);
     eventually("admin API back", || async {
         reqwest::get(format!("{}/healthz", cp.admin)).await.ok()
     })
     .await;
+    let admin = cp.client();
     assert_eq!(
         admin.revision().await,
         last,

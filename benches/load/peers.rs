@@ -102,6 +102,8 @@ struct PrismPlane {
     _control_plane: Proc,
     /// The control plane's admin API, `http://…`.
     admin: String,
+    /// Its admin token.
+    token: String,
     xds: String,
     proxy_data: PathBuf,
 }
@@ -207,9 +209,12 @@ impl Launcher {
         Ok(started)
     }
 
-    /// The admin API of Prism's control plane, when Prism is a target.
-    pub fn prism_admin(&self) -> Option<&str> {
-        self.prism.as_ref().map(|p| p.admin.as_str())
+    /// The admin API of Prism's control plane and its admin token, when
+    /// Prism is a target.
+    pub fn prism_admin(&self) -> Option<(&str, &str)> {
+        self.prism
+            .as_ref()
+            .map(|p| (p.admin.as_str(), p.token.as_str()))
     }
 
     /// Starts `target`, a Prism proxy with `data_dir` instead of the shared
@@ -398,10 +403,16 @@ impl Launcher {
         };
         let admin = field("admin")?;
         let xds = field("xds")?;
+        // Written before the line above was printed.
+        let token = std::fs::read_to_string(data.join("admin-token"))
+            .context("the control plane's admin token")?
+            .trim()
+            .to_string();
         let policy = self.scratch.join("prism-policy.yaml");
         std::fs::write(&policy, prism_policy(self.origin))?;
         let applied = Command::new(&self.tools.prism)
             .args(["--admin-url", &admin, "apply", "-f"])
+            .env("PRISM_TOKEN", &token)
             .arg(&policy)
             .output()
             .context("cannot run prism apply")?;
@@ -413,6 +424,7 @@ impl Launcher {
         Ok(PrismPlane {
             _control_plane: control_plane,
             admin,
+            token,
             xds,
             proxy_data: self.scratch.join("prism-proxy"),
         })

@@ -110,11 +110,19 @@ fn swap(
     seconds: u64,
     warmup: u64,
 ) -> Result<Swap> {
-    let admin = launcher
+    let (admin, token) = launcher
         .prism_admin()
-        .context("Prism's control plane is not running")?
-        .to_string();
+        .context("Prism's control plane is not running")?;
+    let admin = admin.to_string();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}")
+            .parse()
+            .context("the admin token is not a header value")?,
+    );
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .timeout(ADMIN_TIMEOUT)
         .build()
         .context("cannot build an HTTP client")?;

@@ -40,6 +40,16 @@ impl Prism {
         ])
     }
 
+    /// The admin token a control plane with its data in `dir` wrote there
+    /// (by the time it printed its addresses).
+    pub fn admin_token(dir: &Path) -> String {
+        let file = dir.join("admin-token");
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("the admin token in {}: {e}", file.display()))
+            .trim()
+            .to_string()
+    }
+
     /// The address printed as `name=ADDRESS`.
     pub fn address(&self, name: &str) -> String {
         self.line

@@ -25,16 +25,21 @@
 //! | `GET /v1/revision`              | the current revision (`ETag` of the policy)   |
 //! | `GET /v1/history?limit=N&namespace=NS&author=A` | the change log, newest first, optionally only one namespace's or one author's |
 //! | `GET /v1/proxies`               | the fleet's status                            |
-//! | `GET /healthz`                  | liveness                                      |
+//! | `POST /v1/tokens`               | create a bearer token (admin); shown once     |
+//! | `GET /v1/tokens`                | list tokens, without secrets (admin)          |
+//! | `DELETE /v1/tokens/{id}`        | revoke a token (admin)                        |
+//! | `GET /healthz`                  | liveness (no token needed)                    |
+//!
+//! Every request but `/healthz` carries a bearer token ([`auth`]).
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use prism_proto::pb::admin::v1::ResourceChange;
 use prism_proto::pb::config::v1::{Backend, DataBinding, Namespace, Route, Secret};
 use prism_proto::{Kind, Resource, ResourceKey, parse_policy, validate_resource};
@@ -45,17 +50,17 @@ use crate::error::ApiError;
 use crate::fleet::Fleet;
 use crate::store::{Mutation, Precondition, Store, policy_etag, resource_etag};
 
+pub mod auth;
 #[cfg(test)]
 mod tests;
 pub mod view;
+
+pub use auth::{ADMIN_TOKEN_FILE, Caller};
 
 pub use view::resource_view;
 
 /// Largest request body the admin API reads: 4 MiB.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-
-/// Header naming who makes a change; recorded in the change log.
-pub const ACTOR_HEADER: &str = "x-prism-actor";
 
 /// Response header carrying the revision a read was served from.
 pub const REVISION_HEADER: &str = "x-prism-revision";
@@ -68,12 +73,6 @@ pub struct AdminState {
     /// The connected proxies.
     pub fleet: Fleet,
 }
-
-/// The actor recorded when a request names none.
-const ANONYMOUS: &str = "anonymous";
-
-/// Longest actor name recorded, in characters.
-const MAX_ACTOR_CHARS: usize = 128;
 
 /// Default and largest `limit` of `GET /v1/history`.
 const DEFAULT_HISTORY: usize = 100;
@@ -103,11 +102,20 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/proxies", get(proxies))
         .route("/v1/proxies/nearest", get(nearest))
         .route("/v1/apply", post(apply))
+        .route(
+            "/v1/tokens",
+            get(auth::list_tokens).post(auth::create_token),
+        )
+        .route("/v1/tokens/{id}", delete(auth::revoke_token))
         .route("/v1/{kind}", get(list).post(create))
         .route("/v1/{kind}/{*name}", get(read).put(replace).delete(remove))
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .with_state(state)
 }
 
@@ -137,6 +145,7 @@ async fn revision(State(state): State<AdminState>) -> Response {
 
 async fn history(
     State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
     params: Result<Query<HistoryParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::invalid(e.body_text()))?;
@@ -149,13 +158,21 @@ async fn history(
                 .strip_prefix(ns)
                 .is_some_and(|rest| rest.starts_with('/'))
     };
-    let items = state.store.history(limit, |entry| {
+    // A token scoped to namespaces sees only the changes to them.
+    let covered = |change: &ResourceChange| {
+        caller.namespaces.is_empty() || caller.namespaces.iter().any(|ns| in_namespace(change, ns))
+    };
+    let mut items = state.store.history(limit, |entry| {
         params.author.as_deref().is_none_or(|a| entry.actor == a)
             && params
                 .namespace
                 .as_deref()
                 .is_none_or(|ns| entry.changes.iter().any(|c| in_namespace(c, ns)))
+            && entry.changes.iter().any(covered)
     })?;
+    for entry in &mut items {
+        entry.changes.retain(covered);
+    }
     let items = serde_json::to_value(items).map_err(|e| ApiError::internal(&e))?;
     Ok(Json(json!({ "revision": revision, "items": items })))
 }
@@ -192,12 +209,14 @@ async fn nearest(
 
 async fn list(
     State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
     kind: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let kind = parse_kind(kind)?;
     let snapshot = state.store.snapshot();
     let items: Vec<Value> = snapshot
         .of_kind(kind)
+        .filter(|entry| caller.covers(entry.resource.namespace()))
         .map(|entry| resource_view(&entry.resource))
         .collect();
     let answer = Json(json!({ "items": items, "revision": snapshot.revision }));
@@ -209,9 +228,11 @@ async fn list(
 
 async fn read(
     State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let key = parse_key(path)?;
+    caller.check(&key)?;
     let snapshot = state.store.snapshot();
     let entry = snapshot.get(&key).ok_or_else(|| not_found(&key))?;
     let mut response = Json(resource_view(&entry.resource)).into_response();
@@ -223,18 +244,20 @@ async fn read(
 
 async fn create(
     State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
     kind: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let kind = parse_kind(kind)?;
     let resource = json_resource(kind, &headers, body)?;
+    caller.check(&resource.key())?;
     validate_resource(&resource)?;
     let commit = state
         .store
         .commit(
             Mutation::create(resource.clone()),
-            &actor(&headers),
+            &caller.subject,
             "create",
         )
         .await?;
@@ -246,11 +269,13 @@ async fn create(
 
 async fn replace(
     State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let key = parse_key(path)?;
+    caller.check(&key)?;
     let mut resource = json_resource(key.kind, &headers, body)?;
     if resource.name().is_empty() {
         set_name(&mut resource, key.name.clone());
@@ -274,7 +299,7 @@ async fn replace(
                 precondition,
                 ..Mutation::upsert(resource.clone())
             },
-            &actor(&headers),
+            &caller.subject,
             "replace",
         )
         .await?;
@@ -285,10 +310,12 @@ async fn replace(
 
 async fn remove(
     State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let key = parse_key(path)?;
+    caller.check(&key)?;
     let precondition = if_match(&headers)?.map(|versions| Precondition::Resource {
         key: key.clone(),
         versions,
@@ -299,13 +326,14 @@ async fn remove(
     };
     let commit = state
         .store
-        .commit(mutation, &actor(&headers), "delete")
+        .commit(mutation, &caller.subject, "delete")
         .await?;
     Ok(Json(json!({ "revision": commit.revision })))
 }
 
 async fn apply(
     State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
     params: Result<Query<ApplyParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -329,8 +357,12 @@ async fn apply(
     let precondition = if_match(&headers)?
         .filter(|tags| !tags.is_empty())
         .map(|tags| Precondition::Revision(tags.iter().filter_map(|t| revision_of(t)).collect()));
+    let upserts = parse_policy(text)?;
+    for resource in &upserts {
+        caller.check(&resource.key())?;
+    }
     let mutation = Mutation {
-        upserts: parse_policy(text)?,
+        upserts,
         precondition,
         ..Mutation::default()
     };
@@ -347,7 +379,7 @@ async fn apply(
     }
     let commit = state
         .store
-        .commit(mutation, &actor(&headers), "apply")
+        .commit(mutation, &caller.subject, "apply")
         .await?;
     let answer = Json(json!({
         "revision": commit.revision,
@@ -422,21 +454,8 @@ fn not_found(key: &ResourceKey) -> ApiError {
     ApiError::not_found(format!("{key} does not exist")).with_resource(key.to_string())
 }
 
-/// Who the request says makes the change, or `anonymous`.
-fn actor(headers: &HeaderMap) -> String {
-    headers
-        .get(ACTOR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map_or_else(
-            || ANONYMOUS.to_string(),
-            |v| v.chars().take(MAX_ACTOR_CHARS).collect(),
-        )
-}
-
 /// The body, or the rejection (413 when over [`MAX_BODY_BYTES`]) in our shape.
-fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         let status = rejection.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -449,7 +468,7 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 /// Accepts a request without a content type, a JSON one, or one of `others`.
-fn check_media_type(headers: &HeaderMap, others: &[&str]) -> Result<(), ApiError> {
+pub(crate) fn check_media_type(headers: &HeaderMap, others: &[&str]) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };

@@ -24,6 +24,7 @@ mod error;
 mod fleet;
 mod store;
 
+pub use admin::ADMIN_TOKEN_FILE;
 use admin::AdminState;
 use discovery::Discovery;
 use envoy::EnvoyParams;
@@ -79,6 +80,8 @@ pub struct Listeners {
 pub enum Error {
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Token(#[from] admin::auth::BootstrapError),
     #[error("admin API: {0}")]
     Admin(#[source] std::io::Error),
     #[error("discovery server: {0}")]
@@ -89,14 +92,67 @@ pub enum Error {
     Reflection(String),
 }
 
-/// Serves the admin API and the discovery server until `shutdown` resolves,
-/// then ends every discovery stream, stops both servers and closes the store.
+/// Opens the store and serves until `shutdown` resolves: [`ControlPlane::open`],
+/// then [`ControlPlane::serve`].
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let store = Store::open(&config.data_dir)?;
+    ControlPlane::open(config)
+        .await?
+        .serve(listeners, shutdown)
+        .await
+}
+
+/// A control plane whose store is open, not serving yet.
+#[derive(Debug)]
+pub struct ControlPlane {
+    config: Config,
+    store: Store,
+    token_file: PathBuf,
+}
+
+impl ControlPlane {
+    /// Opens (creating if needed) the store in the configured data
+    /// directory. A store with no admin token yet gets one, written to
+    /// `<data dir>/admin-token` ([`ADMIN_TOKEN_FILE`]) for its owner only:
+    /// once this returns, that file is there for the CLI to find.
+    pub async fn open(config: Config) -> Result<Self, Error> {
+        let store = Store::open(&config.data_dir)?;
+        admin::auth::bootstrap(&store, &config.data_dir).await?;
+        Ok(Self {
+            token_file: config.data_dir.join(ADMIN_TOKEN_FILE),
+            config,
+            store,
+        })
+    }
+
+    /// Where the first admin token was written (the file may be gone since,
+    /// or hold a token revoked since).
+    pub fn token_file(&self) -> &std::path::Path {
+        &self.token_file
+    }
+
+    /// Serves the admin API and the discovery server until `shutdown`
+    /// resolves, then ends every discovery stream, stops both servers and
+    /// closes the store.
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let Self { config, store, .. } = self;
+        serve(config, store, listeners, shutdown).await
+    }
+}
+
+async fn serve(
+    config: Config,
+    store: Store,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let fleet = Fleet::default();
     let (admin_addr, xds_addr) = (listeners.admin.local_addr()?, listeners.xds.local_addr()?);
     let (stop_tx, stop_rx) = watch::channel(false);

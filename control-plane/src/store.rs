@@ -17,6 +17,7 @@
 //! - `resources`: `"{Kind}/{name}"` (e.g. `Backend/demo/web`) → protobuf bytes.
 //! - `meta`: `revision` → the current revision, u64 big-endian.
 //! - `changelog`: revision (u64 big-endian) → encoded [`pb::admin::v1::Revision`].
+//! - `tokens`: the admin API's bearer tokens ([`tokens`]), outside revisions.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,10 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionResult, TransactionError};
 use tokio::sync::{Mutex, watch};
 use tracing::{debug, info};
+
+mod tokens;
+
+pub use tokens::TokenRecord;
 
 const RESOURCES_TREE: &str = "resources";
 const META_TREE: &str = "meta";
@@ -192,6 +197,7 @@ struct Inner {
     resources: sled::Tree,
     meta: sled::Tree,
     changelog: sled::Tree,
+    tokens: sled::Tree,
     /// Serializes writers: each commit builds on the snapshot the previous
     /// one published.
     writer: Mutex<()>,
@@ -217,6 +223,7 @@ impl Store {
         let resources = db.open_tree(RESOURCES_TREE)?;
         let meta = db.open_tree(META_TREE)?;
         let changelog = db.open_tree(CHANGELOG_TREE)?;
+        let tokens = db.open_tree(tokens::TOKENS_TREE)?;
 
         let revision = match meta.get(REVISION_KEY)? {
             None => 0,
@@ -254,6 +261,7 @@ impl Store {
                 resources,
                 meta,
                 changelog,
+                tokens,
                 writer: Mutex::new(()),
                 matches: std::sync::Mutex::new(matches),
                 snapshots,

@@ -87,6 +87,8 @@ async fn bind(addr: SocketAddr) -> (TcpListener, SocketAddr) {
 /// An in-process control plane.
 pub struct ControlPlane {
     pub admin: String,
+    /// The admin token it wrote into its data directory.
+    pub token: String,
     pub xds: String,
     pub admin_addr: SocketAddr,
     pub xds_addr: SocketAddr,
@@ -163,6 +165,7 @@ impl ControlPlane {
         let (admin, admin_addr) = bind(admin_addr).await;
         let (xds, xds_addr) = bind(xds_addr).await;
         let (stop, stopped) = oneshot::channel::<()>();
+        let token_file = config.data_dir.join(prism_control_plane::ADMIN_TOKEN_FILE);
         let task = tokio::spawn(async move {
             prism_control_plane::run(
                 config,
@@ -176,6 +179,7 @@ impl ControlPlane {
         });
         let cp = Self {
             admin: format!("http://{admin_addr}"),
+            token: String::new(),
             xds: format!("http://{xds_addr}"),
             admin_addr,
             xds_addr,
@@ -188,7 +192,10 @@ impl ControlPlane {
                 .filter(|r| r.status().is_success())
         })
         .await;
-        cp
+        Self {
+            token: admin_token(&token_file),
+            ..cp
+        }
     }
 
     /// Stops the control plane and waits until it has let go of its store.
@@ -197,24 +204,33 @@ impl ControlPlane {
     }
 
     pub fn client(&self) -> Admin {
-        Admin {
-            base: self.admin.clone(),
-            http: reqwest::Client::new(),
-        }
+        Admin::new(&self.admin, &self.token)
     }
+}
+
+/// The admin token a control plane wrote into `file` when it first opened
+/// its store.
+pub fn admin_token(file: &Path) -> String {
+    std::fs::read_to_string(file)
+        .unwrap_or_else(|e| panic!("the admin token in {}: {e}", file.display()))
+        .trim()
+        .to_string()
 }
 
 /// A thin client of the admin API that keeps status and body together.
 #[derive(Clone)]
 pub struct Admin {
     pub base: String,
+    /// The bearer token sent with every request.
+    pub token: String,
     http: reqwest::Client,
 }
 
 impl Admin {
-    pub fn new(base: &str) -> Self {
+    pub fn new(base: &str, token: &str) -> Self {
         Self {
             base: base.to_string(),
+            token: token.to_string(),
             http: reqwest::Client::new(),
         }
     }
@@ -225,7 +241,10 @@ impl Admin {
         path: &str,
         body: Option<(&str, String)>,
     ) -> (u16, Value) {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some((content_type, body)) = body {
             request = request.header("content-type", content_type).body(body);
         }
@@ -414,6 +433,7 @@ impl Proxy {
 /// A `prism control-plane` child process and the addresses it printed.
 pub struct ControlPlaneProcess {
     child: Child,
+    data_dir: PathBuf,
     pub admin: String,
     pub xds: String,
 }
@@ -449,10 +469,18 @@ impl ControlPlaneProcess {
                 .to_string()
         };
         Self {
+            data_dir: data_dir.to_path_buf(),
             admin: field("admin"),
             xds: field("xds"),
             child,
         }
+    }
+
+    /// A client of its admin API, with the admin token it wrote into its
+    /// data directory (there once its admin API answers: see [`Self::healthy`]).
+    pub fn client(&self) -> Admin {
+        let token = admin_token(&self.data_dir.join(prism_control_plane::ADMIN_TOKEN_FILE));
+        Admin::new(&self.admin, &token)
     }
 
     /// `host:port` of the admin API, to start again on.

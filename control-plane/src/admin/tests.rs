@@ -13,6 +13,8 @@ use crate::fleet::NodeInfo;
 struct Harness {
     _dir: TempDir,
     state: AdminState,
+    /// An admin token of subject `tester`, sent unless a request has one.
+    token: String,
 }
 
 struct Answer {
@@ -36,19 +38,35 @@ routes:
 "#;
 
 impl Harness {
-    fn new() -> Self {
+    async fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("opens");
+        let (record, token) = auth::mint("tester", auth::Role::Admin, Vec::new(), "test");
+        store.put_token(&record).await.expect("token stored");
         Self {
             _dir: dir,
             state: AdminState {
                 store,
                 fleet: Fleet::default(),
             },
+            token,
         }
     }
 
-    async fn send(&self, request: Request<Body>) -> Answer {
+    /// Sends `request` with the `tester` token unless it carries a token
+    /// (or an empty `Authorization` header, which is then removed).
+    async fn send(&self, mut request: Request<Body>) -> Answer {
+        let headers = request.headers_mut();
+        match headers.get(header::AUTHORIZATION) {
+            None => {
+                let bearer = format!("Bearer {}", self.token);
+                headers.insert(header::AUTHORIZATION, bearer.parse().expect("header"));
+            }
+            Some(value) if value.is_empty() => {
+                headers.remove(header::AUTHORIZATION);
+            }
+            Some(_) => {}
+        }
         let response = router(self.state.clone())
             .oneshot(request)
             .await
@@ -74,7 +92,6 @@ impl Harness {
         let request = Request::builder()
             .method(method)
             .uri(uri)
-            .header(ACTOR_HEADER, "tester")
             .body(body.into())
             .expect("request");
         self.send(request).await
@@ -126,7 +143,7 @@ fn route(name: &str, prefix: &str, backend: &str) -> Value {
 
 #[tokio::test]
 async fn each_kind_can_be_created_read_listed_replaced_and_deleted() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     let cases = [
         (
             "namespaces",
@@ -236,7 +253,7 @@ fn kind_of(plural: &str) -> &'static str {
 
 #[tokio::test]
 async fn put_with_another_name_in_the_body_names_the_field() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     let answer = h
         .json(Method::PUT, "/v1/namespaces/demo", ns("other"))
         .await;
@@ -247,7 +264,7 @@ async fn put_with_another_name_in_the_body_names_the_field() {
 
 #[tokio::test]
 async fn malformed_json_is_a_400_with_serde_s_message() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     let request = Request::builder()
         .method(Method::POST)
         .uri("/v1/namespaces")
@@ -274,7 +291,7 @@ async fn malformed_json_is_a_400_with_serde_s_message() {
 
 #[tokio::test]
 async fn a_non_json_content_type_is_refused() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     let request = Request::builder()
         .method(Method::POST)
         .uri("/v1/namespaces")
@@ -288,7 +305,7 @@ async fn a_non_json_content_type_is_refused() {
 
 #[tokio::test]
 async fn malformed_yaml_and_empty_documents_are_400s() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     let answer = h.apply("namespaces: [name: {", false).await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
     assert_eq!(error(&answer)["code"], "invalid_argument");
@@ -306,7 +323,7 @@ async fn malformed_yaml_and_empty_documents_are_400s() {
 
 #[tokio::test]
 async fn an_unknown_kind_is_a_404_naming_it() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     for uri in ["/v1/widgets", "/v1/widgets/a/b"] {
         let answer = h.get(uri).await;
         assert_eq!(answer.status, StatusCode::NOT_FOUND, "{uri}");
@@ -321,7 +338,7 @@ async fn an_unknown_kind_is_a_404_naming_it() {
 
 #[tokio::test]
 async fn a_missing_required_field_is_named() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     h.json(Method::POST, "/v1/namespaces", ns("demo")).await;
     let answer = h
         .json(Method::POST, "/v1/backends", json!({"name": "demo/web"}))
@@ -352,7 +369,7 @@ async fn a_missing_required_field_is_named() {
 
 #[tokio::test]
 async fn a_dangling_backend_reference_is_refused_and_nothing_changes() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     h.json(Method::POST, "/v1/namespaces", ns("demo")).await;
     let answer = h
         .json(Method::POST, "/v1/routes", route("demo/root", "/", "web"))
@@ -377,7 +394,7 @@ async fn a_dangling_backend_reference_is_refused_and_nothing_changes() {
 
 #[tokio::test]
 async fn apply_reports_changes_and_dry_run_writes_nothing() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     let dry = h.apply(QUICKSTART, true).await;
     assert_eq!(dry.status, StatusCode::OK, "{}", dry.body);
     assert_eq!(dry.body["dry_run"], true);
@@ -435,7 +452,7 @@ async fn apply_reports_changes_and_dry_run_writes_nothing() {
 
 #[tokio::test]
 async fn apply_is_all_or_nothing() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     // The namespace and backend are fine; the route points nowhere.
     let document = QUICKSTART.replace("backend: web", "backend: missing");
     let answer = h.apply(&document, false).await;
@@ -448,7 +465,7 @@ async fn apply_is_all_or_nothing() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_are_413_in_the_error_shape() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     let big = "#".repeat(MAX_BODY_BYTES + 1);
     let answer = h.apply(&big, false).await;
     assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -457,7 +474,7 @@ async fn bodies_over_the_limit_are_413_in_the_error_shape() {
 
 #[tokio::test]
 async fn proxies_and_health_are_served() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     h.apply(QUICKSTART, false).await;
     h.state.fleet.connected(NodeInfo {
         id: "proxy-1".into(),
@@ -478,11 +495,11 @@ async fn proxies_and_health_are_served() {
 }
 
 #[tokio::test]
-async fn the_actor_defaults_to_anonymous() {
-    let h = Harness::new();
+async fn the_author_of_a_write_is_its_token_s_subject() {
+    let h = Harness::new().await;
     h.json(Method::POST, "/v1/namespaces", ns("demo")).await;
     let history = h.state.store.history(1, |_| true).expect("history");
-    assert_eq!(history[0].actor, "anonymous");
+    assert_eq!(history[0].actor, "tester");
     assert_eq!(history[0].action, "create");
 }
 
@@ -503,7 +520,7 @@ fn assert_redacted(what: &str, text: &str) {
 
 #[tokio::test]
 async fn secrets_are_served_redacted_everywhere() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     assert_eq!(h.apply(QUICKSTART, false).await.status, StatusCode::OK);
 
     let created = h
@@ -572,7 +589,7 @@ async fn secrets_are_served_redacted_everywhere() {
 
 #[tokio::test]
 async fn a_referenced_secret_cannot_be_deleted() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     h.apply(QUICKSTART, false).await;
     h.json(Method::POST, "/v1/secrets", tls_secret("demo/tls"))
         .await;
@@ -636,7 +653,7 @@ fn etag(answer: &Answer) -> String {
 
 #[tokio::test]
 async fn a_write_with_a_stale_if_match_is_412_and_changes_nothing() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     h.apply(QUICKSTART, false).await;
     let uri = "/v1/backends/demo/web";
     let read = h.get(uri).await;
@@ -706,7 +723,7 @@ async fn a_write_with_a_stale_if_match_is_412_and_changes_nothing() {
 
 #[tokio::test]
 async fn apply_with_if_match_needs_the_policy_at_that_revision() {
-    let h = Harness::new();
+    let h = Harness::new().await;
     let first = h.apply(QUICKSTART, false).await;
     let tag = etag(&first);
     assert_eq!(tag, format!("\"r{}\"", h.revision()));
@@ -747,15 +764,18 @@ async fn apply_with_if_match_needs_the_policy_at_that_revision() {
 
 #[tokio::test]
 async fn history_is_filtered_by_namespace_and_author() {
-    let h = Harness::new();
+    let h = Harness::new().await;
+    let ops = h.token("ops", "editor", &[]).await;
     h.apply(QUICKSTART, false).await; // tester: demo
-    h.json(Method::POST, "/v1/namespaces", ns("demos")).await; // anonymous: demos
-    h.json(
+    h.as_token(&ops, Method::POST, "/v1/namespaces", ns("demos"))
+        .await; // ops: demos
+    h.as_token(
+        &ops,
         Method::POST,
         "/v1/backends",
         backend("demos/api", "127.0.0.1:1"),
     )
-    .await; // anonymous: demos
+    .await; // ops: demos
     let h = &h;
     let revisions = |uri: &'static str| async move {
         let answer = h.get(uri).await;
@@ -771,10 +791,289 @@ async fn history_is_filtered_by_namespace_and_author() {
     // `demo` is not a prefix match of `demos`.
     assert_eq!(revisions("/v1/history?namespace=demo").await, ["1"]);
     assert_eq!(revisions("/v1/history?namespace=demos").await, ["3", "2"]);
-    assert_eq!(revisions("/v1/history?author=anonymous").await, ["3", "2"]);
+    assert_eq!(revisions("/v1/history?author=ops").await, ["3", "2"]);
     assert_eq!(
-        revisions("/v1/history?author=anonymous&namespace=demos&limit=1").await,
+        revisions("/v1/history?author=ops&namespace=demos&limit=1").await,
         ["3"]
     );
     assert!(revisions("/v1/history?author=nobody").await.is_empty());
+}
+
+impl Harness {
+    /// A new token made through the API by the `tester` admin.
+    async fn token(&self, subject: &str, role: &str, namespaces: &[&str]) -> String {
+        let answer = self
+            .json(
+                Method::POST,
+                "/v1/tokens",
+                json!({"subject": subject, "role": role, "namespaces": namespaces}),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+        answer.body["token"]
+            .as_str()
+            .expect("the token")
+            .to_string()
+    }
+
+    /// `method` on `uri` with `token` (none when empty) and a JSON body
+    /// unless it is null.
+    async fn as_token(&self, token: &str, method: Method, uri: &str, body: Value) -> Answer {
+        let authorization = if token.is_empty() {
+            String::new()
+        } else {
+            format!("Bearer {token}")
+        };
+        let body = if body.is_null() {
+            Body::empty()
+        } else {
+            Body::from(body.to_string())
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, authorization)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .expect("request");
+        self.send(request).await
+    }
+}
+
+#[tokio::test]
+async fn no_token_or_a_bad_one_is_401_and_health_needs_none() {
+    let h = Harness::new().await;
+    let viewer = h.token("watcher", "viewer", &[]).await;
+    let id = viewer.split('_').nth(1).expect("an id").to_string();
+    let forged = format!("prism_{id}_{}", "0".repeat(64));
+    for token in ["", "nonsense", "prism_nope_nope", forged.as_str()] {
+        let answer = h
+            .as_token(token, Method::GET, "/v1/revision", Value::Null)
+            .await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "token {token:?}");
+        assert_eq!(error(&answer)["code"], "unauthenticated");
+        assert_eq!(
+            answer.headers[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"prism\""
+        );
+    }
+    let ok = h
+        .as_token(&viewer, Method::GET, "/v1/revision", Value::Null)
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let health = h.as_token("", Method::GET, "/healthz", Value::Null).await;
+    assert_eq!(health.status, StatusCode::OK);
+
+    // Revoked: refused from the next request on.
+    let revoked = h
+        .call(Method::DELETE, &format!("/v1/tokens/{id}"), Body::empty())
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.body);
+    let after = h
+        .as_token(&viewer, Method::GET, "/v1/revision", Value::Null)
+        .await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_viewer_reads_but_cannot_write() {
+    let h = Harness::new().await;
+    h.apply(QUICKSTART, false).await;
+    let viewer = h.token("watcher", "viewer", &[]).await;
+    let read = h
+        .as_token(&viewer, Method::GET, "/v1/routes/demo/root", Value::Null)
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    for (method, uri, body) in [
+        (Method::POST, "/v1/namespaces", ns("other")),
+        (Method::PUT, "/v1/namespaces/demo", ns("demo")),
+        (Method::DELETE, "/v1/routes/demo/root", Value::Null),
+        (Method::POST, "/v1/apply", Value::Null),
+        (Method::GET, "/v1/tokens", Value::Null),
+    ] {
+        let answer = h.as_token(&viewer, method.clone(), uri, body).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{method} {uri}");
+        assert_eq!(error(&answer)["code"], "permission_denied");
+    }
+    assert_eq!(h.revision(), 1, "nothing was written");
+}
+
+#[tokio::test]
+async fn an_editor_of_one_namespace_touches_only_that_one() {
+    let h = Harness::new().await;
+    h.apply(QUICKSTART, false).await;
+    h.json(Method::POST, "/v1/namespaces", ns("other")).await;
+    let editor = h.token("dev", "editor", &["demo"]).await;
+
+    let own = h
+        .as_token(
+            &editor,
+            Method::POST,
+            "/v1/backends",
+            backend("demo/api", "127.0.0.1:1"),
+        )
+        .await;
+    assert_eq!(own.status, StatusCode::CREATED, "{}", own.body);
+    let before = h.revision();
+    for (method, uri, body) in [
+        (
+            Method::POST,
+            "/v1/backends",
+            backend("other/api", "127.0.0.1:1"),
+        ),
+        (Method::PUT, "/v1/namespaces/other", ns("other")),
+        (Method::DELETE, "/v1/namespaces/other", Value::Null),
+        (Method::GET, "/v1/namespaces/other", Value::Null),
+    ] {
+        let answer = h.as_token(&editor, method.clone(), uri, body).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::FORBIDDEN,
+            "{method} {uri}: {}",
+            answer.body
+        );
+        assert!(
+            error(&answer)["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("`other`")),
+            "{}",
+            answer.body
+        );
+    }
+    // A document that touches another namespace is refused whole.
+    let document = "namespaces:\n  - name: demo\n    hosts: [demo.local, www.demo.local]\n  - name: other\n    hosts: [o.local]\n";
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/apply")
+        .header(header::AUTHORIZATION, format!("Bearer {editor}"))
+        .body(Body::from(document))
+        .expect("request");
+    let applied = h.send(request).await;
+    assert_eq!(applied.status, StatusCode::FORBIDDEN, "{}", applied.body);
+    assert_eq!(h.revision(), before, "nothing was written");
+
+    // It sees only its namespace, in lists and in the history.
+    let list = h
+        .as_token(&editor, Method::GET, "/v1/namespaces", Value::Null)
+        .await;
+    let names: Vec<&str> = list.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|item| item["name"].as_str())
+        .collect();
+    assert_eq!(names, ["demo"]);
+    let history = h
+        .as_token(&editor, Method::GET, "/v1/history", Value::Null)
+        .await;
+    for item in history.body["items"].as_array().expect("items") {
+        for change in item["changes"].as_array().expect("changes") {
+            let name = change["name"].as_str().unwrap_or_default();
+            assert!(name == "demo" || name.starts_with("demo/"), "{name}");
+        }
+    }
+    assert_eq!(history.body["items"][0]["actor"], "dev");
+}
+
+#[tokio::test]
+async fn only_admins_manage_tokens_and_the_last_admin_stays() {
+    let h = Harness::new().await;
+    let editor = h.token("dev", "editor", &[]).await;
+    let refused = h
+        .as_token(
+            &editor,
+            Method::POST,
+            "/v1/tokens",
+            json!({"subject": "me", "role": "admin"}),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+
+    for (body, field) in [
+        (json!({"subject": "x", "role": "root"}), "role"),
+        (json!({"subject": " ", "role": "viewer"}), "subject"),
+        (
+            json!({"subject": "x", "role": "viewer", "namespaces": ["a/b"]}),
+            "namespaces[0]",
+        ),
+    ] {
+        let answer = h.json(Method::POST, "/v1/tokens", body).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+        assert_eq!(error(&answer)["field"], field, "{}", answer.body);
+    }
+    let unknown = h
+        .json(
+            Method::POST,
+            "/v1/tokens",
+            json!({"subject": "x", "role": "viewer", "scope": "all"}),
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
+    assert!(
+        unknown.body.to_string().contains("scope"),
+        "{}",
+        unknown.body
+    );
+
+    // The list shows who holds what, and no secret.
+    let list = h.get("/v1/tokens").await;
+    let text = list.body.to_string();
+    assert!(
+        text.contains("\"dev\"") && text.contains("\"tester\""),
+        "{text}"
+    );
+    assert!(!text.contains(&editor[editor.len() - 64..]), "{text}");
+    assert!(!text.contains("digest"), "{text}");
+
+    let tester = list.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|t| t["subject"] == "tester")
+        .expect("tester's token");
+    let id = tester["id"].as_str().expect("id");
+    let last = h
+        .call(Method::DELETE, &format!("/v1/tokens/{id}"), Body::empty())
+        .await;
+    assert_eq!(last.status, StatusCode::CONFLICT, "{}", last.body);
+    let missing = h
+        .call(Method::DELETE, "/v1/tokens/feedface", Body::empty())
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_first_admin_token_is_written_once_for_its_owner_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("opens");
+    let path = auth::bootstrap(&store, dir.path())
+        .await
+        .expect("bootstrap")
+        .expect("a token file");
+    let token = std::fs::read_to_string(&path).expect("readable");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let h = Harness {
+        _dir: dir,
+        state: AdminState {
+            store,
+            fleet: Fleet::default(),
+        },
+        token: token.trim().to_string(),
+    };
+    let tokens = h.get("/v1/tokens").await;
+    assert_eq!(tokens.status, StatusCode::OK, "{}", tokens.body);
+    assert_eq!(tokens.body["items"][0]["role"], "admin");
+    // A store with a token gets no second one.
+    let again = auth::bootstrap(&h.state.store, h._dir.path())
+        .await
+        .expect("bootstrap");
+    assert_eq!(again, None);
 }
