@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use reqwest::Method;
-use support::{Admin, ControlPlane, Proxy, Upstream, eventually, get, policy};
+use support::{Admin, ControlPlane, Proxy, Scrape, Upstream, eventually, get, policy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_reaches_the_proxy_and_follows_changes() {
@@ -380,5 +380,100 @@ async fn dry_run_shows_the_diff_and_changes_nothing() {
     assert_eq!(revision, 1);
     // Applying the same document again is not a new revision.
     assert_eq!(admin.apply(&document).await, 1);
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_metrics_move_with_writes_pushes_acks_and_nacks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let admin = cp.client();
+    let metrics = format!("{}/metrics", cp.admin);
+    let up = Upstream::start("up").await;
+    let before = Scrape::of(&metrics).await;
+    assert_eq!(before.get("prism_control_plane_revision"), 0.0);
+    assert_eq!(before.get("prism_control_plane_proxies_connected"), 0.0);
+
+    let proxy = Proxy::start(&cp.xds, "proxy-metrics").await;
+    let accepted = admin
+        .apply(&policy("app", "app.test", "web", up.addr, "/"))
+        .await;
+    proxy.converge(accepted).await;
+    let (status, _) = admin
+        .request(
+            Method::POST,
+            "/v1/namespaces",
+            Some((
+                "application/json",
+                r#"{"name": "app", "hosts": ["x.test"]}"#.into(),
+            )),
+        )
+        .await;
+    assert_eq!(status, 409, "a second namespace `app` is refused");
+    // The proxy refuses a backend that loops back into itself: a NACK.
+    let looping = admin
+        .apply(&policy("app", "app.test", "web", proxy.addr, "/"))
+        .await;
+    eventually("the NACK is recorded", || async {
+        let fleet = admin.proxies().await;
+        (fleet["proxies"][0]["last_nack"]["revision"].as_u64() == Some(looping)).then_some(())
+    })
+    .await;
+
+    let after = Scrape::of(&metrics).await;
+    assert_eq!(after.get("prism_control_plane_revision"), looping as f64);
+    assert_eq!(after.get("prism_control_plane_proxies_connected"), 1.0);
+    assert_eq!(after.get("prism_control_plane_proxies_behind"), 1.0);
+    let writes = |outcome: &str| {
+        after.get(&format!(
+            "prism_control_plane_writes_total{{action=\"apply\",outcome=\"{outcome}\"}}"
+        ))
+    };
+    assert_eq!(writes("committed"), 2.0, "{after:?}");
+    assert_eq!(
+        after.get("prism_control_plane_writes_total{action=\"create\",outcome=\"refused\"}"),
+        1.0
+    );
+    assert_eq!(
+        after.get("prism_control_plane_discovery_streams{variant=\"delta\"}"),
+        1.0
+    );
+    let pushes = after.sum(
+        "prism_control_plane_discovery_pushes_total",
+        &[r#"variant="delta""#],
+    );
+    assert!(
+        pushes >= 10.0,
+        "two batches of five kinds at least: {pushes}"
+    );
+    assert!(
+        after.sum(
+            "prism_control_plane_discovery_replies_total",
+            &[r#"outcome="ack""#]
+        ) >= 5.0
+    );
+    // The proxy answers each response of the rejected batch: five NACKs.
+    assert_eq!(
+        after.sum(
+            "prism_control_plane_discovery_replies_total",
+            &[r#"outcome="nack""#]
+        ),
+        5.0,
+        "{after:?}"
+    );
+    assert!(after.get("prism_control_plane_discovery_push_to_ack_seconds_count") >= 1.0);
+    assert_eq!(
+        after.get("prism_control_plane_store_flush_seconds_count"),
+        2.0
+    );
+
+    proxy.stop().await;
+    let gone = eventually("the stream is closed", || async {
+        let scrape = Scrape::of(&metrics).await;
+        (scrape.get("prism_control_plane_discovery_streams{variant=\"delta\"}") == 0.0)
+            .then_some(scrape)
+    })
+    .await;
+    assert_eq!(gone.get("prism_control_plane_proxies_connected"), 0.0);
     cp.stop().await;
 }

@@ -29,8 +29,10 @@
 //! | `GET /v1/tokens`                | list tokens, without secrets (admin)          |
 //! | `DELETE /v1/tokens/{id}`        | revoke a token (admin)                        |
 //! | `GET /healthz`                  | liveness (no token needed)                    |
+//! | `GET /metrics`                  | Prometheus metrics (no token needed)          |
 //!
-//! Every request but `/healthz` carries a bearer token ([`auth`]).
+//! Every request but `/healthz` and `/metrics` carries a bearer token
+//! ([`auth`]): a scraper needs no token, and the metrics name no resource.
 
 use axum::Json;
 use axum::Router;
@@ -97,6 +99,7 @@ struct HistoryParams {
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/revision", get(revision))
         .route("/v1/history", get(history))
         .route("/v1/proxies", get(proxies))
@@ -121,6 +124,15 @@ pub fn router(state: AdminState) -> Router {
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// Prometheus metrics, as OpenMetrics text.
+async fn metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::encode(&state.store, &state.fleet),
+    )
+        .into_response()
 }
 
 async fn unknown_path() -> ApiError {

@@ -18,7 +18,9 @@
 //! every response of the last one is ACKed or NACKed. That bounds each stream's
 //! queue to one batch and makes a burst of writes one push to a slow proxy.
 
+use std::cell::Cell;
 use std::sync::Arc;
+use std::time::Instant;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -147,6 +149,7 @@ trait Protocol: Send + 'static {
     ) -> Result<Vec<Self::Response>, Status>;
     fn on_catalog(&mut self, catalog: &Arc<Catalog>) -> Vec<Self::Response>;
     fn peer(&self) -> &Peer;
+    fn type_url(response: &Self::Response) -> &str;
 }
 
 impl Protocol for DeltaState {
@@ -164,6 +167,9 @@ impl Protocol for DeltaState {
     }
     fn peer(&self) -> &Peer {
         &self.peer
+    }
+    fn type_url(response: &Self::Response) -> &str {
+        &response.type_url
     }
 }
 
@@ -183,6 +189,9 @@ impl Protocol for SotwState {
     fn peer(&self) -> &Peer {
         &self.peer
     }
+    fn type_url(response: &Self::Response) -> &str {
+        &response.type_url
+    }
 }
 
 /// The task behind one stream.
@@ -197,6 +206,7 @@ impl<P: Protocol> StreamTask<P> {
     async fn run(mut self, mut inbound: Streaming<P::Request>) {
         loop {
             let catalog = self.catalogs.borrow_and_update().clone();
+            let mut revision = catalog.revision();
             let out = tokio::select! {
                 request = inbound.next() => match request {
                     Some(Ok(request)) => self.state.on_request(request, &catalog),
@@ -211,6 +221,7 @@ impl<P: Protocol> StreamTask<P> {
                         break;
                     }
                     let catalog = self.catalogs.borrow_and_update().clone();
+                    revision = catalog.revision();
                     Ok(self.state.on_catalog(&catalog))
                 }
                 _ = self.shutdown.changed() => break,
@@ -224,6 +235,9 @@ impl<P: Protocol> StreamTask<P> {
                     break;
                 }
             };
+            if !responses.is_empty() {
+                self.state.peer().pushed(revision);
+            }
             if !self.send(responses).await {
                 break;
             }
@@ -236,6 +250,10 @@ impl<P: Protocol> StreamTask<P> {
     /// per stream, and gives way to shutdown.
     async fn send(&mut self, responses: Vec<P::Response>) -> bool {
         for response in responses {
+            let peer = self.state.peer();
+            peer.fleet
+                .metrics()
+                .pushed(peer.variant, P::type_url(&response));
             tokio::select! {
                 sent = self.tx.send(Ok(response)) => if sent.is_err() { return false },
                 _ = self.shutdown.changed() => return false,
@@ -249,16 +267,42 @@ impl<P: Protocol> StreamTask<P> {
 #[derive(Debug)]
 pub(crate) struct Peer {
     pub(crate) fleet: Fleet,
+    /// `sotw` or `delta`.
+    variant: &'static str,
     node: Option<NodeInfo>,
     pub(crate) filter: NamespaceFilter,
+    /// The oldest revision pushed that the client does not hold in full
+    /// yet, and when it was pushed.
+    pending: Cell<Option<(u64, Instant)>>,
 }
 
 impl Peer {
-    fn new(fleet: Fleet) -> Self {
+    fn new(fleet: Fleet, variant: &'static str) -> Self {
         Self {
             fleet,
+            variant,
             node: None,
             filter: NamespaceFilter::default(),
+            pending: Cell::new(None),
+        }
+    }
+
+    /// Records that responses for `revision` were pushed.
+    fn pushed(&self, revision: u64) {
+        if self.pending.get().is_none() {
+            self.pending.set(Some((revision, Instant::now())));
+        }
+    }
+
+    /// Records that the client holds every type at `revision`: in the
+    /// fleet, and as the push-to-ACK time of what was pushed up to it.
+    pub(crate) fn batch_acked(&self, revision: u64) {
+        self.fleet.batch_acked(self.node_id(), revision);
+        if let Some((pushed, at)) = self.pending.get()
+            && pushed <= revision
+        {
+            self.fleet.metrics().acked_after(at.elapsed());
+            self.pending.set(None);
         }
     }
 
@@ -280,6 +324,7 @@ impl Peer {
         let info = node_info(node);
         info!(node = %info.id, zone = %info.zone, "Proxy connected.");
         self.fleet.connected(info.clone());
+        self.stream_gauge().inc();
         self.node = Some(info);
         Ok(())
     }
@@ -288,7 +333,17 @@ impl Peer {
         if let Some(node) = &self.node {
             info!(node = %node.id, "Proxy disconnected.");
             self.fleet.disconnected(&node.id);
+            self.stream_gauge().dec();
         }
+    }
+
+    fn stream_gauge(&self) -> prometheus_client::metrics::gauge::Gauge {
+        self.fleet
+            .metrics()
+            .streams
+            .get_or_create_owned(&crate::metrics::StreamLabels {
+                variant: self.variant,
+            })
     }
 }
 

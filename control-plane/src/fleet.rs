@@ -10,6 +10,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use serde::Serialize;
 
+use crate::metrics::DiscoveryMetrics;
 use crate::store::unix_millis_now;
 
 /// The registered proxies. Cheap to clone: clones share one map.
@@ -19,6 +20,8 @@ pub struct Fleet {
     /// Generation of membership and health, bumped when a proxy connects or
     /// disconnects: what the published `prism-proxy` endpoints depend on.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// What discovery records about its streams.
+    metrics: DiscoveryMetrics,
 }
 
 impl Default for Fleet {
@@ -26,6 +29,7 @@ impl Default for Fleet {
         Self {
             nodes: Arc::default(),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+            metrics: DiscoveryMetrics::default(),
         }
     }
 }
@@ -121,6 +125,11 @@ impl Fleet {
         self.changes.send_modify(|generation| *generation += 1);
     }
 
+    /// What discovery records about its streams.
+    pub fn metrics(&self) -> &DiscoveryMetrics {
+        &self.metrics
+    }
+
     /// Records that `node_id` was heard from.
     pub fn seen(&self, node_id: &str) {
         self.update(node_id, |_| {});
@@ -128,6 +137,7 @@ impl Fleet {
 
     /// Records that `node_id` ACKed `revision` of the resources of `type_url`.
     pub fn acked(&self, node_id: &str, type_url: &str, revision: u64) {
+        self.metrics.replied(type_url, false);
         self.update(node_id, |state| {
             state.acked_by_type.insert(type_url.to_string(), revision);
         });
@@ -140,6 +150,7 @@ impl Fleet {
 
     /// Records that `node_id` rejected `revision` of `type_url`, saying `message`.
     pub fn nacked(&self, node_id: &str, type_url: &str, revision: u64, message: &str) {
+        self.metrics.replied(type_url, true);
         self.update(node_id, |state| {
             state.last_nack = Some(Nack {
                 revision,

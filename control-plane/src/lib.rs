@@ -22,6 +22,7 @@ mod discovery;
 pub mod envoy;
 mod error;
 mod fleet;
+mod metrics;
 mod store;
 
 pub use admin::ADMIN_TOKEN_FILE;

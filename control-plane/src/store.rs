@@ -37,6 +37,8 @@ use sled::transaction::{ConflictableTransactionResult, TransactionError};
 use tokio::sync::{Mutex, watch};
 use tracing::{debug, info};
 
+use crate::metrics::{StoreMetrics, WriteLabels};
+
 mod tokens;
 
 pub use tokens::TokenRecord;
@@ -198,6 +200,7 @@ struct Inner {
     meta: sled::Tree,
     changelog: sled::Tree,
     tokens: sled::Tree,
+    metrics: StoreMetrics,
     /// Serializes writers: each commit builds on the snapshot the previous
     /// one published.
     writer: Mutex<()>,
@@ -262,6 +265,7 @@ impl Store {
                 meta,
                 changelog,
                 tokens,
+                metrics: StoreMetrics::default(),
                 writer: Mutex::new(()),
                 matches: std::sync::Mutex::new(matches),
                 snapshots,
@@ -278,6 +282,11 @@ impl Store {
     /// current one as its initial value).
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.inner.snapshots.subscribe()
+    }
+
+    /// What the store records: writes and flush times.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.inner.metrics
     }
 
     /// The latest committed revision.
@@ -319,6 +328,29 @@ impl Store {
         actor: &str,
         action: &str,
     ) -> Result<Commit, StoreError> {
+        let result = self.commit_locked(mutation, actor, action).await;
+        let outcome = match &result {
+            Ok(commit) if commit.unchanged => "unchanged",
+            Ok(_) => "committed",
+            Err(_) => "refused",
+        };
+        self.inner
+            .metrics
+            .writes
+            .get_or_create(&WriteLabels {
+                action: action.to_string(),
+                outcome,
+            })
+            .inc();
+        result
+    }
+
+    async fn commit_locked(
+        &self,
+        mutation: Mutation,
+        actor: &str,
+        action: &str,
+    ) -> Result<Commit, StoreError> {
         let _writer = self.inner.writer.lock().await;
         let current = self.snapshot();
         let staged = candidate(&current, self.matches().as_ref(), &mutation)?;
@@ -345,7 +377,12 @@ impl Store {
         self.write(&staged.snapshot, &changes, &record)?;
         // Durability before acknowledgement: the caller answers 2xx only
         // once the transaction is on disk.
+        let flush_started = std::time::Instant::now();
         let flushed = self.inner.db.flush_async().await;
+        self.inner
+            .metrics
+            .flush
+            .observe(flush_started.elapsed().as_secs_f64());
         // The transaction is in sled's trees whether or not the flush worked,
         // so the published snapshot follows it: the next commit must build on
         // it rather than reuse its revision. A failed flush is still an error

@@ -612,3 +612,58 @@ pub fn policy(ns: &str, host: &str, backend: &str, addr: SocketAddr, prefix: &st
          routes:\n  - name: {ns}/root\n    match: {{prefix: \"{prefix}\"}}\n    backend: {backend}\n"
     )
 }
+
+/// One scrape of a Prometheus `/metrics` endpoint: each sample's value by
+/// its name and labels as written (`name{a="x",b="y"}`).
+#[derive(Debug)]
+pub struct Scrape(pub std::collections::HashMap<String, f64>);
+
+impl Scrape {
+    /// Scrapes `url`, checking that the answer is OpenMetrics text.
+    pub async fn of(url: &str) -> Self {
+        let response = reqwest::get(url).await.expect("/metrics answers");
+        assert_eq!(response.status(), 200);
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .expect("a content type")
+            .to_string();
+        assert!(
+            content_type.starts_with("application/openmetrics-text"),
+            "{content_type}"
+        );
+        let text = response.text().await.expect("text");
+        assert!(
+            text.ends_with("# EOF\n"),
+            "OpenMetrics ends with # EOF: {text}"
+        );
+        let samples = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .map(|line| {
+                let (series, value) = line.rsplit_once(' ').expect("`series value`");
+                let value = value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+                (series.to_string(), value)
+            })
+            .collect();
+        Self(samples)
+    }
+
+    /// The value of `series`, 0 when absent.
+    pub fn get(&self, series: &str) -> f64 {
+        self.0.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// The sum of every series of `name` whose labels include each of `labels`
+    /// (`key="value"` each).
+    pub fn sum(&self, name: &str, labels: &[&str]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(series, _)| {
+                let (series_name, series_labels) =
+                    series.split_once('{').unwrap_or((series.as_str(), ""));
+                series_name == name && labels.iter().all(|l| series_labels.contains(l))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    }
+}

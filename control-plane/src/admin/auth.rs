@@ -3,7 +3,8 @@
 //! A token reads `prism_<id>_<secret>`: the id finds its record in the
 //! store, which keeps only a SHA-256 digest of the secret (a token is 256
 //! random bits, so a fast digest is as safe as a slow one). Every request
-//! but `/healthz` must carry one (`Authorization: Bearer …`), or gets `401`.
+//! but `/healthz` and `/metrics` must carry one (`Authorization: Bearer
+//! …`), or gets `401`.
 //! Then its role decides what it may do, else `403`:
 //!
 //! | role     | may                                                       |
@@ -153,14 +154,18 @@ fn unauthenticated(message: &str) -> Response {
     response
 }
 
-/// Middleware: authenticates every request but `/healthz`, checks the role
+/// Paths served without a token: liveness and Prometheus metrics, which
+/// name no resource.
+const OPEN_PATHS: [&str; 2] = ["/healthz", "/metrics"];
+
+/// Middleware: authenticates every request but [`OPEN_PATHS`], checks the role
 /// its method and path need, and hands the handlers its [`Caller`].
 pub async fn authenticate(
     State(state): State<AdminState>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    if request.uri().path() == "/healthz" {
+    if OPEN_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
     let Some(presented) = request

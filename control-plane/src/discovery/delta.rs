@@ -51,7 +51,7 @@ pub(crate) struct Batch {
 impl DeltaState {
     pub(crate) fn new(fleet: Fleet) -> Self {
         Self {
-            peer: Peer::new(fleet),
+            peer: Peer::new(fleet, "delta"),
             subs: BTreeMap::new(),
             prism_sent: BTreeMap::new(),
             resubscribed: BTreeSet::new(),
@@ -129,9 +129,7 @@ impl DeltaState {
     fn mark_envoy_client_current(&self) {
         let prism = self.subs.keys().any(|k| matches!(k, TypeKind::Prism(_)));
         if !prism && !self.subs.is_empty() && self.envoy_sent.is_empty() {
-            self.peer
-                .fleet
-                .batch_acked(self.peer.node_id(), self.latest_revision);
+            self.peer.batch_acked(self.latest_revision);
         }
     }
 
@@ -166,7 +164,7 @@ impl DeltaState {
         if batch.pending.is_empty() {
             if !batch.nacked {
                 debug!(node = %node_id, revision, "Proxy acknowledged revision.");
-                self.peer.fleet.batch_acked(&node_id, revision);
+                self.peer.batch_acked(revision);
             }
             self.batch = None;
         }

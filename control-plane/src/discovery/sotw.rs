@@ -49,7 +49,7 @@ struct SotwType {
 impl SotwState {
     pub(crate) fn new(fleet: Fleet) -> Self {
         Self {
-            peer: Peer::new(fleet),
+            peer: Peer::new(fleet, "sotw"),
             types: BTreeMap::new(),
             nonces: 0,
         }
@@ -127,7 +127,7 @@ impl SotwState {
     /// fleet reports as its ACKed revision and lag.
     fn mark_current(&self, revision: u64) {
         if !self.types.is_empty() && self.types.values().all(|t| t.answered || t.nonce.is_none()) {
-            self.peer.fleet.batch_acked(self.peer.node_id(), revision);
+            self.peer.batch_acked(revision);
         }
     }
 
