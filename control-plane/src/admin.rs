@@ -119,6 +119,7 @@ pub fn router(state: AdminState) -> Router {
             state.clone(),
             auth::authenticate,
         ))
+        .layer(axum::middleware::from_fn(auth::same_origin))
         .with_state(state)
 }
 

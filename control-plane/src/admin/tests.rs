@@ -1077,3 +1077,42 @@ async fn the_first_admin_token_is_written_once_for_its_owner_only() {
         .expect("bootstrap");
     assert_eq!(again, None);
 }
+
+#[tokio::test]
+async fn cross_origin_requests_are_refused_and_same_origin_ones_served() {
+    let h = Harness::new().await;
+    let with = |headers: &[(&str, &str)], method: Method| {
+        let mut request = Request::builder().method(method).uri("/v1/revision");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(Body::empty()).expect("request")
+    };
+    let same = h
+        .send(with(
+            &[
+                ("host", "127.0.0.1:9000"),
+                ("origin", "http://127.0.0.1:9000"),
+            ],
+            Method::GET,
+        ))
+        .await;
+    assert_eq!(same.status, StatusCode::OK, "{}", same.body);
+    assert_eq!(same.headers["x-content-type-options"], "nosniff");
+    assert!(!same.headers.contains_key("access-control-allow-origin"));
+    for headers in [
+        &[
+            ("host", "127.0.0.1:9000"),
+            ("origin", "https://evil.example"),
+        ][..],
+        &[("host", "127.0.0.1:9000"), ("origin", "null")][..],
+        &[("host", "127.0.0.1:9000"), ("sec-fetch-site", "cross-site")][..],
+    ] {
+        for method in [Method::GET, Method::POST, Method::OPTIONS] {
+            let answer = h.send(with(headers, method.clone())).await;
+            assert_eq!(answer.status, StatusCode::FORBIDDEN, "{method} {headers:?}");
+            assert!(!answer.headers.contains_key("access-control-allow-origin"));
+        }
+    }
+    assert_eq!(h.revision(), 0);
+}
