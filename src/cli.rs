@@ -99,6 +99,24 @@ pub enum Command {
             default_value = "0.0.0.0:10443"
         )]
         envoy_tls_listener_addr: SocketAddr,
+        /// Serve the admin API over TLS with this certificate chain (PEM);
+        /// without one it serves plain HTTP, on a loopback address only.
+        #[arg(long, env = "PRISM_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+        admin_tls_cert: Option<PathBuf>,
+        /// The private key of `--admin-tls-cert` (PEM).
+        #[arg(long, env = "PRISM_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+        admin_tls_key: Option<PathBuf>,
+        /// Serve discovery over TLS with this certificate chain (PEM).
+        #[arg(long, env = "PRISM_XDS_TLS_CERT", requires = "xds_tls_key")]
+        xds_tls_cert: Option<PathBuf>,
+        /// The private key of `--xds-tls-cert` (PEM).
+        #[arg(long, env = "PRISM_XDS_TLS_KEY", requires = "xds_tls_cert")]
+        xds_tls_key: Option<PathBuf>,
+        /// Require discovery clients to present a certificate signed by this
+        /// CA (PEM); a proxy then gets only the namespaces its certificate's
+        /// SPIFFE IDs name (`spiffe://…/ns/<namespace>/…`, `ns/*` for all).
+        #[arg(long, env = "PRISM_XDS_CLIENT_CA", requires = "xds_tls_cert")]
+        xds_client_ca: Option<PathBuf>,
     },
     /// A data-plane proxy that subscribes to a control plane.
     Proxy {
@@ -379,7 +397,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             xds_addr,
             envoy_listener_addr,
             envoy_tls_listener_addr,
+            admin_tls_cert,
+            admin_tls_key,
+            xds_tls_cert,
+            xds_tls_key,
+            xds_client_ca,
         } => {
+            let files = |cert: Option<PathBuf>, key: Option<PathBuf>| {
+                Some(prism_control_plane::TlsFiles {
+                    cert: cert?,
+                    key: key?,
+                })
+            };
+            let scheme = |tls: bool| if tls { "https" } else { "http" };
+            let schemes = (
+                scheme(admin_tls_cert.is_some()),
+                scheme(xds_tls_cert.is_some()),
+            );
             let admin = bind("admin API", admin_addr).await?;
             let xds = bind("discovery server", xds_addr).await?;
             let control_plane =
@@ -387,6 +421,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     data_dir,
                     envoy_listener: envoy_listener_addr,
                     envoy_tls_listener: envoy_tls_listener_addr,
+                    admin_tls: files(admin_tls_cert, admin_tls_key),
+                    xds_tls: files(xds_tls_cert, xds_tls_key),
+                    xds_client_ca,
                 })
                 .await
                 .context("control plane")?;
@@ -394,8 +431,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             // OS; printed once the store is open, so the admin token file
             // is there too.
             println!(
-                "listening: admin=http://{} xds=http://{}",
+                "listening: admin={}://{} xds={}://{}",
+                schemes.0,
                 admin.local_addr()?,
+                schemes.1,
                 xds.local_addr()?
             );
             control_plane

@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 use crate::envoy::EnvoyParams;
 use crate::fleet::{Fleet, NodeInfo};
 use crate::store::Store;
+use crate::tls::ProxyIdentity;
 
 pub mod catalog;
 mod delta;
@@ -121,8 +122,9 @@ impl AggregatedDiscoveryService for Discovery {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let identity = identity(&request);
         Ok(Response::new(self.spawn(
-            SotwState::new(self.fleet.clone()),
+            SotwState::new(self.fleet.clone(), identity),
             request.into_inner(),
         )))
     }
@@ -131,11 +133,22 @@ impl AggregatedDiscoveryService for Discovery {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let identity = identity(&request);
         Ok(Response::new(self.spawn(
-            DeltaState::new(self.fleet.clone()),
+            DeltaState::new(self.fleet.clone(), identity),
             request.into_inner(),
         )))
     }
+}
+
+/// The identity the client's certificate proved, when the discovery server
+/// checks certificates.
+fn identity<T>(request: &Request<T>) -> Option<Arc<ProxyIdentity>> {
+    request
+        .extensions()
+        .get::<Option<Arc<ProxyIdentity>>>()
+        .cloned()
+        .flatten()
 }
 
 /// One variant's per-stream state machine.
@@ -274,13 +287,16 @@ pub(crate) struct Peer {
     /// The oldest revision pushed that the client does not hold in full
     /// yet, and when it was pushed.
     pending: Cell<Option<(u64, Instant)>>,
+    /// What its certificate proved, when the server checks certificates.
+    identity: Option<Arc<ProxyIdentity>>,
 }
 
 impl Peer {
-    fn new(fleet: Fleet, variant: &'static str) -> Self {
+    fn new(fleet: Fleet, variant: &'static str, identity: Option<Arc<ProxyIdentity>>) -> Self {
         Self {
             fleet,
             variant,
+            identity,
             node: None,
             filter: NamespaceFilter::default(),
             pending: Cell::new(None),
@@ -320,7 +336,9 @@ impl Peer {
         let node = node
             .filter(|n| !n.id.is_empty())
             .ok_or_else(|| Status::invalid_argument("the first request must carry node.id"))?;
-        self.filter = NamespaceFilter::from_node(node).map_err(Status::invalid_argument)?;
+        self.filter = NamespaceFilter::from_node(node)
+            .map_err(Status::invalid_argument)?
+            .restricted_to(self.identity.as_deref());
         let info = node_info(node);
         info!(node = %info.id, zone = %info.zone, "Proxy connected.");
         self.fleet.connected(info.clone());

@@ -10,11 +10,12 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::info;
 
 mod admin;
@@ -24,6 +25,7 @@ mod error;
 mod fleet;
 mod metrics;
 mod store;
+pub mod tls;
 
 pub use admin::ADMIN_TOKEN_FILE;
 use admin::AdminState;
@@ -32,6 +34,7 @@ use envoy::EnvoyParams;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use fleet::Fleet;
 use store::{Store, StoreError};
+pub use tls::TlsFiles;
 
 /// Bootstrap settings of a control plane.
 #[derive(Clone, Debug)]
@@ -45,6 +48,15 @@ pub struct Config {
     /// Address of the TLS socket listener in the Envoy view (the Listener
     /// `prism-https`, served while some namespace has a `tls_secret`).
     pub envoy_tls_listener: SocketAddr,
+    /// Serve the admin API over TLS with this certificate. Without it, the
+    /// admin API serves plain HTTP, and only on a loopback address.
+    pub admin_tls: Option<TlsFiles>,
+    /// Serve discovery over TLS with this certificate.
+    pub xds_tls: Option<TlsFiles>,
+    /// With `xds_tls`: require every discovery client to present a
+    /// certificate signed by this CA (PEM); each proxy then gets only the
+    /// namespaces its certificate names ([`tls`]).
+    pub xds_client_ca: Option<PathBuf>,
 }
 
 /// Where Envoy proxies listen unless told otherwise.
@@ -62,6 +74,9 @@ impl Config {
             data_dir: data_dir.into(),
             envoy_listener: DEFAULT_ENVOY_LISTENER,
             envoy_tls_listener: DEFAULT_ENVOY_TLS_LISTENER,
+            admin_tls: None,
+            xds_tls: None,
+            xds_client_ca: None,
         }
     }
 }
@@ -91,6 +106,15 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(
+        "the admin API serves plain HTTP only on a loopback address, not {0}: \
+         give it a certificate (--admin-tls-cert, --admin-tls-key) or bind 127.0.0.1"
+    )]
+    PlainAdmin(SocketAddr),
+    #[error("--xds-client-ca needs --xds-tls-cert and --xds-tls-key")]
+    ClientCaWithoutTls,
 }
 
 /// Opens the store and serves until `shutdown` resolves: [`ControlPlane::open`],
@@ -112,6 +136,8 @@ pub struct ControlPlane {
     config: Config,
     store: Store,
     token_file: PathBuf,
+    admin_tls: Option<Arc<rustls::ServerConfig>>,
+    xds_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ControlPlane {
@@ -119,13 +145,27 @@ impl ControlPlane {
     /// directory. A store with no admin token yet gets one, written to
     /// `<data dir>/admin-token` ([`ADMIN_TOKEN_FILE`]) for its owner only:
     /// once this returns, that file is there for the CLI to find.
+    /// Certificates are read here too, so a bad one stops the control plane
+    /// before it serves anything.
     pub async fn open(config: Config) -> Result<Self, Error> {
+        let admin_tls = config
+            .admin_tls
+            .as_ref()
+            .map(|files| tls::server_config(files, None, &[b"h2", b"http/1.1"]))
+            .transpose()?;
+        let xds_tls = match (&config.xds_tls, &config.xds_client_ca) {
+            (None, Some(_)) => return Err(Error::ClientCaWithoutTls),
+            (None, None) => None,
+            (Some(files), ca) => Some(tls::server_config(files, ca.as_deref(), &[b"h2"])?),
+        };
         let store = Store::open(&config.data_dir)?;
         admin::auth::bootstrap(&store, &config.data_dir).await?;
         Ok(Self {
             token_file: config.data_dir.join(ADMIN_TOKEN_FILE),
             config,
             store,
+            admin_tls,
+            xds_tls,
         })
     }
 
@@ -143,17 +183,29 @@ impl ControlPlane {
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
-        let Self { config, store, .. } = self;
-        serve(config, store, listeners, shutdown).await
+        let admin_addr = listeners.admin.local_addr()?;
+        if self.admin_tls.is_none() && !admin_addr.ip().is_loopback() {
+            return Err(Error::PlainAdmin(admin_addr));
+        }
+        if self.admin_tls.is_none() {
+            info!(%admin_addr, "The admin API serves plain HTTP, on loopback only; give it a certificate to serve beyond this host.");
+        }
+        serve(self, listeners, shutdown).await
     }
 }
 
 async fn serve(
-    config: Config,
-    store: Store,
+    control_plane: ControlPlane,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let ControlPlane {
+        config,
+        store,
+        admin_tls,
+        xds_tls,
+        ..
+    } = control_plane;
     let fleet = Fleet::default();
     let (admin_addr, xds_addr) = (listeners.admin.local_addr()?, listeners.xds.local_addr()?);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -163,7 +215,7 @@ async fn serve(
     };
 
     let admin = axum::serve(
-        listeners.admin,
+        tls::AdminListener::new(listeners.admin, admin_tls)?,
         admin::router(AdminState {
             store: store.clone(),
             fleet: fleet.clone(),
@@ -190,7 +242,10 @@ async fn serve(
         .add_service(discovery.into_service())
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(nodelay(listeners.xds), stopped(stop_rx));
+        .serve_with_incoming_shutdown(
+            ReceiverStream::new(tls::incoming(listeners.xds, xds_tls)).map(Ok::<_, std::io::Error>),
+            stopped(stop_rx),
+        );
 
     info!(%admin_addr, %xds_addr, data_dir = %config.data_dir.display(), revision = store.revision(), "Control plane ready.");
     tokio::spawn(async move {
@@ -206,21 +261,6 @@ async fn serve(
     Ok(())
 }
 
-/// The discovery listener's connections with Nagle's algorithm off. tonic
-/// sets `TCP_NODELAY` only on listeners it binds itself; without it, the
-/// second of a batch's small responses waits for the proxy's delayed ACK,
-/// and a fresh proxy's first configuration arrived 40 ms late about half the
-/// time.
-fn nodelay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,13 +269,15 @@ mod tests {
     async fn discovery_connections_have_nagle_off() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut incoming = Box::pin(nodelay(listener));
+        let mut incoming = tls::incoming(listener, None);
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let accepted = tokio::time::timeout(std::time::Duration::from_secs(10), incoming.next())
+        let accepted = tokio::time::timeout(std::time::Duration::from_secs(10), incoming.recv())
             .await
             .expect("accepted in time")
-            .expect("a connection")
-            .expect("accepted");
+            .expect("a connection");
+        let tls::Conn::Plain(accepted) = accepted else {
+            panic!("plain TCP without a certificate");
+        };
         assert!(accepted.nodelay().expect("nodelay"));
     }
 }

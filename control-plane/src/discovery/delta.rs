@@ -19,6 +19,7 @@ use super::Peer;
 use super::catalog::{Catalog, TypeKind};
 use super::subscription::{Changes, Diff, Subscription};
 use crate::fleet::Fleet;
+use crate::tls::ProxyIdentity;
 
 /// Envoy-type responses remembered for their ACK/NACK; older ones are stale.
 const REMEMBERED_RESPONSES: usize = 64;
@@ -49,9 +50,9 @@ pub(crate) struct Batch {
 }
 
 impl DeltaState {
-    pub(crate) fn new(fleet: Fleet) -> Self {
+    pub(crate) fn new(fleet: Fleet, identity: Option<Arc<ProxyIdentity>>) -> Self {
         Self {
-            peer: Peer::new(fleet, "delta"),
+            peer: Peer::new(fleet, "delta", identity),
             subs: BTreeMap::new(),
             prism_sent: BTreeMap::new(),
             resubscribed: BTreeSet::new(),

@@ -22,6 +22,7 @@ use super::catalog::{Catalog, Entry, TypeKind};
 use super::delta::unknown_type;
 use super::subscription::Subscription;
 use crate::fleet::Fleet;
+use crate::tls::ProxyIdentity;
 
 /// State of one state-of-the-world stream.
 #[derive(Debug)]
@@ -47,9 +48,9 @@ struct SotwType {
 }
 
 impl SotwState {
-    pub(crate) fn new(fleet: Fleet) -> Self {
+    pub(crate) fn new(fleet: Fleet, identity: Option<Arc<ProxyIdentity>>) -> Self {
         Self {
-            peer: Peer::new(fleet, "sotw"),
+            peer: Peer::new(fleet, "sotw", identity),
             types: BTreeMap::new(),
             nonces: 0,
         }

@@ -9,6 +9,7 @@ use envoy_types::pb::google::protobuf::value::Kind as ValueKind;
 use prism_proto::{Kind, Resource, ResourceKey, Snapshot};
 
 use super::catalog::{Catalog, Entry, TypeKind};
+use crate::tls::ProxyIdentity;
 
 /// Version recorded for a name the client was told does not exist.
 pub const ABSENT: &str = "";
@@ -19,6 +20,9 @@ pub const ABSENT: &str = "";
 pub struct NamespaceFilter {
     names: BTreeSet<String>,
     selector: BTreeMap<String, String>,
+    /// The namespaces the client's certificate lets it serve, when the
+    /// discovery server checks certificates (`None`: any).
+    allowed: Option<BTreeSet<String>>,
 }
 
 impl NamespaceFilter {
@@ -55,11 +59,21 @@ impl NamespaceFilter {
             };
             selector.insert(key.trim().to_string(), value.trim().to_string());
         }
-        Ok(Self { names, selector })
+        Ok(Self {
+            names,
+            selector,
+            allowed: None,
+        })
     }
 
     pub fn is_all(&self) -> bool {
-        self.names.is_empty() && self.selector.is_empty()
+        self.names.is_empty() && self.selector.is_empty() && self.allowed.is_none()
+    }
+
+    /// This filter, further limited to the namespaces `identity` may serve.
+    pub fn restricted_to(mut self, identity: Option<&ProxyIdentity>) -> Self {
+        self.allowed = identity.and_then(|identity| identity.namespaces.clone());
+        self
     }
 
     /// Whether `namespace` of `snapshot` passes the filter.
@@ -68,6 +82,13 @@ impl NamespaceFilter {
             return true;
         }
         if !self.names.is_empty() && !self.names.contains(namespace) {
+            return false;
+        }
+        if self
+            .allowed
+            .as_ref()
+            .is_some_and(|allowed| !allowed.contains(namespace))
+        {
             return false;
         }
         if self.selector.is_empty() {
@@ -399,6 +420,7 @@ mod tests {
                 NamespaceFilter {
                     names: ["a".to_string()].into(),
                     selector: BTreeMap::new(),
+                    allowed: None,
                 }
             } else {
                 NamespaceFilter::default()

@@ -123,7 +123,7 @@ fn names(response: &DeltaDiscoveryResponse) -> Vec<&str> {
 #[test]
 fn first_batch_carries_every_kind_at_one_revision() {
     let fleet = Fleet::default();
-    let mut state = DeltaState::new(fleet.clone());
+    let mut state = DeltaState::new(fleet.clone(), None);
     let snap = snapshot(7, 1000);
     let batch = connect(&mut state, &snap);
     assert_eq!(batch.len(), Kind::ALL.len());
@@ -154,7 +154,7 @@ fn first_batch_carries_every_kind_at_one_revision() {
 
 #[test]
 fn a_change_sends_only_what_changed_and_empty_responses_for_the_rest() {
-    let mut state = DeltaState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default(), None);
     let snap = snapshot(1, 1000);
     for response in connect(&mut state, &snap) {
         state.on_request(ack(&response), &snap).expect("ack");
@@ -174,7 +174,7 @@ fn a_change_sends_only_what_changed_and_empty_responses_for_the_rest() {
 
 #[test]
 fn removals_are_named() {
-    let mut state = DeltaState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default(), None);
     let snap = snapshot(1, 1000);
     for response in connect(&mut state, &snap) {
         state.on_request(ack(&response), &snap).expect("ack");
@@ -198,7 +198,7 @@ fn removals_are_named() {
 #[test]
 fn a_nack_is_recorded_and_the_rejected_revision_is_not_resent() {
     let fleet = Fleet::default();
-    let mut state = DeltaState::new(fleet.clone());
+    let mut state = DeltaState::new(fleet.clone(), None);
     let snap = snapshot(1, 1000);
     for response in connect(&mut state, &snap) {
         state.on_request(ack(&response), &snap).expect("ack");
@@ -226,7 +226,7 @@ fn a_nack_is_recorded_and_the_rejected_revision_is_not_resent() {
 #[test]
 fn a_resumed_stream_gets_only_what_changed() {
     let snap = snapshot(5, 1000);
-    let mut state = DeltaState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default(), None);
     let batch: Vec<_> = Kind::ALL
         .into_iter()
         .flat_map(|kind| {
@@ -249,7 +249,7 @@ fn a_resumed_stream_gets_only_what_changed() {
             .all(|r| r.resources.is_empty() && r.removed_resources.is_empty())
     );
 
-    let mut state = DeltaState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default(), None);
     let stale = DeltaDiscoveryRequest {
         initial_resource_versions: HashMap::from([("demo/gone".to_string(), "1".to_string())]),
         ..subscribe(Kind::Backend)
@@ -262,7 +262,7 @@ fn a_resumed_stream_gets_only_what_changed() {
 #[test]
 fn bad_requests_end_the_stream_with_a_clear_status() {
     let snap = snapshot(1, 1000);
-    let mut state = DeltaState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default(), None);
     let no_node = DeltaDiscoveryRequest {
         node: None,
         ..subscribe(Kind::Route)
@@ -282,7 +282,7 @@ fn bad_requests_end_the_stream_with_a_clear_status() {
 #[test]
 fn stale_nonces_are_ignored() {
     let snap = snapshot(1, 1000);
-    let mut state = DeltaState::new(Fleet::default());
+    let mut state = DeltaState::new(Fleet::default(), None);
     let batch = connect(&mut state, &snap);
     let stale = DeltaDiscoveryRequest {
         response_nonce: "0-999".into(),
