@@ -336,7 +336,7 @@ async fn apply(
     };
     if params.dry_run {
         let revision = state.store.revision();
-        let changes = state.store.dry_run(&mutation)?;
+        let changes = state.store.preview(&mutation)?.changes;
         let answer = Json(json!({
             "revision": revision,
             "dry_run": true,
