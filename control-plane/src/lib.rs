@@ -18,6 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 mod admin;
+mod diff;
 mod discovery;
 pub mod envoy;
 mod error;
