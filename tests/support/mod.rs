@@ -225,7 +225,22 @@ impl Admin {
         path: &str,
         body: Option<(&str, String)>,
     ) -> (u16, Value) {
+        self.request_as(None, method, path, body).await
+    }
+
+    /// [`Admin::request`] made by `actor`, who the change log records as its
+    /// author (anonymous when `None`).
+    pub async fn request_as(
+        &self,
+        actor: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> (u16, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(actor) = actor {
+            request = request.header("x-prism-actor", actor);
+        }
         if let Some((content_type, body)) = body {
             request = request.header("content-type", content_type).body(body);
         }
