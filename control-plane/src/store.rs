@@ -515,7 +515,7 @@ impl Store {
             revision,
             changes: changes
                 .iter()
-                .map(|change| change.to_record_after(&current))
+                .map(|change| change.to_record_from(&current))
                 .collect(),
             actor: actor.to_string(),
             action: action.to_string(),
@@ -666,7 +666,8 @@ impl Mutation {
 }
 
 impl Change {
-    /// The change-log form of this change.
+    /// The change-log form of this change, without its before-image (see
+    /// [`Change::to_record_from`]).
     pub fn to_record(&self) -> ResourceChange {
         let op = match self.op {
             ChangeOp::Create | ChangeOp::Update => resource_change::Op::Upsert,
@@ -681,9 +682,9 @@ impl Change {
         }
     }
 
-    /// The change-log form of this change to `before`, the policy it was
-    /// made to: with its resource's before-image (empty for a create).
-    pub fn to_record_after(&self, before: &Snapshot) -> ResourceChange {
+    /// The change-log form of this change made to the policy `before`: with
+    /// its resource's before-image (empty for a create).
+    pub fn to_record_from(&self, before: &Snapshot) -> ResourceChange {
         let key = ResourceKey::new(self.kind, self.name.clone());
         let previous = before
             .get(&key)
