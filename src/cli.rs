@@ -212,6 +212,28 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// What changed between two revisions: a unified diff of each changed
+    /// resource's YAML as `prism get` prints it (secrets redacted).
+    Diff {
+        /// The revision to diff from.
+        from: u64,
+        /// The revision to diff to; the current one by default.
+        to: Option<u64>,
+    },
+    /// Make the policy equal an earlier revision's again, as one new
+    /// revision; refused, changing nothing, when that policy breaks today's
+    /// validation rules. Prints the changes and their diffs.
+    Rollback {
+        /// The revision whose policy to restore.
+        revision: u64,
+        /// Show what would change without changing it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Roll back only if the policy is still at this revision (the one
+        /// a `--dry-run` showed).
+        #[arg(long, value_name = "REVISION")]
+        if_match: Option<u64>,
+    },
     /// The proxy fleet: revision ACKed, lag, last NACK.
     Status,
     /// Bearer tokens of the admin API (needs an admin token).
@@ -531,6 +553,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => {
             let history = client.history(limit, namespace.as_deref(), author.as_deref());
             print!("{}", history.await?);
+            Ok(())
+        }
+        Command::Diff { from, to } => {
+            print!("{}", client.diff(from, to).await?);
+            Ok(())
+        }
+        Command::Rollback {
+            revision,
+            dry_run,
+            if_match,
+        } => {
+            print!("{}", client.rollback(revision, dry_run, if_match).await?);
             Ok(())
         }
         Command::Status => {

@@ -1,5 +1,5 @@
 //! The operator commands' side of the admin API: `apply`, `get`, `delete`,
-//! `history`, `status`. Turns answers into short text, and API errors into messages that
+//! `history`, `diff`, `rollback`, `status`. Turns answers into short text, and API errors into messages that
 //! name the field.
 
 use std::str::FromStr;
@@ -94,8 +94,69 @@ impl AdminClient {
             let verb = if dry_run { "would apply" } else { "applied" };
             out.push_str(&format!("{verb} at revision {revision}:\n"));
             out.push_str(&change_lines(&changes));
+            // A dry run's changes carry their diffs.
+            out.push_str(&diffs(&changes));
         }
         Ok(out)
+    }
+
+    /// `GET /v1/diff`: the unified diffs of what changed from revision
+    /// `from` to `to` (the current one by default).
+    pub async fn diff(&self, from: u64, to: Option<u64>) -> anyhow::Result<String> {
+        let mut query = vec![("from", from.to_string())];
+        query.extend(to.map(|to| ("to", to.to_string())));
+        let request = self
+            .http
+            .get(format!("{}/v1/diff", self.base))
+            .query(&query);
+        let answer = self.send(request).await?;
+        let changes = answer["changes"].as_array().cloned().unwrap_or_default();
+        if changes.is_empty() {
+            return Ok(format!(
+                "no changes from revision {} to revision {}\n",
+                answer["from"], answer["to"]
+            ));
+        }
+        Ok(diffs(&changes))
+    }
+
+    /// `POST /v1/rollback`: one new revision whose policy equals
+    /// `revision`'s (or with `dry_run`, what it would change), sent with
+    /// `If-Match` on `if_match` if given.
+    pub async fn rollback(
+        &self,
+        revision: u64,
+        dry_run: bool,
+        if_match: Option<u64>,
+    ) -> anyhow::Result<String> {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/rollback", self.base))
+            .query(&[
+                ("to", revision.to_string()),
+                ("dry_run", dry_run.to_string()),
+            ]);
+        if let Some(based_on) = if_match {
+            request = request.header("if-match", format!("\"r{based_on}\""));
+        }
+        let answer = self.send(request).await?;
+        let at = answer["revision"].as_u64().unwrap_or_default();
+        let changes = answer["changes"].as_array().cloned().unwrap_or_default();
+        if changes.is_empty() {
+            return Ok(format!(
+                "unchanged: the policy is revision {revision}'s already (revision {at})\n"
+            ));
+        }
+        let verb = if dry_run {
+            "would roll back"
+        } else {
+            "rolled back"
+        };
+        Ok(format!(
+            "{verb} to revision {revision} at revision {at}:\n{}{}",
+            change_lines(&changes),
+            diffs(&changes)
+        ))
     }
 
     /// `GET /v1/history`: the newest `limit` revisions, optionally only
@@ -318,6 +379,14 @@ fn change_lines(changes: &[Value]) -> String {
             let op = text("op").to_ascii_lowercase();
             format!("  {op:<7} {} {}\n", text("kind"), text("name"))
         })
+        .collect()
+}
+
+/// The unified diffs the admin API gave with `changes`, one after another.
+fn diffs(changes: &[Value]) -> String {
+    changes
+        .iter()
+        .filter_map(|change| change["diff"].as_str())
         .collect()
 }
 

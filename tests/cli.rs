@@ -184,6 +184,114 @@ async fn apply_get_delete_through_the_cli() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_and_rollback_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let quickstart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/quickstart.yaml"
+    );
+    let moved = dir.path().join("moved.yaml");
+    let text = std::fs::read_to_string(quickstart).expect("quickstart");
+    std::fs::write(&moved, text.replace("127.0.0.1:8081", "127.0.0.1:8082")).expect("write");
+    let moved = moved.to_string_lossy().into_owned();
+    let (admin, token) = (cp.admin.clone(), cp.token.clone());
+    let run = move |args: Vec<String>| {
+        let (admin, token) = (admin.clone(), token.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                prism(&admin, &token, &args)
+            })
+            .await
+            .expect("join")
+        }
+    };
+    let args = |line: &str| line.split(' ').map(str::to_string).collect::<Vec<_>>();
+
+    let (ok, _, err) = run(args(&format!("apply -f {quickstart}"))).await;
+    assert!(ok, "{err}");
+    // A dry run prints the changes, then their diffs.
+    let (ok, out, err) = run(args(&format!("apply -f {moved} --dry-run"))).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("would apply at revision 1:\n  update  Backend demo/upstream\n")
+            && out
+                .contains("--- Backend demo/upstream @ r1\n+++ Backend demo/upstream @ dry run\n")
+            && out.contains("\n-  - address: 127.0.0.1:8081\n+  - address: 127.0.0.1:8082\n"),
+        "{out}"
+    );
+    let (ok, _, err) = run(args(&format!("apply -f {moved}"))).await;
+    assert!(ok, "{err}");
+
+    let (ok, out, err) = run(args("diff 1 2")).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("--- Backend demo/upstream @ r1\n+++ Backend demo/upstream @ r2\n@@ ")
+            && out.contains("\n-  - address: 127.0.0.1:8081\n+  - address: 127.0.0.1:8082\n"),
+        "{out}"
+    );
+    // A created resource's diff adds what `prism get` prints, line for line.
+    let (ok, out, err) = run(args("diff 0")).await;
+    assert!(ok, "{err}");
+    let (_, shown, _) = run(args("get route demo/root")).await;
+    let added: String = shown.lines().map(|line| format!("+{line}\n")).collect();
+    assert!(
+        out.contains(&format!(
+            "+++ Route demo/root @ r2\n@@ -0,0 +1,{} @@\n{added}",
+            shown.lines().count()
+        )),
+        "{out}\n{shown}"
+    );
+
+    let (ok, out, err) = run(args("rollback 1 --dry-run")).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(
+            "would roll back to revision 1 at revision 2:\n  update  Backend demo/upstream\n"
+        ) && out.contains("--- Backend demo/upstream @ r2\n+++ Backend demo/upstream @ r1\n"),
+        "{out}"
+    );
+    let (ok, out, err) = run(args("rollback 1 --if-match 1")).await;
+    assert!(!ok, "a stale rollback is refused: {out}");
+    assert!(
+        err.contains("HTTP 412") && err.contains("revision 2"),
+        "{err}"
+    );
+    let (ok, out, err) = run(args("rollback 1")).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("rolled back to revision 1 at revision 3:\n"),
+        "{out}"
+    );
+    let (_, shown, _) = run(args("get backend demo/upstream")).await;
+    assert!(shown.contains("address: 127.0.0.1:8081"), "{shown}");
+    let (ok, out, err) = run(args("rollback 3")).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "unchanged: the policy is revision 3's already (revision 3)\n"
+    );
+    let (ok, out, err) = run(args("diff 1 3")).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "no changes from revision 1 to revision 3\n");
+
+    let (ok, out, err) = run(args("history --limit 1")).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("revision 3 by admin (rollback) at "),
+        "{out}"
+    );
+    let (ok, _, err) = run(args("diff 7")).await;
+    assert!(!ok);
+    assert!(
+        err.contains("from: revision 7 does not exist: the newest is 3 (HTTP 404)"),
+        "{err}"
+    );
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_secrets_shows_expiry_and_names_never_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cp = ControlPlane::start(dir.path()).await;

@@ -477,3 +477,119 @@ async fn control_plane_metrics_move_with_writes_pushes_acks_and_nacks() {
     assert_eq!(gone.get("prism_control_plane_proxies_connected"), 0.0);
     cp.stop().await;
 }
+
+/// The proof: apply A, apply B, roll back to A; the proxy serves A
+/// again and the change log shows the three revisions and who made them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_to_an_earlier_revision_is_what_the_proxy_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start(dir.path()).await;
+    let admin = cp.client();
+    let proxy = Proxy::start(&cp.xds, "proxy-rollback").await;
+    let (blue, green) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    let http = reqwest::Client::new();
+    let serves = |upstream: &'static str| {
+        let (http, url) = (http.clone(), proxy.url.clone());
+        async move {
+            eventually(&format!("requests reach {upstream}"), || async {
+                let answer = get(&http, &url, "shop.test", "/").await;
+                (answer.upstream.as_deref() == Some(upstream)).then_some(())
+            })
+            .await;
+        }
+    };
+    let (alice, bob, carol) = (
+        admin.token("alice", "editor").await,
+        admin.token("bob", "editor").await,
+        admin.token("carol", "editor").await,
+    );
+    let apply = |token: &str, yaml: String| {
+        let (admin, token) = (admin.clone(), token.to_string());
+        async move {
+            let (status, body) = admin
+                .request_as(
+                    &token,
+                    Method::POST,
+                    "/v1/apply",
+                    Some(("application/yaml", yaml)),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            body["revision"].as_u64().expect("a revision")
+        }
+    };
+
+    let a = apply(&alice, policy("shop", "shop.test", "blue", blue.addr, "/")).await;
+    serves("blue").await;
+    let b = apply(&bob, policy("shop", "shop.test", "green", green.addr, "/")).await;
+    serves("green").await;
+    assert_eq!((a, b), (1, 2));
+
+    // What B changed: the route's backend, and a new backend.
+    let (status, diff) = admin
+        .request(Method::GET, &format!("/v1/diff?from={a}&to={b}"), None)
+        .await;
+    assert_eq!(status, 200, "{diff}");
+    let changed: Vec<(&str, &str)> = diff["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| {
+            (
+                c["op"].as_str().unwrap_or(""),
+                c["name"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(changed, [("create", "shop/green"), ("update", "shop/root")]);
+    let route = diff["changes"][1]["diff"].as_str().unwrap_or_default();
+    assert!(
+        route.contains("\n-  backend: blue\n+  backend: green\n"),
+        "{route}"
+    );
+
+    let (status, rolled) = admin
+        .request_as(&carol, Method::POST, &format!("/v1/rollback?to={a}"), None)
+        .await;
+    assert_eq!(status, 200, "{rolled}");
+    let revision = rolled["revision"].as_u64().expect("a revision");
+    assert_eq!(revision, 3);
+    serves("blue").await;
+    proxy.converge(revision).await;
+    let answer = get(&http, &proxy.url, "shop.test", "/").await;
+    assert_eq!(
+        (answer.status, answer.upstream.as_deref()),
+        (200, Some("blue")),
+        "{answer:?}"
+    );
+    // The policy is A's again: nothing between them.
+    let (_, same) = admin
+        .request(Method::GET, &format!("/v1/diff?from={a}"), None)
+        .await;
+    assert_eq!(same["changes"], serde_json::json!([]), "{same}");
+
+    let (_, history) = admin.request(Method::GET, "/v1/history", None).await;
+    let entries: Vec<(&str, &str, &str)> = history["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|item| {
+            let text = |k: &str| item[k].as_str().unwrap_or("");
+            (text("revision"), text("actor"), text("action"))
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("3", "carol", "rollback"),
+            ("2", "bob", "apply"),
+            ("1", "alice", "apply"),
+        ]
+    );
+
+    proxy.stop().await;
+    cp.stop().await;
+}

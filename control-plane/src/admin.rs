@@ -21,7 +21,9 @@
 //! | `GET /v1/{kind}/{name}`         | read one (header `x-prism-revision`, `ETag`)  |
 //! | `PUT /v1/{kind}/{name}`         | create or replace (`If-Match`: its `ETag`)    |
 //! | `DELETE /v1/{kind}/{name}`      | delete (`If-Match`: its `ETag`)               |
-//! | `POST /v1/apply?dry_run=…`      | upsert a YAML/JSON policy document, all or nothing (`If-Match`: the policy's `ETag`) |
+//! | `POST /v1/apply?dry_run=…`      | upsert a YAML/JSON policy document, all or nothing (`If-Match`: the policy's `ETag`); a dry run's changes carry their diffs |
+//! | `GET /v1/diff?from=R1&to=R2`    | what changed between two revisions (`to`: the current one by default), as unified diffs of each resource's YAML |
+//! | `POST /v1/rollback?to=R&dry_run=…` | one new revision whose policy equals revision R's (`If-Match`: the policy's `ETag`) |
 //! | `GET /v1/revision`              | the current revision (`ETag` of the policy)   |
 //! | `GET /v1/history?limit=N&namespace=NS&author=A` | the change log, newest first, optionally only one namespace's or one author's |
 //! | `GET /v1/proxies`               | the fleet's status                            |
@@ -48,9 +50,10 @@ use prism_proto::{Kind, Resource, ResourceKey, parse_policy, validate_resource};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::diff::{self, Labels};
 use crate::error::ApiError;
 use crate::fleet::Fleet;
-use crate::store::{Mutation, Precondition, Store, policy_etag, resource_etag};
+use crate::store::{Mutation, Precondition, Store, StoreError, policy_etag, resource_etag};
 
 pub mod auth;
 #[cfg(test)]
@@ -86,6 +89,22 @@ struct ApplyParams {
     dry_run: bool,
 }
 
+/// Query of `GET /v1/diff`: revision numbers, read as text so that a bad
+/// one is refused naming its parameter.
+#[derive(Deserialize)]
+struct DiffParams {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// Query of `POST /v1/rollback`.
+#[derive(Deserialize)]
+struct RollbackParams {
+    to: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
 #[derive(Deserialize)]
 struct HistoryParams {
     limit: Option<usize>,
@@ -110,6 +129,8 @@ pub fn router(state: AdminState) -> Router {
             get(auth::list_tokens).post(auth::create_token),
         )
         .route("/v1/tokens/{id}", delete(auth::revoke_token))
+        .route("/v1/diff", get(diff))
+        .route("/v1/rollback", post(rollback))
         .route("/v1/{kind}", get(list).post(create))
         .route("/v1/{kind}/{*name}", get(read).put(replace).delete(remove))
         .fallback(unknown_path)
@@ -366,22 +387,24 @@ async fn apply(
     let body = read_body(body)?;
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::invalid(format!("the document is not UTF-8: {e}")))?;
-    // `*` matches any revision: no condition at all.
-    let precondition = if_match(&headers)?
-        .filter(|tags| !tags.is_empty())
-        .map(|tags| Precondition::Revision(tags.iter().filter_map(|t| revision_of(t)).collect()));
     let upserts = parse_policy(text)?;
     for resource in &upserts {
         caller.check(&resource.key())?;
     }
     let mutation = Mutation {
         upserts,
-        precondition,
+        precondition: policy_precondition(&headers)?,
         ..Mutation::default()
     };
     if params.dry_run {
-        let revision = state.store.revision();
-        let changes = state.store.dry_run(&mutation)?;
+        let preview = state.store.preview(&mutation)?;
+        let revision = preview.before.revision;
+        let from = format!("r{revision}");
+        let labels = Labels {
+            from: &from,
+            to: "dry run",
+        };
+        let changes = diff::annotate(&preview.before, &preview.after, preview.changes, labels);
         let answer = Json(json!({
             "revision": revision,
             "dry_run": true,
@@ -404,6 +427,156 @@ async fn apply(
         answer.into_response(),
         &policy_etag(commit.revision),
     ))
+}
+
+/// What changed between revisions `from` and `to` (the current one by
+/// default): `{from, to, changes: [{op, kind, name, version, diff}]}`.
+async fn diff(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    params: Result<Query<DiffParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let from = revision_param("from", params.from.as_deref())?
+        .ok_or_else(|| missing("from", "the revision to diff from"))?;
+    let to = match revision_param("to", params.to.as_deref())? {
+        Some(to) => to,
+        None => state.store.revision(),
+    };
+    let old = state
+        .store
+        .policy_at(from)
+        .map_err(|e| revision_error(e, "from"))?;
+    let new = state
+        .store
+        .policy_at(to)
+        .map_err(|e| revision_error(e, "to"))?;
+    let (from_label, to_label) = (format!("r{from}"), format!("r{to}"));
+    let labels = Labels {
+        from: &from_label,
+        to: &to_label,
+    };
+    // A token scoped to namespaces sees only the changes to them.
+    let mut changes = diff::between(&old, &new, labels);
+    changes.retain(|c| {
+        caller.covers(auth::namespace_of(&ResourceKey::new(
+            c.change.kind,
+            c.change.name.clone(),
+        )))
+    });
+    Ok(Json(json!({
+        "from": from,
+        "to": to,
+        "changes": changes,
+    })))
+}
+
+/// Commits one revision (action `rollback`) whose policy equals revision
+/// `to`'s, validated like every write; with `dry_run`, says what it would
+/// change and writes nothing. Answers like `/v1/apply`, each change with its
+/// diff.
+async fn rollback(
+    State(state): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    params: Result<Query<RollbackParams>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if !caller.namespaces.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            format!(
+                "a rollback sets the whole policy: the token of `{}` covers only {}",
+                caller.subject,
+                caller.namespaces.join(", ")
+            ),
+        ));
+    }
+    let to = revision_param("to", params.to.as_deref())?
+        .ok_or_else(|| missing("to", "the revision to roll back to"))?;
+    let precondition = policy_precondition(&headers)?;
+    let (revision, unchanged, before, after, changes) = if params.dry_run {
+        let preview = state
+            .store
+            .preview_rollback(to, precondition.as_ref())
+            .map_err(|e| revision_error(e, "to"))?;
+        let revision = preview.before.revision;
+        let unchanged = preview.changes.is_empty();
+        (
+            revision,
+            unchanged,
+            preview.before,
+            preview.after,
+            preview.changes,
+        )
+    } else {
+        let done = state
+            .store
+            .rollback(to, precondition.as_ref(), &caller.subject)
+            .await
+            .map_err(|e| revision_error(e, "to"))?;
+        let commit = done.commit;
+        let unchanged = commit.unchanged;
+        (
+            commit.revision,
+            unchanged,
+            done.before,
+            done.after,
+            commit.changes,
+        )
+    };
+    // The policy made equals revision `to`'s: its diffs are headed so.
+    let (from_label, to_label) = (format!("r{}", before.revision), format!("r{to}"));
+    let labels = Labels {
+        from: &from_label,
+        to: &to_label,
+    };
+    let changes = diff::annotate(&before, &after, changes, labels);
+    let answer = Json(json!({
+        "revision": revision,
+        "to": to,
+        "dry_run": params.dry_run,
+        "unchanged": unchanged,
+        "changes": changes,
+    }));
+    Ok(with_etag(answer.into_response(), &policy_etag(revision)))
+}
+
+/// A revision number given in query parameter `field`, if given.
+fn revision_param(field: &'static str, value: Option<&str>) -> Result<Option<u64>, ApiError> {
+    value
+        .map(|text| {
+            text.parse::<u64>().map_err(|_| {
+                ApiError::invalid(format!("`{text}` is not a revision number such as 7"))
+                    .with_field(field)
+            })
+        })
+        .transpose()
+}
+
+/// 400 for a required query parameter `field`, `what`, that is missing.
+fn missing(field: &'static str, what: &str) -> ApiError {
+    ApiError::invalid(format!("`{field}` is required: {what}")).with_field(field)
+}
+
+/// A store error about the revision given in query parameter `field`,
+/// naming it.
+fn revision_error(error: StoreError, field: &'static str) -> ApiError {
+    match error {
+        e @ (StoreError::NoSuchRevision { .. } | StoreError::ContentNotRecorded { .. }) => {
+            ApiError::from(e).with_field(field)
+        }
+        e => e.into(),
+    }
+}
+
+/// The condition an `If-Match` header puts on the policy's revision; `*`
+/// matches any revision: no condition at all.
+fn policy_precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
+    Ok(if_match(headers)?
+        .filter(|tags| !tags.is_empty())
+        .map(|tags| Precondition::Revision(tags.iter().filter_map(|t| revision_of(t)).collect())))
 }
 
 /// The entity tags of an `If-Match` header, without their quotes: `None`

@@ -155,6 +155,17 @@ impl From<StoreError> for ApiError {
                     ),
                 )
             },
+            e @ StoreError::NoSuchRevision { .. } => ApiError::not_found(e.to_string()),
+            // The request is well formed and the revision exists (not 400 or
+            // 404), but its policy can never be rebuilt: no change of state
+            // will make a retry succeed (not 409). One status for the diff
+            // (a GET) and the rollback (a POST); 410 would say the endpoint
+            // itself is gone.
+            e @ StoreError::ContentNotRecorded { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "revision_unavailable",
+                e.to_string(),
+            ),
             e
             @ (StoreError::CreateDir { .. } | StoreError::Storage(_) | StoreError::Corrupt(_)) => {
                 ApiError::internal(&e)

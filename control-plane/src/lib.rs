@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::info;
 
 mod admin;
+mod diff;
 mod discovery;
 pub mod envoy;
 mod error;

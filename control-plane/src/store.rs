@@ -16,7 +16,13 @@
 //! Layout on disk, one sled database with three trees:
 //! - `resources`: `"{Kind}/{name}"` (e.g. `Backend/demo/web`) → protobuf bytes.
 //! - `meta`: `revision` → the current revision, u64 big-endian.
-//! - `changelog`: revision (u64 big-endian) → encoded [`pb::admin::v1::Revision`].
+//! - `changelog`: revision (u64 big-endian) → encoded [`pb::admin::v1::Revision`],
+//!   each change with the before-image of its resource (`previous`: the
+//!   encoded resource before the change, empty for a create). With those,
+//!   [`Store::policy_at`] rebuilds any revision's policy by undoing the later
+//!   ones, newest first; entries written before the change log recorded
+//!   content have none, and no revision before the newest of them can be
+//!   rebuilt.
 //! - `tokens`: the admin API's bearer tokens ([`tokens`]), outside revisions.
 
 use std::collections::HashSet;
@@ -192,7 +198,54 @@ pub enum StoreError {
     /// The database holds something this code cannot read.
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// A revision asked for by number is newer than the newest one.
+    #[error("revision {revision} does not exist: the newest is {newest}")]
+    NoSuchRevision {
+        /// The revision asked for.
+        revision: u64,
+        /// The newest revision.
+        newest: u64,
+    },
+    /// A revision's policy cannot be rebuilt: a later change-log entry was
+    /// written before the change log recorded content, so it cannot be undone.
+    #[error(
+        "revision {revision} predates recorded content; diff and rollback reach back to revision {earliest}"
+    )]
+    ContentNotRecorded {
+        /// The revision asked for.
+        revision: u64,
+        /// The oldest revision whose policy can be rebuilt.
+        earliest: u64,
+    },
 }
+
+/// A write worked out against the current policy but not made: what
+/// [`Store::preview`] and [`Store::preview_rollback`] answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preview {
+    /// The policy the write starts from: the current one.
+    pub before: Arc<Snapshot>,
+    /// The policy the write would make, at the next revision.
+    pub after: Snapshot,
+    /// What it would change, ordered by kind then name.
+    pub changes: Vec<Change>,
+}
+
+/// What [`Store::rollback`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollback {
+    /// The revision written (or, when nothing changed, the current one).
+    pub commit: Commit,
+    /// The policy the rollback replaced.
+    pub before: Arc<Snapshot>,
+    /// The policy it restored: the target revision's, which the store holds
+    /// now (its `revision` is the target's).
+    pub after: Snapshot,
+}
+
+/// How often [`Store::rollback`] works its write out again when another write
+/// lands between working it out and committing it.
+const ROLLBACK_ATTEMPTS: usize = 8;
 
 struct Inner {
     db: sled::Db,
@@ -295,12 +348,143 @@ impl Store {
     }
 
     /// Validates `mutation` against the current snapshot and returns what it
-    /// would change, writing nothing.
-    pub fn dry_run(&self, mutation: &Mutation) -> Result<Vec<Change>, StoreError> {
+    /// would change and the policy it would make, writing nothing.
+    pub fn preview(&self, mutation: &Mutation) -> Result<Preview, StoreError> {
         let matches = self.matches();
         let current = self.snapshot();
         let staged = candidate(&current, matches.as_ref(), mutation)?;
-        Ok(changes(&current, &staged.delta, &staged.snapshot))
+        let changes = changes(&current, &staged.delta, &staged.snapshot);
+        Ok(Preview {
+            before: current,
+            after: staged.snapshot,
+            changes,
+        })
+    }
+
+    /// The policy as it was at `revision`: the current one with every later
+    /// revision undone, newest first, from the before-images in the change
+    /// log. Revision 0 is the empty policy a new store starts with.
+    ///
+    /// Fails with [`StoreError::NoSuchRevision`] past the current revision,
+    /// and with [`StoreError::ContentNotRecorded`] when a later entry was
+    /// written before the change log recorded content.
+    pub fn policy_at(&self, revision: u64) -> Result<Snapshot, StoreError> {
+        self.undo(&self.snapshot(), revision)
+    }
+
+    /// `current` with every revision after `revision` undone.
+    fn undo(&self, current: &Snapshot, revision: u64) -> Result<Snapshot, StoreError> {
+        if revision > current.revision {
+            return Err(StoreError::NoSuchRevision {
+                revision,
+                newest: current.revision,
+            });
+        }
+        let mut policy = current.clone();
+        if revision == current.revision {
+            return Ok(policy);
+        }
+        // Bounded by the snapshot's revision: a commit may have written its
+        // entry and not yet published its snapshot.
+        let range = (revision + 1).to_be_bytes()..=current.revision.to_be_bytes();
+        let mut expected = current.revision;
+        for entry in self.inner.changelog.range(range).rev() {
+            let (key, value) = entry?;
+            let at = decode_revision(&key)?;
+            if at != expected {
+                return Err(StoreError::Corrupt(format!(
+                    "change-log entry {expected} is missing"
+                )));
+            }
+            let record = Revision::decode(value.as_ref())
+                .map_err(|e| StoreError::Corrupt(format!("change-log entry {at}: {e}")))?;
+            for change in &record.changes {
+                undo_change(&mut policy, change, at).map_err(|error| match error {
+                    Undo::NotRecorded => StoreError::ContentNotRecorded {
+                        revision,
+                        earliest: at,
+                    },
+                    Undo::Corrupt(what) => {
+                        StoreError::Corrupt(format!("change-log entry {at}: {what}"))
+                    }
+                })?;
+            }
+            expected -= 1;
+        }
+        if expected != revision {
+            return Err(StoreError::Corrupt(format!(
+                "change-log entry {expected} is missing"
+            )));
+        }
+        policy.revision = revision;
+        Ok(policy)
+    }
+
+    /// Works out, against the current policy, the write that makes the
+    /// policy equal revision `to`'s again, writing nothing. `precondition`
+    /// is checked as a commit checks it.
+    pub fn preview_rollback(
+        &self,
+        to: u64,
+        precondition: Option<&Precondition>,
+    ) -> Result<Preview, StoreError> {
+        // Held throughout: no commit publishes a snapshot meanwhile, so the
+        // write is worked out and validated against one policy.
+        let matches = self.matches();
+        let current = self.snapshot();
+        if let Some(precondition) = precondition {
+            check(&current, precondition)?;
+        }
+        let target = self.undo(&current, to)?;
+        let staged = candidate(&current, matches.as_ref(), &restoring(&current, &target))?;
+        let changes = changes(&current, &staged.delta, &staged.snapshot);
+        Ok(Preview {
+            before: current,
+            after: staged.snapshot,
+            changes,
+        })
+    }
+
+    /// Commits one revision, recorded as action `rollback` by `actor`, whose
+    /// policy equals revision `to`'s; "unchanged" when it already does.
+    ///
+    /// The write goes through [`Store::commit`], so the restored policy must
+    /// pass today's validation rules, or nothing is written. `precondition`
+    /// (an `If-Match`) must hold on the policy the rollback replaces. The
+    /// write is worked out against the current policy and committed only if
+    /// the policy is still that one; when another write lands in between, it
+    /// is worked out again.
+    pub async fn rollback(
+        &self,
+        to: u64,
+        precondition: Option<&Precondition>,
+        actor: &str,
+    ) -> Result<Rollback, StoreError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let before = self.snapshot();
+            if let Some(precondition) = precondition {
+                check(&before, precondition)?;
+            }
+            let after = self.undo(&before, to)?;
+            let mutation = Mutation {
+                precondition: Some(Precondition::Revision(vec![before.revision])),
+                ..restoring(&before, &after)
+            };
+            match self.commit(mutation, actor, "rollback").await {
+                Err(StoreError::PreconditionFailed { .. }) if attempts < ROLLBACK_ATTEMPTS => {
+                    debug!(to, attempts, "Another write came first; rollback again.");
+                }
+                result => {
+                    return result.map(|commit| Rollback {
+                        commit,
+                        before,
+                        after,
+                    });
+                }
+            }
+        }
     }
 
     /// The route matches of the published snapshot, locked: a commit
@@ -369,7 +553,10 @@ impl Store {
         let revision = staged.snapshot.revision;
         let record = Revision {
             revision,
-            changes: changes.iter().map(Change::to_record).collect(),
+            changes: changes
+                .iter()
+                .map(|change| change.to_record_from(&current))
+                .collect(),
             actor: actor.to_string(),
             action: action.to_string(),
             unix_millis: unix_millis_now(),
@@ -420,7 +607,8 @@ impl Store {
     }
 
     /// The newest `limit` change-log entries that `keep` keeps, newest
-    /// first.
+    /// first, without their before-images: those hold key material and are
+    /// read only to rebuild a revision ([`Store::policy_at`]).
     pub fn history(
         &self,
         limit: usize,
@@ -428,12 +616,16 @@ impl Store {
     ) -> Result<Vec<Revision>, StoreError> {
         let decoded = self.inner.changelog.iter().rev().map(|entry| {
             let (key, value) = entry?;
-            Revision::decode(value.as_ref()).map_err(|e| {
+            let mut record = Revision::decode(value.as_ref()).map_err(|e| {
                 StoreError::Corrupt(format!(
                     "change-log entry {}: {e}",
                     decode_revision(&key).unwrap_or_default()
                 ))
-            })
+            })?;
+            for change in &mut record.changes {
+                change.previous = None;
+            }
+            Ok(record)
         });
         decoded
             .filter(|entry| entry.as_ref().map_or(true, &keep))
@@ -519,7 +711,8 @@ impl Mutation {
 }
 
 impl Change {
-    /// The change-log form of this change.
+    /// The change-log form of this change, without its before-image (see
+    /// [`Change::to_record_from`]).
     pub fn to_record(&self) -> ResourceChange {
         let op = match self.op {
             ChangeOp::Create | ChangeOp::Update => resource_change::Op::Upsert,
@@ -530,7 +723,74 @@ impl Change {
             name: self.name.clone(),
             op: op.into(),
             version: self.version.clone().unwrap_or_default(),
+            previous: None,
         }
+    }
+
+    /// The change-log form of this change made to the policy `before`: with
+    /// its resource's before-image (empty for a create).
+    pub fn to_record_from(&self, before: &Snapshot) -> ResourceChange {
+        let key = ResourceKey::new(self.kind, self.name.clone());
+        let previous = before
+            .get(&key)
+            .map(|entry| entry.resource.encode_to_vec())
+            .unwrap_or_default();
+        ResourceChange {
+            previous: Some(previous),
+            ..self.to_record()
+        }
+    }
+}
+
+/// Why one change-log change cannot be undone.
+enum Undo {
+    /// Its entry was written before the change log recorded content.
+    NotRecorded,
+    /// It does not read as a change.
+    Corrupt(String),
+}
+
+/// Undoes one change of revision `at` in `policy`: a created resource goes,
+/// an updated or deleted one comes back as it was.
+fn undo_change(policy: &mut Snapshot, change: &ResourceChange, at: u64) -> Result<(), Undo> {
+    let kind = change
+        .kind
+        .parse::<Kind>()
+        .map_err(|e| Undo::Corrupt(e.to_string()))?;
+    let key = ResourceKey::new(kind, change.name.clone());
+    let previous = change.previous.as_deref().ok_or(Undo::NotRecorded)?;
+    if previous.is_empty() {
+        if change.op() == resource_change::Op::Delete {
+            return Err(Undo::Corrupt(format!("{key} deleted with no before-image")));
+        }
+        policy.remove(&key);
+        return Ok(());
+    }
+    let resource = Resource::decode(kind, previous)
+        .map_err(|e| Undo::Corrupt(format!("{key} before revision {at}: {e}")))?;
+    if resource.key() != key {
+        return Err(Undo::Corrupt(format!(
+            "the before-image of {key} is {}",
+            resource.key()
+        )));
+    }
+    policy.insert(resource);
+    Ok(())
+}
+
+/// The mutation that turns `current` into `target`: every resource `target`
+/// holds at another version or `current` lacks, and every key only
+/// `current` holds.
+fn restoring(current: &Snapshot, target: &Snapshot) -> Mutation {
+    let delta = Snapshot::diff(current, target);
+    Mutation {
+        upserts: delta
+            .upserts
+            .iter()
+            .map(|entry| entry.resource.clone())
+            .collect(),
+        deletes: delta.removals,
+        ..Mutation::default()
     }
 }
 
@@ -635,7 +895,7 @@ fn candidate(
 
 /// What turns `from` into `to`, which is `from` with `delta` applied, ordered
 /// by kind then name: only the keys the delta touches can differ.
-fn changes(from: &Snapshot, delta: &Delta, to: &Snapshot) -> Vec<Change> {
+pub(crate) fn changes(from: &Snapshot, delta: &Delta, to: &Snapshot) -> Vec<Change> {
     let mut touched: Vec<ResourceKey> = delta
         .removals
         .iter()
@@ -696,6 +956,37 @@ pub(crate) fn unix_millis_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+impl Store {
+    /// Rewrites change-log entry `revision` with `edit`, as a store written
+    /// by another version of this code might hold it.
+    pub(crate) fn rewrite_changelog(&self, revision: u64, edit: impl FnOnce(&mut Revision)) {
+        let key = revision.to_be_bytes();
+        let bytes = self
+            .inner
+            .changelog
+            .get(key)
+            .expect("reads")
+            .expect("the entry exists");
+        let mut record = Revision::decode(bytes.as_ref()).expect("decodes");
+        edit(&mut record);
+        self.inner
+            .changelog
+            .insert(key, record.encode_to_vec())
+            .expect("writes");
+    }
+
+    /// Rewrites change-log entry `revision` without before-images, as the
+    /// change log was written before it recorded content.
+    pub(crate) fn forget_content(&self, revision: u64) {
+        self.rewrite_changelog(revision, |record| {
+            for change in &mut record.changes {
+                change.previous = None;
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -1033,7 +1324,7 @@ mod tests {
     async fn dry_run_reports_changes_without_writing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("opens");
-        let changes = store.dry_run(&demo()).expect("valid");
+        let changes = store.preview(&demo()).expect("valid").changes;
         assert_eq!(
             changes
                 .iter()
@@ -1050,8 +1341,291 @@ mod tests {
 
         let dangling = Mutation::upsert(route("demo/root", "web"));
         assert!(matches!(
-            store.dry_run(&dangling),
+            store.preview(&dangling),
             Err(StoreError::Invalid(_))
         ));
+    }
+
+    /// The resources of `snapshot`, ordered by kind then name.
+    fn resources(snapshot: &Snapshot) -> Vec<Resource> {
+        snapshot
+            .iter()
+            .map(|entry| entry.resource.clone())
+            .collect()
+    }
+
+    /// Commits `mutation` and returns the snapshot it published.
+    async fn commit(store: &Store, mutation: Mutation) -> Arc<Snapshot> {
+        let commit = store.commit(mutation, "a", "apply").await.expect("commits");
+        assert!(!commit.unchanged);
+        store.snapshot()
+    }
+
+    #[tokio::test]
+    async fn policy_at_rebuilds_every_revision_over_creates_updates_and_deletes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        let mut seen = vec![store.snapshot()];
+        seen.push(commit(&store, demo()).await);
+        seen.push(
+            commit(
+                &store,
+                Mutation::upsert(backend("demo/web", "127.0.0.1:9999")),
+            )
+            .await,
+        );
+        let api = Mutation {
+            upserts: vec![
+                backend("demo/api", "127.0.0.1:7000"),
+                prefixed("demo/api", "/api/"),
+            ],
+            ..Mutation::default()
+        };
+        seen.push(commit(&store, api).await);
+        let root = ResourceKey::new(Kind::Route, "demo/root");
+        seen.push(commit(&store, Mutation::delete(root)).await);
+        // A delete and an update of two kinds in one revision.
+        let mixed = Mutation {
+            upserts: vec![Resource::Route(Route {
+                name: "demo/api".into(),
+                r#match: Some(RouteMatch {
+                    path: Some(route_match::Path::Prefix("/v2/".into())),
+                    ..Default::default()
+                }),
+                backend: "api".into(),
+                ..Default::default()
+            })],
+            deletes: vec![ResourceKey::new(Kind::Backend, "demo/web")],
+            ..Mutation::default()
+        };
+        seen.push(commit(&store, mixed).await);
+        assert_eq!(store.revision(), 5);
+
+        let check = |store: &Store| {
+            for (revision, expected) in seen.iter().enumerate() {
+                let revision = revision as u64;
+                let rebuilt = store.policy_at(revision).expect("rebuilds");
+                assert_eq!(rebuilt, **expected, "revision {revision}");
+            }
+            let err = store.policy_at(6).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::NoSuchRevision {
+                        revision: 6,
+                        newest: 5
+                    }
+                ),
+                "{err}"
+            );
+        };
+        check(&store);
+        assert!(store.policy_at(0).expect("rebuilds").is_empty());
+        drop(store);
+        // The before-images are on disk with the revisions.
+        check(&Store::open(dir.path()).expect("reopens"));
+    }
+
+    #[tokio::test]
+    async fn history_leaves_out_the_before_images_it_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        commit(&store, demo()).await;
+        commit(
+            &store,
+            Mutation::upsert(backend("demo/web", "127.0.0.1:9999")),
+        )
+        .await;
+        let mut recorded = None;
+        store.rewrite_changelog(2, |record| recorded = Some(record.changes[0].clone()));
+        let previous = recorded.and_then(|c| c.previous).expect("a before-image");
+        let before = Resource::decode(Kind::Backend, &previous).expect("a backend");
+        assert_eq!(before, backend("demo/web", "127.0.0.1:8081"));
+        let history = store.history(10, |_| true).expect("history");
+        assert_eq!(history.len(), 2);
+        assert!(
+            history
+                .iter()
+                .flat_map(|entry| &entry.changes)
+                .all(|change| change.previous.is_none())
+        );
+    }
+
+    #[tokio::test]
+    async fn revisions_before_recorded_content_are_refused_naming_how_far_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        commit(&store, demo()).await;
+        let second = commit(&store, Mutation::upsert(backend("demo/web", "127.0.0.1:2"))).await;
+        commit(&store, Mutation::upsert(backend("demo/web", "127.0.0.1:3"))).await;
+        // Entry 2 as an older Prism wrote it: no before-images.
+        store.forget_content(2);
+
+        assert_eq!(store.policy_at(2).expect("rebuilds"), *second);
+        let err = store.policy_at(1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "revision 1 predates recorded content; diff and rollback reach back to revision 2"
+        );
+        assert!(matches!(
+            store.preview_rollback(0, None),
+            Err(StoreError::ContentNotRecorded {
+                revision: 0,
+                earliest: 2
+            })
+        ));
+        let err = store.rollback(1, None, "a").await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::ContentNotRecorded { .. }),
+            "{err}"
+        );
+        assert_eq!(store.revision(), 3, "nothing was written");
+        // Back to revision 2 works, and is itself a revision with content.
+        let rolled = store.rollback(2, None, "b").await.expect("rolls back");
+        assert_eq!(rolled.commit.revision, 4);
+        assert_eq!(resources(&store.snapshot()), resources(&second));
+        assert_eq!(store.policy_at(3).expect("rebuilds").revision, 3);
+    }
+
+    #[tokio::test]
+    async fn rollback_commits_the_target_policy_as_a_new_revision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        let first = commit(&store, demo()).await;
+        commit(
+            &store,
+            Mutation::upsert(backend("demo/web", "127.0.0.1:9999")),
+        )
+        .await;
+        let api = Mutation {
+            upserts: vec![
+                backend("demo/api", "127.0.0.1:7000"),
+                prefixed("demo/api", "/api/"),
+            ],
+            ..Mutation::default()
+        };
+        let third = commit(&store, api).await;
+
+        let preview = store.preview_rollback(1, None).expect("previews");
+        assert_eq!(store.revision(), 3, "a preview writes nothing");
+        assert_eq!(resources(&preview.after), resources(&first));
+        assert_eq!(
+            preview
+                .changes
+                .iter()
+                .map(|c| (c.op, c.kind, c.name.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (ChangeOp::Delete, Kind::Backend, "demo/api"),
+                (ChangeOp::Update, Kind::Backend, "demo/web"),
+                (ChangeOp::Delete, Kind::Route, "demo/api"),
+            ]
+        );
+
+        let rolled = store.rollback(1, None, "carol").await.expect("rolls back");
+        assert_eq!(rolled.commit.revision, 4);
+        assert_eq!(rolled.commit.changes, preview.changes);
+        assert_eq!(*rolled.before, *third);
+        assert_eq!(resources(&store.snapshot()), resources(&first));
+        let entry = &store.history(1, |_| true).expect("history")[0];
+        assert_eq!(
+            (entry.actor.as_str(), entry.action.as_str()),
+            ("carol", "rollback")
+        );
+        // The rollback is a revision like any other: it can be undone too.
+        assert_eq!(store.policy_at(3).expect("rebuilds"), *third);
+
+        // The policy is revision 1's already: nothing to write.
+        let again = store.rollback(1, None, "carol").await.expect("unchanged");
+        assert!(again.commit.unchanged);
+        assert_eq!(store.revision(), 4);
+
+        // A stale precondition refuses it.
+        let stale = Precondition::Revision(vec![3]);
+        let err = store.rollback(3, Some(&stale), "carol").await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::PreconditionFailed { .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            store.preview_rollback(3, Some(&stale)),
+            Err(StoreError::PreconditionFailed { .. })
+        ));
+        assert_eq!(store.revision(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_rollback_to_a_policy_invalid_today_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("opens");
+        commit(&store, demo()).await;
+        commit(
+            &store,
+            Mutation::upsert(backend("demo/web", "127.0.0.1:9999")),
+        )
+        .await;
+        // Written by a Prism whose rules let this address through.
+        let old = backend("demo/web", "not an address");
+        store.rewrite_changelog(2, |record| {
+            record.changes[0].previous = Some(old.encode_to_vec());
+        });
+        assert_eq!(
+            resources(&store.policy_at(1).expect("rebuilds"))[1],
+            old,
+            "the history holds what it was"
+        );
+        let before = store.snapshot();
+        for err in [
+            store.preview_rollback(1, None).unwrap_err(),
+            store.rollback(1, None, "a").await.unwrap_err(),
+        ] {
+            let StoreError::Invalid(e) = err else {
+                panic!("expected a validation error, got {err}")
+            };
+            assert_eq!(e.field, "endpoints[0].address");
+        }
+        assert_eq!(store.snapshot(), before);
+        assert_eq!(store.history(10, |_| true).expect("history").len(), 2);
+    }
+
+    fn ops() -> impl proptest::strategy::Strategy<Value = Vec<(usize, Option<u16>)>> {
+        // Which of three backends, and its new port or a delete.
+        proptest::collection::vec((0usize..3, proptest::option::of(1u16..4)), 1..12)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// However writes go, every revision's policy is rebuilt exactly.
+        #[test]
+        fn policy_at_gives_every_committed_snapshot(ops in ops()) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store = Store::open(dir.path()).expect("opens");
+                let mut seen = vec![store.snapshot()];
+                seen.push(commit(&store, Mutation::upsert(ns("demo"))).await);
+                for (which, port) in ops {
+                    let name = format!("demo/b{which}");
+                    let mutation = match port {
+                        Some(port) => Mutation::upsert(backend(&name, &format!("127.0.0.1:{port}"))),
+                        None => Mutation::delete(ResourceKey::new(Kind::Backend, name)),
+                    };
+                    // Deleting a missing backend, or writing one as it is,
+                    // makes no revision.
+                    if let Ok(done) = store.commit(mutation, "a", "apply").await
+                        && !done.unchanged
+                    {
+                        seen.push(store.snapshot());
+                    }
+                }
+                for (revision, expected) in seen.iter().enumerate() {
+                    let rebuilt = store.policy_at(revision as u64).expect("rebuilds");
+                    assert_eq!(rebuilt, **expected, "revision {revision}");
+                }
+            });
+        }
     }
 }

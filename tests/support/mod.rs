@@ -241,10 +241,22 @@ impl Admin {
         path: &str,
         body: Option<(&str, String)>,
     ) -> (u16, Value) {
+        self.request_as(&self.token, method, path, body).await
+    }
+
+    /// [`Admin::request`] with another bearer `token`: its subject is the
+    /// author the change log records.
+    pub async fn request_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> (u16, Value) {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+            .bearer_auth(token);
         if let Some((content_type, body)) = body {
             request = request.header("content-type", content_type).body(body);
         }
@@ -255,6 +267,20 @@ impl Admin {
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         )
+    }
+
+    /// A new token for `subject` with `role`, made with this client's token.
+    pub async fn token(&self, subject: &str, role: &str) -> String {
+        let body = serde_json::json!({ "subject": subject, "role": role }).to_string();
+        let (status, answer) = self
+            .request(
+                reqwest::Method::POST,
+                "/v1/tokens",
+                Some(("application/json", body)),
+            )
+            .await;
+        assert_eq!(status, 201, "token for {subject}: {answer}");
+        answer["token"].as_str().expect("a token").to_string()
     }
 
     /// Applies a YAML document and returns the revision it produced.

@@ -426,11 +426,23 @@ async fn apply_reports_changes_and_dry_run_writes_nothing() {
         StatusCode::NOT_FOUND
     );
 
+    // Each change of a dry run carries its diff: a create is all `+`.
+    let diff = dry.body["changes"][0]["diff"].as_str().expect("a diff");
+    assert!(
+        diff.starts_with("--- Namespace demo @ r0\n+++ Namespace demo @ dry run\n@@ -0,0 +1,")
+            && diff.contains("\n+- name: demo\n"),
+        "{diff}"
+    );
+
     let applied = h.apply(QUICKSTART, false).await;
     assert_eq!(applied.status, StatusCode::OK);
     assert_eq!(applied.body["revision"], 1);
     assert_eq!(applied.body["dry_run"], false);
-    assert_eq!(applied.body["changes"], dry.body["changes"]);
+    let mut planned = dry.body["changes"].clone();
+    for change in planned.as_array_mut().expect("changes") {
+        change.as_object_mut().expect("an object").remove("diff");
+    }
+    assert_eq!(applied.body["changes"], planned);
 
     // Re-applying is a no-op that does not bump the revision.
     let again = h.apply(QUICKSTART, false).await;
@@ -442,6 +454,11 @@ async fn apply_reports_changes_and_dry_run_writes_nothing() {
     let dry = h.apply(&changed, true).await;
     assert_eq!(dry.body["changes"][0]["op"], "update");
     assert_eq!(dry.body["changes"][0]["name"], "demo/web");
+    let diff = dry.body["changes"][0]["diff"].as_str().expect("a diff");
+    assert!(
+        diff.contains("\n-  - address: 127.0.0.1:8081\n+  - address: 127.0.0.1:8082\n"),
+        "{diff}"
+    );
     assert_eq!(h.revision(), 1);
 
     // The change log records who applied what.
@@ -572,7 +589,10 @@ async fn secrets_are_served_redacted_everywhere() {
     let applied = h.apply(&document, false).await;
     assert_eq!(applied.status, StatusCode::OK, "{}", applied.body);
     assert_redacted("apply", &applied.body.to_string());
-    assert_redacted("history", &h.get("/v1/history").await.body.to_string());
+    let history = h.get("/v1/history").await.body.to_string();
+    assert_redacted("history", &history);
+    // The before-images the change log keeps are never served.
+    assert!(!history.contains("previous"), "{history}");
 
     // A bad secret is refused without quoting it.
     let bad = h
@@ -797,6 +817,361 @@ async fn history_is_filtered_by_namespace_and_author() {
         ["3"]
     );
     assert!(revisions("/v1/history?author=nobody").await.is_empty());
+}
+
+/// The `(op, kind, name)` of each change in an answer.
+fn summary(answer: &Answer) -> Vec<(String, String, String)> {
+    answer.body["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| {
+            let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (text("op"), text("kind"), text("name"))
+        })
+        .collect()
+}
+
+fn triple(op: &str, kind: &str, name: &str) -> (String, String, String) {
+    (op.into(), kind.into(), name.into())
+}
+
+#[tokio::test]
+async fn diff_shows_each_changed_resource_as_a_unified_diff() {
+    let h = Harness::new().await;
+    h.apply(QUICKSTART, false).await; // 1
+    h.apply(&QUICKSTART.replace("8081", "8082"), false).await; // 2
+    h.json(Method::PUT, "/v1/namespaces/other", ns("other"))
+        .await; // 3
+
+    let answer = h.get("/v1/diff?from=1&to=2").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.body["from"], 1);
+    assert_eq!(answer.body["to"], 2);
+    assert_eq!(summary(&answer), [triple("update", "Backend", "demo/web")]);
+    assert_eq!(
+        answer.body["changes"][0]["diff"],
+        "--- Backend demo/web @ r1\n+++ Backend demo/web @ r2\n@@ -1,4 +1,4 @@\n backends:\n \
+         - name: demo/web\n   endpoints:\n-  - address: 127.0.0.1:8081\n+  - address: 127.0.0.1:8082\n"
+    );
+
+    // Backwards is the same diff the other way round.
+    let back = h.get("/v1/diff?from=2&to=1").await;
+    let diff = back.body["changes"][0]["diff"].as_str().unwrap_or_default();
+    assert!(
+        diff.contains("-  - address: 127.0.0.1:8082\n+  - address: 127.0.0.1:8081\n"),
+        "{diff}"
+    );
+
+    // `to` is the current revision by default; from 0, everything is new.
+    let all = h.get("/v1/diff?from=0").await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
+    assert_eq!(all.body["to"], 3);
+    assert_eq!(
+        summary(&all),
+        [
+            triple("create", "Namespace", "demo"),
+            triple("create", "Namespace", "other"),
+            triple("create", "Backend", "demo/web"),
+            triple("create", "Route", "demo/root"),
+        ]
+    );
+    let same = h.get("/v1/diff?from=3&to=3").await;
+    assert_eq!(same.status, StatusCode::OK);
+    assert_eq!(same.body["changes"], json!([]));
+}
+
+#[tokio::test]
+async fn diff_and_rollback_errors_name_the_parameter() {
+    let h = Harness::new().await;
+    h.apply(QUICKSTART, false).await;
+    h.apply(&QUICKSTART.replace("8081", "8082"), false).await;
+    let post = |uri: &'static str| h.call(Method::POST, uri, Body::empty());
+    for (answer, status, field) in [
+        (h.get("/v1/diff").await, StatusCode::BAD_REQUEST, "from"),
+        (
+            h.get("/v1/diff?to=1").await,
+            StatusCode::BAD_REQUEST,
+            "from",
+        ),
+        (
+            h.get("/v1/diff?from=one").await,
+            StatusCode::BAD_REQUEST,
+            "from",
+        ),
+        (
+            h.get("/v1/diff?from=1&to=-2").await,
+            StatusCode::BAD_REQUEST,
+            "to",
+        ),
+        (
+            h.get("/v1/diff?from=3").await,
+            StatusCode::NOT_FOUND,
+            "from",
+        ),
+        (
+            h.get("/v1/diff?from=1&to=9").await,
+            StatusCode::NOT_FOUND,
+            "to",
+        ),
+        (post("/v1/rollback").await, StatusCode::BAD_REQUEST, "to"),
+        (
+            post("/v1/rollback?to=r1").await,
+            StatusCode::BAD_REQUEST,
+            "to",
+        ),
+        (post("/v1/rollback?to=3").await, StatusCode::NOT_FOUND, "to"),
+    ] {
+        assert_eq!(answer.status, status, "{}", answer.body);
+        assert_eq!(error(&answer)["field"], field, "{}", answer.body);
+    }
+    assert_eq!(
+        error(&h.get("/v1/diff?from=one").await)["message"],
+        "`one` is not a revision number such as 7"
+    );
+    let newest = h.get("/v1/diff?from=1&to=9").await;
+    assert_eq!(
+        error(&newest)["message"],
+        "revision 9 does not exist: the newest is 2"
+    );
+    assert_eq!(h.revision(), 2, "nothing was written");
+
+    // Revision 1 as an older Prism wrote it, without content: revision 0
+    // cannot be rebuilt; 1 and later still can.
+    h.state.store.forget_content(1);
+    for answer in [
+        h.get("/v1/diff?from=0&to=2").await,
+        h.get("/v1/diff?from=2&to=0").await,
+        post("/v1/rollback?to=0").await,
+        post("/v1/rollback?to=0&dry_run=true").await,
+    ] {
+        assert_eq!(
+            answer.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            answer.body
+        );
+        assert_eq!(error(&answer)["code"], "revision_unavailable");
+        assert_eq!(
+            error(&answer)["message"],
+            "revision 0 predates recorded content; diff and rollback reach back to revision 1"
+        );
+    }
+    assert_eq!(error(&h.get("/v1/diff?from=2&to=0").await)["field"], "to");
+    assert_eq!(h.get("/v1/diff?from=1").await.status, StatusCode::OK);
+    assert_eq!(h.revision(), 2, "nothing was written");
+}
+
+#[tokio::test]
+async fn rollback_commits_a_revision_equal_to_the_one_named() {
+    let h = Harness::new().await;
+    h.apply(QUICKSTART, false).await; // 1
+    let moved = QUICKSTART.replace("8081", "8082")
+        + "  - name: demo/api\n    match: { prefix: /api }\n    backend: web\n";
+    h.apply(&moved, false).await; // 2
+    let listing = |h: &Harness| {
+        let snapshot = h.state.store.snapshot();
+        snapshot
+            .iter()
+            .map(|entry| resource_view(&entry.resource))
+            .collect::<Vec<_>>()
+    };
+    let first = h.state.store.policy_at(1).expect("revision 1");
+    let first: Vec<Value> = first.iter().map(|e| resource_view(&e.resource)).collect();
+
+    let dry = h
+        .call(
+            Method::POST,
+            "/v1/rollback?to=1&dry_run=true",
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(dry.status, StatusCode::OK, "{}", dry.body);
+    assert_eq!(dry.body["dry_run"], true);
+    assert_eq!(dry.body["revision"], 2);
+    assert_eq!(dry.body["unchanged"], false);
+    assert_eq!(
+        summary(&dry),
+        [
+            triple("update", "Backend", "demo/web"),
+            triple("delete", "Route", "demo/api"),
+        ]
+    );
+    let diff = dry.body["changes"][0]["diff"].as_str().unwrap_or_default();
+    assert!(
+        diff.starts_with("--- Backend demo/web @ r2\n+++ Backend demo/web @ r1\n")
+            && diff.contains("-  - address: 127.0.0.1:8082\n+  - address: 127.0.0.1:8081\n"),
+        "{diff}"
+    );
+    assert_eq!(h.revision(), 2, "a dry run writes nothing");
+    assert_eq!(etag(&dry), "\"r2\"");
+
+    let done = h
+        .call(Method::POST, "/v1/rollback?to=1", Body::empty())
+        .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert_eq!(done.body["revision"], 3);
+    assert_eq!(done.body["dry_run"], false);
+    assert_eq!(done.body["changes"], dry.body["changes"]);
+    assert_eq!(etag(&done), "\"r3\"");
+    assert_eq!(listing(&h), first, "the policy is revision 1's again");
+    let history = h.get("/v1/history?limit=1").await;
+    assert_eq!(history.body["items"][0]["action"], "rollback");
+    assert_eq!(history.body["items"][0]["actor"], "tester");
+    // Nothing changed between revision 1 and the rollback.
+    let diff = h.get("/v1/diff?from=1&to=3").await;
+    assert_eq!(diff.body["changes"], json!([]));
+
+    // Rolling back to the policy there is, is "unchanged".
+    for to in ["1", "3"] {
+        let again = h
+            .call(
+                Method::POST,
+                &format!("/v1/rollback?to={to}"),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+        assert_eq!(again.body["unchanged"], true);
+        assert_eq!(again.body["revision"], 3);
+        assert_eq!(again.body["changes"], json!([]));
+    }
+    assert_eq!(h.revision(), 3);
+}
+
+#[tokio::test]
+async fn rollback_honours_if_match_on_the_policy() {
+    let h = Harness::new().await;
+    h.apply(QUICKSTART, false).await;
+    h.apply(&QUICKSTART.replace("8081", "8082"), false).await;
+    for dry_run in [true, false] {
+        let uri = format!("/v1/rollback?to=1&dry_run={dry_run}");
+        let stale = h
+            .if_match(Method::POST, &uri, "\"r1\"", String::new())
+            .await;
+        assert_eq!(
+            stale.status,
+            StatusCode::PRECONDITION_FAILED,
+            "{}",
+            stale.body
+        );
+        assert_eq!(error(&stale)["code"], "failed_precondition");
+        assert_eq!(etag(&stale), "\"r2\"");
+    }
+    let garbled = h
+        .if_match(Method::POST, "/v1/rollback?to=1", "r2", String::new())
+        .await;
+    assert_eq!(garbled.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error(&garbled)["field"], "If-Match");
+    assert_eq!(h.revision(), 2, "nothing was written");
+
+    let current = h
+        .if_match(Method::POST, "/v1/rollback?to=1", "\"r2\"", String::new())
+        .await;
+    assert_eq!(current.status, StatusCode::OK, "{}", current.body);
+    assert_eq!(current.body["revision"], 3);
+    assert_eq!(
+        h.get("/v1/backends/demo/web").await.body["endpoints"][0]["address"],
+        "127.0.0.1:8081"
+    );
+}
+
+#[tokio::test]
+async fn rollback_to_a_policy_todays_rules_refuse_writes_nothing() {
+    let h = Harness::new().await;
+    h.apply(QUICKSTART, false).await;
+    h.apply(&QUICKSTART.replace("8081", "8082"), false).await;
+    // Revision 1's backend as a Prism with looser rules stored it.
+    let loose = Resource::Backend(Backend {
+        name: "demo/web".into(),
+        endpoints: vec![prism_proto::Endpoint {
+            address: "not an address".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    h.state.store.rewrite_changelog(2, |record| {
+        record.changes[0].previous = Some(loose.encode_to_vec());
+    });
+    for dry_run in [true, false] {
+        let answer = h
+            .call(
+                Method::POST,
+                &format!("/v1/rollback?to=1&dry_run={dry_run}"),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+        assert_eq!(error(&answer)["field"], "endpoints[0].address");
+        assert_eq!(error(&answer)["resource"], "Backend demo/web");
+    }
+    assert_eq!(h.revision(), 2, "nothing was written");
+}
+
+#[tokio::test]
+async fn diffs_and_rollbacks_never_show_key_material() {
+    let h = Harness::new().await;
+    h.apply(QUICKSTART, false).await; // 1
+    let created = h
+        .json(Method::POST, "/v1/secrets", tls_secret("demo/tls"))
+        .await; // 2
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    // The same certificate with another key: nothing the view shows changes.
+    let mut rekeyed = tls_secret("demo/tls");
+    let other_key = KEY.replace("LBXxiY89", "LBXxiY8Z");
+    assert_ne!(other_key, KEY);
+    rekeyed["tls_certificate"]["private_key"] = json!(other_key);
+    let put = h.json(Method::PUT, "/v1/secrets/demo/tls", rekeyed).await; // 3
+    assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    let deleted = h
+        .call(Method::DELETE, "/v1/secrets/demo/tls", Body::empty())
+        .await; // 4
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
+    assert_eq!(h.revision(), 4);
+
+    let mut shown = Vec::new();
+    for uri in [
+        "/v1/diff?from=1&to=2",
+        "/v1/diff?from=2&to=3",
+        "/v1/diff?from=3&to=4",
+    ] {
+        let answer = h.get(uri).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        assert_eq!(summary(&answer)[0].1, "Secret", "{}", answer.body);
+        shown.push(answer);
+    }
+    let created = shown[0].body["changes"][0]["diff"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(created.contains("+  subject: CN=shop.test"), "{created}");
+    let rekeyed = shown[1].body["changes"][0]["diff"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(rekeyed.ends_with(crate::diff::HIDDEN_CHANGE), "{rekeyed}");
+    for uri in ["/v1/rollback?to=3&dry_run=true", "/v1/rollback?to=2"] {
+        let answer = h.call(Method::POST, uri, Body::empty()).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        assert_eq!(summary(&answer)[0], triple("create", "Secret", "demo/tls"));
+        shown.push(answer);
+    }
+    for answer in &shown {
+        assert_redacted("a diff", &answer.body.to_string());
+        assert!(
+            !answer.body.to_string().contains(&other_key[40..80]),
+            "{}",
+            answer.body
+        );
+    }
+    // The rollback brought the key back, which only discovery ever serves.
+    let snapshot = h.state.store.snapshot();
+    let key = ResourceKey::new(Kind::Secret, "demo/tls");
+    let Some(Resource::Secret(secret)) = snapshot.get(&key).map(|e| &e.resource) else {
+        panic!("the secret is back");
+    };
+    let Some(prism_proto::pb::config::v1::secret::Kind::TlsCertificate(tls)) = &secret.kind else {
+        panic!("a certificate");
+    };
+    assert_eq!(tls.private_key, KEY);
 }
 
 impl Harness {
