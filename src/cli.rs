@@ -164,6 +164,17 @@ pub enum Command {
         /// everything on the main thread.
         #[arg(long, env = "PRISM_WORKERS")]
         workers: Option<NonZeroUsize>,
+        /// CA (PEM) that signed an `https://` control plane's certificate;
+        /// the web PKI roots by default.
+        #[arg(long, env = "PRISM_CONTROL_PLANE_CA")]
+        control_plane_ca: Option<PathBuf>,
+        /// This proxy's certificate chain (PEM) for a control plane that
+        /// requires one: its SPIFFE IDs name the namespaces it is sent.
+        #[arg(long, env = "PRISM_CONTROL_PLANE_CERT", requires = "control_plane_key")]
+        control_plane_cert: Option<PathBuf>,
+        /// The private key of `--control-plane-cert` (PEM).
+        #[arg(long, env = "PRISM_CONTROL_PLANE_KEY", requires = "control_plane_cert")]
+        control_plane_key: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitFlags,
     },
@@ -480,6 +491,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             namespaces,
             selector,
             workers: _,
+            control_plane_ca,
+            control_plane_cert,
+            control_plane_key,
             limits,
         } => {
             let proxy = bind("proxy", listen).await?;
@@ -501,6 +515,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 namespaces: namespaces.unwrap_or_default(),
                 selector: selector.unwrap_or_default(),
                 limits: limits.into(),
+                control_plane_tls: (control_plane_ca.is_some() || control_plane_cert.is_some())
+                    .then(|| prism_data_plane::ControlPlaneTls {
+                        ca: control_plane_ca,
+                        identity: control_plane_cert.zip(control_plane_key),
+                    }),
             };
             prism_data_plane::run(
                 config,

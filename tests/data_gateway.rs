@@ -12,7 +12,7 @@ use prism_data_plane::data::pb::{
     PublishRequest, PutRequest, ScanRequest, SubscribeRequest, Write,
 };
 use serde_json::Value;
-use support::{ControlPlane, Proxy, eventually};
+use support::{Authority, ControlPlane, Issued, Proxy, eventually};
 use tonic::Code;
 
 /// The namespace `demo` with its KeyValue store in SQLite, a file in the
@@ -1032,61 +1032,6 @@ async fn a_publish_stream_answers_each_message_in_order_and_ends_at_the_first_fa
     }
     let status = answers.message().await.expect_err("the oversize message");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-}
-
-/// A certificate authority for the client-certificate test, and the
-/// certificates it signs, as PEM.
-struct Authority {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-/// A certificate with its key, PEM.
-struct Issued {
-    chain: String,
-    key: String,
-}
-
-impl Authority {
-    fn new(name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().expect("key");
-        Self {
-            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("ca"),
-        }
-    }
-
-    /// A server certificate for DNS `names`.
-    fn server(&self, names: &[&str]) -> Issued {
-        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        self.sign(rcgen::CertificateParams::new(names).expect("params"))
-    }
-
-    /// A client certificate whose only subject alt name is URI `identity`.
-    fn client(&self, identity: &str) -> Issued {
-        let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            identity.try_into().expect("an IA5 URI"),
-        )];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign(params)
-    }
-
-    fn sign(&self, params: rcgen::CertificateParams) -> Issued {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        Issued {
-            chain: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
 }
 
 /// A request over a new TLS connection to the proxy's TLS listener, naming

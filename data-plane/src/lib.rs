@@ -40,6 +40,7 @@ use tracing::{info, warn};
 use crate::config::{discovery, last_good, subset};
 use crate::runtime::{OwnAddresses, Runtime};
 
+pub use config::control_plane_tls::ControlPlaneTls;
 pub use config::last_good::FILE_NAME as LAST_GOOD_FILE;
 pub use config::subset::{SubsetError, parse_namespaces, parse_selector};
 pub use error::Error;
@@ -94,6 +95,9 @@ pub struct Config {
     pub selector: BTreeMap<String, String>,
     /// The proxy listener's wire limits, timeouts and drain.
     pub limits: Limits,
+    /// TLS to an `https://` control plane: its CA and this proxy's
+    /// certificate; `None` for the web PKI roots and no certificate.
+    pub control_plane_tls: Option<ControlPlaneTls>,
 }
 
 /// What the proxy listener accepts from clients, how long it waits for them
@@ -161,10 +165,11 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let endpoint = discovery::endpoint(&config).map_err(|source| Error::InvalidControlPlane {
-        address: config.control_plane.clone(),
-        source: source.into(),
-    })?;
+    let control_plane =
+        discovery::ControlPlane::new(&config).map_err(|source| Error::InvalidControlPlane {
+            address: config.control_plane.clone(),
+            source,
+        })?;
     subset::check(&config.namespaces, &config.selector)?;
     // Made at start, not by the first save: data bindings keep their
     // SQLite files here from the first apply on.
@@ -244,7 +249,7 @@ pub async fn run(
     let discovery = tokio::spawn(
         discovery::Subscriber {
             config: Arc::clone(&config),
-            endpoint,
+            control_plane,
             runtime: Arc::clone(&runtime),
             status: status_tx,
             own,

@@ -130,6 +130,12 @@ impl ControlPlane {
         .await
     }
 
+    /// A control plane with `config`, on fresh ports.
+    pub async fn start_with_config(config: prism_control_plane::Config) -> Self {
+        let any = "127.0.0.1:0".parse().expect("an address");
+        Self::launch(config, any, any).await
+    }
+
     /// A control plane on fresh ports whose Envoy view binds listener
     /// `prism-http` at `envoy_listener`.
     pub async fn start_for_envoy(data_dir: &Path, envoy_listener: SocketAddr) -> Self {
@@ -345,7 +351,8 @@ impl Proxy {
     /// directory of its own.
     pub async fn start_subset(control_plane: &str, node_id: &str, namespaces: &[&str]) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(control_plane, node_id, temp.path(), namespaces, false).await;
+        let mut proxy =
+            Self::launch(control_plane, node_id, temp.path(), namespaces, false, None).await;
         proxy._temp = Some(temp);
         proxy
     }
@@ -353,7 +360,20 @@ impl Proxy {
     /// A proxy serving every namespace, with a TLS listener too.
     pub async fn start_tls(control_plane: &str, node_id: &str) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(control_plane, node_id, temp.path(), &[], true).await;
+        let mut proxy = Self::launch(control_plane, node_id, temp.path(), &[], true, None).await;
+        proxy._temp = Some(temp);
+        proxy
+    }
+
+    /// A proxy that reaches an `https://` control plane with `tls`.
+    pub async fn start_secure(
+        control_plane: &str,
+        node_id: &str,
+        tls: prism_data_plane::ControlPlaneTls,
+    ) -> Self {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut proxy =
+            Self::launch(control_plane, node_id, temp.path(), &[], false, Some(tls)).await;
         proxy._temp = Some(temp);
         proxy
     }
@@ -361,7 +381,7 @@ impl Proxy {
     /// A proxy keeping its snapshot in `data_dir`, which the caller owns: a
     /// proxy started again on it restores what the last one accepted.
     pub async fn start_with(control_plane: &str, node_id: &str, data_dir: &Path) -> Self {
-        Self::launch(control_plane, node_id, data_dir, &[], false).await
+        Self::launch(control_plane, node_id, data_dir, &[], false, None).await
     }
 
     async fn launch(
@@ -370,6 +390,7 @@ impl Proxy {
         data_dir: &Path,
         namespaces: &[&str],
         tls: bool,
+        control_plane_tls: Option<prism_data_plane::ControlPlaneTls>,
     ) -> Self {
         let (proxy, addr) = local().await;
         let (tls, tls_addr) = if tls {
@@ -390,6 +411,7 @@ impl Proxy {
             namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
             selector: Default::default(),
             limits: Default::default(),
+            control_plane_tls,
         };
         let task = tokio::spawn(async move {
             prism_data_plane::run(
@@ -691,5 +713,72 @@ impl Scrape {
             })
             .map(|(_, value)| value)
             .sum()
+    }
+}
+
+/// A certificate authority for tests, and the certificates it signs, as PEM.
+pub struct Authority {
+    pub issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate with its key, PEM.
+pub struct Issued {
+    pub chain: String,
+    pub key: String,
+}
+
+impl Authority {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("key");
+        Self {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("ca"),
+        }
+    }
+
+    /// A server certificate for DNS `names`.
+    pub fn server(&self, names: &[&str]) -> Issued {
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        self.sign(rcgen::CertificateParams::new(names).expect("params"))
+    }
+
+    /// A client certificate whose only subject alt name is URI `identity`.
+    pub fn client(&self, identity: &str) -> Issued {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            identity.try_into().expect("an IA5 URI"),
+        )];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, params: rcgen::CertificateParams) -> Issued {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Issued {
+            chain: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+}
+
+impl Issued {
+    /// Writes the chain and the key into `dir` as `NAME.pem` and `NAME.key`.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, &self.chain).expect("write the certificate");
+        std::fs::write(&key, &self.key).expect("write the key");
+        (cert, key)
     }
 }

@@ -21,7 +21,9 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prism_proto::{Kind, Snapshot};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
+
+use super::control_plane_tls::Connector;
 use tracing::{debug, info, warn};
 
 use crate::Config;
@@ -97,19 +99,49 @@ impl Backoff {
     }
 }
 
-/// Builds the channel endpoint for `config.control_plane`.
-pub(crate) fn endpoint(config: &Config) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(config.control_plane.clone())?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10)))
+/// How to reach the control plane: its endpoint, and TLS for `https://`.
+#[derive(Clone)]
+pub(crate) struct ControlPlane {
+    endpoint: Endpoint,
+    tls: Option<Connector>,
+}
+
+impl ControlPlane {
+    /// The control plane at `config.control_plane`: TLS when the URL is
+    /// `https://` (with `config.control_plane_tls`, or the web PKI roots).
+    pub(crate) fn new(config: &Config) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let endpoint = Endpoint::from_shared(config.control_plane.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let https = endpoint.uri().scheme_str() == Some("https");
+        let tls = match (https, &config.control_plane_tls) {
+            (true, tls) => Some(Connector(tls.clone().unwrap_or_default().client_config()?)),
+            (false, Some(_)) => {
+                return Err("TLS settings for the control plane need an https:// URL".into());
+            }
+            (false, None) => None,
+        };
+        Ok(Self { endpoint, tls })
+    }
+
+    async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        match &self.tls {
+            Some(connector) => {
+                self.endpoint
+                    .connect_with_connector(connector.clone())
+                    .await
+            }
+            None => self.endpoint.connect().await,
+        }
+    }
 }
 
 /// Everything one discovery client works with, for the life of the proxy.
 pub(crate) struct Subscriber {
     pub config: Arc<Config>,
-    pub endpoint: Endpoint,
+    pub control_plane: ControlPlane,
     /// The live runtime, stored once per accepted change.
     pub runtime: Arc<ArcSwap<Runtime>>,
     /// What the admin endpoint shows.
@@ -146,7 +178,7 @@ impl Subscriber {
     /// One stream: subscribe to every kind, then stage, apply and answer responses.
     async fn stream(&self, stager: &mut Stager, backoff: &mut Backoff) -> Result<(), StreamError> {
         let config = &self.config;
-        let channel = self.endpoint.connect().await?;
+        let channel = self.control_plane.connect().await?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let (requests, outgoing) = mpsc::channel(16);
         for kind in Kind::ALL {

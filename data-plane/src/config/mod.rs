@@ -5,6 +5,7 @@
 //! runs off the event loops, at a lower priority ([`background`]).
 
 pub(crate) mod background;
+pub(crate) mod control_plane_tls;
 pub(crate) mod discovery;
 pub(crate) mod last_good;
 pub(crate) mod stager;
