@@ -136,6 +136,10 @@ pub enum Command {
         workers: Option<NonZeroUsize>,
         #[command(flatten)]
         limits: LimitFlags,
+        /// Keep Prometheus metrics, served at the admin address's `/metrics`;
+        /// `--metrics=false` records nothing on the request path.
+        #[arg(long, env = "PRISM_PROXY_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+        metrics: bool,
     },
     /// A small HTTP server that names itself in every answer.
     DemoUpstream {
@@ -370,6 +374,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             selector,
             workers: _,
             limits,
+            metrics,
         } => {
             let proxy = bind("proxy", listen).await?;
             let tls = bind("proxy TLS", tls_listen).await?;
@@ -390,6 +395,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 namespaces: namespaces.unwrap_or_default(),
                 selector: selector.unwrap_or_default(),
                 limits: limits.into(),
+                metrics,
             };
             prism_data_plane::run(
                 config,

@@ -73,6 +73,7 @@ pub async fn run(
             namespaces: Vec::new(),
             selector: Default::default(),
             limits: config.limits,
+            metrics: true,
         },
         prism_data_plane::Listeners {
             proxy,

@@ -300,7 +300,8 @@ impl Proxy {
     /// directory of its own.
     pub async fn start_subset(control_plane: &str, node_id: &str, namespaces: &[&str]) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(control_plane, node_id, temp.path(), namespaces, false).await;
+        let mut proxy =
+            Self::launch(control_plane, node_id, temp.path(), namespaces, false, true).await;
         proxy._temp = Some(temp);
         proxy
     }
@@ -308,7 +309,7 @@ impl Proxy {
     /// A proxy serving every namespace, with a TLS listener too.
     pub async fn start_tls(control_plane: &str, node_id: &str) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(control_plane, node_id, temp.path(), &[], true).await;
+        let mut proxy = Self::launch(control_plane, node_id, temp.path(), &[], true, true).await;
         proxy._temp = Some(temp);
         proxy
     }
@@ -316,7 +317,16 @@ impl Proxy {
     /// A proxy keeping its snapshot in `data_dir`, which the caller owns: a
     /// proxy started again on it restores what the last one accepted.
     pub async fn start_with(control_plane: &str, node_id: &str, data_dir: &Path) -> Self {
-        Self::launch(control_plane, node_id, data_dir, &[], false).await
+        Self::launch(control_plane, node_id, data_dir, &[], false, true).await
+    }
+
+    /// A proxy serving every namespace, with its metrics off
+    /// (`--metrics=false`).
+    pub async fn start_without_metrics(control_plane: &str, node_id: &str) -> Self {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut proxy = Self::launch(control_plane, node_id, temp.path(), &[], false, false).await;
+        proxy._temp = Some(temp);
+        proxy
     }
 
     async fn launch(
@@ -325,6 +335,7 @@ impl Proxy {
         data_dir: &Path,
         namespaces: &[&str],
         tls: bool,
+        metrics: bool,
     ) -> Self {
         let (proxy, addr) = local().await;
         let (tls, tls_addr) = if tls {
@@ -345,6 +356,7 @@ impl Proxy {
             namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
             selector: Default::default(),
             limits: Default::default(),
+            metrics,
         };
         let task = tokio::spawn(async move {
             prism_data_plane::run(
@@ -373,6 +385,21 @@ impl Proxy {
     pub async fn ready(&self) -> Option<u16> {
         let response = reqwest::get(format!("{}/ready", self.admin)).await.ok()?;
         Some(response.status().as_u16())
+    }
+
+    /// The proxy's admin `/metrics`: status, content type and text.
+    pub async fn metrics(&self) -> (u16, String, String) {
+        let response = reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .expect("the proxy admin answers");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (status, content_type, response.text().await.expect("body"))
     }
 
     /// The proxy's admin `/config_dump`.
