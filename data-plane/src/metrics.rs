@@ -109,7 +109,9 @@ pub(crate) struct ListenerMetrics {
 /// Which proxy listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Listener {
+    /// The plain listener: HTTP/1.1 and h2c.
     Http,
+    /// The TLS listener.
     Https,
 }
 
@@ -144,8 +146,11 @@ pub(crate) struct NamespaceSeries {
 /// A circuit breaker's state, as a transition enters it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BreakerState {
+    /// Refusing requests after failures.
     Open = 0,
+    /// Letting probes through once its open timeout has passed.
     HalfOpen = 1,
+    /// Letting every request through again.
     Closed = 2,
 }
 
