@@ -177,6 +177,10 @@ pub enum Command {
         control_plane_key: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitFlags,
+        /// Keep Prometheus metrics, served at the admin address's `/metrics`;
+        /// `--metrics=false` records nothing on the request path.
+        #[arg(long, env = "PRISM_PROXY_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+        metrics: bool,
     },
     /// A small HTTP server that names itself in every answer.
     DemoUpstream {
@@ -495,6 +499,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             control_plane_cert,
             control_plane_key,
             limits,
+            metrics,
         } => {
             let proxy = bind("proxy", listen).await?;
             let tls = bind("proxy TLS", tls_listen).await?;
@@ -515,6 +520,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 namespaces: namespaces.unwrap_or_default(),
                 selector: selector.unwrap_or_default(),
                 limits: limits.into(),
+                metrics,
                 control_plane_tls: (control_plane_ca.is_some() || control_plane_cert.is_some())
                     .then(|| prism_data_plane::ControlPlaneTls {
                         ca: control_plane_ca,

@@ -78,6 +78,7 @@ pub async fn run(
             namespaces: Vec::new(),
             selector: Default::default(),
             limits: config.limits,
+            metrics: true,
             control_plane_tls: None,
         },
         prism_data_plane::Listeners {

@@ -1,19 +1,22 @@
 //! The whole request path in one process and on one thread: a keep-alive
 //! HTTP/1.1 client, the proxy and mock upstreams share a current-thread
 //! tokio runtime and talk over loopback (the route stage takes a listener's
-//! `RequestBody`, so the stack is driven through its listener). Three
+//! `RequestBody`, so the stack is driven through its listener). Four
 //! cases, one request in flight at a time:
 //!
 //! - `direct`: the client asks an upstream itself, no proxy; the floor.
 //! - `bare_forwarding`: through the proxy, a route with nothing but a backend
-//!   of one endpoint; every stage is there but has nothing to do.
+//!   of one endpoint; every stage is there but has nothing to do. Metrics
+//!   are on, as the proxy runs by default: each request is recorded.
+//! - `bare_forwarding_metrics_off`: the same with metrics off; the pair is
+//!   what recording costs (the issue's bound: within 5 %).
 //! - `every_layer`: through the proxy, every stage configured: namespace and
 //!   route rate limits (shared and per client IP, never empty), a match on
 //!   prefix + method + header, a weighted split over two least-request
 //!   backends of two endpoints each with circuit breakers, outlier
 //!   detection and pool limits, path rewrite, request and response header
 //!   mutations, route timeout, idle timeout, retries with a per-try timeout,
-//!   and a body limit.
+//!   and a body limit. Metrics on.
 //!
 //! Each figure is the CPU of client, proxy and upstream together per
 //! request; `every_layer − bare_forwarding` is what the stages cost,
@@ -139,14 +142,25 @@ fn request_path(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(10));
 
     bench(&mut group, &rt, "direct", upstreams[0].addr());
-    for (name, policy) in [
-        ("bare_forwarding", bare(&web)),
-        ("every_layer", every_layer(&web)),
+    for (name, policy, metrics) in [
+        ("bare_forwarding", bare(&web), true),
+        ("bare_forwarding_metrics_off", bare(&web), false),
+        ("every_layer", every_layer(&web), true),
     ] {
         let proxy = rt
-            .block_on(Proxy::start(&snapshot(&policy)))
+            .block_on(Proxy::start(&snapshot(&policy), metrics))
             .expect("proxy starts");
         bench(&mut group, &rt, name, proxy.addr());
+        // What was timed with metrics on did record every request.
+        if let Some(scrape) = proxy.scrape() {
+            let ok = r#"code_class="2xx"} "#;
+            let counted = scrape
+                .lines()
+                .filter(|l| l.starts_with("prism_proxy_requests_total{") && l.contains(ok))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>();
+            assert!(counted > 0, "{name}: no request recorded:\n{scrape}");
+        }
     }
     group.finish();
 }

@@ -1,8 +1,9 @@
 //! The proxy's own admin listener: readiness, liveness, a dump of the
 //! accepted configuration, a short status (revision, applies and how long
-//! the last one took) that is cheap to poll, and `/data`: what the data
-//! gateway holds (subscriptions, tasks, memory), for leak checks. Read-only;
-//! it never changes the runtime.
+//! the last one took) that is cheap to poll, `/data`: what the data
+//! gateway holds (subscriptions, tasks, memory), for leak checks, and
+//! `/metrics`: the Prometheus metrics as OpenMetrics text (`404` with
+//! metrics off). Read-only; it never changes the runtime.
 
 use std::convert::Infallible;
 use std::future::ready;
@@ -19,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::config::discovery::Status;
 use crate::http::server;
+use crate::metrics::{self, Metrics};
 
 type Body = Full<Bytes>;
 
@@ -28,10 +30,15 @@ pub(crate) async fn serve(
     params: server::Params,
     node_id: Arc<str>,
     status: watch::Receiver<Status>,
+    metrics: Option<Arc<Metrics>>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let service = tower::service_fn(move |request| {
-        let response = respond(&request, &node_id, &status.borrow());
+    let service = tower::service_fn(move |request: Request<_>| {
+        let response = if request.uri().path() == "/metrics" {
+            scrape(&request, metrics.as_deref())
+        } else {
+            respond(&request, &node_id, &status.borrow())
+        };
         ready(Ok::<_, Infallible>(response))
     });
     server::serve(listener, None, params, shutdown, service).await;
@@ -50,6 +57,27 @@ fn respond<B>(request: &Request<B>, node_id: &str, status: &Status) -> Response<
         "/data" => json_response(&crate::data::stats()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `/metrics`: every metric as OpenMetrics text, encoded on the admin
+/// listener's event loop (a scrape reads atomics and takes only the
+/// series map's lock, never one the request path takes).
+fn scrape<B>(request: &Request<B>, metrics: Option<&Metrics>) -> Response<Body> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    let Some(metrics) = metrics else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "metrics are off (the proxy runs with --metrics=false)\n",
+        );
+    };
+    let mut response = Response::new(Body::from(metrics.encode()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
+    response
 }
 
 fn config_dump(node_id: &str, status: &Status) -> serde_json::Value {

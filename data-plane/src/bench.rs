@@ -14,17 +14,19 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::http::server;
+use crate::metrics::{Listener, ListenerMetrics, Metrics};
 use crate::runtime::{OwnAddresses, Probe, Runtime};
 
 pub use crate::http::ratelimit::bench::Bucket;
 pub use crate::runtime::bench::{Balancer, Breaker};
 
 /// The whole proxy, every stage of its request path, serving one compiled
-/// policy on a loopback listener from the caller's tokio runtime. Dropping
-/// it stops the server.
+/// policy on a loopback listener from the caller's tokio runtime, with its
+/// metrics on or off. Dropping it stops the server.
 #[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
+    metrics: Option<Arc<Metrics>>,
     _stop: watch::Sender<bool>,
 }
 
@@ -73,25 +75,40 @@ impl RouteTable {
 
 impl Proxy {
     /// Compiles `snapshot` and serves it on `127.0.0.1:0` with the default
-    /// wire limits; the compile or bind error's message if that fails.
-    pub async fn start(snapshot: &Snapshot) -> Result<Proxy, String> {
-        let runtime =
-            Runtime::compile(snapshot, &Runtime::unconfigured(), &OwnAddresses::default())
-                .map_err(|e| e.to_string())?;
+    /// wire limits, keeping metrics when `metrics` says so, as the proxy
+    /// does by default; the compile or bind error's message if that fails.
+    pub async fn start(snapshot: &Snapshot, metrics: bool) -> Result<Proxy, String> {
+        let metrics = metrics.then(|| Arc::new(Metrics::new()));
+        let unconfigured = Runtime::unconfigured().with_metrics(metrics.clone());
+        let runtime = Runtime::compile(snapshot, &unconfigured, &OwnAddresses::default())
+            .map_err(|e| e.to_string())?;
         let (listener, addr) = bind().await?;
         let (stop, stopped) = watch::channel(false);
+        let listener_metrics = metrics
+            .as_ref()
+            .map_or_else(ListenerMetrics::default, |m| m.listener(Listener::Http));
         tokio::spawn(crate::http::serve(
             listener,
             Arc::new(ArcSwap::from_pointee(runtime)),
             params(),
             stopped,
+            listener_metrics,
         ));
-        Ok(Proxy { addr, _stop: stop })
+        Ok(Proxy {
+            addr,
+            metrics,
+            _stop: stop,
+        })
     }
 
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its metrics as `/metrics` serves them; `None` with metrics off.
+    pub fn scrape(&self) -> Option<String> {
+        self.metrics.as_ref().map(|m| m.encode())
     }
 }
 

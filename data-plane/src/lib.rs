@@ -4,7 +4,8 @@
 //! this proxy asks for), `runtime` (what a policy compiles to, behind one
 //! `ArcSwap`: route matcher and backends, each with its own pooled client) and
 //! `http` (the request path as a tower stack, from the listener to the
-//! upstream). `admin` is the proxy's own admin listener.
+//! upstream). `admin` is the proxy's own admin listener, which serves
+//! `metrics` (the Prometheus registry, whose series compiled runtimes hold).
 //!
 //! It must not touch the control plane's code or storage: `prism-proto` is the
 //! only ground the two planes share. tonic is used only in `config::discovery`
@@ -21,6 +22,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzz;
 mod http;
+mod metrics;
 mod runtime;
 #[cfg(test)]
 mod test_ca;
@@ -38,6 +40,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{discovery, last_good, subset};
+use crate::metrics::{Listener, ListenerMetrics, Metrics};
 use crate::runtime::{OwnAddresses, Runtime};
 
 pub use config::control_plane_tls::ControlPlaneTls;
@@ -95,6 +98,10 @@ pub struct Config {
     pub selector: BTreeMap<String, String>,
     /// The proxy listener's wire limits, timeouts and drain.
     pub limits: Limits,
+    /// Whether the proxy keeps Prometheus metrics, served by the admin
+    /// listener's `/metrics`. Off, the request path records nothing and
+    /// `/metrics` answers `404`.
+    pub metrics: bool,
     /// TLS to an `https://` control plane: its CA and this proxy's
     /// certificate; `None` for the web PKI roots and no certificate.
     pub control_plane_tls: Option<ControlPlaneTls>,
@@ -149,7 +156,8 @@ pub struct Listeners {
     /// Client traffic over TLS (HTTP/1.1 and HTTP/2 by ALPN), with each
     /// namespace's certificate chosen by SNI; none when `None`.
     pub tls: Option<TcpListener>,
-    /// The proxy admin: `/ready`, `/healthz`, `/config_dump`, `/status`.
+    /// The proxy admin: `/ready`, `/healthz`, `/config_dump`, `/status`,
+    /// `/metrics`.
     pub admin: TcpListener,
 }
 
@@ -192,9 +200,27 @@ pub async fn run(
             subset::describe(&config.namespaces, &config.selector),
         ))
     });
+    let metrics = config.metrics.then(|| Arc::new(Metrics::new()));
+    let unconfigured = Runtime::unconfigured().with_metrics(metrics.clone());
     let (restored, runtime) = match &last_good {
-        Some(file) => restore(Arc::clone(file), &own, config.data_dir.as_deref()).await,
-        None => (None, Runtime::unconfigured()),
+        Some(file) => {
+            restore(
+                Arc::clone(file),
+                &own,
+                config.data_dir.as_deref(),
+                unconfigured,
+            )
+            .await
+        }
+        None => (None, unconfigured),
+    };
+    if let (Some(metrics), Some(restored)) = (&metrics, &restored) {
+        metrics.restored(restored.revision);
+    }
+    let listener_metrics = |listener| {
+        metrics
+            .as_ref()
+            .map_or_else(ListenerMetrics::default, |m| m.listener(listener))
     };
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
     let (status_tx, status_rx) = watch::channel(discovery::Status {
@@ -230,6 +256,7 @@ pub async fn run(
         Arc::clone(&runtime),
         server,
         stop_rx.clone(),
+        listener_metrics(Listener::Http),
     ));
     let tls = listeners.tls.map(|listener| {
         tokio::spawn(http::serve_tls(
@@ -237,6 +264,7 @@ pub async fn run(
             Arc::clone(&runtime),
             server,
             stop_rx.clone(),
+            listener_metrics(Listener::Https),
         ))
     });
     let admin = tokio::spawn(admin::serve(
@@ -244,6 +272,7 @@ pub async fn run(
         server,
         Arc::from(config.node_id.as_str()),
         status_rx,
+        metrics,
         stop_rx,
     ));
     let discovery = tokio::spawn(
@@ -285,8 +314,8 @@ pub async fn run(
     Ok(())
 }
 
-/// The snapshot on disk and its compiled runtime, or nothing (and an
-/// unconfigured runtime) when there is no usable snapshot.
+/// The snapshot on disk and its runtime compiled from `unconfigured`, or
+/// nothing (and `unconfigured` itself) when there is no usable snapshot.
 ///
 /// When a data binding of the snapshot cannot be opened (its database is
 /// down too), the routes are served all the same, without the data
@@ -296,12 +325,12 @@ async fn restore(
     file: Arc<last_good::LastGood>,
     own: &OwnAddresses,
     data_dir: Option<&std::path::Path>,
+    unconfigured: Runtime,
 ) -> (Option<Snapshot>, Runtime) {
     let path = file.path();
     let Some(snapshot) = last_good::restore(file).await else {
-        return (None, Runtime::unconfigured());
+        return (None, unconfigured);
     };
-    let unconfigured = Runtime::unconfigured();
     let data = data::bindings_for(&snapshot, &unconfigured, data_dir).await;
     match Runtime::compile(&snapshot, &unconfigured, own) {
         Ok(runtime) => match data {
@@ -318,7 +347,7 @@ async fn restore(
                 path = %path.display(),
                 "Ignoring the last-known-good snapshot; starting empty."
             );
-            (None, Runtime::unconfigured())
+            (None, unconfigured)
         }
     }
 }

@@ -351,8 +351,16 @@ impl Proxy {
     /// directory of its own.
     pub async fn start_subset(control_plane: &str, node_id: &str, namespaces: &[&str]) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy =
-            Self::launch(control_plane, node_id, temp.path(), namespaces, false, None).await;
+        let mut proxy = Self::launch(
+            control_plane,
+            node_id,
+            temp.path(),
+            namespaces,
+            false,
+            true,
+            None,
+        )
+        .await;
         proxy._temp = Some(temp);
         proxy
     }
@@ -360,7 +368,8 @@ impl Proxy {
     /// A proxy serving every namespace, with a TLS listener too.
     pub async fn start_tls(control_plane: &str, node_id: &str) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(control_plane, node_id, temp.path(), &[], true, None).await;
+        let mut proxy =
+            Self::launch(control_plane, node_id, temp.path(), &[], true, true, None).await;
         proxy._temp = Some(temp);
         proxy
     }
@@ -372,8 +381,16 @@ impl Proxy {
         tls: prism_data_plane::ControlPlaneTls,
     ) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy =
-            Self::launch(control_plane, node_id, temp.path(), &[], false, Some(tls)).await;
+        let mut proxy = Self::launch(
+            control_plane,
+            node_id,
+            temp.path(),
+            &[],
+            false,
+            true,
+            Some(tls),
+        )
+        .await;
         proxy._temp = Some(temp);
         proxy
     }
@@ -381,7 +398,17 @@ impl Proxy {
     /// A proxy keeping its snapshot in `data_dir`, which the caller owns: a
     /// proxy started again on it restores what the last one accepted.
     pub async fn start_with(control_plane: &str, node_id: &str, data_dir: &Path) -> Self {
-        Self::launch(control_plane, node_id, data_dir, &[], false, None).await
+        Self::launch(control_plane, node_id, data_dir, &[], false, true, None).await
+    }
+
+    /// A proxy serving every namespace, with its metrics off
+    /// (`--metrics=false`).
+    pub async fn start_without_metrics(control_plane: &str, node_id: &str) -> Self {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut proxy =
+            Self::launch(control_plane, node_id, temp.path(), &[], false, false, None).await;
+        proxy._temp = Some(temp);
+        proxy
     }
 
     async fn launch(
@@ -390,6 +417,7 @@ impl Proxy {
         data_dir: &Path,
         namespaces: &[&str],
         tls: bool,
+        metrics: bool,
         control_plane_tls: Option<prism_data_plane::ControlPlaneTls>,
     ) -> Self {
         let (proxy, addr) = local().await;
@@ -411,6 +439,7 @@ impl Proxy {
             namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
             selector: Default::default(),
             limits: Default::default(),
+            metrics,
             control_plane_tls,
         };
         let task = tokio::spawn(async move {
@@ -440,6 +469,21 @@ impl Proxy {
     pub async fn ready(&self) -> Option<u16> {
         let response = reqwest::get(format!("{}/ready", self.admin)).await.ok()?;
         Some(response.status().as_u16())
+    }
+
+    /// The proxy's admin `/metrics`: status, content type and text.
+    pub async fn metrics(&self) -> (u16, String, String) {
+        let response = reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .expect("the proxy admin answers");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (status, content_type, response.text().await.expect("body"))
     }
 
     /// The proxy's admin `/config_dump`.

@@ -233,9 +233,11 @@ impl Subscriber {
     }
 
     /// Publishes what the configuration work decided: the accepted snapshot to
-    /// the admin status and the last-good writer, or the NACK. Whatever a
-    /// publication replaces is retired, never dropped here.
+    /// the admin status and the last-good writer, or the NACK; and counts it
+    /// in the metrics the runtime carries. Whatever a publication replaces
+    /// is retired, never dropped here.
     fn settle(&self, outcome: Outcome, backoff: &mut Backoff, arrived: Instant) {
+        let metrics = self.runtime.load().metrics().cloned();
         match outcome {
             Outcome::Waiting => {}
             Outcome::Applied {
@@ -262,10 +264,16 @@ impl Subscriber {
                     background::retire((retired, replaced, previous));
                 }
                 backoff.reset();
+                if let Some(metrics) = &metrics {
+                    metrics.acked(revision);
+                }
                 info!(revision, changed, ?took, "Applied configuration.");
             }
             Outcome::Rejected { revision, message } => {
                 warn!(error = %message, ?revision, "Rejected configuration.");
+                if let Some(metrics) = &metrics {
+                    metrics.nacked();
+                }
                 record_nack(&self.status, revision, message);
             }
         }

@@ -176,6 +176,11 @@ impl<B> BodyEnd<B> {
     pub(crate) fn last_frame(&self) -> Option<Instant> {
         lock(&self.0).last
     }
+
+    /// The bytes of the body received from the client so far.
+    pub(crate) fn received(&self) -> u64 {
+        lock(&self.0).total
+    }
 }
 
 impl<B> Clone for BodyEnd<B> {

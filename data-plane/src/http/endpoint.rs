@@ -194,12 +194,17 @@ where
         endpoint,
         request,
     } = picked;
+    // The clock is read only when the backend's latency is recorded.
+    let started = backend.series.as_ref().map(|_| std::time::Instant::now());
     let sent = match InFlight::admit(Arc::clone(&backend), endpoint) {
         Ok(in_flight) => send(Arc::clone(&backend.client.pool), endpoint, request)
             .await
             .map(|response| (response, in_flight)),
         Err(error) => Err(error),
     };
+    if let (Ok(_), Some(series), Some(started)) = (&sent, &backend.series, started) {
+        series.upstream(started.elapsed());
+    }
     match sent {
         Ok((response, in_flight)) => {
             let (parts, body) = response.into_parts();

@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tower::ServiceBuilder;
 
 use crate::data::gate::{DataGate, DataGateLayer};
+use crate::metrics::ListenerMetrics;
 use crate::runtime::Runtime;
 
 /// The proxy's request path, outermost first.
@@ -65,14 +66,19 @@ pub(crate) type Stack = respond::Respond<
 /// Data API calls leave it before the route stage, at the data gate.
 /// The server's wire limits are applied per connection in [`server::serve`]
 /// (by [`h1`] and hyper's HTTP/2); the proxy-wide concurrency limit is the
-/// first stage.
-pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>, max_concurrent_requests: u32) -> Stack {
+/// first stage, and counts the listener's requests in flight in `metrics`.
+pub(crate) fn stack(
+    runtime: Arc<ArcSwap<Runtime>>,
+    max_concurrent_requests: u32,
+    metrics: &ListenerMetrics,
+) -> Stack {
     ServiceBuilder::new()
         // Every error below becomes an HTTP or gRPC response here.
         .layer(respond::RespondLayer)
         // Past the proxy-wide limit of requests in flight: 503 at once.
         .layer(overload::ConcurrencyLimitLayer::new(
             max_concurrent_requests,
+            metrics,
         ))
         // Hop-by-hop headers out; x-forwarded-*, Host and via in.
         .layer(normalize::NormalizeLayer)
@@ -99,32 +105,33 @@ pub(crate) fn stack(runtime: Arc<ArcSwap<Runtime>>, max_concurrent_requests: u32
         .service(endpoint::Forward)
 }
 
-/// Serves the proxy on `listener` until `shutdown` turns true.
+/// Serves the proxy on `listener` until `shutdown` turns true, counting
+/// its connections and requests in `metrics`.
 pub(crate) async fn serve(
     listener: TcpListener,
     runtime: Arc<ArcSwap<Runtime>>,
     params: server::Params,
     shutdown: watch::Receiver<bool>,
+    metrics: ListenerMetrics,
 ) {
-    server::serve(
-        listener,
-        None,
-        params,
-        shutdown,
-        stack(runtime, params.limits.max_concurrent_requests),
-    )
-    .await;
+    let stack = stack(runtime, params.limits.max_concurrent_requests, &metrics);
+    let open = Some(metrics.connections);
+    server::serve_counted(listener, None, params, shutdown, stack, open).await;
 }
 
-/// Serves the proxy over TLS on `listener` until `shutdown` turns true.
+/// Serves the proxy over TLS on `listener` until `shutdown` turns true,
+/// counting its connections and requests in `metrics`.
 pub(crate) async fn serve_tls(
     listener: TcpListener,
     runtime: Arc<ArcSwap<Runtime>>,
     params: server::Params,
     shutdown: watch::Receiver<bool>,
+    metrics: ListenerMetrics,
 ) {
-    let stack = stack(Arc::clone(&runtime), params.limits.max_concurrent_requests);
-    server::serve(listener, Some(runtime), params, shutdown, stack).await;
+    let max = params.limits.max_concurrent_requests;
+    let stack = stack(Arc::clone(&runtime), max, &metrics);
+    let open = Some(metrics.connections);
+    server::serve_counted(listener, Some(runtime), params, shutdown, stack, open).await;
 }
 
 #[cfg(test)]

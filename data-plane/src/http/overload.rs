@@ -3,12 +3,13 @@
 //! [`ProxyError::Overloaded`] (`503`, gRPC `UNAVAILABLE`) instead of waiting
 //! in a queue that grows without bound. A request is in flight until its
 //! response body ends ([`super::inflight`]), so long streams count too.
-//! One shared atomic counter, no lock.
+//! One shared atomic counter, no lock: the listener's
+//! `prism_proxy_active_requests` gauge itself.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -18,6 +19,7 @@ use tracing::{info, warn};
 
 use super::error::{BoxError, ProxyError};
 use super::inflight;
+use crate::metrics::ListenerMetrics;
 
 #[derive(Clone, Debug)]
 pub(crate) struct ConcurrencyLimitLayer {
@@ -33,8 +35,11 @@ pub(crate) struct ConcurrencyLimit<S> {
 
 #[derive(Debug)]
 struct Counter {
-    in_flight: AtomicUsize,
-    max: usize,
+    /// Requests in flight (an atomic behind an `Arc`, as the metric it is).
+    in_flight: prometheus_client::metrics::gauge::Gauge,
+    /// Requests refused.
+    refused: prometheus_client::metrics::counter::Counter,
+    max: i64,
     /// Whether the last request was refused: each episode of saturation is
     /// logged once as it starts and once as it ends, not once a request.
     saturated: AtomicBool,
@@ -53,11 +58,14 @@ pin_project! {
 }
 
 impl ConcurrencyLimitLayer {
-    pub(crate) fn new(max: u32) -> Self {
+    /// At most `max` requests in flight, counted in `metrics`' active
+    /// requests and overload rejections.
+    pub(crate) fn new(max: u32, metrics: &ListenerMetrics) -> Self {
         ConcurrencyLimitLayer {
             counter: Arc::new(Counter {
-                in_flight: AtomicUsize::new(0),
-                max: usize::try_from(max).unwrap_or(usize::MAX),
+                in_flight: metrics.requests.clone(),
+                refused: metrics.overloaded.clone(),
+                max: i64::from(max),
                 saturated: AtomicBool::new(false),
             }),
         }
@@ -78,9 +86,11 @@ impl<S> Layer<S> for ConcurrencyLimitLayer {
 impl Counter {
     /// A permit, or `None` when `max` requests are already in flight.
     fn acquire(self: &Arc<Self>) -> Option<Permit> {
-        // Relaxed: the count guards no other memory, it only has to be exact.
-        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Relaxed (the gauge's ordering): the count guards no other memory,
+        // it only has to be exact.
+        if self.in_flight.inc() >= self.max {
+            self.in_flight.dec();
+            self.refused.inc();
             if !self.saturated.swap(true, Ordering::Relaxed) {
                 warn!(
                     max_concurrent_requests = self.max,
@@ -98,7 +108,7 @@ impl Counter {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.dec();
     }
 }
 
@@ -144,19 +154,17 @@ mod tests {
 
     #[test]
     fn permits_stop_at_the_limit_and_come_back_on_drop() {
-        let layer = ConcurrencyLimitLayer::new(2);
+        let metrics = ListenerMetrics::default();
+        let layer = ConcurrencyLimitLayer::new(2, &metrics);
         let counter = &layer.counter;
         let first = counter.acquire().expect("first");
         let second = counter.acquire().expect("second");
         assert!(counter.acquire().is_none(), "a third is refused");
-        assert_eq!(
-            counter.in_flight.load(Ordering::Relaxed),
-            2,
-            "a refusal holds nothing"
-        );
+        assert_eq!(counter.in_flight.get(), 2, "a refusal holds nothing");
+        assert_eq!(metrics.overloaded.get(), 1, "the refusal is counted");
         drop(first);
         let third = counter.acquire().expect("a freed place is taken again");
         drop((second, third));
-        assert_eq!(counter.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.requests.get(), 0);
     }
 }

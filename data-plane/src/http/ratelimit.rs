@@ -34,6 +34,7 @@ use tower::{Layer, Service};
 use super::error::{BoxError, ProxyError};
 use super::route::Routed;
 use super::server::ClientAddr;
+use crate::metrics::NamespaceSeries;
 
 /// Per-IP buckets are kept in this many shards, each behind its own lock.
 const SHARDS: usize = 16;
@@ -57,6 +58,9 @@ pub(crate) struct Limits {
     /// across applies.
     spec: Vec<Spec>,
     limits: Vec<Limit>,
+    /// Where refusals are counted: the namespace's series (a route's limits
+    /// count for its namespace); `None` with metrics off.
+    series: Option<Arc<NamespaceSeries>>,
 }
 
 #[derive(Debug)]
@@ -126,9 +130,14 @@ impl Params {
 }
 
 impl Limits {
-    /// The limits of `spec`, or `None` when there are none. The buckets of
-    /// `previous` are kept when it was compiled from the same spec.
-    pub(crate) fn compile(spec: &[Spec], previous: Option<&Arc<Limits>>) -> Option<Arc<Limits>> {
+    /// The limits of `spec`, or `None` when there are none, counting their
+    /// refusals in `series`. The buckets of `previous` are kept when it was
+    /// compiled from the same spec.
+    pub(crate) fn compile(
+        spec: &[Spec],
+        previous: Option<&Arc<Limits>>,
+        series: Option<Arc<NamespaceSeries>>,
+    ) -> Option<Arc<Limits>> {
         if spec.is_empty() {
             return None;
         }
@@ -153,23 +162,30 @@ impl Limits {
         Some(Arc::new(Limits {
             spec: spec.to_vec(),
             limits,
+            series,
         }))
     }
 
     /// Takes a token from each limit. A request refused by a later limit has
     /// still spent its token of the earlier ones, as with Envoy's chained
-    /// local rate limits.
+    /// local rate limits. A refusal is counted in the namespace's series.
     pub(crate) fn acquire(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
-        for limit in &self.limits {
-            match (limit, client) {
-                (Limit::Shared(bucket), _) => bucket.acquire(now)?,
-                (Limit::PerIp(buckets), Some(ip)) => buckets.acquire(ip, now)?,
+        let taken = self
+            .limits
+            .iter()
+            .try_for_each(|limit| match (limit, client) {
+                (Limit::Shared(bucket), _) => bucket.acquire(now),
+                (Limit::PerIp(buckets), Some(ip)) => buckets.acquire(ip, now),
                 // Every request through the listener has a client address;
                 // one without (only built by hand) is not limited per IP.
-                (Limit::PerIp(_), None) => {}
-            }
+                (Limit::PerIp(_), None) => Ok(()),
+            });
+        if taken.is_err()
+            && let Some(series) = &self.series
+        {
+            series.rate_limited();
         }
-        Ok(())
+        taken
     }
 }
 
@@ -405,6 +421,7 @@ mod tests {
                 per_client_ip: true,
             }],
             None,
+            None,
         )
         .expect("limits");
         let now = Instant::now();
@@ -440,16 +457,16 @@ mod tests {
             requests_per_second: 5,
             ..Default::default()
         }];
-        let first = Limits::compile(&spec, None).expect("limits");
-        let same = Limits::compile(&spec, Some(&first)).expect("limits");
+        let first = Limits::compile(&spec, None, None).expect("limits");
+        let same = Limits::compile(&spec, Some(&first), None).expect("limits");
         assert!(Arc::ptr_eq(&first, &same));
         let changed = [Spec {
             requests_per_second: 6,
             ..Default::default()
         }];
-        let other = Limits::compile(&changed, Some(&first)).expect("limits");
+        let other = Limits::compile(&changed, Some(&first), None).expect("limits");
         assert!(!Arc::ptr_eq(&first, &other));
-        assert!(Limits::compile(&[], Some(&first)).is_none());
+        assert!(Limits::compile(&[], Some(&first), None).is_none());
     }
 
     proptest! {

@@ -272,7 +272,14 @@ fn retry_after_seconds(wait: Duration) -> HeaderValue {
     HeaderValue::from(seconds.max(1))
 }
 
-fn http_status(error: &ProxyError) -> StatusCode {
+/// The status an HTTP caller gets for `error` (the first [`ProxyError`] in
+/// its cause chain); the metrics count gRPC callers' errors by it too.
+pub(crate) fn error_status(error: &(dyn std::error::Error + 'static)) -> StatusCode {
+    http_status(ProxyError::classify(error))
+}
+
+/// The status an HTTP caller gets for `error`.
+pub(crate) fn http_status(error: &ProxyError) -> StatusCode {
     match error {
         ProxyError::NotConfigured
         | ProxyError::Overloaded

@@ -378,6 +378,9 @@ where
         };
         let (routed, kept) = next;
         spare = Some(kept);
+        if let Some(series) = &backend.series {
+            series.retried();
+        }
         let wait = backoff(
             params.base_interval,
             params.max_interval,

@@ -6,6 +6,12 @@
 //! backend it picked (its pool and parameters) stay with it to the end,
 //! whatever is applied meanwhile. The route's response header changes are
 //! applied to the response head on the way back.
+//!
+//! With metrics on, this is also where a request is recorded: the series
+//! of its route and backend (compiled into the route: no lookup), or the
+//! `unmatched` one, takes its status class, duration and bytes when its
+//! response body ends ([`Metered`]); an error is recorded with the status
+//! [`super::respond`] will answer it with.
 
 use std::future::Future;
 use std::ops::Not;
@@ -22,8 +28,10 @@ use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::body::{ReplayBody, RequestBody};
+use super::body::{BodyEnd, ReplayBody, RequestBody};
 use super::error::{BoxError, ProxyError};
+use super::respond;
+use crate::metrics::{Metered, Recorder, RouteSeries};
 use crate::runtime::{Action, Backend, Probe, Route, Runtime};
 
 /// A request below the route stage.
@@ -36,8 +44,8 @@ pub(crate) struct Routed {
 }
 
 /// A response of the route stage: the upstream's, or its own (a redirect or
-/// a direct response).
-pub(crate) type RouteBody<B> = Either<B, Full<Bytes>>;
+/// a direct response), recorded as it streams.
+pub(crate) type RouteBody<B> = Metered<Either<B, Full<Bytes>>>;
 
 #[derive(Clone, Debug)]
 pub(crate) struct RouteLayer {
@@ -58,9 +66,17 @@ pin_project! {
             inner: F,
             // Set when the route changes response headers.
             route: Option<Arc<Route>>,
+            // Set with metrics on, as in the other two.
+            recorder: Option<Recorder>,
         },
-        Local { response: Option<Response<Full<Bytes>>> },
-        Failed { error: Option<ProxyError> },
+        Local {
+            response: Option<Response<Full<Bytes>>>,
+            recorder: Option<Recorder>,
+        },
+        Failed {
+            error: Option<ProxyError>,
+            recorder: Option<Recorder>,
+        },
     }
 }
 
@@ -95,8 +111,14 @@ where
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let runtime = self.runtime.load_full();
+        // Where a request that reaches no route is recorded, if anywhere.
+        let unmatched = || {
+            runtime
+                .metrics()
+                .map(|m| Recorder::start(Arc::clone(m.unmatched()), None))
+        };
         if !runtime.is_configured() {
-            return ResponseFuture::failed(ProxyError::NotConfigured);
+            return ResponseFuture::failed(ProxyError::NotConfigured, unmatched());
         }
         let host = request_host(&request);
         let path = request.uri().path();
@@ -107,11 +129,13 @@ where
             headers: request.headers(),
         };
         let Some(route) = runtime.route(host, &probe) else {
-            return ResponseFuture::failed(ProxyError::NoRoute {
+            let error = ProxyError::NoRoute {
                 host: host.to_string(),
                 path: path.to_string(),
-            });
+            };
+            return ResponseFuture::failed(error, unmatched());
         };
+        let local = |route: &Route| route.series.as_ref().map(record(None));
         let forward = match &route.action {
             Action::Forward(forward) => forward,
             Action::Redirect(redirect) => {
@@ -125,7 +149,7 @@ where
                 let uri = request.uri();
                 let Some(location) = redirect.location(scheme, host, uri.path(), uri.query())
                 else {
-                    return ResponseFuture::failed(ProxyError::Internal);
+                    return ResponseFuture::failed(ProxyError::Internal, local(route));
                 };
                 let mut response = Response::new(Full::new(Bytes::new()));
                 *response.status_mut() = redirect.status;
@@ -133,6 +157,7 @@ where
                 route.response_headers.apply(response.headers_mut());
                 return ResponseFuture::Local {
                     response: Some(response),
+                    recorder: local(route),
                 };
             }
             Action::Respond(respond) => {
@@ -150,15 +175,20 @@ where
                 route.response_headers.apply(response.headers_mut());
                 return ResponseFuture::Local {
                     response: Some(response),
+                    recorder: local(route),
                 };
             }
         };
-        let backend = Arc::clone(forward.pick());
+        let split = forward.pick();
+        let backend = Arc::clone(&split.backend);
         if let Some(new_path) = forward.rewrite.path(request.uri().path()) {
             match with_path(request.uri(), &new_path) {
                 Some(uri) => *request.uri_mut() = uri,
                 // The rewrite made a path that is no URI path.
-                None => return ResponseFuture::failed(ProxyError::Internal),
+                None => {
+                    let recorder = split.series.as_ref().map(record(None));
+                    return ResponseFuture::failed(ProxyError::Internal, recorder);
+                }
             }
         }
         if let Some(host) = &forward.rewrite.host {
@@ -170,20 +200,32 @@ where
             .is_empty()
             .not()
             .then(|| Arc::clone(route));
+        let request = request.map(ReplayBody::new);
+        let recorder = split.series.as_ref().map(record(request.body().end()));
         ResponseFuture::Routed {
             inner: self.inner.call(Routed {
                 route: Arc::clone(route),
                 backend,
-                request: request.map(ReplayBody::new),
+                request,
             }),
             route: respond_route,
+            recorder,
         }
     }
 }
 
+/// A recorder into a series, whose request body ends at `end` (`None`: it
+/// had none).
+fn record(end: Option<BodyEnd>) -> impl FnOnce(&Arc<RouteSeries>) -> Recorder {
+    move |series| Recorder::start(Arc::clone(series), end)
+}
+
 impl<F> ResponseFuture<F> {
-    fn failed(error: ProxyError) -> Self {
-        ResponseFuture::Failed { error: Some(error) }
+    fn failed(error: ProxyError, recorder: Option<Recorder>) -> Self {
+        ResponseFuture::Failed {
+            error: Some(error),
+            recorder,
+        }
     }
 }
 
@@ -195,24 +237,48 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ResponseFutureProj::Routed { inner, route } => {
-                let mut response = ready!(inner.poll(cx))?;
+            ResponseFutureProj::Routed {
+                inner,
+                route,
+                recorder,
+            } => {
+                let mut response = match ready!(inner.poll(cx)) {
+                    Ok(response) => response,
+                    Err(error) => {
+                        if let Some(mut recorder) = recorder.take() {
+                            recorder.answered(respond::error_status(&*error));
+                        }
+                        return Poll::Ready(Err(error));
+                    }
+                };
                 if let Some(route) = route.take() {
                     route.response_headers.apply(response.headers_mut());
                 }
-                Poll::Ready(Ok(response.map(Either::Left)))
+                Poll::Ready(Ok(answered(response.map(Either::Left), recorder.take())))
             }
-            ResponseFutureProj::Local { response } => Poll::Ready(
+            ResponseFutureProj::Local { response, recorder } => Poll::Ready(
                 response
                     .take()
-                    .map(|r| r.map(Either::Right))
+                    .map(|r| answered(r.map(Either::Right), recorder.take()))
                     .ok_or_else(|| ProxyError::Internal.into()),
             ),
-            ResponseFutureProj::Failed { error } => {
-                Poll::Ready(Err(error.take().unwrap_or(ProxyError::Internal).into()))
+            ResponseFutureProj::Failed { error, recorder } => {
+                let error = error.take().unwrap_or(ProxyError::Internal);
+                if let Some(mut recorder) = recorder.take() {
+                    recorder.answered(respond::http_status(&error));
+                }
+                Poll::Ready(Err(error.into()))
             }
         }
     }
+}
+
+/// `response`, its status told to `recorder`, which its body then carries.
+fn answered<B>(response: Response<B>, mut recorder: Option<Recorder>) -> Response<Metered<B>> {
+    if let Some(recorder) = &mut recorder {
+        recorder.answered(response.status());
+    }
+    response.map(|body| Metered::new(body, recorder))
 }
 
 /// `uri` with its path replaced by `path`, keeping the query.

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -72,6 +73,9 @@ struct SetClientAddr<S> {
     inner: S,
 }
 
+/// A connection counted open in a gauge until it is dropped.
+struct Open(Gauge);
+
 /// Serves `service` on `listener` (over TLS with `tls`, the runtime whose
 /// namespaces' certificates the handshakes use) until `shutdown` turns true,
 /// then stops accepting, lets open connections finish (bounded) and returns.
@@ -79,8 +83,29 @@ pub(crate) async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<Arc<ArcSwap<Runtime>>>,
     params: Params,
+    shutdown: watch::Receiver<bool>,
+    service: S,
+) where
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    serve_counted(listener, tls, params, shutdown, service, None).await;
+}
+
+/// [`serve`], counting the open connections in `open`, if given.
+pub(crate) async fn serve_counted<S, B>(
+    listener: TcpListener,
+    tls: Option<Arc<ArcSwap<Runtime>>>,
+    params: Params,
     mut shutdown: watch::Receiver<bool>,
     service: S,
+    open: Option<Gauge>,
 ) where
     S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -102,7 +127,8 @@ pub(crate) async fn serve<S, B>(
                     if let Err(error) = stream.set_nodelay(true) {
                         debug!(%error, "Failed to set TCP_NODELAY.");
                     }
-                    connections.spawn(connection(
+                    let counted = open.as_ref().map(Open::new);
+                    let served = connection(
                         stream,
                         remote,
                         tls.clone(),
@@ -110,7 +136,12 @@ pub(crate) async fn serve<S, B>(
                         params,
                         shutdown.clone(),
                         service.clone(),
-                    ));
+                    );
+                    connections.spawn(async move {
+                        // Counted until the connection ends or is aborted.
+                        let _counted = counted;
+                        served.await;
+                    });
                 }
                 Err(error) => {
                     // Usually out of file descriptors: back off instead of spinning.
@@ -126,6 +157,19 @@ pub(crate) async fn serve<S, B>(
     if tokio::time::timeout(drain_timeout, drain).await.is_err() {
         debug!("Connections still open after the drain timeout; closing them.");
         connections.abort_all();
+    }
+}
+
+impl Open {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -64,7 +64,13 @@ async fn start_proxy_with(params: server::Params) -> Proxy {
     let (listener, addr) = bind().await;
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::unconfigured()));
     let (stop, stopped) = watch::channel(false);
-    tokio::spawn(serve(listener, Arc::clone(&runtime), params, stopped));
+    tokio::spawn(serve(
+        listener,
+        Arc::clone(&runtime),
+        params,
+        stopped,
+        ListenerMetrics::default(),
+    ));
     Proxy {
         addr,
         runtime,

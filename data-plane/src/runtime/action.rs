@@ -10,6 +10,7 @@ use http::{StatusCode, Uri};
 use prism_proto::pb::config::v1::{self as pb, rewrite};
 
 use super::{Backend, CompileError};
+use crate::metrics::RouteSeries;
 
 /// A route's action.
 #[derive(Debug)]
@@ -22,10 +23,20 @@ pub(crate) enum Action {
 /// Forward upstream, to one backend picked by weight.
 #[derive(Debug)]
 pub(crate) struct Forward {
-    /// Backends with the running sum of the weights up to and including
-    /// each; never empty.
-    backends: Vec<(Arc<Backend>, u32)>,
+    /// The weighted backends; never empty.
+    backends: Vec<Split>,
     pub rewrite: Rewrite,
+}
+
+/// One backend of a route's split.
+#[derive(Debug)]
+pub(crate) struct Split {
+    pub backend: Arc<Backend>,
+    /// Where the route's requests to this backend are recorded; `None` with
+    /// metrics off.
+    pub series: Option<Arc<RouteSeries>>,
+    /// The running sum of the weights up to and including this one.
+    until: u32,
 }
 
 /// The path and host sent upstream.
@@ -76,11 +87,14 @@ pub(crate) struct HeaderMutation {
 
 impl Action {
     /// The action of `spec`, whose backends are looked up in `backend` (by
-    /// full name). Validation made sure exactly one action is given.
+    /// full name), and the series of its requests to each in `series` (by
+    /// the backend's full name). Validation made sure exactly one action is
+    /// given.
     pub(super) fn compile(
         spec: &prism_proto::Route,
         namespace: &str,
         backend: impl Fn(&str) -> Option<Arc<Backend>>,
+        series: impl Fn(&str) -> Option<Arc<RouteSeries>>,
     ) -> Result<Action, CompileError> {
         let invalid = |field: &str, reason: String| CompileError::Match {
             route: spec.name.clone(),
@@ -145,7 +159,11 @@ impl Action {
                 });
             };
             total = total.saturating_add(weight);
-            backends.push((found, total));
+            backends.push(Split {
+                series: series(&full),
+                backend: found,
+                until: total,
+            });
         }
         Ok(Action::Forward(Forward {
             backends,
@@ -157,23 +175,23 @@ impl Action {
 impl Forward {
     /// One backend, picked by weight: a uniform draw over the sum of the
     /// weights, so each backend's share converges to its weight's.
-    pub(crate) fn pick(&self) -> &Arc<Backend> {
-        let (first, _) = &self.backends[0];
+    pub(crate) fn pick(&self) -> &Split {
+        let first = &self.backends[0];
         if self.backends.len() == 1 {
             return first;
         }
-        let total = self.backends.last().map_or(1, |(_, sum)| *sum);
+        let total = self.backends.last().map_or(1, |split| split.until);
         let draw = rand::random_range(0..total);
         self.backends
             .iter()
-            .find(|(_, sum)| draw < *sum)
-            .map_or(first, |(backend, _)| backend)
+            .find(|split| draw < split.until)
+            .unwrap_or(first)
     }
 
     /// Every backend of the split, in the order given.
     #[cfg(test)]
     pub(crate) fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
-        self.backends.iter().map(|(b, _)| b)
+        self.backends.iter().map(|split| &split.backend)
     }
 }
 
@@ -387,8 +405,13 @@ mod tests {
                     "1",
                     String::new(),
                     &OwnAddresses::default(),
+                    None,
                 );
-                (Arc::new(backend.expect("compiles")), sum)
+                Split {
+                    backend: Arc::new(backend.expect("compiles")),
+                    series: None,
+                    until: sum,
+                }
             })
             .collect();
         Forward {
@@ -411,7 +434,7 @@ mod tests {
                 let picked = forward.pick();
                 let index = forward
                     .backends()
-                    .position(|b| Arc::ptr_eq(b, picked))
+                    .position(|b| Arc::ptr_eq(b, &picked.backend))
                     .expect("one of the split");
                 counts[index] += 1;
             }

@@ -16,6 +16,7 @@ use super::health::{self, Health, HealthCheck};
 use super::outlier::{self, Outcome, Outlier};
 use super::{CompileError, DEFAULT_CONNECT_TIMEOUT, tls};
 use crate::http::{endpoint, retry};
+use crate::metrics::{BackendSeries, Metrics};
 
 /// An upstream cluster as the request path sees it.
 #[derive(Debug)]
@@ -37,6 +38,9 @@ pub(crate) struct Backend {
     /// Set when the backend has a `health_check`; its task probes the
     /// endpoints until the backend is dropped.
     pub health_check: Option<HealthCheck>,
+    /// Where what happens to it is recorded (shared by its versions, by
+    /// name); `None` with metrics off.
+    pub series: Option<Arc<BackendSeries>>,
 }
 
 /// One address of a backend.
@@ -106,17 +110,23 @@ impl Backend {
             .count();
         if ejected < outlier.params().max_ejected(self.endpoints.len()) {
             outlier.eject(now);
+            if let Some(series) = &self.series {
+                series.ejected();
+            }
         }
     }
 
     /// Compiles `spec`; the Secrets its `tls` names are read from `snapshot`.
+    /// It records into its series of `metrics`, if any.
     pub(super) fn compile(
         snapshot: &Snapshot,
         spec: &prism_proto::Backend,
         version: &str,
         secrets: String,
         own: &OwnAddresses,
+        metrics: Option<&Metrics>,
     ) -> Result<Backend, CompileError> {
+        let series = metrics.map(|m| m.backend(&spec.name));
         let endpoints = spec
             .endpoints
             .iter()
@@ -129,10 +139,9 @@ impl Backend {
                     .map(|address| Endpoint {
                         address,
                         in_flight: AtomicU32::new(0),
-                        breaker: spec
-                            .circuit_breaker
-                            .as_ref()
-                            .map(|b| Breaker::new(breaker::Params::new(b))),
+                        breaker: spec.circuit_breaker.as_ref().map(|b| {
+                            Breaker::new(breaker::Params::new(b)).with_series(series.clone())
+                        }),
                         outlier: spec
                             .outlier_detection
                             .as_ref()
@@ -218,6 +227,7 @@ impl Backend {
             retry_budget: retry::Budget::default(),
             client,
             health_check,
+            series,
         })
     }
 
@@ -240,7 +250,7 @@ impl Backend {
             }
             targets.push((endpoint.address.clone(), Arc::clone(health)));
         }
-        check.start(&self.name, targets);
+        check.start(&self.name, targets, self.series.clone());
     }
 }
 
@@ -371,6 +381,7 @@ mod tests {
             "v1",
             String::new(),
             &own,
+            None,
         )
         .expect("compiles");
         assert!(grpc.client.is_http2());
@@ -381,6 +392,7 @@ mod tests {
             "v1",
             String::new(),
             &own,
+            None,
         )
         .expect("compiles");
         assert!(!plain.client.is_http2());
@@ -399,6 +411,7 @@ mod tests {
             "v1",
             String::new(),
             &OwnAddresses::default(),
+            None,
         )
         .map(|_| ())
         .unwrap_err();

@@ -5,12 +5,15 @@
 //! on a failure. No lock: every transition is one compare-and-swap on the
 //! state, and the counters are plain atomics beside it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prism_proto::defaults::{circuit_breaker as defaults, duration_or, nonzero_or};
 use prism_proto::pb::config::v1::CircuitBreaker;
 use tokio::time::Instant;
+
+use crate::metrics::{BackendSeries, BreakerState};
 
 /// A breaker's settings, defaults applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +39,8 @@ pub(crate) struct Breaker {
     probes: AtomicU32,
     /// When it last opened, in nanoseconds since `epoch`.
     opened_at: AtomicU64,
+    /// Where its backend counts transitions; `None` with metrics off.
+    series: Option<Arc<BackendSeries>>,
 }
 
 /// Whether the breaker let a request through, and as what.
@@ -84,7 +89,14 @@ impl Breaker {
             successes: AtomicU32::new(0),
             probes: AtomicU32::new(0),
             opened_at: AtomicU64::new(0),
+            series: None,
         }
+    }
+
+    /// This breaker, counting its transitions in `series`.
+    pub(crate) fn with_series(mut self, series: Option<Arc<BackendSeries>>) -> Self {
+        self.series = series;
+        self
     }
 
     #[cfg(test)]
@@ -130,12 +142,13 @@ impl Breaker {
                     // `probes` is not reset: probes of an earlier half-open
                     // spell still in flight keep their slots until they end.
                     self.successes.store(0, Ordering::Relaxed);
-                    let _ = self.state.compare_exchange(
-                        OPEN,
-                        HALF_OPEN,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
+                    if self
+                        .state
+                        .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        self.count(BreakerState::HalfOpen);
+                    }
                 }
                 _ => {
                     let taken = self.probes.fetch_add(1, Ordering::AcqRel);
@@ -177,6 +190,7 @@ impl Breaker {
                         .is_ok()
                 {
                     self.failures.store(0, Ordering::Relaxed);
+                    self.count(BreakerState::Closed);
                 }
             }
             (HALF_OPEN, false) => self.open(HALF_OPEN, now()),
@@ -197,9 +211,20 @@ impl Breaker {
             u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
         // Written before the state, so whoever sees OPEN sees this time.
         self.opened_at.store(at, Ordering::Release);
-        let _ = self
+        if self
             .state
-            .compare_exchange(from, OPEN, Ordering::AcqRel, Ordering::Acquire);
+            .compare_exchange(from, OPEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.count(BreakerState::Open);
+        }
+    }
+
+    /// One transition into `state`, for the metrics.
+    fn count(&self, state: BreakerState) {
+        if let Some(series) = &self.series {
+            series.breaker(state);
+        }
     }
 
     fn open_elapsed(&self, now: Instant) -> bool {

@@ -42,6 +42,7 @@ use tracing::{info, warn};
 
 use super::tls::UpstreamParams;
 use crate::http::error::Chain;
+use crate::metrics::BackendSeries;
 
 /// A backend's health check, defaults applied, with what a probe needs to
 /// reach its endpoints the way requests do.
@@ -322,10 +323,16 @@ impl HealthCheck {
     }
 
     /// Starts checking `endpoints` (address and health, in the backend's
-    /// order) for `backend`. Without a Tokio runtime (a bench or a fuzzer
-    /// compiling a policy, which serves no request) no checker runs and the
-    /// endpoints keep the health they start with.
-    pub(crate) fn start(&mut self, backend: &str, endpoints: Vec<(Authority, Arc<Health>)>) {
+    /// order) for `backend`, counting each probe's result in `series` if
+    /// any. Without a Tokio runtime (a bench or a fuzzer compiling a policy,
+    /// which serves no request) no checker runs and the endpoints keep the
+    /// health they start with.
+    pub(crate) fn start(
+        &mut self,
+        backend: &str,
+        endpoints: Vec<(Authority, Arc<Health>)>,
+        series: Option<Arc<BackendSeries>>,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -333,6 +340,7 @@ impl HealthCheck {
             backend.to_string(),
             Arc::clone(&self.params),
             endpoints,
+            series,
         ));
         self.task = Some(Task(task.abort_handle()));
     }
@@ -353,10 +361,24 @@ impl Drop for Task {
 /// The checker: every endpoint's watch, run together in this one task.
 /// `FuturesUnordered` polls only the watches that were woken, so a backend
 /// of many endpoints costs no more per probe than one of a few.
-async fn run(backend: String, params: Arc<Params>, endpoints: Vec<(Authority, Arc<Health>)>) {
+async fn run(
+    backend: String,
+    params: Arc<Params>,
+    endpoints: Vec<(Authority, Arc<Health>)>,
+    series: Option<Arc<BackendSeries>>,
+) {
     let mut watches: FuturesUnordered<_> = endpoints
         .into_iter()
-        .map(|(address, health)| watch(backend.clone(), Arc::clone(&params), address, health))
+        .map(|(address, health)| {
+            let series = series.clone();
+            watch(
+                backend.clone(),
+                Arc::clone(&params),
+                address,
+                health,
+                series,
+            )
+        })
         .collect();
     // A watch never ends (its output is `Infallible`): this waits until the
     // task is aborted. (It would return at once for a backend without
@@ -372,10 +394,14 @@ async fn watch(
     params: Arc<Params>,
     address: Authority,
     health: Arc<Health>,
+    series: Option<Arc<BackendSeries>>,
 ) -> Infallible {
     let (mut passed, mut failed) = (0u32, 0u32);
     loop {
         let result = params.probe(&address).await;
+        if let Some(series) = &series {
+            series.probed(result.is_ok());
+        }
         let state = health.0.load(Ordering::Relaxed);
         match result {
             Ok(()) => {
@@ -463,7 +489,7 @@ mod tests {
             "127.0.0.1:9".parse().expect("authority"),
             Arc::new(Health::new()),
         );
-        check.start("n/b", vec![endpoint]);
+        check.start("n/b", vec![endpoint], None);
         let task = check.task.as_ref().map(|t| t.0.clone()).expect("started");
         tokio::time::sleep(defaults::INTERVAL * 2).await;
         assert!(!task.is_finished(), "the checker runs on its own");

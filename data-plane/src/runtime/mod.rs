@@ -38,6 +38,7 @@ use prism_proto::{Delta, Kind, Resource, Snapshot};
 use crate::data::Bindings;
 use crate::http::ratelimit::{self, Limits};
 use crate::http::{retry, timeout};
+use crate::metrics::{Metrics, RouteSeries};
 use matcher::{Entry, Matcher};
 
 pub(crate) use matcher::Probe;
@@ -69,6 +70,9 @@ pub(crate) struct Runtime {
     /// stored ([`Runtime::with_data`]); a compile carries the previous
     /// runtime's.
     data: Arc<Bindings>,
+    /// The proxy's metrics, whose series routes and backends are compiled
+    /// with; `None` with metrics off. Carried from runtime to runtime.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A matched route: where the request goes and the parameters of the stages
@@ -90,6 +94,10 @@ pub(crate) struct Route {
     pub max_request_body_bytes: Option<u64>,
     /// Retries; none when `None`.
     pub retry: Option<retry::Params>,
+    /// Where requests the route answers itself (a redirect, a direct
+    /// response) are recorded; `None` for a forwarding route, whose split
+    /// has a series per backend, and with metrics off.
+    pub series: Option<Arc<RouteSeries>>,
 }
 
 /// Why a snapshot could not be compiled (it passed validation, so this is
@@ -147,6 +155,13 @@ impl Runtime {
         Self::default()
     }
 
+    /// This runtime recording into `metrics`, which every runtime compiled
+    /// from it carries on; `None` turns metrics off.
+    pub(crate) fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Compiles `snapshot` for a proxy listening at `own`, reusing the
     /// unchanged backends of `previous`, and when only routes changed, every
     /// unchanged route too. A backend endpoint that is the proxy itself is
@@ -195,8 +210,14 @@ impl Runtime {
                     Arc::clone(old)
                 }
                 old => {
-                    let mut backend =
-                        Backend::compile(snapshot, spec, &entry.version, secrets, own)?;
+                    let mut backend = Backend::compile(
+                        snapshot,
+                        spec,
+                        &entry.version,
+                        secrets,
+                        own,
+                        previous.metrics.as_deref(),
+                    )?;
                     backend.start_health_check(old.map(Arc::as_ref));
                     Arc::new(backend)
                 }
@@ -207,8 +228,11 @@ impl Runtime {
         let mut namespace_limits = HashMap::new();
         for entry in snapshot.of_kind(Kind::Namespace) {
             if let Resource::Namespace(ns) = &entry.resource
-                && let Some(limits) =
-                    Limits::compile(&ns.rate_limits, previous.namespace_limits.get(&ns.name))
+                && let Some(limits) = Limits::compile(
+                    &ns.rate_limits,
+                    previous.namespace_limits.get(&ns.name),
+                    previous.metrics.as_ref().map(|m| m.namespace(&ns.name)),
+                )
             {
                 namespace_limits.insert(ns.name.clone(), limits);
             }
@@ -222,6 +246,7 @@ impl Runtime {
             route_limits: HashMap::new(),
             certificates: Arc::new(tls::Certificates::compile(snapshot)?),
             data: Arc::clone(&previous.data),
+            metrics: previous.metrics.clone(),
         };
         let mut routes = Vec::new();
         for entry in snapshot.of_kind(Kind::Route) {
@@ -246,6 +271,7 @@ impl Runtime {
             route_limits: self.route_limits.clone(),
             certificates: Arc::clone(&self.certificates),
             data: Arc::clone(&self.data),
+            metrics: self.metrics.clone(),
         };
         let mut leave = Vec::new();
         let touched = delta
@@ -282,7 +308,15 @@ impl Runtime {
             return Ok(None);
         };
         let namespace = entry.resource.namespace();
-        let action = Action::compile(spec, namespace, |name| self.backends.get(name).cloned())?;
+        // A handle of its own: `self` is changed below while it is used.
+        let metrics = self.metrics.clone();
+        let metrics = metrics.as_deref();
+        let action = Action::compile(
+            spec,
+            namespace,
+            |name| self.backends.get(name).cloned(),
+            |backend| metrics.map(|m| m.route(&spec.name, Some(backend))),
+        )?;
         if spec
             .r#match
             .as_ref()
@@ -297,11 +331,19 @@ impl Runtime {
             .and_then(prism_proto::defaults::to_std)
             .or_else(|| namespace_timeout(&self.snapshot, namespace))
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
-        let own_limits = Limits::compile(&spec.rate_limits, previous_limits.get(&spec.name));
+        let own_limits = Limits::compile(
+            &spec.rate_limits,
+            previous_limits.get(&spec.name),
+            metrics.map(|m| m.namespace(namespace)),
+        );
         if let Some(limits) = &own_limits {
             self.route_limits
                 .insert(spec.name.clone(), Arc::clone(limits));
         }
+        let series = match &action {
+            Action::Forward(_) => None,
+            Action::Redirect(_) | Action::Respond(_) => metrics.map(|m| m.route(&spec.name, None)),
+        };
         let route = Arc::new(Route {
             name: spec.name.clone(),
             action,
@@ -329,6 +371,7 @@ impl Runtime {
             max_request_body_bytes: (spec.max_request_body_bytes > 0)
                 .then_some(spec.max_request_body_bytes),
             retry: spec.retry.as_ref().map(retry::Params::compile),
+            series,
         });
         Ok(Some(Entry {
             namespace,
@@ -364,6 +407,11 @@ impl Runtime {
     pub(crate) fn with_data(mut self, data: Arc<Bindings>) -> Runtime {
         self.data = data;
         self
+    }
+
+    /// The proxy's metrics; `None` with metrics off.
+    pub(crate) fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
     }
 
     /// The namespaces' data bindings.

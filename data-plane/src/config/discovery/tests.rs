@@ -233,6 +233,7 @@ async fn run_subscribes_applies_nacks_and_resumes() {
         selector: Default::default(),
         limits: Default::default(),
         control_plane_tls: None,
+        metrics: true,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
@@ -359,6 +360,7 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
         selector,
         limits: Default::default(),
         control_plane_tls: None,
+        metrics: true,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(crate::run(
@@ -459,6 +461,7 @@ async fn an_invalid_subset_is_refused_before_starting() {
         selector: Default::default(),
         limits: Default::default(),
         control_plane_tls: None,
+        metrics: true,
     };
     let result = crate::run(
         config,

@@ -24,6 +24,7 @@ async fn start_served(limits: Limits) -> Served {
         Arc::clone(&runtime),
         server::Params { limits },
         stopped,
+        ListenerMetrics::default(),
     ));
     Served {
         proxy: Proxy {

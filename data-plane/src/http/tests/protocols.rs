@@ -294,7 +294,13 @@ async fn a_tls_client_that_never_finishes_its_handshake_is_cut_off() {
             ..Default::default()
         },
     };
-    tokio::spawn(serve_tls(listener, runtime, params, stopped));
+    tokio::spawn(serve_tls(
+        listener,
+        runtime,
+        params,
+        stopped,
+        ListenerMetrics::default(),
+    ));
     // Silent after connecting.
     let started = tokio::time::Instant::now();
     let silent = TcpStream::connect(addr).await.expect("connect");

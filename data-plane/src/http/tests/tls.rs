@@ -18,7 +18,13 @@ async fn start_tls_proxy() -> Proxy {
     let (listener, addr) = bind().await;
     let runtime = Arc::new(ArcSwap::from_pointee(Runtime::unconfigured()));
     let (stop, stopped) = watch::channel(false);
-    tokio::spawn(serve_tls(listener, Arc::clone(&runtime), params(), stopped));
+    tokio::spawn(serve_tls(
+        listener,
+        Arc::clone(&runtime),
+        params(),
+        stopped,
+        ListenerMetrics::default(),
+    ));
     Proxy {
         addr,
         runtime,
