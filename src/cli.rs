@@ -40,6 +40,10 @@ pub struct Cli {
         default_value = "./prism-data/admin-token"
     )]
     pub token_file: PathBuf,
+    /// CA (PEM) to trust for an `https://` admin API, besides the web PKI
+    /// roots.
+    #[arg(long, global = true, env = "PRISM_ADMIN_CA")]
+    pub admin_ca: Option<PathBuf>,
     /// Proxy whose data APIs `prism kv` calls.
     #[arg(
         long,
@@ -402,7 +406,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             .ok()
             .map(|text| text.trim().to_string()),
     };
-    let client = AdminClient::new(&cli.admin_url, token);
+    let admin_ca = match &cli.admin_ca {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read --admin-ca {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let client = AdminClient::new(&cli.admin_url, token, admin_ca.as_deref())?;
     match cli.command {
         Command::Up {
             data_dir,

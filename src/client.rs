@@ -25,8 +25,10 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    /// A client that sends `token` with every request, if there is one.
-    pub fn new(base: &str, token: Option<String>) -> Self {
+    /// A client that sends `token` with every request, if there is one,
+    /// and trusts the CA certificates of `ca` (PEM) for an `https://` admin
+    /// API, besides the web PKI roots.
+    pub fn new(base: &str, token: Option<String>, ca: Option<&[u8]>) -> anyhow::Result<Self> {
         let mut headers = reqwest::header::HeaderMap::new();
         let bearer = token
             .filter(|t| !t.is_empty())
@@ -36,14 +38,19 @@ impl AdminClient {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        Self {
-            base: base.trim_end_matches('/').to_string(),
-            http: reqwest::Client::builder()
-                .default_headers(headers)
-                .build()
-                .unwrap_or_default(),
-            has_token,
+        let mut builder = reqwest::Client::builder().default_headers(headers);
+        if let Some(pem) = ca {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).context("--admin-ca")? {
+                builder = builder.add_root_certificate(cert);
+            }
         }
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            http: builder
+                .build()
+                .context("cannot build the admin API client")?,
+            has_token,
+        })
     }
 
     /// `POST /v1/apply` with `document`. A real apply is sent with

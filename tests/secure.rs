@@ -195,6 +195,26 @@ async fn the_admin_api_serves_tls_and_plain_http_only_on_loopback() {
     );
     let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
     assert!(plain.is_err() || !plain.expect("answer").status().is_success());
+    // The CLI trusts the CA it is given, and reads the token file.
+    std::fs::write(dir.path().join("admin-ca.pem"), &ca_pem).expect("write the CA");
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_prism"))
+        .args([
+            "--admin-url",
+            &format!("https://localhost:{port}"),
+            "--admin-ca",
+        ])
+        .arg(dir.path().join("admin-ca.pem"))
+        .arg("--token-file")
+        .arg(dir.path().join("store").join("admin-token"))
+        .arg("status")
+        .env_remove("PRISM_TOKEN")
+        .output()
+        .expect("prism runs");
+    assert!(
+        cli.status.success() && String::from_utf8_lossy(&cli.stdout).starts_with("revision 0"),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
     let _ = stop.send(());
     task.await.expect("joins").expect("serves and stops");
 }
