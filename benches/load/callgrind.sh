@@ -42,7 +42,7 @@ nginx -p "$D" -c "$D/nginx.conf" & PIDS+=($!)
 "$BIN" control-plane --data-dir cp --admin-addr 127.0.0.1:19000 --xds-addr 127.0.0.1:19001 \
   --envoy-listener-addr 127.0.0.1:19002 --envoy-tls-listener-addr 127.0.0.1:19003 > cp.log 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do curl -s 127.0.0.1:19000/ >/dev/null && break; sleep 0.2; done
-"$BIN" --admin-url http://127.0.0.1:19000 apply -f policy.yaml >/dev/null
+"$BIN" --admin-url http://127.0.0.1:19000 --token-file cp/admin-token apply -f policy.yaml >/dev/null
 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$D/cg.out.%p" \
   "$BIN" proxy --control-plane http://127.0.0.1:19001 --listen 127.0.0.1:18080 \
   --tls-listen 127.0.0.1:18443 --admin-addr 127.0.0.1:19901 --data-dir px --node-id callgrind \
