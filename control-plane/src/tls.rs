@@ -259,12 +259,19 @@ impl AsyncWrite for Conn {
 /// Accepted connections of `listener` with Nagle's algorithm off, through
 /// TLS when `tls` is given: handshakes run each in a task of its own
 /// (bounded in time and in number), so a slow client holds up no other.
+/// The listener is closed once the receiver is dropped.
 pub fn incoming(listener: TcpListener, tls: Option<Arc<ServerConfig>>) -> mpsc::Receiver<Conn> {
     let (tx, rx) = mpsc::channel(PENDING_HANDSHAKES);
     tokio::spawn(async move {
         let acceptor = tls.map(TlsAcceptor::from);
         loop {
-            let (stream, peer) = match listener.accept().await {
+            // Once the server drops its end, the listener goes too, so the
+            // port is free for the next control plane at once.
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     debug!(error = %e, "Accept failed.");
@@ -326,7 +333,7 @@ impl axum::serve::Listener for AdminListener {
     async fn accept(&mut self) -> (Conn, SocketAddr) {
         match self.connections.recv().await {
             Some(conn) => (conn, self.addr),
-            // The accept task ends only with the process; until then, wait.
+            // The accept task ends only once this receiver is gone.
             None => std::future::pending().await,
         }
     }
@@ -339,6 +346,21 @@ impl axum::serve::Listener for AdminListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_port_is_free_once_the_connections_are_no_longer_taken() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(incoming(listener, None));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while TcpListener::bind(addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{addr} is still bound"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
 
     #[test]
     fn namespaces_come_from_spiffe_ids() {
