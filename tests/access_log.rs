@@ -16,8 +16,9 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 /// Namespace `shop` (logged) on `shop.test`: `/` to upstream `web`,
-/// `/broken` to a backend where nothing listens (502), `/gone` answered
-/// 404 by the route itself. Namespace `quiet` (not logged) on `quiet.test`:
+/// `/broken` to a backend where nothing listens (502), `/retrying` to the
+/// same with two retries on connect failures, `/gone` answered 404 by the
+/// route itself. Namespace `quiet` (not logged) on `quiet.test`:
 /// `/` to `web` too.
 fn policy(web: SocketAddr, dead: SocketAddr) -> String {
     format!(
@@ -32,6 +33,10 @@ backends:
 routes:
   - {{name: shop/root, match: {{prefix: /}}, backend: web}}
   - {{name: shop/broken, match: {{prefix: /broken}}, backend: dead}}
+  - name: shop/retrying
+    match: {{prefix: /retrying}}
+    backend: dead
+    retry: {{num_retries: 2, retry_on: [connect-failure], base_interval: 0.001s}}
   - {{name: shop/gone, match: {{prefix: /gone}}, direct_response: {{status: 404, body: "gone"}}}}
   - {{name: quiet/root, match: {{prefix: /}}, backend: web}}
 "#
@@ -117,13 +122,19 @@ async fn logged_namespaces_write_one_json_line_per_request() {
         get(&http, &proxy.url, "shop.test", "/gone").await.status,
         404
     );
+    assert_eq!(
+        get(&http, &proxy.url, "shop.test", "/retrying")
+            .await
+            .status,
+        502
+    );
 
-    let lines = eventually("four lines in the access log", || async {
+    let lines = eventually("five lines in the access log", || async {
         let lines = lines(&file);
-        (lines.len() >= 4).then_some(lines)
+        (lines.len() >= 5).then_some(lines)
     })
     .await;
-    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert_eq!(lines.len(), 5, "{lines:#?}");
     assert!(
         lines.iter().all(|l| l["namespace"] == "shop"),
         "a line of a namespace without access logs: {lines:#?}"
@@ -167,6 +178,12 @@ async fn logged_namespaces_write_one_json_line_per_request() {
     // Nothing answered: no endpoint, no upstream time.
     assert_eq!(broken["endpoint"], Value::Null);
     assert_eq!(broken["upstream_duration_ms"], Value::Null);
+    assert_eq!(broken["retries"], 0);
+
+    // Sent three times in all: the first try and two retries.
+    let retrying = line(&lines, "/retrying");
+    assert_eq!(retrying["status"], 502);
+    assert_eq!(retrying["retries"], 2);
 
     let gone = line(&lines, "/gone");
     assert_eq!(gone["status"], 404);
