@@ -185,6 +185,11 @@ pub enum Command {
         /// `--metrics=false` records nothing on the request path.
         #[arg(long, env = "PRISM_PROXY_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
         metrics: bool,
+        /// Where access log lines go: a file (appended to) or `-` for
+        /// stdout. A line is written per request only for namespaces whose
+        /// policy sets `access_log: {enabled: true}`.
+        #[arg(long, env = "PRISM_PROXY_ACCESS_LOG", default_value = prism_data_plane::ACCESS_LOG_STDOUT)]
+        access_log: PathBuf,
     },
     /// A small HTTP server that names itself in every answer.
     DemoUpstream {
@@ -511,6 +516,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             control_plane_key,
             limits,
             metrics,
+            access_log,
         } => {
             let proxy = bind("proxy", listen).await?;
             let tls = bind("proxy TLS", tls_listen).await?;
@@ -532,6 +538,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 selector: selector.unwrap_or_default(),
                 limits: limits.into(),
                 metrics,
+                access_log: Some(access_log),
                 control_plane_tls: (control_plane_ca.is_some() || control_plane_cert.is_some())
                     .then(|| prism_data_plane::ControlPlaneTls {
                         ca: control_plane_ca,

@@ -10,6 +10,10 @@ use tokio::sync::watch;
 
 use crate::demo;
 
+/// The proxy's access log under the data directory: `prism up` prints its
+/// banner on stdout, so its access log lines go to a file instead.
+pub const ACCESS_LOG: &str = "access.log";
+
 /// Addresses and data directory of a `prism up` instance.
 #[derive(Clone, Debug)]
 pub struct UpConfig {
@@ -79,6 +83,8 @@ pub async fn run(
             selector: Default::default(),
             limits: config.limits,
             metrics: true,
+            // Not stdout, which the banner is on.
+            access_log: Some(config.data_dir.join(ACCESS_LOG)),
             control_plane_tls: None,
         },
         prism_data_plane::Listeners {
@@ -100,6 +106,10 @@ pub async fn run(
     println!("  proxy          http://{proxy_addr}");
     println!("  proxy TLS      https://{proxy_tls_addr}");
     println!("  proxy admin    http://{proxy_admin_addr}/config_dump");
+    println!(
+        "  access log     {}  (namespaces with access_log: {{enabled: true}})",
+        config.data_dir.join(ACCESS_LOG).display()
+    );
     println!("  demo upstream  http://{demo_addr}");
     println!();
     println!("Next: prism apply -f deploy/examples/quickstart.yaml");

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode, header};
 use http_body_util::Full;
 use hyper::{Request, Response};
-use prism_proto::Snapshot;
+use prism_proto::{Resource, Snapshot};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -86,11 +86,17 @@ fn config_dump(node_id: &str, status: &Status) -> serde_json::Value {
         .iter()
         .flat_map(|s| s.iter())
         .map(|v| {
-            json!({
+            let mut resource = json!({
                 "kind": v.resource.kind().as_str(),
                 "name": v.resource.name(),
                 "version": v.version,
-            })
+            });
+            // What the proxy does with a namespace's requests beyond
+            // routing them: whether it logs them.
+            if let Resource::Namespace(ns) = &v.resource {
+                resource["access_log"] = json!(ns.access_log.as_ref().is_some_and(|a| a.enabled));
+            }
+            resource
         })
         .collect();
     json!({

@@ -18,6 +18,9 @@ pub enum Error {
     /// A serving task panicked or was cancelled before shutdown finished.
     #[error("a proxy task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// `Config::access_log` cannot be written to.
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::OpenError),
     /// `Config::data_dir` does not exist and cannot be made.
     #[error("cannot make the data directory {}: {source}", path.display())]
     DataDir {

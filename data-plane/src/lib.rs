@@ -6,12 +6,15 @@
 //! `http` (the request path as a tower stack, from the listener to the
 //! upstream). `admin` is the proxy's own admin listener, which serves
 //! `metrics` (the Prometheus registry, whose series compiled runtimes hold).
+//! `access_log` writes a JSON line per request of the namespaces that ask
+//! for one, off the request path.
 //!
 //! It must not touch the control plane's code or storage: `prism-proto` is the
 //! only ground the two planes share. tonic is used only in `config::discovery`
 //! and, for gRPC health probes, in `runtime::health`; and no request ever sees
 //! a half-applied configuration.
 
+mod access_log;
 mod admin;
 #[doc(hidden)]
 pub mod bench;
@@ -43,6 +46,7 @@ use crate::config::{discovery, last_good, subset};
 use crate::metrics::{Listener, ListenerMetrics, Metrics};
 use crate::runtime::{OwnAddresses, Runtime};
 
+pub use access_log::{OpenError as AccessLogError, STDOUT as ACCESS_LOG_STDOUT};
 pub use config::control_plane_tls::ControlPlaneTls;
 pub use config::last_good::FILE_NAME as LAST_GOOD_FILE;
 pub use config::subset::{SubsetError, parse_namespaces, parse_selector};
@@ -102,6 +106,10 @@ pub struct Config {
     /// listener's `/metrics`. Off, the request path records nothing and
     /// `/metrics` answers `404`.
     pub metrics: bool,
+    /// Where access log lines go: a file, appended to, or stdout for
+    /// [`ACCESS_LOG_STDOUT`] (`-`). Lines are written only for namespaces
+    /// whose policy switches access logs on; `None` writes none at all.
+    pub access_log: Option<PathBuf>,
     /// TLS to an `https://` control plane: its CA and this proxy's
     /// certificate; `None` for the web PKI roots and no certificate.
     pub control_plane_tls: Option<ControlPlaneTls>,
@@ -201,7 +209,18 @@ pub async fn run(
         ))
     });
     let metrics = config.metrics.then(|| Arc::new(Metrics::new()));
-    let unconfigured = Runtime::unconfigured().with_metrics(metrics.clone());
+    let access_log = match &config.access_log {
+        Some(destination) => {
+            let dropped = metrics
+                .as_ref()
+                .map_or_else(Default::default, |m| m.access_log_dropped());
+            Some(access_log::AccessLog::open(destination, dropped)?)
+        }
+        None => None,
+    };
+    let unconfigured = Runtime::unconfigured()
+        .with_metrics(metrics.clone())
+        .with_access_log(access_log);
     let (restored, runtime) = match &last_good {
         Some(file) => {
             restore(

@@ -41,6 +41,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::access_log::Pending;
 use crate::http::body::BodyEnd;
 
 /// The content type of `/metrics`.
@@ -87,6 +88,7 @@ pub(crate) struct Metrics {
     /// Requests that matched no route, or came before any configuration.
     unmatched: Arc<RouteSeries>,
     revision: Gauge,
+    access_log_dropped: Counter,
     acks: Counter,
     nacks: Counter,
     http: ListenerMetrics,
@@ -164,16 +166,19 @@ pub(crate) struct Histogram {
 }
 
 /// One request's record, from the route stage's call to the end of its
-/// response body. Dropped, it adds the request to its series: its status
-/// class (once the response head or the error is known), its duration and
-/// its bytes. A request whose client gave up before the response head is
-/// not counted.
+/// response body: the request's one completion point. Dropped, it adds the
+/// request to its series (with metrics on) — its status class (once the
+/// response head or the error is known), its duration and its bytes — and
+/// finishes its access log line (for a namespace with access logs on). A
+/// request whose client gave up before the response head is neither
+/// counted nor logged.
 #[derive(Debug)]
 pub(crate) struct Recorder {
-    series: Arc<RouteSeries>,
+    series: Option<Arc<RouteSeries>>,
+    log: Option<Pending>,
     start: Instant,
-    /// Index into [`CODE_CLASSES`], once known.
-    class: Option<usize>,
+    /// The status answered, once known.
+    status: Option<StatusCode>,
     /// The request body's shared state, read for its size at the end.
     request: Option<BodyEnd>,
     response_bytes: u64,
@@ -182,7 +187,8 @@ pub(crate) struct Recorder {
 pin_project! {
     /// A response body that counts the bytes it yields into its request's
     /// [`Recorder`] and records the request when it ends or is dropped.
-    /// Without a recorder (metrics off) it only passes frames through.
+    /// Without a recorder (metrics off, no access log) it only passes
+    /// frames through.
     pub(crate) struct Metered<B> {
         #[pin]
         inner: B,
@@ -218,6 +224,12 @@ impl Metrics {
             "prism_proxy_config_revision",
             "Revision of the policy the proxy serves (0 before the first)",
             revision.clone(),
+        );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "prism_proxy_access_log_dropped",
+            "Access log lines dropped because the writer's queue was full (the request was not held up)",
+            access_log_dropped.clone(),
         );
         let applies = Family::<[(&'static str, &'static str); 1], Counter>::default();
         registry.register(
@@ -262,6 +274,7 @@ impl Metrics {
             series,
             unmatched,
             revision,
+            access_log_dropped,
             acks,
             nacks,
             http,
@@ -283,6 +296,11 @@ impl Metrics {
             Listener::Http => self.http.clone(),
             Listener::Https => self.https.clone(),
         }
+    }
+
+    /// The count of access log lines dropped at a full queue.
+    pub(crate) fn access_log_dropped(&self) -> Counter {
+        self.access_log_dropped.clone()
     }
 
     /// The series of requests that matched no route.
@@ -421,37 +439,53 @@ impl EncodeMetric for Histogram {
 }
 
 impl Recorder {
-    /// A request's record into `series`, from now; `request` tells its
-    /// body's size at the end, `None` when it had none.
-    pub(crate) fn start(series: Arc<RouteSeries>, request: Option<BodyEnd>) -> Self {
-        Self {
+    /// A request's record into `series` and access log line `log`, from
+    /// now; `request` tells its body's size at the end, `None` when it had
+    /// none. `None` when there is neither series nor line: nothing to
+    /// record.
+    pub(crate) fn start(
+        series: Option<Arc<RouteSeries>>,
+        log: Option<Pending>,
+        request: Option<BodyEnd>,
+    ) -> Option<Self> {
+        if series.is_none() && log.is_none() {
+            return None;
+        }
+        Some(Self {
             series,
+            log,
             start: Instant::now(),
-            class: None,
+            status: None,
             request,
             response_bytes: 0,
-        }
+        })
     }
 
     /// The request was answered with `status` (its head, or an error's
     /// status: the class an HTTP caller would see, gRPC callers too).
     pub(crate) fn answered(&mut self, status: StatusCode) {
-        self.class = Some(status_class(status));
+        self.status = Some(status);
     }
 }
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        let Some(class) = self.class else {
+        let Some(status) = self.status else {
             return;
         };
+        let took = self.start.elapsed();
         let request_bytes = self.request.as_ref().map_or(0, BodyEnd::received);
-        self.series.record(
-            class,
-            self.start.elapsed(),
-            request_bytes,
-            self.response_bytes,
-        );
+        if let Some(series) = &self.series {
+            series.record(
+                status_class(status),
+                took,
+                request_bytes,
+                self.response_bytes,
+            );
+        }
+        if let Some(log) = self.log.take() {
+            log.finish(status, took, request_bytes, self.response_bytes);
+        }
     }
 }
 

@@ -359,6 +359,7 @@ impl Proxy {
             false,
             true,
             None,
+            None,
         )
         .await;
         proxy._temp = Some(temp);
@@ -368,8 +369,17 @@ impl Proxy {
     /// A proxy serving every namespace, with a TLS listener too.
     pub async fn start_tls(control_plane: &str, node_id: &str) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy =
-            Self::launch(control_plane, node_id, temp.path(), &[], true, true, None).await;
+        let mut proxy = Self::launch(
+            control_plane,
+            node_id,
+            temp.path(),
+            &[],
+            true,
+            true,
+            None,
+            None,
+        )
+        .await;
         proxy._temp = Some(temp);
         proxy
     }
@@ -389,6 +399,7 @@ impl Proxy {
             false,
             true,
             Some(tls),
+            None,
         )
         .await;
         proxy._temp = Some(temp);
@@ -398,19 +409,63 @@ impl Proxy {
     /// A proxy keeping its snapshot in `data_dir`, which the caller owns: a
     /// proxy started again on it restores what the last one accepted.
     pub async fn start_with(control_plane: &str, node_id: &str, data_dir: &Path) -> Self {
-        Self::launch(control_plane, node_id, data_dir, &[], false, true, None).await
+        Self::launch(
+            control_plane,
+            node_id,
+            data_dir,
+            &[],
+            false,
+            true,
+            None,
+            None,
+        )
+        .await
+    }
+
+    /// A proxy serving every namespace, writing access log lines (for
+    /// namespaces with them on) to `access_log`.
+    pub async fn start_with_access_log(
+        control_plane: &str,
+        node_id: &str,
+        access_log: &Path,
+    ) -> Self {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut proxy = Self::launch(
+            control_plane,
+            node_id,
+            temp.path(),
+            &[],
+            false,
+            true,
+            None,
+            Some(access_log.to_path_buf()),
+        )
+        .await;
+        proxy._temp = Some(temp);
+        proxy
     }
 
     /// A proxy serving every namespace, with its metrics off
     /// (`--metrics=false`).
     pub async fn start_without_metrics(control_plane: &str, node_id: &str) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy =
-            Self::launch(control_plane, node_id, temp.path(), &[], false, false, None).await;
+        let mut proxy = Self::launch(
+            control_plane,
+            node_id,
+            temp.path(),
+            &[],
+            false,
+            false,
+            None,
+            None,
+        )
+        .await;
         proxy._temp = Some(temp);
         proxy
     }
 
+    // One private launcher behind the named constructors above.
+    #[allow(clippy::too_many_arguments)]
     async fn launch(
         control_plane: &str,
         node_id: &str,
@@ -419,6 +474,7 @@ impl Proxy {
         tls: bool,
         metrics: bool,
         control_plane_tls: Option<prism_data_plane::ControlPlaneTls>,
+        access_log: Option<PathBuf>,
     ) -> Self {
         let (proxy, addr) = local().await;
         let (tls, tls_addr) = if tls {
@@ -440,6 +496,7 @@ impl Proxy {
             selector: Default::default(),
             limits: Default::default(),
             metrics,
+            access_log,
             control_plane_tls,
         };
         let task = tokio::spawn(async move {

@@ -28,6 +28,7 @@ use self::pool::{Lease, Limits, Pool};
 use super::backend::Picked;
 use super::body::ReplayBody;
 use super::error::{BoxError, ProxyError};
+use crate::access_log::UpstreamLog;
 use crate::runtime::tls;
 use crate::runtime::{Backend, Route};
 
@@ -194,16 +195,28 @@ where
         endpoint,
         request,
     } = picked;
+    // Only a request of a logging route carries an upstream slot; no other
+    // looks for one.
+    let logged = route
+        .log
+        .as_ref()
+        .and_then(|_| request.extensions().get::<UpstreamLog>().cloned());
     // The clock is read only when the backend's latency is recorded.
-    let started = backend.series.as_ref().map(|_| std::time::Instant::now());
+    let started = (backend.series.is_some() || logged.is_some()).then(std::time::Instant::now);
     let sent = match InFlight::admit(Arc::clone(&backend), endpoint) {
         Ok(in_flight) => send(Arc::clone(&backend.client.pool), endpoint, request)
             .await
             .map(|response| (response, in_flight)),
         Err(error) => Err(error),
     };
-    if let (Ok(_), Some(series), Some(started)) = (&sent, &backend.series, started) {
-        series.upstream(started.elapsed());
+    if let (Ok(_), Some(started)) = (&sent, started) {
+        let took = started.elapsed();
+        if let Some(series) = &backend.series {
+            series.upstream(took);
+        }
+        if let (Some(logged), Some(answered)) = (&logged, backend.endpoints.get(endpoint)) {
+            logged.answered(&answered.address, took);
+        }
     }
     match sent {
         Ok((response, in_flight)) => {

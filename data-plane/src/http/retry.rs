@@ -27,6 +27,7 @@ use tracing::debug;
 
 use super::error::{BoxError, ProxyError};
 use super::route::Routed;
+use crate::access_log::UpstreamLog;
 use crate::runtime::{Backend, Route};
 
 /// The retry stage's part of a route, compiled from its `RetryPolicy`.
@@ -380,6 +381,11 @@ where
         spare = Some(kept);
         if let Some(series) = &backend.series {
             series.retried();
+        }
+        if route.log.is_some()
+            && let Some(logged) = routed.request.extensions().get::<UpstreamLog>()
+        {
+            logged.retried();
         }
         let wait = backoff(
             params.base_interval,

@@ -12,6 +12,12 @@
 //! `unmatched` one, takes its status class, duration and bytes when its
 //! response body ends ([`Metered`]); an error is recorded with the status
 //! [`super::respond`] will answer it with.
+//!
+//! The same record finishes the request's access log line when its route's
+//! namespace has access logs on ([`Route::log`], compiled in): the line
+//! starts here, with what the client sent (before any rewrite), and the
+//! stages below fill in the endpoint, its latency and the retries through
+//! the [`UpstreamLog`](crate::access_log::UpstreamLog) slot the request carries.
 
 use std::future::Future;
 use std::ops::Not;
@@ -28,10 +34,11 @@ use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::body::{BodyEnd, ReplayBody, RequestBody};
+use super::body::{ReplayBody, RequestBody};
 use super::error::{BoxError, ProxyError};
 use super::respond;
-use crate::metrics::{Metered, Recorder, RouteSeries};
+use crate::access_log::Pending;
+use crate::metrics::{Metered, Recorder};
 use crate::runtime::{Action, Backend, Probe, Route, Runtime};
 
 /// A request below the route stage.
@@ -66,7 +73,7 @@ pin_project! {
             inner: F,
             // Set when the route changes response headers.
             route: Option<Arc<Route>>,
-            // Set with metrics on, as in the other two.
+            // Set with metrics or an access log on, as in the other two.
             recorder: Option<Recorder>,
         },
         Local {
@@ -113,9 +120,8 @@ where
         let runtime = self.runtime.load_full();
         // Where a request that reaches no route is recorded, if anywhere.
         let unmatched = || {
-            runtime
-                .metrics()
-                .map(|m| Recorder::start(Arc::clone(m.unmatched()), None))
+            let series = runtime.metrics().map(|m| Arc::clone(m.unmatched()));
+            Recorder::start(series, None, None)
         };
         if !runtime.is_configured() {
             return ResponseFuture::failed(ProxyError::NotConfigured, unmatched());
@@ -135,7 +141,11 @@ where
             };
             return ResponseFuture::failed(error, unmatched());
         };
-        let local = |route: &Route| route.series.as_ref().map(record(None));
+        // A route's own answer: its series, and its line if it logs.
+        let local = |route: &Route, request: &Request<RequestBody>| {
+            let log = route.log.as_ref().map(|l| Pending::start(l, None, request));
+            Recorder::start(route.series.clone(), log, None)
+        };
         let forward = match &route.action {
             Action::Forward(forward) => forward,
             Action::Redirect(redirect) => {
@@ -149,7 +159,7 @@ where
                 let uri = request.uri();
                 let Some(location) = redirect.location(scheme, host, uri.path(), uri.query())
                 else {
-                    return ResponseFuture::failed(ProxyError::Internal, local(route));
+                    return ResponseFuture::failed(ProxyError::Internal, local(route, &request));
                 };
                 let mut response = Response::new(Full::new(Bytes::new()));
                 *response.status_mut() = redirect.status;
@@ -157,7 +167,7 @@ where
                 route.response_headers.apply(response.headers_mut());
                 return ResponseFuture::Local {
                     response: Some(response),
-                    recorder: local(route),
+                    recorder: local(route, &request),
                 };
             }
             Action::Respond(respond) => {
@@ -175,18 +185,23 @@ where
                 route.response_headers.apply(response.headers_mut());
                 return ResponseFuture::Local {
                     response: Some(response),
-                    recorder: local(route),
+                    recorder: local(route, &request),
                 };
             }
         };
         let split = forward.pick();
         let backend = Arc::clone(&split.backend);
+        // Started before any rewrite: the line shows what the client sent.
+        let log = route
+            .log
+            .as_ref()
+            .map(|l| Pending::start(l, Some(&backend.name), &request));
         if let Some(new_path) = forward.rewrite.path(request.uri().path()) {
             match with_path(request.uri(), &new_path) {
                 Some(uri) => *request.uri_mut() = uri,
                 // The rewrite made a path that is no URI path.
                 None => {
-                    let recorder = split.series.as_ref().map(record(None));
+                    let recorder = Recorder::start(split.series.clone(), log, None);
                     return ResponseFuture::failed(ProxyError::Internal, recorder);
                 }
             }
@@ -200,8 +215,11 @@ where
             .is_empty()
             .not()
             .then(|| Arc::clone(route));
-        let request = request.map(ReplayBody::new);
-        let recorder = split.series.as_ref().map(record(request.body().end()));
+        let mut request = request.map(ReplayBody::new);
+        if let Some(log) = &log {
+            request.extensions_mut().insert(log.upstream());
+        }
+        let recorder = Recorder::start(split.series.clone(), log, request.body().end());
         ResponseFuture::Routed {
             inner: self.inner.call(Routed {
                 route: Arc::clone(route),
@@ -212,12 +230,6 @@ where
             recorder,
         }
     }
-}
-
-/// A recorder into a series, whose request body ends at `end` (`None`: it
-/// had none).
-fn record(end: Option<BodyEnd>) -> impl FnOnce(&Arc<RouteSeries>) -> Recorder {
-    move |series| Recorder::start(Arc::clone(series), end)
 }
 
 impl<F> ResponseFuture<F> {

@@ -35,6 +35,7 @@ pub(crate) use prism_proto::defaults::{
 };
 use prism_proto::{Delta, Kind, Resource, Snapshot};
 
+use crate::access_log::{AccessLog, RouteLog};
 use crate::data::Bindings;
 use crate::http::ratelimit::{self, Limits};
 use crate::http::{retry, timeout};
@@ -73,6 +74,10 @@ pub(crate) struct Runtime {
     /// The proxy's metrics, whose series routes and backends are compiled
     /// with; `None` with metrics off. Carried from runtime to runtime.
     metrics: Option<Arc<Metrics>>,
+    /// The proxy's access log, which routes of namespaces with access logs
+    /// on are compiled with; `None` without a destination. Carried from
+    /// runtime to runtime.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// A matched route: where the request goes and the parameters of the stages
@@ -98,6 +103,10 @@ pub(crate) struct Route {
     /// response) are recorded; `None` for a forwarding route, whose split
     /// has a series per backend, and with metrics off.
     pub series: Option<Arc<RouteSeries>>,
+    /// Where its requests are logged: `Some` only when its namespace has
+    /// access logs on (and the proxy a destination), so a request of any
+    /// other pays one branch.
+    pub log: Option<RouteLog>,
 }
 
 /// Why a snapshot could not be compiled (it passed validation, so this is
@@ -159,6 +168,14 @@ impl Runtime {
     /// from it carries on; `None` turns metrics off.
     pub(crate) fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// This runtime logging into `log` the requests of namespaces with
+    /// access logs on, as every runtime compiled from it does; `None`
+    /// logs nothing.
+    pub(crate) fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Self {
+        self.access_log = log;
         self
     }
 
@@ -247,6 +264,7 @@ impl Runtime {
             certificates: Arc::new(tls::Certificates::compile(snapshot)?),
             data: Arc::clone(&previous.data),
             metrics: previous.metrics.clone(),
+            access_log: previous.access_log.clone(),
         };
         let mut routes = Vec::new();
         for entry in snapshot.of_kind(Kind::Route) {
@@ -272,6 +290,7 @@ impl Runtime {
             certificates: Arc::clone(&self.certificates),
             data: Arc::clone(&self.data),
             metrics: self.metrics.clone(),
+            access_log: self.access_log.clone(),
         };
         let mut leave = Vec::new();
         let touched = delta
@@ -344,6 +363,15 @@ impl Runtime {
             Action::Forward(_) => None,
             Action::Redirect(_) | Action::Respond(_) => metrics.map(|m| m.route(&spec.name, None)),
         };
+        let log = self
+            .access_log
+            .as_ref()
+            .filter(|_| namespace_logs(&self.snapshot, namespace))
+            .map(|log| RouteLog {
+                log: Arc::clone(log),
+                namespace: Arc::from(namespace),
+                route: Arc::from(spec.name.split_once('/').map_or(&*spec.name, |(_, n)| n)),
+            });
         let route = Arc::new(Route {
             name: spec.name.clone(),
             action,
@@ -372,6 +400,7 @@ impl Runtime {
                 .then_some(spec.max_request_body_bytes),
             retry: spec.retry.as_ref().map(retry::Params::compile),
             series,
+            log,
         });
         Ok(Some(Entry {
             namespace,
@@ -444,6 +473,15 @@ impl Route {
             Action::Forward(forward) => forward.backends().next().expect("a backend"),
             _ => panic!("route {} does not forward", self.name),
         }
+    }
+}
+
+/// Whether `namespace` has access logs on.
+fn namespace_logs(snapshot: &Snapshot, namespace: &str) -> bool {
+    let entry = snapshot.get(&prism_proto::ResourceKey::new(Kind::Namespace, namespace));
+    match entry.map(|e| &e.resource) {
+        Some(Resource::Namespace(ns)) => ns.access_log.as_ref().is_some_and(|a| a.enabled),
+        _ => false,
     }
 }
 

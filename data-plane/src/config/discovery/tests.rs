@@ -232,6 +232,7 @@ async fn run_subscribes_applies_nacks_and_resumes() {
         namespaces: vec![],
         selector: Default::default(),
         limits: Default::default(),
+        access_log: None,
         control_plane_tls: None,
         metrics: true,
     };
@@ -359,6 +360,7 @@ async fn a_restored_snapshot_is_served_at_once_and_resumed_from() {
         namespaces,
         selector,
         limits: Default::default(),
+        access_log: None,
         control_plane_tls: None,
         metrics: true,
     };
@@ -460,6 +462,7 @@ async fn an_invalid_subset_is_refused_before_starting() {
         namespaces: vec!["a,b".into()],
         selector: Default::default(),
         limits: Default::default(),
+        access_log: None,
         control_plane_tls: None,
         metrics: true,
     };
