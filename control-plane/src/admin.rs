@@ -323,10 +323,16 @@ async fn list(
 
 /// Reads one resource.
 #[utoipa::path(get, path = "/v1/{kind}/{name}", tag = "resources",
-    params(("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too."), ("name" = String, Path, description = "The resource's name, e.g. `demo` or `demo/web` (a `/` may be sent as is or as `%2F`).", min_length = 1)),
+    params(
+        ("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too."),
+        ("name" = String, Path, description = "The resource's name, e.g. `demo` or `demo/web` (a `/` may be sent as is or as `%2F`).", min_length = 1),
+    ),
     responses(
         (status = 200, description = "The resource.", body = openapi::ResourceBody,
-            headers(("ETag" = String, description = "The resource's entity tag: its content version, quoted."), ("x-prism-revision" = u64, description = "The revision it was read at."))),
+            headers(
+                ("ETag" = String, description = "The resource's entity tag: its content version, quoted."),
+                ("x-prism-revision" = u64, description = "The revision it was read at."),
+            )),
         (status = 400, description = "A malformed path.", body = openapi::ErrorBody),
         (status = 404, description = "No such kind or resource.", body = openapi::ErrorBody),
     ))]
@@ -386,7 +392,11 @@ async fn create(
 
 /// Creates or replaces a resource.
 #[utoipa::path(put, path = "/v1/{kind}/{name}", tag = "resources",
-    params(("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too."), ("name" = String, Path, description = "The resource's name, e.g. `demo` or `demo/web` (a `/` may be sent as is or as `%2F`).", min_length = 1), ("If-Match" = Option<String>, Header, description = "Apply only if the resource's `ETag` is still one of these (`*`: any).")),
+    params(
+        ("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too."),
+        ("name" = String, Path, description = "The resource's name, e.g. `demo` or `demo/web` (a `/` may be sent as is or as `%2F`).", min_length = 1),
+        ("If-Match" = Option<String>, Header, description = "Apply only if the resource's `ETag` is still one of these (`*`: any)."),
+    ),
     request_body(content = openapi::ResourceBody, content_type = "application/json",
         example = json!({"name": "demo", "hosts": ["demo.local"]})),
     responses(
@@ -441,7 +451,11 @@ async fn replace(
 
 /// Deletes a resource.
 #[utoipa::path(delete, path = "/v1/{kind}/{name}", tag = "resources",
-    params(("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too."), ("name" = String, Path, description = "The resource's name, e.g. `demo` or `demo/web` (a `/` may be sent as is or as `%2F`).", min_length = 1), ("If-Match" = Option<String>, Header, description = "Apply only if the resource's `ETag` is still one of these (`*`: any).")),
+    params(
+        ("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too."),
+        ("name" = String, Path, description = "The resource's name, e.g. `demo` or `demo/web` (a `/` may be sent as is or as `%2F`).", min_length = 1),
+        ("If-Match" = Option<String>, Header, description = "Apply only if the resource's `ETag` is still one of these (`*`: any)."),
+    ),
     responses(
         (status = 200, description = "Deleted; on disk.", body = openapi::DeleteAnswer),
         (status = 400, description = "A malformed path or `If-Match`, or a delete that breaks a rule (another resource names it).", body = openapi::ErrorBody),
@@ -474,7 +488,10 @@ async fn remove(
 
 /// Upserts a policy document, all or nothing.
 #[utoipa::path(post, path = "/v1/apply", tag = "policy",
-    params(("dry_run" = Option<bool>, Query, description = "Say what would change, write nothing."), ("If-Match" = Option<String>, Header, description = "Apply only if the policy's `ETag` (`\"r7\"`) is still one of these (`*`: any).")),
+    params(
+        ("dry_run" = Option<bool>, Query, description = "Say what would change, write nothing."),
+        ("If-Match" = Option<String>, Header, description = "Apply only if the policy's `ETag` (`\"r7\"`) is still one of these (`*`: any)."),
+    ),
     request_body(description = "A policy document: YAML or JSON, `{namespaces: [...], backends: [...], ...}`.",
         content(
             (Object = "application/json", example = json!({
