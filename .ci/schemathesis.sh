@@ -17,7 +17,7 @@ max_examples="${MAX_EXAMPLES:-25}"
 seed="${SEED:-1}"
 target_dir="${CARGO_TARGET_DIR:-target}"
 
-schemathesis=.tools/venv/bin/schemathesis
+schemathesis="$PWD/.tools/venv/bin/schemathesis"
 if [[ ! -x "$schemathesis" ]]; then
     schemathesis="$(command -v schemathesis || true)"
 fi
@@ -27,7 +27,7 @@ if [[ -z "$schemathesis" ]]; then
 fi
 
 cargo build --quiet --locked --bin prism
-prism="$target_dir/debug/prism"
+prism="$(cd "$target_dir" && pwd)/debug/prism"
 
 work="$(mktemp -d)"
 server=""
@@ -80,7 +80,8 @@ token="$(tr -d '[:space:]' <"$work/data/admin-token")"
 run() {
     local max_time="$1"
     shift
-    timeout $((max_time + 60)) "$schemathesis" run "$admin/v1/openapi.json" \
+    # From the temporary directory: schemathesis keeps state in ./.schemathesis.
+    (cd "$work" && timeout $((max_time + 60)) "$schemathesis" run "$admin/v1/openapi.json" \
         -H "Authorization: Bearer $token" \
         --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance \
         --max-examples "$max_examples" \
@@ -91,7 +92,7 @@ run() {
         --generation-database none \
         --no-color \
         "$@" \
-        ${SCHEMATHESIS_ARGS:-}
+        ${SCHEMATHESIS_ARGS:-})
 }
 
 echo "schemathesis against $admin/v1/openapi.json (max $max_examples examples per operation, seed $seed)"
