@@ -30,11 +30,13 @@
 //! | `POST /v1/tokens`               | create a bearer token (admin); shown once     |
 //! | `GET /v1/tokens`                | list tokens, without secrets (admin)          |
 //! | `DELETE /v1/tokens/{id}`        | revoke a token (admin)                        |
+//! | `GET /v1/openapi.json`          | this API's OpenAPI 3.1 document (no token needed) |
 //! | `GET /healthz`                  | liveness (no token needed)                    |
 //! | `GET /metrics`                  | Prometheus metrics (no token needed)          |
 //!
-//! Every request but `/healthz` and `/metrics` carries a bearer token
-//! ([`auth`]): a scraper needs no token, and the metrics name no resource.
+//! Every request but `/healthz`, `/metrics` and `/v1/openapi.json` carries
+//! a bearer token ([`auth`]): a scraper needs no token, and the metrics
+//! name no resource. [`openapi`] describes every route.
 
 use axum::Json;
 use axum::Router;
@@ -43,7 +45,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use prism_proto::pb::admin::v1::ResourceChange;
 use prism_proto::pb::config::v1::{Backend, DataBinding, Namespace, Route, Secret};
 use prism_proto::{Kind, Resource, ResourceKey, parse_policy, validate_resource};
@@ -56,6 +58,7 @@ use crate::fleet::Fleet;
 use crate::store::{Mutation, Precondition, Store, StoreError, policy_etag, resource_etag};
 
 pub mod auth;
+pub mod openapi;
 #[cfg(test)]
 mod tests;
 pub mod view;
@@ -114,25 +117,38 @@ struct HistoryParams {
     author: Option<String>,
 }
 
-/// The admin API's routes over `state`.
-pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/v1/revision", get(revision))
-        .route("/v1/history", get(history))
-        .route("/v1/proxies", get(proxies))
-        .route("/v1/proxies/nearest", get(nearest))
-        .route("/v1/apply", post(apply))
-        .route(
+/// Every route of the admin API: its path as axum writes it, and its
+/// handlers. Each handler is described in [`openapi`]'s document; a test
+/// checks that the two agree.
+fn routes() -> Vec<(&'static str, MethodRouter<AdminState>)> {
+    vec![
+        ("/healthz", get(healthz)),
+        ("/metrics", get(metrics)),
+        ("/v1/openapi.json", get(openapi::openapi_json)),
+        ("/v1/revision", get(revision)),
+        ("/v1/history", get(history)),
+        ("/v1/proxies", get(proxies)),
+        ("/v1/proxies/nearest", get(nearest)),
+        ("/v1/apply", post(apply)),
+        (
             "/v1/tokens",
             get(auth::list_tokens).post(auth::create_token),
-        )
-        .route("/v1/tokens/{id}", delete(auth::revoke_token))
-        .route("/v1/diff", get(diff))
-        .route("/v1/rollback", post(rollback))
-        .route("/v1/{kind}", get(list).post(create))
-        .route("/v1/{kind}/{*name}", get(read).put(replace).delete(remove))
+        ),
+        ("/v1/tokens/{id}", delete(auth::revoke_token)),
+        ("/v1/diff", get(diff)),
+        ("/v1/rollback", post(rollback)),
+        ("/v1/{kind}", get(list).post(create)),
+        ("/v1/{kind}/{*name}", get(read).put(replace).delete(remove)),
+    ]
+}
+
+/// The admin API's routes over `state`.
+pub fn router(state: AdminState) -> Router {
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, handlers)| {
+            router.route(path, handlers)
+        })
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -144,11 +160,16 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "meta", security(()),
+    responses((status = 200, description = "The control plane is up: `ok`.", content_type = "text/plain", body = String)))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
 /// Prometheus metrics, as OpenMetrics text.
+#[utoipa::path(get, path = "/metrics", tag = "meta", security(()),
+    responses((status = 200, description = "The control plane's metrics, OpenMetrics text.",
+        content_type = "application/openmetrics-text", body = String)))]
 async fn metrics(State(state): State<AdminState>) -> Response {
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
@@ -157,8 +178,11 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         .into_response()
 }
 
+/// The message of the `404` for a path no route serves.
+const NO_SUCH_PATH: &str = "no such path; the admin API lives under /v1";
+
 async fn unknown_path() -> ApiError {
-    ApiError::not_found("no such path; the admin API lives under /v1")
+    ApiError::not_found(NO_SUCH_PATH)
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -169,6 +193,10 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The current revision.
+#[utoipa::path(get, path = "/v1/revision", tag = "policy",
+    responses((status = 200, description = "The current revision.", body = openapi::RevisionAnswer,
+        headers(("ETag" = String, description = "The policy's entity tag, its revision: `\"r7\"`.")))))]
 async fn revision(State(state): State<AdminState>) -> Response {
     let revision = state.store.revision();
     with_etag(
@@ -177,6 +205,17 @@ async fn revision(State(state): State<AdminState>) -> Response {
     )
 }
 
+/// The change log, newest first.
+#[utoipa::path(get, path = "/v1/history", tag = "policy",
+    params(
+        ("limit" = Option<u64>, Query, description = "How many entries at most (default 100, at most 1000)."),
+        ("namespace" = Option<String>, Query, description = "Only revisions that changed this namespace or a resource in it."),
+        ("author" = Option<String>, Query, description = "Only revisions by this author (a token's subject)."),
+    ),
+    responses(
+        (status = 200, description = "Change-log entries the token may see, newest first.", body = openapi::HistoryAnswer),
+        (status = 400, description = "A malformed query.", body = openapi::ErrorBody),
+    ))]
 async fn history(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -211,6 +250,9 @@ async fn history(
     Ok(Json(json!({ "revision": revision, "items": items })))
 }
 
+/// The fleet's status.
+#[utoipa::path(get, path = "/v1/proxies", tag = "fleet",
+    responses((status = 200, description = "Every known proxy.", body = openapi::ProxiesAnswer)))]
 async fn proxies(State(state): State<AdminState>) -> Json<Value> {
     let revision = state.store.revision();
     Json(json!({ "revision": revision, "proxies": state.fleet.list(revision) }))
@@ -226,6 +268,16 @@ struct NearestParams {
 
 /// The proxy a client in `zone` should use: same zone, else same region,
 /// else any connected proxy; 404 when none is connected.
+#[utoipa::path(get, path = "/v1/proxies/nearest", tag = "fleet",
+    params(
+        ("zone" = Option<String>, Query, description = "The client's availability zone."),
+        ("region" = Option<String>, Query, description = "The client's region."),
+    ),
+    responses(
+        (status = 200, description = "The nearest connected proxy.", body = openapi::NearestAnswer),
+        (status = 400, description = "A malformed query.", body = openapi::ErrorBody),
+        (status = 404, description = "No proxy is connected.", body = openapi::ErrorBody),
+    ))]
 async fn nearest(
     State(state): State<AdminState>,
     params: Result<Query<NearestParams>, QueryRejection>,
@@ -241,6 +293,15 @@ async fn nearest(
     ))
 }
 
+/// Lists one kind's resources.
+#[utoipa::path(get, path = "/v1/{kind}", tag = "resources",
+    params(("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too.")),
+    responses(
+        (status = 200, description = "The kind's resources the token covers.", body = openapi::ResourceList,
+            headers(("ETag" = String, description = "The policy's entity tag, its revision: `\"r7\"`."))),
+        (status = 400, description = "A malformed path.", body = openapi::ErrorBody),
+        (status = 404, description = "No such kind.", body = openapi::ErrorBody),
+    ))]
 async fn list(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -260,6 +321,21 @@ async fn list(
     ))
 }
 
+/// Reads one resource.
+#[utoipa::path(get, path = "/v1/{kind}/{name}", tag = "resources",
+    params(
+        ("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too."),
+        ("name" = String, Path, description = "The resource's name, e.g. `demo` or `demo/web` (a `/` may be sent as is or as `%2F`).", min_length = 1),
+    ),
+    responses(
+        (status = 200, description = "The resource.", body = openapi::ResourceBody,
+            headers(
+                ("ETag" = String, description = "The resource's entity tag: its content version, quoted."),
+                ("x-prism-revision" = u64, description = "The revision it was read at."),
+            )),
+        (status = 400, description = "A malformed path.", body = openapi::ErrorBody),
+        (status = 404, description = "No such kind or resource.", body = openapi::ErrorBody),
+    ))]
 async fn read(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -276,6 +352,19 @@ async fn read(
     Ok(with_etag(response, &resource_etag(&entry.version)))
 }
 
+/// Creates a resource.
+#[utoipa::path(post, path = "/v1/{kind}", tag = "resources",
+    params(("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too.")),
+    request_body(content = openapi::ResourceBody, content_type = "application/json",
+        example = json!({"name": "demo", "hosts": ["demo.local"]})),
+    responses(
+        (status = 201, description = "Created; on disk.", body = openapi::WriteAnswer),
+        (status = 400, description = "A malformed body, or one that breaks a rule (`field` names where).", body = openapi::ErrorBody),
+        (status = 404, description = "No such kind.", body = openapi::ErrorBody),
+        (status = 409, description = "The name exists.", body = openapi::ErrorBody),
+        (status = 413, description = "The body is over 4 MiB.", body = openapi::ErrorBody),
+        (status = 415, description = "A content type other than JSON.", body = openapi::ErrorBody),
+    ))]
 async fn create(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -301,6 +390,24 @@ async fn create(
     ))
 }
 
+/// Creates or replaces a resource.
+#[utoipa::path(put, path = "/v1/{kind}/{name}", tag = "resources",
+    params(
+        ("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too."),
+        ("name" = String, Path, description = "The resource's name, e.g. `demo` or `demo/web` (a `/` may be sent as is or as `%2F`).", min_length = 1),
+        ("If-Match" = Option<String>, Header, description = "Apply only if the resource's `ETag` is still one of these (`*`: any)."),
+    ),
+    request_body(content = openapi::ResourceBody, content_type = "application/json",
+        example = json!({"name": "demo", "hosts": ["demo.local"]})),
+    responses(
+        (status = 200, description = "Written; on disk.", body = openapi::WriteAnswer, headers(("ETag" = String, description = "The resource's entity tag: its content version, quoted."))),
+        (status = 400, description = "A malformed body or `If-Match`, or one that breaks a rule (`field` names where).", body = openapi::ErrorBody),
+        (status = 404, description = "No such kind.", body = openapi::ErrorBody),
+        (status = 412, description = "`If-Match` failed; nothing changed. `ETag`: the current one, if the resource exists.", body = openapi::ErrorBody,
+            headers(("ETag" = String, description = "The resource's entity tag: its content version, quoted."))),
+        (status = 413, description = "The body is over 4 MiB.", body = openapi::ErrorBody),
+        (status = 415, description = "A content type other than JSON.", body = openapi::ErrorBody),
+    ))]
 async fn replace(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -342,6 +449,20 @@ async fn replace(
     Ok(with_etag(answer.into_response(), &etag))
 }
 
+/// Deletes a resource.
+#[utoipa::path(delete, path = "/v1/{kind}/{name}", tag = "resources",
+    params(
+        ("kind" = openapi::KindParam, Path, description = "The resource kind; the singular and any case are accepted too."),
+        ("name" = String, Path, description = "The resource's name, e.g. `demo` or `demo/web` (a `/` may be sent as is or as `%2F`).", min_length = 1),
+        ("If-Match" = Option<String>, Header, description = "Apply only if the resource's `ETag` is still one of these (`*`: any)."),
+    ),
+    responses(
+        (status = 200, description = "Deleted; on disk.", body = openapi::DeleteAnswer),
+        (status = 400, description = "A malformed path or `If-Match`, or a delete that breaks a rule (another resource names it).", body = openapi::ErrorBody),
+        (status = 404, description = "No such kind or resource.", body = openapi::ErrorBody),
+        (status = 412, description = "`If-Match` failed; nothing changed. `ETag`: the current one.", body = openapi::ErrorBody,
+            headers(("ETag" = String, description = "The resource's entity tag: its content version, quoted."))),
+    ))]
 async fn remove(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -365,6 +486,32 @@ async fn remove(
     Ok(Json(json!({ "revision": commit.revision })))
 }
 
+/// Upserts a policy document, all or nothing.
+#[utoipa::path(post, path = "/v1/apply", tag = "policy",
+    params(
+        ("dry_run" = Option<bool>, Query, description = "Say what would change, write nothing."),
+        ("If-Match" = Option<String>, Header, description = "Apply only if the policy's `ETag` (`\"r7\"`) is still one of these (`*`: any)."),
+    ),
+    request_body(description = "A policy document: YAML or JSON, `{namespaces: [...], backends: [...], ...}`.",
+        content(
+            (Object = "application/json", example = json!({
+                "namespaces": [{"name": "demo", "hosts": ["demo.local"]}],
+                "backends": [{"name": "demo/web", "endpoints": [{"address": "127.0.0.1:8081"}]}],
+                "routes": [{"name": "demo/root", "match": {"prefix": "/"}, "backend": "web"}],
+            })),
+            (String = "application/yaml"),
+        )),
+    responses(
+        (status = 200, description = "Applied and on disk, or (a dry run) what would change.", body = openapi::ApplyAnswer,
+            headers(("ETag" = String, description = "The policy's entity tag, its revision: `\"r7\"`."))),
+        (status = 400, description = "A malformed query, `If-Match` or document, or one that breaks a rule.", body = openapi::ErrorBody),
+        (status = 403, description = "The document names a namespace the token does not cover.", body = openapi::ErrorBody),
+        (status = 404, description = "The document names an unknown kind.", body = openapi::ErrorBody),
+        (status = 412, description = "`If-Match` failed; nothing changed. `ETag`: the current one.", body = openapi::ErrorBody,
+            headers(("ETag" = String, description = "The policy's entity tag, its revision: `\"r7\"`."))),
+        (status = 413, description = "The body is over 4 MiB.", body = openapi::ErrorBody),
+        (status = 415, description = "A content type other than JSON or YAML.", body = openapi::ErrorBody),
+    ))]
 async fn apply(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -431,6 +578,17 @@ async fn apply(
 
 /// What changed between revisions `from` and `to` (the current one by
 /// default): `{from, to, changes: [{op, kind, name, version, diff}]}`.
+#[utoipa::path(get, path = "/v1/diff", tag = "policy",
+    params(
+        ("from" = u64, Query, description = "The revision to diff from."),
+        ("to" = Option<u64>, Query, description = "The revision to diff to; the current one by default."),
+    ),
+    responses(
+        (status = 200, description = "Each resource that differs, with a unified diff of its YAML.", body = openapi::DiffAnswer),
+        (status = 400, description = "A missing or malformed revision (`field` names which).", body = openapi::ErrorBody),
+        (status = 404, description = "No such revision (`field` names which).", body = openapi::ErrorBody),
+        (status = 422, description = "The revision's policy cannot be rebuilt: the change log did not record content that far back.", body = openapi::ErrorBody),
+    ))]
 async fn diff(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -475,6 +633,21 @@ async fn diff(
 /// `to`'s, validated like every write; with `dry_run`, says what it would
 /// change and writes nothing. Answers like `/v1/apply`, each change with its
 /// diff.
+#[utoipa::path(post, path = "/v1/rollback", tag = "policy",
+    params(
+        ("to" = u64, Query, description = "The revision whose policy to restore."),
+        ("dry_run" = Option<bool>, Query, description = "Say what would change, write nothing."), ("If-Match" = Option<String>, Header, description = "Apply only if the policy's `ETag` (`\"r7\"`) is still one of these (`*`: any)."),
+    ),
+    responses(
+        (status = 200, description = "Rolled back and on disk, or (a dry run) what would change.", body = openapi::RollbackAnswer,
+            headers(("ETag" = String, description = "The policy's entity tag, its revision: `\"r7\"`."))),
+        (status = 400, description = "A missing or malformed revision or `If-Match`, or a rollback that breaks today's rules.", body = openapi::ErrorBody),
+        (status = 403, description = "The token is scoped to namespaces: a rollback sets the whole policy.", body = openapi::ErrorBody),
+        (status = 404, description = "No such revision.", body = openapi::ErrorBody),
+        (status = 412, description = "`If-Match` failed; nothing changed. `ETag`: the current one.", body = openapi::ErrorBody,
+            headers(("ETag" = String, description = "The policy's entity tag, its revision: `\"r7\"`."))),
+        (status = 422, description = "The revision's policy cannot be rebuilt: the change log did not record content that far back.", body = openapi::ErrorBody),
+    ))]
 async fn rollback(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,

@@ -20,7 +20,7 @@ const CONTEXT_LINES: usize = 3;
 pub const HIDDEN_CHANGE: &str = "# changed only in key material, which is never shown\n";
 
 /// One resource that differs between two policies, and how.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ResourceDiff {
     /// What changed: op, kind, name, version after.
     #[serde(flatten)]

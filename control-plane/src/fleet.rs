@@ -48,7 +48,7 @@ pub struct NodeInfo {
 }
 
 /// One proxy as the admin API shows it. Times are milliseconds since the Unix epoch.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ProxyStatus {
     /// The proxy's node id.
     pub id: String,
@@ -75,7 +75,7 @@ pub struct ProxyStatus {
 }
 
 /// A push a proxy rejected.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Nack {
     /// The revision that was rejected.
     pub revision: u64,

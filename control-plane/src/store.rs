@@ -134,7 +134,7 @@ pub struct Commit {
 }
 
 /// What a write does to one resource.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeOp {
     /// The resource did not exist before.
@@ -146,12 +146,13 @@ pub enum ChangeOp {
 }
 
 /// One resource changed by a write.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Change {
     /// Whether the resource is created, updated or deleted.
     pub op: ChangeOp,
     /// Resource kind, e.g. `Backend`.
     #[serde(serialize_with = "serialize_kind")]
+    #[schema(value_type = String)]
     pub kind: Kind,
     /// Resource name, e.g. `demo/web`.
     pub name: String,

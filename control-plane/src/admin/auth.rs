@@ -3,8 +3,8 @@
 //! A token reads `prism_<id>_<secret>`: the id finds its record in the
 //! store, which keeps only a SHA-256 digest of the secret (a token is 256
 //! random bits, so a fast digest is as safe as a slow one). Every request
-//! but `/healthz` and `/metrics` must carry one (`Authorization: Bearer
-//! …`), or gets `401`.
+//! but [`OPEN_PATHS`] (`/healthz`, `/metrics`, `/v1/openapi.json`) must
+//! carry one (`Authorization: Bearer …`), or gets `401`.
 //! Then its role decides what it may do, else `403`:
 //!
 //! | role     | may                                                       |
@@ -46,7 +46,7 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 const TOKEN_PREFIX: &str = "prism_";
 
 /// What a token may do; each role may do all that the ones before it may.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Reads.
@@ -195,9 +195,9 @@ pub async fn same_origin(request: Request, next: Next) -> Response {
     response
 }
 
-/// Paths served without a token: liveness and Prometheus metrics, which
-/// name no resource.
-const OPEN_PATHS: [&str; 2] = ["/healthz", "/metrics"];
+/// Paths served without a token: liveness, Prometheus metrics and the
+/// OpenAPI document, which name no resource.
+pub(crate) const OPEN_PATHS: [&str; 3] = ["/healthz", "/metrics", "/v1/openapi.json"];
 
 /// Middleware: authenticates every request but [`OPEN_PATHS`], checks the role
 /// its method and path need, and hands the handlers its [`Caller`].
@@ -346,11 +346,15 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// The body of `POST /v1/tokens`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewToken {
+pub struct NewToken {
+    /// Who the token is: the author of its writes; 1 to 128 printable characters.
     subject: String,
+    /// `viewer`, `editor` or `admin`.
+    #[schema(value_type = Role)]
     role: String,
+    /// The namespaces it may touch; all when empty or absent.
     #[serde(default)]
     namespaces: Vec<String>,
 }
@@ -359,6 +363,14 @@ struct NewToken {
 const MAX_SUBJECT_CHARS: usize = 128;
 
 /// `POST /v1/tokens`: a new token, shown this once.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens",
+    request_body(content = NewToken, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The new token, shown this once.", body = super::openapi::NewTokenAnswer),
+        (status = 400, description = "A malformed body, or a bad subject, role or namespace (`field` names which).", body = super::openapi::ErrorBody),
+        (status = 413, description = "The body is over 4 MiB.", body = super::openapi::ErrorBody),
+        (status = 415, description = "A content type other than JSON.", body = super::openapi::ErrorBody),
+    ))]
 pub async fn create_token(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -400,6 +412,8 @@ pub async fn create_token(
 }
 
 /// `GET /v1/tokens`: every token, without its secret.
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    responses((status = 200, description = "Every token, without its secret.", body = super::openapi::TokenList)))]
 pub async fn list_tokens(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
     let items: Vec<Value> = state.store.tokens()?.iter().map(token_view).collect();
     Ok(Json(json!({ "items": items })))
@@ -407,6 +421,14 @@ pub async fn list_tokens(State(state): State<AdminState>) -> Result<Json<Value>,
 
 /// `DELETE /v1/tokens/{id}`: revokes a token at once; refuses to revoke
 /// the last admin token, which would lock every operator out.
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "The token's id (the part after `prism_`).")),
+    responses(
+        (status = 200, description = "Revoked, at once.", body = super::openapi::RevokeAnswer),
+        (status = 400, description = "A malformed path.", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such token.", body = super::openapi::ErrorBody),
+        (status = 409, description = "The last admin token.", body = super::openapi::ErrorBody),
+    ))]
 pub async fn revoke_token(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,

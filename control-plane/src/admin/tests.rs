@@ -1491,3 +1491,130 @@ async fn cross_origin_requests_are_refused_and_same_origin_ones_served() {
     }
     assert_eq!(h.revision(), 0);
 }
+
+/// The OpenAPI document as served, without a token.
+async fn served_document(h: &Harness) -> Value {
+    let request = Request::builder()
+        .uri("/v1/openapi.json")
+        .header(header::AUTHORIZATION, "")
+        .body(Body::empty())
+        .expect("request");
+    let answer = h.send(request).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.headers[header::CONTENT_TYPE], "application/json");
+    answer.body
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_without_a_token_and_says_3_1() {
+    let h = Harness::new().await;
+    let body = served_document(&h).await;
+    assert_eq!(body["openapi"], "3.1.0");
+    let parsed: utoipa::openapi::OpenApi =
+        serde_json::from_value(body.clone()).expect("the document parses as OpenAPI");
+    assert!(parsed.paths.paths.contains_key("/v1/{kind}/{name}"));
+    let scheme = &body["components"]["securitySchemes"][openapi::BEARER];
+    assert_eq!(scheme["type"], "http");
+    assert_eq!(scheme["scheme"], "bearer");
+    assert_eq!(body["security"], json!([{ openapi::BEARER: [] }]));
+    // Open paths need no token, and say so; every other operation answers
+    // 401 without one, and says so.
+    for (path, item) in body["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("path item") {
+            let open = auth::OPEN_PATHS.contains(&path.as_str());
+            assert_eq!(
+                operation.get("security") == Some(&json!([{}])),
+                open,
+                "{method} {path}: security"
+            );
+            assert_eq!(
+                operation["responses"].get("401").is_some(),
+                !open,
+                "{method} {path}: 401"
+            );
+        }
+    }
+    // The error shape is the one ApiError writes.
+    let error = &body["components"]["schemas"]["ErrorDetail"];
+    assert_eq!(error["required"], json!(["code", "message"]));
+    // Every reference resolves: a schema left out of `components` would
+    // leave a client unable to read the operations that name it.
+    let mut refs = Vec::new();
+    collect_refs(&body, &mut refs);
+    assert!(!refs.is_empty());
+    for reference in refs {
+        let pointer = reference.strip_prefix('#').expect("a local reference");
+        assert!(
+            body.pointer(pointer).is_some(),
+            "{reference} does not resolve"
+        );
+    }
+}
+
+/// Every `$ref` in `value`.
+fn collect_refs(value: &Value, refs: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match value {
+                    Value::String(target) if key == "$ref" => refs.push(target.clone()),
+                    _ => collect_refs(value, refs),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| collect_refs(item, refs)),
+        _ => {}
+    }
+}
+
+/// A concrete path for an OpenAPI path template.
+fn concrete(template: &str) -> String {
+    template
+        .replace("{kind}", "routes")
+        .replace("{name}", "demo/root")
+        .replace("{id}", "0123456789abcdef")
+}
+
+#[tokio::test]
+async fn every_documented_operation_is_routed_and_every_route_documented() {
+    let h = Harness::new().await;
+    let body = served_document(&h).await;
+    let documented: std::collections::BTreeMap<String, Vec<String>> = body["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .map(|(path, item)| {
+            let methods = item.as_object().expect("path item").keys().cloned();
+            (path.clone(), methods.collect())
+        })
+        .collect();
+    // axum writes a catch-all `{*name}`; OpenAPI a plain `{name}`.
+    let routed: std::collections::BTreeSet<String> = routes()
+        .into_iter()
+        .map(|(path, _)| path.replace("{*", "{"))
+        .collect();
+    let documented_paths: std::collections::BTreeSet<String> = documented.keys().cloned().collect();
+    assert_eq!(routed, documented_paths, "routed paths vs documented paths");
+    h.apply(QUICKSTART, false).await;
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ];
+    for (path, documented_methods) in &documented {
+        let uri = concrete(path);
+        for method in &methods {
+            let is_documented = documented_methods.contains(&method.as_str().to_lowercase());
+            let answer = h.call(method.clone(), &uri, Body::empty()).await;
+            let fell_through = answer.status == StatusCode::METHOD_NOT_ALLOWED
+                || answer.body["error"]["message"] == NO_SUCH_PATH;
+            assert_eq!(
+                fell_through, !is_documented,
+                "{method} {uri} (documented: {is_documented}): {} {}",
+                answer.status, answer.body
+            );
+        }
+    }
+}
