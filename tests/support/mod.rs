@@ -326,6 +326,26 @@ impl Admin {
     }
 }
 
+/// The settings of a test proxy of `node_id` subscribed to `control_plane`:
+/// every namespace, metrics on, no access log, plain discovery; its data
+/// directory and advertised address are set when it starts.
+fn proxy_config(control_plane: &str, node_id: &str) -> prism_data_plane::Config {
+    prism_data_plane::Config {
+        control_plane: control_plane.to_string(),
+        node_id: node_id.to_string(),
+        zone: "zone-a".into(),
+        region: "region-1".into(),
+        advertise_address: String::new(),
+        data_dir: None,
+        namespaces: Vec::new(),
+        selector: Default::default(),
+        limits: Default::default(),
+        metrics: true,
+        access_log: None,
+        control_plane_tls: None,
+    }
+}
+
 /// An in-process proxy.
 pub struct Proxy {
     pub url: String,
@@ -350,38 +370,16 @@ impl Proxy {
     /// A proxy that serves only `namespaces` (all when empty), with a data
     /// directory of its own.
     pub async fn start_subset(control_plane: &str, node_id: &str, namespaces: &[&str]) -> Self {
-        let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(
-            control_plane,
-            node_id,
-            temp.path(),
-            namespaces,
-            false,
-            true,
-            None,
-            None,
-        )
-        .await;
-        proxy._temp = Some(temp);
-        proxy
+        let config = prism_data_plane::Config {
+            namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+            ..proxy_config(control_plane, node_id)
+        };
+        Self::start_in_temp(config, false).await
     }
 
     /// A proxy serving every namespace, with a TLS listener too.
     pub async fn start_tls(control_plane: &str, node_id: &str) -> Self {
-        let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(
-            control_plane,
-            node_id,
-            temp.path(),
-            &[],
-            true,
-            true,
-            None,
-            None,
-        )
-        .await;
-        proxy._temp = Some(temp);
-        proxy
+        Self::start_in_temp(proxy_config(control_plane, node_id), true).await
     }
 
     /// A proxy that reaches an `https://` control plane with `tls`.
@@ -390,36 +388,21 @@ impl Proxy {
         node_id: &str,
         tls: prism_data_plane::ControlPlaneTls,
     ) -> Self {
-        let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(
-            control_plane,
-            node_id,
-            temp.path(),
-            &[],
-            false,
-            true,
-            Some(tls),
-            None,
-        )
-        .await;
-        proxy._temp = Some(temp);
-        proxy
+        let config = prism_data_plane::Config {
+            control_plane_tls: Some(tls),
+            ..proxy_config(control_plane, node_id)
+        };
+        Self::start_in_temp(config, false).await
     }
 
     /// A proxy keeping its snapshot in `data_dir`, which the caller owns: a
     /// proxy started again on it restores what the last one accepted.
     pub async fn start_with(control_plane: &str, node_id: &str, data_dir: &Path) -> Self {
-        Self::launch(
-            control_plane,
-            node_id,
-            data_dir,
-            &[],
-            false,
-            true,
-            None,
-            None,
-        )
-        .await
+        let config = prism_data_plane::Config {
+            data_dir: Some(data_dir.to_path_buf()),
+            ..proxy_config(control_plane, node_id)
+        };
+        Self::launch(config, false).await
     }
 
     /// A proxy serving every namespace, writing access log lines (for
@@ -429,53 +412,38 @@ impl Proxy {
         node_id: &str,
         access_log: &Path,
     ) -> Self {
-        let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(
-            control_plane,
-            node_id,
-            temp.path(),
-            &[],
-            false,
-            true,
-            None,
-            Some(access_log.to_path_buf()),
-        )
-        .await;
-        proxy._temp = Some(temp);
-        proxy
+        let config = prism_data_plane::Config {
+            access_log: Some(access_log.to_path_buf()),
+            ..proxy_config(control_plane, node_id)
+        };
+        Self::start_in_temp(config, false).await
     }
 
     /// A proxy serving every namespace, with its metrics off
     /// (`--metrics=false`).
     pub async fn start_without_metrics(control_plane: &str, node_id: &str) -> Self {
+        let config = prism_data_plane::Config {
+            metrics: false,
+            ..proxy_config(control_plane, node_id)
+        };
+        Self::start_in_temp(config, false).await
+    }
+
+    /// [`Self::launch`] with a data directory of its own, removed on drop.
+    async fn start_in_temp(config: prism_data_plane::Config, tls: bool) -> Self {
         let temp = tempfile::tempdir().expect("tempdir");
-        let mut proxy = Self::launch(
-            control_plane,
-            node_id,
-            temp.path(),
-            &[],
-            false,
-            false,
-            None,
-            None,
-        )
-        .await;
+        let config = prism_data_plane::Config {
+            data_dir: Some(temp.path().to_path_buf()),
+            ..config
+        };
+        let mut proxy = Self::launch(config, tls).await;
         proxy._temp = Some(temp);
         proxy
     }
 
-    // One private launcher behind the named constructors above.
-    #[allow(clippy::too_many_arguments)]
-    async fn launch(
-        control_plane: &str,
-        node_id: &str,
-        data_dir: &Path,
-        namespaces: &[&str],
-        tls: bool,
-        metrics: bool,
-        control_plane_tls: Option<prism_data_plane::ControlPlaneTls>,
-        access_log: Option<PathBuf>,
-    ) -> Self {
+    /// Runs a proxy with `config` (advertising the address it gets), with a
+    /// TLS listener when `tls`.
+    async fn launch(config: prism_data_plane::Config, tls: bool) -> Self {
         let (proxy, addr) = local().await;
         let (tls, tls_addr) = if tls {
             let (listener, addr) = local().await;
@@ -486,19 +454,13 @@ impl Proxy {
         let (admin, admin_addr) = local().await;
         let (stop, stopped) = oneshot::channel::<()>();
         let config = prism_data_plane::Config {
-            control_plane: control_plane.to_string(),
-            node_id: node_id.to_string(),
-            zone: "zone-a".into(),
-            region: "region-1".into(),
             advertise_address: addr.to_string(),
-            data_dir: Some(data_dir.to_path_buf()),
-            namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
-            selector: Default::default(),
-            limits: Default::default(),
-            metrics,
-            access_log,
-            control_plane_tls,
+            ..config
         };
+        let (node_id, data_dir) = (
+            config.node_id.clone(),
+            config.data_dir.clone().expect("a data directory"),
+        );
         let task = tokio::spawn(async move {
             prism_data_plane::run(
                 config,
@@ -515,8 +477,8 @@ impl Proxy {
             addr,
             tls_addr,
             admin: format!("http://{admin_addr}"),
-            node_id: node_id.to_string(),
-            data_dir: data_dir.to_path_buf(),
+            node_id,
+            data_dir,
             task: Running { stop, task },
             _temp: None,
         }
