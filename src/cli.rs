@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use crate::client::{AdminClient, Output};
 use crate::data_client::{DataClient, printable};
+use crate::telemetry::{self, TraceArgs};
 use crate::up::{UpConfig, bind};
 
 /// Prism: a control plane and a fleet of data-plane proxies.
@@ -79,6 +79,8 @@ pub enum Command {
         demo_addr: SocketAddr,
         #[command(flatten)]
         limits: LimitFlags,
+        #[command(flatten)]
+        traces: TraceArgs,
     },
     /// The control plane: sled store, admin API, xDS discovery server.
     ControlPlane {
@@ -121,6 +123,8 @@ pub enum Command {
         /// SPIFFE IDs name (`spiffe://…/ns/<namespace>/…`, `ns/*` for all).
         #[arg(long, env = "PRISM_XDS_CLIENT_CA", requires = "xds_tls_cert")]
         xds_client_ca: Option<PathBuf>,
+        #[command(flatten)]
+        traces: TraceArgs,
     },
     /// A data-plane proxy that subscribes to a control plane.
     Proxy {
@@ -190,6 +194,8 @@ pub enum Command {
         /// policy sets `access_log: {enabled: true}`.
         #[arg(long, env = "PRISM_PROXY_ACCESS_LOG", default_value = prism_data_plane::ACCESS_LOG_STDOUT)]
         access_log: PathBuf,
+        #[command(flatten)]
+        traces: TraceArgs,
     },
     /// A small HTTP server that names itself in every answer.
     DemoUpstream {
@@ -357,20 +363,6 @@ pub enum KvCommand {
 
 /// Runs the command; the process exit code says whether it worked.
 pub fn main(cli: Cli) -> ExitCode {
-    let serving = matches!(
-        cli.command,
-        Command::Up { .. }
-            | Command::ControlPlane { .. }
-            | Command::Proxy { .. }
-            | Command::DemoUpstream { .. }
-    );
-    let default_level = if serving { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let workers = match &cli.command {
         Command::Proxy { workers, .. } => workers.map(NonZeroUsize::get),
         _ => None,
@@ -395,7 +387,20 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let (default_level, otlp) = match &cli.command {
+        Command::Up { traces, .. } => ("info", traces.otlp("prism")),
+        Command::ControlPlane { traces, .. } => ("info", traces.otlp("prism-control-plane")),
+        Command::Proxy { traces, .. } => ("info", traces.otlp("prism-proxy")),
+        Command::DemoUpstream { .. } => ("info", None),
+        _ => ("warn", None),
+    };
+    let run = async {
+        let traces = telemetry::init(default_level, otlp)?;
+        let result = dispatch(cli).await;
+        traces.shutdown().await;
+        result
+    };
+    match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -429,6 +434,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             proxy_admin_addr,
             demo_addr,
             limits,
+            traces: _,
         } => {
             let config = UpConfig {
                 data_dir,
@@ -455,6 +461,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             xds_tls_cert,
             xds_tls_key,
             xds_client_ca,
+            traces: _,
         } => {
             let files = |cert: Option<PathBuf>, key: Option<PathBuf>| {
                 Some(prism_control_plane::TlsFiles {
@@ -517,6 +524,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             limits,
             metrics,
             access_log,
+            traces: _,
         } => {
             let proxy = bind("proxy", listen).await?;
             let tls = bind("proxy TLS", tls_listen).await?;

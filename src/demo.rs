@@ -19,7 +19,8 @@ pub const UPSTREAM_HEADER: &str = "x-prism-upstream";
 
 /// Serves the demo upstream on `listener` until `shutdown` resolves. Every
 /// response carries `x-prism-upstream: <name>` and a body that names the
-/// upstream and echoes the request line and host; POST bodies are echoed.
+/// upstream and echoes the request line and host, and the W3C trace context
+/// headers when the request has them; POST bodies are echoed.
 pub async fn serve(listener: TcpListener, name: String, shutdown: impl Future<Output = ()>) {
     let name: Arc<str> = name.into();
     tokio::pin!(shutdown);
@@ -55,7 +56,13 @@ async fn answer(
         .or(request.uri().authority().map(|a| a.as_str()))
         .unwrap_or("")
         .to_string();
-    let line = format!("{} {} host={host}", request.method(), request.uri().path());
+    let mut line = format!("{} {} host={host}", request.method(), request.uri().path());
+    // The trace context the proxy passed on, when it traces.
+    for name in ["traceparent", "tracestate"] {
+        if let Some(value) = request.headers().get(name).and_then(|v| v.to_str().ok()) {
+            line.push_str(&format!("\n{name}={value}"));
+        }
+    }
     let body = request
         .into_body()
         .collect()

@@ -10,4 +10,5 @@ pub mod cli;
 pub mod client;
 pub mod data_client;
 pub mod demo;
+pub mod telemetry;
 pub mod up;

@@ -10,7 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::{ControlPlane, KillOnDrop, eventually, get};
+use support::{ControlPlane, KillOnDrop, PrismUp, eventually, get};
 
 /// `prism args` against the admin API at `admin`, with `token`.
 fn prism(admin: &str, token: &str, args: &[&str]) -> (bool, String, String) {
@@ -347,54 +347,10 @@ async fn get_secrets_shows_expiry_and_names_never_the_key() {
 async fn prism_up_serves_the_quickstart() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Killed on drop: a failing assertion below must not orphan `prism up`.
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_prism"))
-            .args([
-                "up",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--xds-addr",
-                "127.0.0.1:0",
-                "--proxy-addr",
-                "127.0.0.1:0",
-                "--proxy-tls-addr",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--proxy-admin-addr",
-                "127.0.0.1:0",
-                "--demo-addr",
-                "127.0.0.1:0",
-                "--drain-timeout",
-                "2s",
-            ])
-            // The quickstart's way: the data in ./prism-data, where the
-            // CLI, run from the same directory, finds the admin token.
-            .current_dir(dir.path())
-            .env_remove("PRISM_DATA_DIR")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("prism up starts"),
-    );
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut urls = std::collections::HashMap::new();
-    for line in lines.by_ref() {
-        let line = line.expect("line");
-        if line.starts_with("Next:") {
-            break;
-        }
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if let Some(at) = words
-            .iter()
-            .position(|w| w.starts_with("http://") || w.starts_with("https://"))
-        {
-            urls.insert(words[..at].join(" "), words[at].to_string());
-        }
-    }
-    let (admin, proxy, demo) = (&urls["admin API"], &urls["proxy"], &urls["demo upstream"]);
-    let admin = admin.trim_end_matches("/v1/").to_string();
-    let demo_addr = demo.trim_start_matches("http://");
+    let mut up = PrismUp::start(dir.path(), &[], &[]);
+    let urls = &up.urls;
+    let (admin, proxy) = (up.admin(), &urls["proxy"]);
+    let demo_addr = up.demo_addr();
     let quickstart = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/examples/quickstart.yaml"
@@ -510,17 +466,17 @@ async fn prism_up_serves_the_quickstart() {
 
     // SIGTERM: everything drains and the process exits cleanly, in bounded time.
     let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &up.child.id().to_string()])
         .status()
         .expect("kill runs");
     assert!(term.success());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = up.child.try_wait().expect("wait") {
             break status;
         }
         if std::time::Instant::now() > deadline {
-            let _ = child.kill();
+            let _ = up.child.kill();
             panic!("prism up did not exit on SIGTERM");
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -61,6 +61,7 @@ pub mod auth;
 pub mod openapi;
 #[cfg(test)]
 mod tests;
+mod trace;
 pub mod view;
 
 pub use auth::{ADMIN_TOKEN_FILE, Caller};
@@ -149,6 +150,7 @@ pub fn router(state: AdminState) -> Router {
         .fold(Router::new(), |router, (path, handlers)| {
             router.route(path, handlers)
         })
+        .route_layer(axum::middleware::from_fn(trace::write_span))
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

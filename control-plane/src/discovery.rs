@@ -34,7 +34,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::envoy::EnvoyParams;
 use crate::fleet::{Fleet, NodeInfo};
@@ -248,10 +248,23 @@ impl<P: Protocol> StreamTask<P> {
                     break;
                 }
             };
-            if !responses.is_empty() {
-                self.state.peer().pushed(revision);
+            if responses.is_empty() {
+                continue;
             }
-            if !self.send(responses).await {
+            let peer = self.state.peer();
+            peer.pushed(revision);
+            // A trace's span per push (see `admin::trace`): what went to whom.
+            let span = tracing::info_span!(
+                target: "prism_trace",
+                "xds push",
+                otel.kind = "producer",
+                prism.node = peer.node_id(),
+                prism.variant = peer.variant,
+                prism.revision = revision,
+                prism.responses = responses.len(),
+                prism.types = ?responses.iter().map(P::type_url).collect::<Vec<_>>(),
+            );
+            if !self.send(responses).instrument(span).await {
                 break;
             }
         }

@@ -41,7 +41,7 @@ use serde::Serialize;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionResult, TransactionError};
 use tokio::sync::{Mutex, watch};
-use tracing::{debug, info};
+use tracing::{Instrument as _, debug, info};
 
 use crate::metrics::{StoreMetrics, WriteLabels};
 
@@ -513,12 +513,28 @@ impl Store {
         actor: &str,
         action: &str,
     ) -> Result<Commit, StoreError> {
-        let result = self.commit_locked(mutation, actor, action).await;
+        // A trace's span (see `admin::trace`), a child of the write's.
+        let span = tracing::info_span!(
+            target: "prism_trace",
+            "store commit",
+            prism.action = action,
+            prism.author = actor,
+            prism.revision = tracing::field::Empty,
+            prism.outcome = tracing::field::Empty,
+        );
+        let result = self
+            .commit_locked(mutation, actor, action)
+            .instrument(span.clone())
+            .await;
         let outcome = match &result {
             Ok(commit) if commit.unchanged => "unchanged",
             Ok(_) => "committed",
             Err(_) => "refused",
         };
+        span.record("prism.outcome", outcome);
+        if let Ok(commit) = &result {
+            span.record("prism.revision", commit.revision);
+        }
         self.inner
             .metrics
             .writes

@@ -282,8 +282,8 @@ impl Line {
             "request_bytes": self.request_bytes,
             "response_bytes": self.response_bytes,
             "retries": self.retries,
-            // The seam for tracing: the incoming `traceparent`'s trace id
-            // today; the span's own trace id once the proxy traces.
+            // The request's `traceparent` as the route stage left it: the
+            // proxy's span's trace with traces on, else the client's.
             "trace_id": self.trace_id,
             "client_address": self.client.map(|c| c.to_string()),
             "listener": if self.https { "https" } else { "http" },

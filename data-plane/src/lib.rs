@@ -29,6 +29,7 @@ mod metrics;
 mod runtime;
 #[cfg(test)]
 mod test_ca;
+mod trace;
 
 use std::collections::BTreeMap;
 use std::future::Future;

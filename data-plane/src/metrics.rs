@@ -43,6 +43,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::access_log::Pending;
 use crate::http::body::BodyEnd;
+use crate::trace::RequestSpan;
 
 /// The content type of `/metrics`.
 pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -168,14 +169,15 @@ pub(crate) struct Histogram {
 /// One request's record, from the route stage's call to the end of its
 /// response body: the request's one completion point. Dropped, it adds the
 /// request to its series (with metrics on) — its status class (once the
-/// response head or the error is known), its duration and its bytes — and
-/// finishes its access log line (for a namespace with access logs on). A
-/// request whose client gave up before the response head is neither
-/// counted nor logged.
+/// response head or the error is known), its duration and its bytes —,
+/// finishes its access log line (for a namespace with access logs on) and
+/// ends its span (with traces on). A request whose client gave up before
+/// the response head is neither counted nor logged; its span ends then.
 #[derive(Debug)]
 pub(crate) struct Recorder {
     series: Option<Arc<RouteSeries>>,
     log: Option<Pending>,
+    span: Option<RequestSpan>,
     start: Instant,
     /// The status answered, once known.
     status: Option<StatusCode>,
@@ -439,21 +441,23 @@ impl EncodeMetric for Histogram {
 }
 
 impl Recorder {
-    /// A request's record into `series` and access log line `log`, from
-    /// now; `request` tells its body's size at the end, `None` when it had
-    /// none. `None` when there is neither series nor line: nothing to
+    /// A request's record into `series`, access log line `log` and `span`,
+    /// from now; `request` tells its body's size at the end, `None` when it
+    /// had none. `None` when there is no series, line or span: nothing to
     /// record.
     pub(crate) fn start(
         series: Option<Arc<RouteSeries>>,
         log: Option<Pending>,
+        span: Option<RequestSpan>,
         request: Option<BodyEnd>,
     ) -> Option<Self> {
-        if series.is_none() && log.is_none() {
+        if series.is_none() && log.is_none() && span.is_none() {
             return None;
         }
         Some(Self {
             series,
             log,
+            span,
             start: Instant::now(),
             status: None,
             request,
@@ -465,6 +469,9 @@ impl Recorder {
     /// status: the class an HTTP caller would see, gRPC callers too).
     pub(crate) fn answered(&mut self, status: StatusCode) {
         self.status = Some(status);
+        if let Some(span) = &self.span {
+            span.answered(status);
+        }
     }
 }
 

@@ -654,6 +654,71 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A `prism up` child process (killed on drop) and the URLs its banner
+/// printed, by what they are for (`admin API`, `proxy`, `proxy TLS`,
+/// `demo upstream`, …).
+pub struct PrismUp {
+    pub child: KillOnDrop,
+    pub urls: std::collections::HashMap<String, String>,
+    /// The rest of its stdout, kept open.
+    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl PrismUp {
+    /// Starts `prism up` in `dir` the quickstart's way (its data in
+    /// `./prism-data`, where the CLI run from `dir` finds the admin token),
+    /// every listener on a port the OS picks, with `flags` and `env` added.
+    pub fn start(dir: &Path, flags: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_prism"))
+                .arg("up")
+                .args(["--admin-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0"])
+                .args(["--proxy-addr", "127.0.0.1:0"])
+                .args(["--proxy-tls-addr", "127.0.0.1:0"])
+                .args(["--proxy-admin-addr", "127.0.0.1:0"])
+                .args(["--demo-addr", "127.0.0.1:0", "--drain-timeout", "2s"])
+                .args(flags)
+                .current_dir(dir)
+                .env_remove("PRISM_DATA_DIR")
+                .env("RUST_LOG", "warn")
+                .envs(env.iter().copied())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("prism up starts"),
+        );
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut urls = std::collections::HashMap::new();
+        for line in lines.by_ref() {
+            let line = line.expect("line");
+            if line.starts_with("Next:") {
+                break;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let Some(at) = words
+                .iter()
+                .position(|w| w.starts_with("http://") || w.starts_with("https://"))
+            {
+                urls.insert(words[..at].join(" "), words[at].to_string());
+            }
+        }
+        Self {
+            child,
+            urls,
+            _stdout: lines,
+        }
+    }
+
+    /// The admin API's base URL (no trailing `/v1/`).
+    pub fn admin(&self) -> String {
+        self.urls["admin API"].trim_end_matches("/v1/").to_string()
+    }
+
+    /// `host:port` of the demo upstream.
+    pub fn demo_addr(&self) -> &str {
+        self.urls["demo upstream"].trim_start_matches("http://")
+    }
+}
+
 /// A demo upstream that names itself in the `x-prism-upstream` header.
 pub struct Upstream {
     pub addr: SocketAddr,

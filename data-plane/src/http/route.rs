@@ -18,6 +18,11 @@
 //! starts here, with what the client sent (before any rewrite), and the
 //! stages below fill in the endpoint, its latency and the retries through
 //! the [`UpstreamLog`](crate::access_log::UpstreamLog) slot the request carries.
+//!
+//! With traces on, the request's span ([`RequestSpan`]) starts here too,
+//! is named after the route once it matched (which rewrites the request's
+//! `traceparent` to the span's, before the access log line reads it), and
+//! ends with the same record.
 
 use std::future::Future;
 use std::ops::Not;
@@ -40,6 +45,7 @@ use super::respond;
 use crate::access_log::Pending;
 use crate::metrics::{Metered, Recorder};
 use crate::runtime::{Action, Backend, Probe, Route, Runtime};
+use crate::trace::RequestSpan;
 
 /// A request below the route stage.
 #[derive(Debug)]
@@ -118,13 +124,14 @@ where
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let runtime = self.runtime.load_full();
+        let span = RequestSpan::start(&request);
         // Where a request that reaches no route is recorded, if anywhere.
-        let unmatched = || {
+        let unmatched = |span| {
             let series = runtime.metrics().map(|m| Arc::clone(m.unmatched()));
-            Recorder::start(series, None, None)
+            Recorder::start(series, None, span, None)
         };
         if !runtime.is_configured() {
-            return ResponseFuture::failed(ProxyError::NotConfigured, unmatched());
+            return ResponseFuture::failed(ProxyError::NotConfigured, unmatched(span));
         }
         let host = request_host(&request);
         let path = request.uri().path();
@@ -139,13 +146,17 @@ where
                 host: host.to_string(),
                 path: path.to_string(),
             };
-            return ResponseFuture::failed(error, unmatched());
+            return ResponseFuture::failed(error, unmatched(span));
         };
-        // A route's own answer: its series, and its line if it logs.
-        let local = |route: &Route, request: &Request<RequestBody>| {
-            let log = route.log.as_ref().map(|l| Pending::start(l, None, request));
-            Recorder::start(route.series.clone(), log, None)
-        };
+        // A route's own answer: its series, its line if it logs, its span.
+        let local =
+            |route: &Route, request: &mut Request<RequestBody>, span: Option<RequestSpan>| {
+                if let Some(span) = &span {
+                    span.routed(request, route, None);
+                }
+                let log = route.log.as_ref().map(|l| Pending::start(l, None, request));
+                Recorder::start(route.series.clone(), log, span, None)
+            };
         let forward = match &route.action {
             Action::Forward(forward) => forward,
             Action::Redirect(redirect) => {
@@ -159,7 +170,8 @@ where
                 let uri = request.uri();
                 let Some(location) = redirect.location(scheme, host, uri.path(), uri.query())
                 else {
-                    return ResponseFuture::failed(ProxyError::Internal, local(route, &request));
+                    let recorder = local(route, &mut request, span);
+                    return ResponseFuture::failed(ProxyError::Internal, recorder);
                 };
                 let mut response = Response::new(Full::new(Bytes::new()));
                 *response.status_mut() = redirect.status;
@@ -167,7 +179,7 @@ where
                 route.response_headers.apply(response.headers_mut());
                 return ResponseFuture::Local {
                     response: Some(response),
-                    recorder: local(route, &request),
+                    recorder: local(route, &mut request, span),
                 };
             }
             Action::Respond(respond) => {
@@ -185,12 +197,15 @@ where
                 route.response_headers.apply(response.headers_mut());
                 return ResponseFuture::Local {
                     response: Some(response),
-                    recorder: local(route, &request),
+                    recorder: local(route, &mut request, span),
                 };
             }
         };
         let split = forward.pick();
         let backend = Arc::clone(&split.backend);
+        if let Some(span) = &span {
+            span.routed(&mut request, route, Some(&backend));
+        }
         // Started before any rewrite: the line shows what the client sent.
         let log = route
             .log
@@ -201,7 +216,7 @@ where
                 Some(uri) => *request.uri_mut() = uri,
                 // The rewrite made a path that is no URI path.
                 None => {
-                    let recorder = Recorder::start(split.series.clone(), log, None);
+                    let recorder = Recorder::start(split.series.clone(), log, span, None);
                     return ResponseFuture::failed(ProxyError::Internal, recorder);
                 }
             }
@@ -219,7 +234,7 @@ where
         if let Some(log) = &log {
             request.extensions_mut().insert(log.upstream());
         }
-        let recorder = Recorder::start(split.series.clone(), log, request.body().end());
+        let recorder = Recorder::start(split.series.clone(), log, span, request.body().end());
         ResponseFuture::Routed {
             inner: self.inner.call(Routed {
                 route: Arc::clone(route),

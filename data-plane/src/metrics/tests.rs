@@ -113,7 +113,8 @@ fn every_family_has_help_and_type_and_the_text_ends_in_eof() {
 async fn a_recorded_request_counts_its_class_duration_and_bytes_when_its_body_ends() {
     let metrics = Metrics::new();
     let series = metrics.route("n/r", Some("n/b"));
-    let mut recorder = Recorder::start(Some(Arc::clone(&series)), None, None).expect("a recorder");
+    let mut recorder =
+        Recorder::start(Some(Arc::clone(&series)), None, None, None).expect("a recorder");
     recorder.answered(StatusCode::BAD_GATEWAY);
     let body = Metered::new(Full::new(Bytes::from_static(b"hello")), Some(recorder));
     let labels = r#"namespace="n",route="r",backend="b",code_class="5xx""#;
@@ -144,7 +145,7 @@ async fn a_recorded_request_counts_its_class_duration_and_bytes_when_its_body_en
 fn a_request_given_up_before_its_answer_is_not_counted() {
     let metrics = Metrics::new();
     let series = metrics.route("n/r", Some("n/b"));
-    drop(Recorder::start(Some(Arc::clone(&series)), None, None).expect("a recorder"));
+    drop(Recorder::start(Some(Arc::clone(&series)), None, None, None).expect("a recorder"));
     let labels = r#"namespace="n",route="r",backend="b""#;
     assert_eq!(
         sample_value(
@@ -172,7 +173,8 @@ fn a_route_that_survives_an_apply_keeps_counting_and_a_removed_one_leaves_the_sc
     let metrics = Arc::new(Metrics::new());
     let first = compiled(&sample(), &metrics);
     let series = split_series(&first, "demo.local", "/");
-    let mut recorder = Recorder::start(Some(Arc::clone(&series)), None, None).expect("a recorder");
+    let mut recorder =
+        Recorder::start(Some(Arc::clone(&series)), None, None, None).expect("a recorder");
     recorder.answered(StatusCode::OK);
     drop(recorder);
 
