@@ -363,6 +363,20 @@ pub enum KvCommand {
 
 /// Runs the command; the process exit code says whether it worked.
 pub fn main(cli: Cli) -> ExitCode {
+    let (default_level, otlp) = match &cli.command {
+        Command::Up { traces, .. } => ("info", traces.otlp("prism")),
+        Command::ControlPlane { traces, .. } => ("info", traces.otlp("prism-control-plane")),
+        Command::Proxy { traces, .. } => ("info", traces.otlp("prism-proxy")),
+        Command::DemoUpstream { .. } => ("info", None),
+        _ => ("warn", None),
+    };
+    let traces = match telemetry::init(default_level, otlp) {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let workers = match &cli.command {
         Command::Proxy { workers, .. } => workers.map(NonZeroUsize::get),
         _ => None,
@@ -387,20 +401,11 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (default_level, otlp) = match &cli.command {
-        Command::Up { traces, .. } => ("info", traces.otlp("prism")),
-        Command::ControlPlane { traces, .. } => ("info", traces.otlp("prism-control-plane")),
-        Command::Proxy { traces, .. } => ("info", traces.otlp("prism-proxy")),
-        Command::DemoUpstream { .. } => ("info", None),
-        _ => ("warn", None),
-    };
-    let run = async {
-        let traces = telemetry::init(default_level, otlp)?;
-        let result = dispatch(cli).await;
-        traces.shutdown().await;
-        result
-    };
-    match runtime.block_on(run) {
+    let result = runtime.block_on(dispatch(cli));
+    // After the runtime: the last spans may still be coming in from it.
+    drop(runtime);
+    traces.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -57,11 +57,18 @@ impl TraceArgs {
 
 /// The installed trace pipeline, flushed by [`Traces::shutdown`].
 #[must_use = "shut it down at exit, or the last spans are lost"]
-pub struct Traces(Option<SdkTracerProvider>);
+pub struct Traces(Option<Pipeline>);
+
+/// The tracer provider, and the thread whose runtime its exporter's gRPC
+/// channel lives on: exports never run on the proxy's workers.
+struct Pipeline {
+    provider: SdkTracerProvider,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
 
 /// Installs the global subscriber: logs at `default_level` unless
-/// `RUST_LOG` says otherwise, and traces to `otlp` if given. Must run
-/// inside the Tokio runtime (the exporter's gRPC channel lives on it).
+/// `RUST_LOG` says otherwise, and traces to `otlp` if given.
 pub fn init(default_level: &str, otlp: Option<Otlp>) -> anyhow::Result<Traces> {
     let logs = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(default_level))
@@ -78,15 +85,33 @@ pub fn init(default_level: &str, otlp: Option<Otlp>) -> anyhow::Result<Traces> {
             "--otlp-endpoint `{endpoint}`: expected an http:// URL of an OTLP/gRPC collector, such as http://127.0.0.1:4317 (TLS to a collector is not supported)"
         );
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(&endpoint)
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
-        .with_context(|| format!("cannot export traces to --otlp-endpoint {endpoint}"))?;
+        .context("cannot start the trace exporter's runtime")?;
+    let exporter = {
+        let _on = runtime.enter();
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(&endpoint)
+            .build()
+            .with_context(|| format!("cannot export traces to --otlp-endpoint {endpoint}"))?
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("prism-otlp".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+        })
+        .context("cannot start the trace exporter's thread")?;
     let mut resource = Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service);
     }
+    // Spans are batched on the SDK's own thread, which exports through the
+    // channel on the runtime above.
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
@@ -104,21 +129,29 @@ pub fn init(default_level: &str, otlp: Option<Otlp>) -> anyhow::Result<Traces> {
         .with(logs)
         .with(traces)
         .try_init()?;
-    Ok(Traces(Some(provider)))
+    Ok(Traces(Some(Pipeline {
+        provider,
+        stop,
+        thread,
+    })))
 }
 
 impl Traces {
-    /// Exports the spans still queued and stops the exporter. Off the
-    /// runtime's threads: the export waits on the runtime's IO, which a
-    /// one-thread runtime would not drive while blocked here.
-    pub async fn shutdown(self) {
-        let Some(provider) = self.0 else {
+    /// Exports the spans still queued, then stops the exporter's thread.
+    pub fn shutdown(self) {
+        let Some(Pipeline {
+            provider,
+            stop,
+            thread,
+        }) = self.0
+        else {
             return;
         };
-        let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-        if let Ok(Err(error)) = flushed {
+        if let Err(error) = provider.shutdown() {
             tracing::warn!(%error, "Failed to export the last spans.");
         }
+        let _ = stop.send(());
+        let _ = thread.join();
     }
 }
 

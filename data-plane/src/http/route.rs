@@ -20,9 +20,9 @@
 //! the [`UpstreamLog`](crate::access_log::UpstreamLog) slot the request carries.
 //!
 //! With traces on, the request's span ([`RequestSpan`]) starts here too,
-//! is named after the route once it matched (which rewrites the request's
-//! `traceparent` to the span's, before the access log line reads it), and
-//! ends with the same record.
+//! once the route is known (it rewrites the request's `traceparent` to the
+//! span's, before the access log line reads it), and ends with the same
+//! record.
 
 use std::future::Future;
 use std::ops::Not;
@@ -124,14 +124,13 @@ where
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let runtime = self.runtime.load_full();
-        let span = RequestSpan::start(&request);
         // Where a request that reaches no route is recorded, if anywhere.
-        let unmatched = |span| {
+        let unmatched = |request: &mut Request<RequestBody>| {
             let series = runtime.metrics().map(|m| Arc::clone(m.unmatched()));
-            Recorder::start(series, None, span, None)
+            Recorder::start(series, None, RequestSpan::start(request, None), None)
         };
         if !runtime.is_configured() {
-            return ResponseFuture::failed(ProxyError::NotConfigured, unmatched(span));
+            return ResponseFuture::failed(ProxyError::NotConfigured, unmatched(&mut request));
         }
         let host = request_host(&request);
         let path = request.uri().path();
@@ -146,17 +145,14 @@ where
                 host: host.to_string(),
                 path: path.to_string(),
             };
-            return ResponseFuture::failed(error, unmatched(span));
+            return ResponseFuture::failed(error, unmatched(&mut request));
         };
         // A route's own answer: its series, its line if it logs, its span.
-        let local =
-            |route: &Route, request: &mut Request<RequestBody>, span: Option<RequestSpan>| {
-                if let Some(span) = &span {
-                    span.routed(request, route, None);
-                }
-                let log = route.log.as_ref().map(|l| Pending::start(l, None, request));
-                Recorder::start(route.series.clone(), log, span, None)
-            };
+        let local = |route: &Route, request: &mut Request<RequestBody>| {
+            let span = RequestSpan::start(request, Some((route, None)));
+            let log = route.log.as_ref().map(|l| Pending::start(l, None, request));
+            Recorder::start(route.series.clone(), log, span, None)
+        };
         let forward = match &route.action {
             Action::Forward(forward) => forward,
             Action::Redirect(redirect) => {
@@ -170,7 +166,7 @@ where
                 let uri = request.uri();
                 let Some(location) = redirect.location(scheme, host, uri.path(), uri.query())
                 else {
-                    let recorder = local(route, &mut request, span);
+                    let recorder = local(route, &mut request);
                     return ResponseFuture::failed(ProxyError::Internal, recorder);
                 };
                 let mut response = Response::new(Full::new(Bytes::new()));
@@ -179,7 +175,7 @@ where
                 route.response_headers.apply(response.headers_mut());
                 return ResponseFuture::Local {
                     response: Some(response),
-                    recorder: local(route, &mut request, span),
+                    recorder: local(route, &mut request),
                 };
             }
             Action::Respond(respond) => {
@@ -197,15 +193,13 @@ where
                 route.response_headers.apply(response.headers_mut());
                 return ResponseFuture::Local {
                     response: Some(response),
-                    recorder: local(route, &mut request, span),
+                    recorder: local(route, &mut request),
                 };
             }
         };
         let split = forward.pick();
         let backend = Arc::clone(&split.backend);
-        if let Some(span) = &span {
-            span.routed(&mut request, route, Some(&backend));
-        }
+        let span = RequestSpan::start(&mut request, Some((route, Some(&backend))));
         // Started before any rewrite: the line shows what the client sent.
         let log = route
             .log
