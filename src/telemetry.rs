@@ -6,10 +6,10 @@
 //! Spans of that target are traces, never logs: the log layer never sees
 //! them, and without an endpoint no layer wants them, so each such
 //! `info_span!` is a disabled callsite and costs one cached interest check
-//! (the proxy's request path tests `Span::is_disabled` and does nothing
-//! more). Those spans are: a span per proxied request (the data plane's
-//! route stage), a span per admin API write and per store commit, and a
-//! span per discovery push.
+//! (the proxy's request path asks `enabled!` first and does nothing more).
+//! Those spans are: a span per proxied request (the data plane's route
+//! stage), a span per admin API write and per store commit, and a span per
+//! discovery push.
 //!
 //! The OpenTelemetry SDK's own variables apply: `OTEL_SERVICE_NAME`,
 //! `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` (parent-based, always on

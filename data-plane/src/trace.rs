@@ -18,9 +18,10 @@
 //! its `enabled!` callsite disabled and returns `None`, and the request
 //! pays that one check.
 
-use http::{HeaderName, Request, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Version};
 use opentelemetry::propagation::TextMapPropagator as _;
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -30,9 +31,12 @@ use crate::runtime::{Backend, Route};
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// The span of one proxied request.
+/// The span of one proxied request. Boxed: every request's record has a
+/// place for one, and with traces off it stays a null pointer (a bare
+/// `Span` would add 32 bytes to every response future and body moved
+/// through the stack, which callgrind counted as memcpy).
 #[derive(Debug)]
-pub(crate) struct RequestSpan(tracing::Span);
+pub(crate) struct RequestSpan(Box<tracing::Span>);
 
 /// Where the route stage sent a request: the route it matched, and the
 /// backend picked when the route forwards.
@@ -74,12 +78,10 @@ impl RequestSpan {
         // Only a span already built refuses a parent: this one is new.
         let _ = span.set_parent(parent);
         if matched.is_some() {
-            let headers = request.headers_mut();
-            headers.remove(TRACEPARENT);
-            headers.remove(TRACESTATE);
-            propagator.inject_context(&span.context(), &mut HeaderInjector(headers));
+            let context = span.context();
+            inject(request.headers_mut(), context.span().span_context());
         }
-        Some(Self(span))
+        Some(Self(Box::new(span)))
     }
 
     /// The request was answered with `status`; a 5xx marks the span failed.
@@ -99,5 +101,85 @@ fn protocol(version: Version) -> &'static str {
         Version::HTTP_2 => "2",
         Version::HTTP_3 => "3",
         _ => "1.1",
+    }
+}
+
+/// Makes `context` the W3C trace context of a request with `headers`: what
+/// `TraceContextPropagator::inject_context` writes, without its formatting
+/// machinery (callgrind: 2,500 instructions a request) and without an
+/// empty `tracestate`.
+fn inject(headers: &mut HeaderMap, context: &SpanContext) {
+    headers.remove(TRACEPARENT);
+    headers.remove(TRACESTATE);
+    if !context.is_valid() {
+        return;
+    }
+    // `00-<trace id>-<span id>-<flags>`, in lowercase hex.
+    let mut value = [0u8; 55];
+    value[..3].copy_from_slice(b"00-");
+    hex(&context.trace_id().to_bytes(), &mut value[3..35]);
+    value[35] = b'-';
+    hex(&context.span_id().to_bytes(), &mut value[36..52]);
+    value[52] = b'-';
+    let flags = context.trace_flags() & TraceFlags::SAMPLED;
+    hex(&[flags.to_u8()], &mut value[53..]);
+    if let Ok(value) = HeaderValue::from_bytes(&value) {
+        headers.insert(TRACEPARENT, value);
+    }
+    let state = context.trace_state().header();
+    if !state.is_empty()
+        && let Ok(value) = HeaderValue::try_from(state)
+    {
+        headers.insert(TRACESTATE, value);
+    }
+}
+
+/// `bytes` as lowercase hex into `out`, two digits a byte.
+fn hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanId, TraceId, TraceState};
+
+    use super::*;
+
+    #[test]
+    fn the_trace_context_is_written_as_the_w3c_propagator_writes_it() {
+        let state = TraceState::from_key_value([("vendor", "opaque")]).expect("state");
+        for (flags, state) in [
+            (TraceFlags::SAMPLED, state),
+            (TraceFlags::default(), TraceState::default()),
+        ] {
+            let context = SpanContext::new(
+                TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("trace id"),
+                SpanId::from_hex("00f067aa0ba902b7").expect("span id"),
+                flags,
+                true,
+                state,
+            );
+            let mut ours = HeaderMap::new();
+            ours.insert(TRACEPARENT, HeaderValue::from_static("00-stale"));
+            inject(&mut ours, &context);
+            let mut theirs = HeaderMap::new();
+            let cx = opentelemetry::Context::new().with_remote_span_context(context.clone());
+            TraceContextPropagator::new()
+                .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(&mut theirs));
+            assert_eq!(ours.get(TRACEPARENT), theirs.get(TRACEPARENT));
+            // Theirs writes an empty `tracestate`; ours leaves it out.
+            match theirs.get(TRACESTATE).filter(|v| !v.is_empty()) {
+                Some(state) => assert_eq!(ours.get(TRACESTATE), Some(state)),
+                None => assert_eq!(ours.get(TRACESTATE), None),
+            }
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(TRACESTATE, HeaderValue::from_static("stale=1"));
+        inject(&mut headers, &SpanContext::empty_context());
+        assert!(headers.is_empty(), "no context: none passed on");
     }
 }
