@@ -2,14 +2,15 @@
 # Static checks of the deployment files in deploy/: the Kubernetes manifests
 # against the API's schemas, the Dockerfile through hadolint, and the compose
 # setup (compose file, Prometheus, Grafana, collector) through
-# .ci/deploy_check.py, which also cross-checks the manifests. No docker engine
+# .ci/deploy_check.py, which also cross-checks the manifests and holds every
+# flag and PRISM_* variable given to `prism` to those src/ defines. No docker engine
 # or cluster is used: nothing here is run, only read. A few seconds once the
 # tools are installed; fails, naming the file, on the first bad one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The schemas of this Kubernetes release, the oldest the manifests support:
-# trafficDistribution (proxy-services.yaml) is GA from 1.33.
+# The schemas of this Kubernetes release, the first where every field the
+# manifests use is GA (trafficDistribution, in proxy-services.yaml, since 1.33).
 KUBERNETES_VERSION=1.33.0
 
 # The tools, pinned in .ci/requirements-deploy.txt, in the project's venv
@@ -43,6 +44,6 @@ echo "== hadolint: deploy/Dockerfile"
 "$venv/bin/hadolint" deploy/Dockerfile
 echo "  no findings"
 
-echo "== compose, Prometheus, Grafana, collector; Kubernetes cross-checks: .ci/deploy_check.py"
+echo "== compose, Prometheus, Grafana, collector; Kubernetes cross-checks; flags: .ci/deploy_check.py"
 "$venv/bin/python" .ci/deploy_check.py
 echo "deploy-check: all passed"

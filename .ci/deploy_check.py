@@ -26,6 +26,10 @@ files and checks what can be known from them.
   proxy's grace period covers its preStop sleep, drain timeout and snapshot
   save.
 
+- Everywhere (Dockerfile CMD, compose, Kubernetes): every flag given to a
+  `prism` subcommand and every PRISM_* variable set for it is one that
+  subcommand defines in src/ (clap's `#[arg(long, env = …)]`).
+
 Prints one line per failure and exits 1 if there is any.
 """
 
@@ -176,6 +180,87 @@ def prism_metrics():
     return names
 
 
+# --- Prism's flags and environment variables, from src/ --------------------
+
+
+def block_after(source, start):
+    """The text inside the braces that open at or after `start`."""
+    open_at = source.index("{", start)
+    depth = 0
+    for i in range(open_at, len(source)):
+        depth += {"{": 1, "}": -1}.get(source[i], 0)
+        if depth == 0:
+            return source[open_at + 1 : i]
+    raise ValueError("unbalanced braces")
+
+
+def arg_fields(body, structs):
+    """(flags, env names) of the clap fields in a struct or variant body,
+    with those of `#[command(flatten)]` fields' structs."""
+    flags, envs = set(), set()
+    for match in re.finditer(r"#\[arg\(", body):
+        attribute, end = split_args(body, match.end() - 1)
+        field = re.match(r"(?:\s*(?:///[^\n]*|//[^\n]*|#\[[^\n]*\]))*\s*(?:pub\s+)?(\w+)\s*:", body[end + 1 :])
+        if field is None:
+            continue
+        for part in attribute:
+            long = re.fullmatch(r'long(?:\s*=\s*"([\w-]+)")?', part)
+            if long:
+                flags.add("--" + (long.group(1) or field.group(1).replace("_", "-")))
+            env = re.fullmatch(r'env\s*=\s*"(\w+)"', part)
+            if env:
+                envs.add(env.group(1))
+    for match in re.finditer(r"#\[command\(flatten\)\]\s*(?:pub\s+)?\w+\s*:\s*(\w+)", body):
+        inner_flags, inner_envs = arg_fields(structs.get(match.group(1), ""), structs)
+        flags |= inner_flags
+        envs |= inner_envs
+    return flags, envs
+
+
+def prism_cli():
+    """subcommand → (flags, env names), the global ones included."""
+    source = "\n".join(path.read_text() for path in sorted((ROOT / "src").glob("*.rs")))
+    structs = {m.group(1): block_after(source, m.end()) for m in re.finditer(r"pub struct (\w+)\s*(?=\{)", source)}
+    global_flags, global_envs = arg_fields(structs.get("Cli", ""), structs)
+    commands = {}
+    enum = block_after(source, source.index("pub enum Command"))
+    for match in re.finditer(r"^    (\w+)\s*(\{|,|\()", enum, re.MULTILINE):
+        name = re.sub(r"(?<!^)([A-Z])", r"-\1", match.group(1)).lower()
+        flags, envs = arg_fields(block_after(enum, match.start()), structs) if match.group(2) == "{" else (set(), set())
+        commands[name] = (flags | global_flags, envs | global_envs)
+    for needed in ("up", "control-plane", "proxy", "demo-upstream"):
+        if needed not in commands or (needed != "demo-upstream" and len(commands[needed][0]) < 5):
+            fail("src/cli.rs", f"could not read subcommand {needed}'s flags: {commands.get(needed)}")
+    return commands
+
+
+def check_invocation(cli, where, words, env):
+    """`prism WORDS…` with environment ENV (names only matter): the
+    subcommand exists and defines every flag and PRISM_* variable given."""
+    if not words or words[0] not in cli:
+        fail(where, f"`prism {' '.join(words[:1])}`: no such subcommand")
+        return
+    flags, envs = cli[words[0]]
+    for word in words[1:]:
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--") and flag not in flags:
+            fail(where, f"`prism {words[0]}` has no flag {flag}")
+    for name in env:
+        if (name.startswith("PRISM_") or name == "OTEL_EXPORTER_OTLP_ENDPOINT") and name not in envs:
+            fail(where, f"`prism {words[0]}` reads no variable {name}")
+
+
+def check_dockerfile(cli):
+    path = ROOT / "deploy/Dockerfile"
+    text = re.sub(r"\\\n", " ", path.read_text())
+    entrypoint = re.search(r"^ENTRYPOINT\s+(\[.*\])", text, re.MULTILINE)
+    cmd = re.search(r"^CMD\s+(\[.*\])", text, re.MULTILINE)
+    if not entrypoint or json.loads(entrypoint.group(1)) != ["prism"] or not cmd:
+        fail(path, "expected ENTRYPOINT [\"prism\"] and a CMD in exec form")
+        return
+    check_invocation(cli, f"{path.relative_to(ROOT)}: CMD", json.loads(cmd.group(1)), {})
+
+
 # --- compose -----------------------------------------------------------------
 
 
@@ -229,6 +314,10 @@ def check_compose():
         for other in depends if isinstance(depends, list) else depends.keys():
             if other not in services:
                 fail(where, f"depends on {other}, no such service")
+        if build and isinstance(service.get("command"), list):
+            environment = service.get("environment", {})
+            names = environment if isinstance(environment, dict) else [e.split("=")[0] for e in environment]
+            check_invocation(CLI, where, [str(word) for word in service["command"]], names)
     return compose
 
 
@@ -438,6 +527,20 @@ def check_kubernetes():
                         fail(where, f"container {container['name']}: {probe_name} port {port} is not a named port")
                     if isinstance(port, int) and port not in ports.values():
                         fail(where, f"container {container['name']}: {probe_name} port {port} is not a container port")
+        for container in spec["containers"]:
+            if not re.match(r"(.*/)?prism(:|$)", container["image"]):
+                continue
+            words = container.get("args", [])
+            script = " ".join(container.get("command", []))
+            if "exec prism " in script:
+                words = script.split("exec prism ", 1)[1].split() + words
+            env = {e["name"] for e in container.get("env", [])}
+            if "/etc/prism/topology/env" in script:
+                # What the topology ConfigMap's script writes there.
+                for _, doc in objects:
+                    if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "prism-proxy-topology":
+                        env |= set(re.findall(r"PRISM_[A-Z_]+", "".join(doc["data"].values())))
+            check_invocation(CLI, f"{where}: container {container['name']}", words, env)
         # The drain adds up: preStop sleep + --drain-timeout + the snapshot
         # save (bounded at 5 s, prism_data_plane::DEFAULT_DRAIN_TIMEOUT's
         # comment) must fit in the grace period.
@@ -487,7 +590,12 @@ def check_kubernetes():
     print(f"  deploy/kubernetes: {len(objects)} objects cross-checked")
 
 
+CLI = {}
+
+
 def main():
+    CLI.update(prism_cli())
+    check_dockerfile(CLI)
     metrics = prism_metrics()
     compose = check_compose()
     if compose:
