@@ -4,8 +4,9 @@
 # setup (compose file, Prometheus, Grafana, collector) through
 # .ci/deploy_check.py, which also cross-checks the manifests and holds every
 # flag and PRISM_* variable given to `prism` to those src/ defines. No docker engine
-# or cluster is used: nothing here is run, only read. A few seconds once the
-# tools are installed; fails, naming the file, on the first bad one.
+# or cluster is used: nothing here is run, only read. About two seconds once
+# the tools are installed (about 30 s the first time, creating the venv);
+# stops at the first step that fails, naming the file and what is wrong.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
