@@ -22,7 +22,10 @@ stamp=$venv/deploy-check-requirements.stamp
 want="sha256 $(sha256sum "$requirements" | cut -d' ' -f1)"
 if ! "$venv/bin/python" -c '' 2>/dev/null; then
     echo "deploy-check: creating $venv (python3 -m venv)"
-    python3 -m venv "$venv"
+    if ! python3 -m venv "$venv"; then
+        echo "deploy-check: python3 -m venv failed; on Debian: apt-get install python3-venv" >&2
+        exit 1
+    fi
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "deploy-check: installing $requirements into $venv"
