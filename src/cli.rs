@@ -77,6 +77,10 @@ pub enum Command {
         proxy_admin_addr: SocketAddr,
         #[arg(long, env = "PRISM_DEMO_ADDR", default_value = "127.0.0.1:8081")]
         demo_addr: SocketAddr,
+        /// How often proxies report their traffic (Load Reporting Service),
+        /// and the step of the console's charts and `prism top`.
+        #[arg(long, env = "PRISM_LOAD_REPORT_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+        load_report_interval: Duration,
         #[command(flatten)]
         limits: LimitFlags,
         #[command(flatten)]
@@ -123,6 +127,10 @@ pub enum Command {
         /// SPIFFE IDs name (`spiffe://…/ns/<namespace>/…`, `ns/*` for all).
         #[arg(long, env = "PRISM_XDS_CLIENT_CA", requires = "xds_tls_cert")]
         xds_client_ca: Option<PathBuf>,
+        /// How often proxies report their traffic (Load Reporting Service),
+        /// and the step of the console's charts and `prism top`.
+        #[arg(long, env = "PRISM_LOAD_REPORT_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+        load_report_interval: Duration,
         #[command(flatten)]
         traces: TraceArgs,
     },
@@ -266,6 +274,14 @@ pub enum Command {
     },
     /// The proxy fleet: revision ACKed, lag, last NACK.
     Status,
+    /// Live traffic from the fleet's load reports: requests per second,
+    /// errors and latency per namespace and route, redrawn every reporting
+    /// interval.
+    Top {
+        /// Print the table once and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Bearer tokens of the admin API (needs an admin token).
     Token {
         #[command(subcommand)]
@@ -438,6 +454,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             proxy_tls_addr,
             proxy_admin_addr,
             demo_addr,
+            load_report_interval,
             limits,
             traces: _,
         } => {
@@ -451,6 +468,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 demo_addr,
                 node_id: default_node_id(),
                 zone: "local".into(),
+                load_report_interval,
                 limits: limits.into(),
             };
             crate::up::run(config, shutdown_signal()).await
@@ -466,6 +484,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             xds_tls_cert,
             xds_tls_key,
             xds_client_ca,
+            load_report_interval,
             traces: _,
         } => {
             let files = |cert: Option<PathBuf>, key: Option<PathBuf>| {
@@ -489,6 +508,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     admin_tls: files(admin_tls_cert, admin_tls_key),
                     xds_tls: files(xds_tls_cert, xds_tls_key),
                     xds_client_ca,
+                    load_report_interval,
                 })
                 .await
                 .context("control plane")?;
@@ -626,6 +646,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status => {
             print!("{}", client.status().await?);
             Ok(())
+        }
+        Command::Top { once: true } => {
+            print!("{}", crate::client::traffic_table(&client.traffic().await?));
+            Ok(())
+        }
+        Command::Top { once: false } => {
+            // On a terminal each table replaces the last; piped, they follow
+            // one another.
+            let clear = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                "\x1b[H\x1b[2J"
+            } else {
+                "\n"
+            };
+            client
+                .traffic_stream(|summary| {
+                    print!("{clear}{}", crate::client::traffic_table(summary));
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                })
+                .await
         }
         Command::Token { command } => {
             let out = match command {

@@ -283,6 +283,41 @@ impl AdminClient {
         Ok(out)
     }
 
+    /// `GET /v1/traffic`.
+    pub async fn traffic(&self) -> anyhow::Result<Value> {
+        self.send(self.http.get(format!("{}/v1/traffic", self.base)))
+            .await
+    }
+
+    /// `GET /v1/traffic/stream`: calls `each` with every event's summary
+    /// until the control plane ends the stream.
+    pub async fn traffic_stream(&self, mut each: impl FnMut(&Value)) -> anyhow::Result<()> {
+        let url = format!("{}/v1/traffic/stream", self.base);
+        let mut response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the admin API at {}", self.base))?;
+        if !response.status().is_success() {
+            // The error's body, read as every other answer's.
+            return self.send(self.http.get(url)).await.map(drop);
+        }
+        let mut events = SseReader::default();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .context("the traffic stream broke off")?
+        {
+            for data in events.push(&chunk) {
+                let summary: Value =
+                    serde_json::from_str(&data).context("a traffic event that is not JSON")?;
+                each(&summary);
+            }
+        }
+        Ok(())
+    }
+
     /// `POST /v1/tokens`: the new token, printed once.
     pub async fn create_token(
         &self,
@@ -377,6 +412,84 @@ impl AdminClient {
     }
 }
 
+/// Server-Sent Events read from chunks: the `data` of each complete event
+/// (comments and keep-alives skipped).
+#[derive(Debug, Default)]
+struct SseReader {
+    pending: String,
+}
+
+impl SseReader {
+    fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.pending
+            .push_str(&String::from_utf8_lossy(chunk).replace("\r\n", "\n"));
+        let mut events = Vec::new();
+        while let Some(end) = self.pending.find("\n\n") {
+            let event: String = self.pending.drain(..end + 2).collect();
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|line| line.strip_prefix("data:"))
+                .map(|data| data.strip_prefix(' ').unwrap_or(data))
+                .collect();
+            if !data.is_empty() {
+                events.push(data.join("\n"));
+            }
+        }
+        events
+    }
+}
+
+/// `GET /v1/traffic` as `prism top` shows it: each namespace, then each of
+/// its routes (and the backend they went to).
+pub fn traffic_table(summary: &Value) -> String {
+    let number = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let millis = |v: &Value| v.as_f64().map_or("-".to_string(), |ms| format!("{ms:.2}"));
+    let row = |name: &str, figures: &Value| {
+        format!(
+            "{name:<40} {:>9.1} {:>7.1}% {:>9} {:>9}\n",
+            number(&figures["rps"]),
+            number(&figures["error_rate"]) * 100.0,
+            millis(&figures["p50_ms"]),
+            millis(&figures["p99_ms"]),
+        )
+    };
+    let list = |key: &str| summary[key].as_array().cloned().unwrap_or_default();
+    let proxies = list("proxies");
+    let mut out = format!(
+        "traffic over the last {} s, {} {} reporting\n",
+        number(&summary["summary_seconds"]),
+        proxies.len(),
+        if proxies.len() == 1 {
+            "proxy"
+        } else {
+            "proxies"
+        },
+    );
+    out.push_str(&format!(
+        "{:<40} {:>9} {:>8} {:>9} {:>9}\n",
+        "NAMESPACE / ROUTE -> BACKEND", "RPS", "ERRORS", "P50 MS", "P99 MS"
+    ));
+    let routes = list("routes");
+    for namespace in list("namespaces") {
+        let name = namespace["namespace"].as_str().unwrap_or("?");
+        out.push_str(&row(name, &namespace));
+        for route in routes
+            .iter()
+            .filter(|r| r["namespace"] == namespace["namespace"])
+        {
+            let text = |key: &str| match route[key].as_str() {
+                Some("") | None => "-".to_string(),
+                Some(text) => text.to_string(),
+            };
+            out.push_str(&row(
+                &format!("  {} -> {}", text("route"), text("backend")),
+                route,
+            ));
+        }
+    }
+    out
+}
+
 /// One indented line per change: op (lowercase), kind, name.
 fn change_lines(changes: &[Value]) -> String {
     changes
@@ -427,4 +540,38 @@ fn revision_of(item: &Value) -> Option<u64> {
     revision
         .as_u64()
         .or_else(|| revision.as_str().and_then(|r| r.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_read_across_chunks_and_keep_alives_skipped() {
+        let mut reader = SseReader::default();
+        assert!(reader.push(b"event: traffic\ndata: {\"a\"").is_empty());
+        assert_eq!(
+            reader.push(b":1}\n\n:\n\nevent: traffic\r\ndata: 2\r\n\r\n"),
+            ["{\"a\":1}", "2"]
+        );
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_namespace_and_route() {
+        let summary = serde_json::json!({
+            "summary_seconds": 10.0,
+            "proxies": [{"node": "a"}],
+            "namespaces": [{"namespace": "demo", "rps": 12.5, "error_rate": 0.1, "p50_ms": 1.25, "p99_ms": null}],
+            "routes": [{"namespace": "demo", "route": "root", "backend": "", "rps": 12.5, "error_rate": 0.1, "p50_ms": 1.25, "p99_ms": 8.0}],
+        });
+        let table = traffic_table(&summary);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "traffic over the last 10 s, 1 proxy reporting");
+        assert!(lines[2].starts_with("demo "), "{table}");
+        assert!(
+            lines[2].ends_with("12.5    10.0%      1.25         -"),
+            "{table}"
+        );
+        assert!(lines[3].starts_with("  root -> - "), "{table}");
+    }
 }

@@ -26,6 +26,8 @@ pub struct UpConfig {
     pub demo_addr: SocketAddr,
     pub node_id: String,
     pub zone: String,
+    /// How often the proxy reports its traffic.
+    pub load_report_interval: std::time::Duration,
     /// The proxy listener's wire limits, timeouts and drain.
     pub limits: prism_data_plane::Limits,
 }
@@ -61,9 +63,10 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let control_plane = prism_control_plane::ControlPlane::open(prism_control_plane::Config::new(
-        config.data_dir.clone(),
-    ))
+    let control_plane = prism_control_plane::ControlPlane::open(prism_control_plane::Config {
+        load_report_interval: config.load_report_interval,
+        ..prism_control_plane::Config::new(config.data_dir.clone())
+    })
     .await
     .context("control plane")?;
     let token_file = control_plane.token_file().to_path_buf();

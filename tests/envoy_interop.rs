@@ -121,6 +121,36 @@ async fn envoy_follows_policy(ads: Ads, node_id: &str) {
     let other = try_get(&http, &url, "other.test", "/").await;
     assert_eq!(other.map(|a| (a.status, a.upstream)), Some((404, None)));
 
+    // Envoy reports its load to the control plane (LRS, in its bootstrap)
+    // as Prism proxies do: the shop's requests show in the fleet's traffic,
+    // per backend (an Envoy names no route).
+    // Requests go on while it waits: a cluster Envoy learned after the
+    // report stream began counts from the next report on.
+    let traffic = eventually("Envoy's load reports arrive", || async {
+        try_get(&http, &url, "shop.test", "/api/items").await?;
+        let (_, summary) = admin.request(Method::GET, "/v1/traffic", None).await;
+        summary["backends"]
+            .as_array()?
+            .iter()
+            .any(|b| {
+                b["namespace"] == "shop"
+                    && b["backend"] == "api"
+                    && b["requests"].as_u64() > Some(0)
+            })
+            .then_some(summary)
+    })
+    .await;
+    let proxies = traffic["proxies"].as_array().expect("proxies");
+    assert!(proxies.iter().any(|p| p["node"] == node_id), "{traffic}");
+    assert!(
+        traffic["routes"]
+            .as_array()
+            .expect("routes")
+            .iter()
+            .all(|r| r["route"] == ""),
+        "{traffic}"
+    );
+
     // Move backend `api` to another endpoint (EDS): Envoy follows.
     let moved = admin.apply(&shop(web.addr, canary.addr)).await;
     until_answer(

@@ -27,6 +27,8 @@
 //! | `GET /v1/revision`              | the current revision (`ETag` of the policy)   |
 //! | `GET /v1/history?limit=N&namespace=NS&author=A` | the change log, newest first, optionally only one namespace's or one author's |
 //! | `GET /v1/proxies`               | the fleet's status                            |
+//! | `GET /v1/traffic`               | the fleet's live traffic, from its load reports |
+//! | `GET /v1/traffic/stream`        | the same as Server-Sent Events, once per reporting interval |
 //! | `POST /v1/tokens`               | create a bearer token (admin); shown once     |
 //! | `GET /v1/tokens`                | list tokens, without secrets (admin)          |
 //! | `DELETE /v1/tokens/{id}`        | revoke a token (admin)                        |
@@ -51,17 +53,20 @@ use prism_proto::pb::config::v1::{Backend, DataBinding, Namespace, Route, Secret
 use prism_proto::{Kind, Resource, ResourceKey, parse_policy, validate_resource};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use crate::diff::{self, Labels};
 use crate::error::ApiError;
 use crate::fleet::Fleet;
 use crate::store::{Mutation, Precondition, Store, StoreError, policy_etag, resource_etag};
+use crate::traffic::Traffic;
 
 pub mod auth;
 pub mod openapi;
 #[cfg(test)]
 mod tests;
 mod trace;
+mod traffic;
 pub mod view;
 
 pub use auth::{ADMIN_TOKEN_FILE, Caller};
@@ -81,6 +86,11 @@ pub struct AdminState {
     pub store: Store,
     /// The connected proxies.
     pub fleet: Fleet,
+    /// The proxies' recent traffic.
+    pub traffic: Traffic,
+    /// Turns true when the control plane stops: endless answers (the
+    /// traffic stream) end then.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Default and largest `limit` of `GET /v1/history`.
@@ -130,6 +140,8 @@ fn routes() -> Vec<(&'static str, MethodRouter<AdminState>)> {
         ("/v1/history", get(history)),
         ("/v1/proxies", get(proxies)),
         ("/v1/proxies/nearest", get(nearest)),
+        ("/v1/traffic", get(traffic::traffic)),
+        ("/v1/traffic/stream", get(traffic::traffic_stream)),
         ("/v1/apply", post(apply)),
         (
             "/v1/tokens",

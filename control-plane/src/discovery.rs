@@ -43,11 +43,13 @@ use crate::tls::ProxyIdentity;
 
 pub mod catalog;
 mod delta;
+mod load;
 mod sotw;
 mod subscription;
 
 pub use catalog::Catalog;
 pub(crate) use delta::DeltaState;
+pub use load::LoadReporting;
 pub(crate) use sotw::SotwState;
 pub use subscription::NamespaceFilter;
 

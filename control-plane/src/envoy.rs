@@ -450,7 +450,7 @@ fn socket_address(host: &str, port: u16) -> Address {
 }
 
 /// A std duration as Envoy's.
-const fn envoy_duration(d: std::time::Duration) -> Duration {
+pub(crate) const fn envoy_duration(d: std::time::Duration) -> Duration {
     Duration {
         // Policy durations are validated to at most 24h, and defaults are
         // small: neither cast can truncate.

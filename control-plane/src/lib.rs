@@ -27,15 +27,18 @@ mod fleet;
 mod metrics;
 mod store;
 pub mod tls;
+mod traffic;
 
 pub use admin::ADMIN_TOKEN_FILE;
 use admin::AdminState;
-use discovery::Discovery;
+use discovery::{Discovery, LoadReporting};
 use envoy::EnvoyParams;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use fleet::Fleet;
 use store::{Store, StoreError};
 pub use tls::TlsFiles;
+pub use traffic::DEFAULT_INTERVAL as DEFAULT_LOAD_REPORT_INTERVAL;
+use traffic::Traffic;
 
 /// Bootstrap settings of a control plane.
 #[derive(Clone, Debug)]
@@ -58,6 +61,8 @@ pub struct Config {
     /// certificate signed by this CA (PEM); each proxy then gets only the
     /// namespaces its certificate names ([`tls`]).
     pub xds_client_ca: Option<PathBuf>,
+    /// How often proxies report their load ([`DEFAULT_LOAD_REPORT_INTERVAL`]).
+    pub load_report_interval: std::time::Duration,
 }
 
 /// Where Envoy proxies listen unless told otherwise.
@@ -78,6 +83,7 @@ impl Config {
             admin_tls: None,
             xds_tls: None,
             xds_client_ca: None,
+            load_report_interval: DEFAULT_LOAD_REPORT_INTERVAL,
         }
     }
 }
@@ -208,6 +214,7 @@ async fn serve(
         ..
     } = control_plane;
     let fleet = Fleet::default();
+    let traffic = Traffic::new(config.load_report_interval);
     let (admin_addr, xds_addr) = (listeners.admin.local_addr()?, listeners.xds.local_addr()?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -220,6 +227,8 @@ async fn serve(
         admin::router(AdminState {
             store: store.clone(),
             fleet: fleet.clone(),
+            traffic: traffic.clone(),
+            shutdown: stop_rx.clone(),
         }),
     )
     .with_graceful_shutdown(stopped(stop_rx.clone()));
@@ -241,6 +250,7 @@ async fn serve(
     let xds = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(discovery.into_service())
+        .add_service(LoadReporting::new(traffic, stop_rx.clone()).into_service())
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(

@@ -52,25 +52,9 @@ pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0
 /// came before any configuration).
 pub(crate) const UNMATCHED: &str = "unmatched";
 
-/// Upper bounds of the latency histograms' buckets, in nanoseconds: from
-/// half a millisecond (a proxy hop on a LAN) to ten seconds, roughly
-/// 1-2.5-5 per decade; slower goes to `+Inf`.
-const BOUNDS: [u64; 14] = [
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    100_000_000,
-    250_000_000,
-    500_000_000,
-    1_000_000_000,
-    2_500_000_000,
-    5_000_000_000,
-    10_000_000_000,
-];
+/// Upper bounds of the latency histograms' buckets, in nanoseconds: the
+/// load reports' (prism-proto's `load`).
+const BOUNDS: [u64; 14] = prism_proto::load::LATENCY_BOUNDS_NANOS;
 
 /// `code_class` label values, by [`status_class`].
 const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -146,6 +130,18 @@ pub(crate) struct NamespaceSeries {
     rate_limited: AtomicU64,
 }
 
+/// What one route's series has counted since it was made: what the load
+/// reporter reads, and subtracts from its previous reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RouteTotals {
+    /// Requests answered, by status class (1xx to 5xx).
+    pub requests: [u64; 5],
+    /// Requests by latency bucket ([`BOUNDS`], then the unbounded one).
+    pub latency: [u64; BOUNDS.len() + 1],
+    /// The sum of their durations.
+    pub latency_sum_nanos: u64,
+}
+
 /// A circuit breaker's state, as a transition enters it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BreakerState {
@@ -209,7 +205,7 @@ struct Series {
 
 /// Namespace, route and backend (names within the namespace; the backend
 /// empty for a route that answers itself).
-type RouteKey = (String, String, String);
+pub(crate) type RouteKey = (String, String, String);
 /// Namespace and backend name within it.
 type BackendKey = (String, String);
 
@@ -330,6 +326,16 @@ impl Metrics {
         get_or_create(&self.series.namespaces, namespace.to_string())
     }
 
+    /// Every route series' totals but the unmatched requests', by
+    /// namespace, route and backend.
+    pub(crate) fn route_totals(&self) -> Vec<(RouteKey, RouteTotals)> {
+        live(&self.series.routes)
+            .into_iter()
+            .filter(|(_, series)| !Arc::ptr_eq(series, &self.unmatched))
+            .map(|(key, series)| (key, series.totals()))
+            .collect()
+    }
+
     /// A complete revision was served (or kept: an unchanged one).
     pub(crate) fn acked(&self, revision: u64) {
         self.acks.inc();
@@ -368,6 +374,17 @@ impl RouteSeries {
         if response_bytes > 0 {
             self.response_bytes
                 .fetch_add(response_bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl RouteSeries {
+    fn totals(&self) -> RouteTotals {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        RouteTotals {
+            requests: self.requests.each_ref().map(read),
+            latency: self.duration.buckets.each_ref().map(read),
+            latency_sum_nanos: read(&self.duration.sum_nanos),
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod defaults;
 mod document;
+pub mod load;
 mod order;
 mod resource;
 mod snapshot;

@@ -140,8 +140,8 @@ fn require_envoy() {
     }
 }
 
-/// An Envoy bootstrap: admin on a free port, the ADS cluster, and LDS and
-/// CDS over ADS in xDS v3.
+/// An Envoy bootstrap: admin on a free port, the ADS cluster, LDS and CDS
+/// over ADS in xDS v3, and load reports to the same control plane (LRS).
 fn bootstrap_yaml(xds: SocketAddr, node_id: &str, ads: Ads) -> String {
     format!(
         r#"node:
@@ -158,6 +158,12 @@ dynamic_resources:
       - envoy_grpc: {{cluster_name: xds}}
   lds_config: {{ads: {{}}, resource_api_version: V3}}
   cds_config: {{ads: {{}}, resource_api_version: V3}}
+cluster_manager:
+  load_stats_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services:
+      - envoy_grpc: {{cluster_name: xds}}
 static_resources:
   clusters:
     - name: xds

@@ -76,6 +76,8 @@ Resource bodies are the proto3 JSON mapping of `prism.config.v1` (see the .proto
         super::history,
         super::proxies,
         super::nearest,
+        super::traffic::traffic,
+        super::traffic::traffic_stream,
         super::apply,
         super::diff,
         super::rollback,
@@ -95,7 +97,7 @@ Resource bodies are the proto3 JSON mapping of `prism.config.v1` (see the .proto
         (name = "meta", description = "Liveness, metrics and this document; no token needed."),
         (name = "resources", description = "Secrets, namespaces, backends, routes and data bindings."),
         (name = "policy", description = "The whole policy: revision, apply, diff, rollback, history."),
-        (name = "fleet", description = "The connected proxies."),
+        (name = "fleet", description = "The connected proxies and their live traffic."),
         (name = "tokens", description = "Bearer tokens (admin role)."),
     )
 )]

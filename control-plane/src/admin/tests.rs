@@ -37,6 +37,16 @@ routes:
     backend: web
 "#;
 
+/// What the handlers share, over `store`, with nobody connected.
+fn state(store: Store) -> AdminState {
+    AdminState {
+        store,
+        fleet: Fleet::default(),
+        traffic: crate::traffic::Traffic::new(crate::traffic::DEFAULT_INTERVAL),
+        shutdown: tokio::sync::watch::channel(false).1,
+    }
+}
+
 impl Harness {
     async fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -45,10 +55,7 @@ impl Harness {
         store.put_token(&record).await.expect("token stored");
         Self {
             _dir: dir,
-            state: AdminState {
-                store,
-                fleet: Fleet::default(),
-            },
+            state: state(store),
             token,
         }
     }
@@ -1437,10 +1444,7 @@ async fn the_first_admin_token_is_written_once_for_its_owner_only() {
     }
     let h = Harness {
         _dir: dir,
-        state: AdminState {
-            store,
-            fleet: Fleet::default(),
-        },
+        state: state(store),
         token: token.trim().to_string(),
     };
     let tokens = h.get("/v1/tokens").await;

@@ -33,6 +33,8 @@ use crate::data;
 use crate::http::error::Chain;
 use crate::runtime::{CompileError, OwnAddresses, Runtime};
 
+mod load;
+
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
 const INVALID_ARGUMENT: i32 = 3;
 /// The node cluster every Prism proxy reports.
@@ -179,6 +181,7 @@ impl Subscriber {
     async fn stream(&self, stager: &mut Stager, backoff: &mut Backoff) -> Result<(), StreamError> {
         let config = &self.config;
         let channel = self.control_plane.connect().await?;
+        let _load = LoadReports::start(channel.clone(), node(config), &self.runtime);
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let (requests, outgoing) = mpsc::channel(16);
         for kind in Kind::ALL {
@@ -277,6 +280,32 @@ impl Subscriber {
                 record_nack(&self.status, revision, message);
             }
         }
+    }
+}
+
+/// The load reports of one discovery stream: they share its connection and
+/// end with it (the task is aborted when this is dropped).
+struct LoadReports(tokio::task::JoinHandle<()>);
+
+impl LoadReports {
+    fn start(channel: Channel, node: Node, runtime: &Arc<ArcSwap<Runtime>>) -> Self {
+        let runtime = Arc::clone(runtime);
+        Self(tokio::spawn(async move {
+            // A control plane without load reporting (or one that ends the
+            // stream) costs only the reports: discovery goes on.
+            match load::report(channel, node, runtime).await {
+                Ok(()) => debug!("Control plane ended the load report stream."),
+                Err(status) => {
+                    info!(error = %status, "Load reports stopped; discovery goes on.")
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for LoadReports {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
