@@ -6,6 +6,9 @@
 
 const TOKEN_KEY = 'prism.token';
 
+/** The window event sent after every write the console makes. */
+export const WRITTEN = 'prism:written';
+
 let token = sessionStorage.getItem(TOKEN_KEY) || '';
 const listeners = new Set();
 
@@ -76,6 +79,10 @@ export async function api(path, { method = 'GET', body, contentType, headers = {
   }
   if (!response.ok) {
     throw new ApiError(response.status, data, response.headers);
+  }
+  if (method !== 'GET' && !/[?&]dry_run=true/.test(path)) {
+    // A write went through: whatever shows the revision reads it again.
+    window.dispatchEvent(new Event(WRITTEN));
   }
   return { data, etag: response.headers.get('ETag'), headers: response.headers };
 }

@@ -5,7 +5,7 @@ import 'uplot/dist/uPlot.min.css';
 import './style.css';
 import { render } from 'preact';
 import { useEffect, useState } from 'preact/hooks';
-import { KINDS, api, currentToken, onSession, setToken } from './api.js';
+import { KINDS, WRITTEN, api, currentToken, onSession, setToken } from './api.js';
 import { EditorPage } from './pages/editor.jsx';
 import { FleetPage } from './pages/fleet.jsx';
 import { HistoryPage } from './pages/history.jsx';
@@ -86,6 +86,8 @@ function Revision() {
   const refresh = () => api('/v1/revision').then(({ data }) => setRevision(data.revision), () => {});
   useEffect(() => {
     refresh();
+    window.addEventListener(WRITTEN, refresh);
+    return () => window.removeEventListener(WRITTEN, refresh);
   }, []);
   useInterval(refresh, 5000);
   return revision == null ? null : <span class="revision">r{revision}</span>;

@@ -18,7 +18,7 @@ import {
 } from '@codemirror/view';
 import { defaultKeymap, history, historyKeymap, indentWithTab } from '@codemirror/commands';
 import { bracketMatching, defaultHighlightStyle, indentOnInput, syntaxHighlighting } from '@codemirror/language';
-import { forceLinting, lintGutter, linter } from '@codemirror/lint';
+import { lintGutter, linter, setDiagnostics } from '@codemirror/lint';
 import { yaml } from '@codemirror/lang-yaml';
 import { stringify } from 'yaml';
 import { api, ApiError, KINDS } from '../api.js';
@@ -109,6 +109,7 @@ export function EditorPage({ me, params }) {
   const view = useRef(null);
   // The If-Match of dry runs and the apply: the policy's ETag when loaded.
   const etag = useRef(null);
+  const checkNow = useRef(() => {});
   const [reloads, setReloads] = useState(0);
 
   useEffect(() => {
@@ -196,6 +197,17 @@ export function EditorPage({ me, params }) {
     } else {
       extensions.push(EditorState.readOnly.of(true), EditorView.editable.of(false));
     }
+    // The linter runs only after an edit; this validates on demand too
+    // (after an apply, or with a new base), marking errors the same way.
+    checkNow.current = async () => {
+      const editor = view.current;
+      if (!editor) return;
+      const doc = editor.state.doc;
+      const diagnostics = await validate(editor);
+      if (view.current === editor && editor.state.doc === doc) {
+        editor.dispatch(setDiagnostics(editor.state, diagnostics));
+      }
+    };
     view.current = new EditorView({
       state: EditorState.create({ doc: base.text, extensions }),
       parent: editorRoot(host.current),
@@ -209,7 +221,7 @@ export function EditorPage({ me, params }) {
   }, [base]);
 
   /** Validates again now, e.g. after the base ETag moved. */
-  const revalidate = () => view.current && forceLinting(view.current);
+  const revalidate = () => checkNow.current();
 
   async function apply() {
     setApplying(true);

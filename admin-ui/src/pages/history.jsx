@@ -180,15 +180,17 @@ export function HistoryPage({ me }) {
         </table>
       ) : null}
       {from != null && diffTo != null ? <DiffView from={from} to={diffTo} /> : null}
-      <RollbackDialog
-        to={rollingBack}
-        onCancel={() => setRollingBack(null)}
-        onDone={(answer) => {
-          setRollingBack(null);
-          setDone(answer);
-          refresh();
-        }}
-      />
+      {canRollBack ? (
+        <RollbackDialog
+          to={rollingBack}
+          onCancel={() => setRollingBack(null)}
+          onDone={(answer) => {
+            setRollingBack(null);
+            setDone(answer);
+            refresh();
+          }}
+        />
+      ) : null}
     </section>
   );
 }

@@ -208,15 +208,17 @@ export function ResourcePage({ plural, title, me }) {
           </tbody>
         </table>
       ) : null}
-      <DeleteDialog
-        plural={plural}
-        name={deleting}
-        onDone={() => {
-          setDeleting(null);
-          refresh();
-        }}
-        onCancel={() => setDeleting(null)}
-      />
+      {canEdit ? (
+        <DeleteDialog
+          plural={plural}
+          name={deleting}
+          onDone={() => {
+            setDeleting(null);
+            refresh();
+          }}
+          onCancel={() => setDeleting(null)}
+        />
+      ) : null}
     </section>
   );
 }
