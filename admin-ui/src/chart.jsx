@@ -9,9 +9,10 @@ const HEIGHT = 140;
 
 /**
  * `series`: the traffic API's points, oldest first. `lines`: what to draw,
- * each `{label, value(point), stroke}`; `format(v)` labels the y axis.
+ * each `{label, value(point), stroke}`; `format(v)` labels the y axis,
+ * which reaches at least `floor`.
  */
-export function Chart({ title, series, lines, format, testId }) {
+export function Chart({ title, series, lines, format, testId, floor = 1 }) {
   const box = useRef(null);
   const plot = useRef(null);
   const points = series || [];
@@ -28,7 +29,9 @@ export function Chart({ title, series, lines, format, testId }) {
         height: HEIGHT,
         legend: { show: true, live: false },
         cursor: { drag: { x: false, y: false } },
-        scales: { x: { time: true }, y: { range: (_, min, max) => [0, Math.max(max || 0, 1e-9) * 1.15] } },
+        // From zero, and at least up to `floor`, so a quiet series is a
+        // flat line at the bottom rather than noise blown up to full height.
+        scales: { x: { time: true }, y: { range: (_, min, max) => [0, Math.max((max || 0) * 1.15, floor)] } },
         axes: [
           { stroke: '#667', grid: { stroke: '#eef' }, size: 30 },
           { stroke: '#667', grid: { stroke: '#eef' }, size: 56, values: (_, ticks) => ticks.map(format) },

@@ -76,7 +76,7 @@ function Traffic() {
           </header>
           <div class="charts">
             <Chart title="Requests per second" series={ns.series} lines={RPS} format={formatRate} testId={`chart-rps-${ns.namespace}`} />
-            <Chart title="Error rate" series={ns.series} lines={ERRORS} format={formatPercent} testId={`chart-errors-${ns.namespace}`} />
+            <Chart title="Error rate" series={ns.series} lines={ERRORS} format={formatPercent} floor={0.01} testId={`chart-errors-${ns.namespace}`} />
             <Chart title="Latency p50 / p99" series={ns.series} lines={LATENCY} format={formatMs} testId={`chart-latency-${ns.namespace}`} />
           </div>
         </article>
