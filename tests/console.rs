@@ -1,6 +1,7 @@
 //! The web console in a real browser: `prism up` (the real binary, on free
 //! ports), the quickstart applied, a viewer token made through the API,
-//! then `admin-ui/tests/console.spec.mjs` under `node --test`, which drives
+//! then `node --test` runs the console's unit tests
+//! (`admin-ui/tests/unit.test.mjs`) and `admin-ui/tests/console.spec.mjs`, which drives
 //! Debian's Chromium (headless, through playwright-core) against the
 //! console at `/ui`: sign-in, an edit through the editor that the proxy then
 //! serves, a rollback from the history page, a live chart, a viewer's
@@ -97,7 +98,8 @@ async fn the_console_works_in_chromium() {
 
     let started = Instant::now();
     let mut node = tokio::process::Command::new("node");
-    node.args(["--test", "--test-reporter=spec", "tests/console.spec.mjs"])
+    node.args(["--test", "--test-reporter=spec"])
+        .args(["tests/unit.test.mjs", "tests/console.spec.mjs"])
         .current_dir(repo().join("admin-ui"))
         .env("PRISM_ADMIN_URL", &admin_url)
         .env("PRISM_PROXY_URL", &proxy)

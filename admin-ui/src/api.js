@@ -92,17 +92,4 @@ export async function get(path, options) {
   return (await api(path, options)).data;
 }
 
-/** The resource kinds as the API's paths and policy documents name them. */
-export const KINDS = [
-  { plural: 'namespaces', kind: 'Namespace', title: 'Namespaces' },
-  { plural: 'backends', kind: 'Backend', title: 'Backends' },
-  { plural: 'routes', kind: 'Route', title: 'Routes' },
-  { plural: 'bindings', kind: 'DataBinding', title: 'Data bindings' },
-  { plural: 'secrets', kind: 'Secret', title: 'Secrets' },
-];
-
-/** The plural (document key) of a kind such as `Route`. */
-export function pluralOf(kind) {
-  const found = KINDS.find((k) => k.kind === kind || k.plural === kind);
-  return found ? found.plural : '';
-}
+export { KINDS, pluralOf } from './kinds.js';

@@ -7,44 +7,13 @@
 
 import { useEffect, useState } from 'preact/hooks';
 import { api, currentToken, setToken } from './api.js';
+import { eventParser } from './sse.js';
 
 const FIRST_BACKOFF_MS = 1000;
 const MAX_BACKOFF_MS = 30000;
 const DEFAULT_INTERVAL_MS = 2000;
 /** How often to ask again while the control plane has no traffic API. */
 const UNAVAILABLE_RETRY_MS = 30000;
-
-/**
- * Splits a text/event-stream into events: `feed(chunk)` calls
- * `onEvent(type, data)` for each complete event (blank-line terminated).
- */
-export function eventParser(onEvent) {
-  let buffer = '';
-  let type = '';
-  let data = [];
-  return function feed(chunk) {
-    buffer += chunk;
-    let newline;
-    while ((newline = buffer.search(/\r\n|\r|\n/)) >= 0) {
-      const line = buffer.slice(0, newline);
-      const width = buffer.startsWith('\r\n', newline) ? 2 : 1;
-      buffer = buffer.slice(newline + width);
-      if (line === '') {
-        if (data.length > 0) onEvent(type || 'message', data.join('\n'));
-        type = '';
-        data = [];
-        continue;
-      }
-      if (line.startsWith(':')) continue; // a comment: keep-alive
-      const colon = line.indexOf(':');
-      const field = colon < 0 ? line : line.slice(0, colon);
-      let value = colon < 0 ? '' : line.slice(colon + 1);
-      if (value.startsWith(' ')) value = value.slice(1);
-      if (field === 'event') type = value;
-      else if (field === 'data') data.push(value);
-    }
-  };
-}
 
 /**
  * Follows the traffic feed until the returned function is called.

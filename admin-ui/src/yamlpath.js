@@ -5,7 +5,7 @@
 // error says `at line L column C`. Each becomes a range of the text.
 
 import { isMap, isScalar, isSeq, parseDocument } from 'yaml';
-import { pluralOf } from './api.js';
+import { pluralOf } from './kinds.js';
 
 /** `routes[0].match.headers[1].regex` → `['routes', 0, 'match', 'headers', 1, 'regex']`. */
 export function parseFieldPath(field) {
