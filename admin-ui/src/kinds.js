@@ -15,3 +15,9 @@ export function pluralOf(kind) {
   const found = KINDS.find((k) => k.kind === kind || k.plural === kind);
   return found ? found.plural : '';
 }
+
+/** `resource` with `name` first and the other fields after it, for people. */
+export function nameFirst(resource) {
+  const { name, ...rest } = resource;
+  return name === undefined ? resource : { name, ...rest };
+}

@@ -22,6 +22,7 @@ import { lintGutter, linter, setDiagnostics } from '@codemirror/lint';
 import { yaml } from '@codemirror/lang-yaml';
 import { stringify } from 'yaml';
 import { api, ApiError, KINDS } from '../api.js';
+import { nameFirst } from '../kinds.js';
 import { locateError } from '../yamlpath.js';
 import { Changes, ErrorBox, Loading } from '../ui.jsx';
 
@@ -54,7 +55,7 @@ async function loadDocument(mode, kind, name) {
   if (mode === 'new') return { text: NEW_DOCUMENT, etag, revision: revision.revision };
   if (mode === 'resource') {
     const { data } = await api(`/v1/${kind}/${name}`);
-    const text = header(`${KINDS.find((k) => k.plural === kind)?.kind || kind} ${name}`) + stringify({ [kind]: [data] }, { lineWidth: 0 });
+    const text = header(`${KINDS.find((k) => k.plural === kind)?.kind || kind} ${name}`) + stringify({ [kind]: [nameFirst(data)] }, { lineWidth: 0 });
     return { text, etag, revision: revision.revision };
   }
   const document = {};
@@ -63,7 +64,7 @@ async function loadDocument(mode, kind, name) {
     // back; they are written in documents of their own.
     if (plural === 'secrets') continue;
     const { data } = await api(`/v1/${plural}`);
-    if (data.items.length > 0) document[plural] = data.items;
+    if (data.items.length > 0) document[plural] = data.items.map(nameFirst);
   }
   const body = Object.keys(document).length > 0 ? stringify(document, { lineWidth: 0 }) : '';
   const text = header('The whole policy') + '# Secrets are not shown: their key material never leaves the control plane.\n' + body;

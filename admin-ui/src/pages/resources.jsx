@@ -6,6 +6,7 @@
 import { useState } from 'preact/hooks';
 import { stringify } from 'yaml';
 import { api, get } from '../api.js';
+import { nameFirst } from '../kinds.js';
 import { formatMs, formatPercent, formatRate, indexBy, useTraffic } from '../traffic.js';
 import { Confirm, ErrorBox, Loading, summary, useLoad } from '../ui.jsx';
 
@@ -24,6 +25,15 @@ function Live({ row }) {
   );
 }
 
+/** A header or query condition: `x-env=prod`, `x-v~2.*`, `x-debug absent`. */
+function condition(c) {
+  if (c.exact != null) return `${c.name}=${c.exact}`;
+  if (c.regex != null) return `${c.name}~${c.regex}`;
+  if (c.present) return `${c.name} present`;
+  if (c.absent) return `${c.name} absent`;
+  return summary(c);
+}
+
 /** A route's match as one line: host, path rule, methods, headers, query. */
 function matchText(match = {}) {
   const parts = [];
@@ -32,8 +42,8 @@ function matchText(match = {}) {
   if (match.prefix != null) parts.push(`${match.prefix}*`);
   if (match.regex != null) parts.push(`~ ${match.regex}`);
   if (match.methods && match.methods.length) parts.push(match.methods.join('|'));
-  for (const h of match.headers || []) parts.push(`header ${summary(h)}`);
-  for (const q of match.query_params || []) parts.push(`query ${summary(q)}`);
+  for (const h of match.headers || []) parts.push(`header ${condition(h)}`);
+  for (const q of match.query_params || []) parts.push(`query ${condition(q)}`);
   return parts.join(' ');
 }
 
@@ -255,7 +265,7 @@ function DeleteDialog({ plural, name, onDone, onCancel }) {
       }}
     >
       <p>This writes a new revision without it. It can be undone by a rollback from the history.</p>
-      {data ? <pre class="yaml">{stringify(data.data, { lineWidth: 0 })}</pre> : null}
+      {data ? <pre class="yaml">{stringify(nameFirst(data.data), { lineWidth: 0 })}</pre> : null}
       <ErrorBox error={error} />
     </Confirm>
   );
