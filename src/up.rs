@@ -105,6 +105,7 @@ pub async fn run(
         "  admin token    {}  (the CLI reads it from there)",
         token_file.display()
     );
+    println!("  console        http://{admin_addr}/ui/  (sign in with the admin token)");
     println!("  discovery      http://{xds_addr}  (xDS v3, gRPC)");
     println!("  proxy          http://{proxy_addr}");
     println!("  proxy TLS      https://{proxy_tls_addr}");

@@ -29,16 +29,20 @@
 //! | `GET /v1/proxies`               | the fleet's status                            |
 //! | `GET /v1/traffic`               | the fleet's live traffic, from its load reports |
 //! | `GET /v1/traffic/stream`        | the same as Server-Sent Events, once per reporting interval |
+//! | `GET /v1/whoami`                | the token's subject, role and namespaces      |
 //! | `POST /v1/tokens`               | create a bearer token (admin); shown once     |
 //! | `GET /v1/tokens`                | list tokens, without secrets (admin)          |
 //! | `DELETE /v1/tokens/{id}`        | revoke a token (admin)                        |
 //! | `GET /v1/openapi.json`          | this API's OpenAPI 3.1 document (no token needed) |
 //! | `GET /healthz`                  | liveness (no token needed)                    |
 //! | `GET /metrics`                  | Prometheus metrics (no token needed)          |
+//! | `GET /ui`                       | the web console's static files (no token needed) |
 //!
-//! Every request but `/healthz`, `/metrics` and `/v1/openapi.json` carries
-//! a bearer token ([`auth`]): a scraper needs no token, and the metrics
-//! name no resource. [`openapi`] describes every route.
+//! Every request but `/healthz`, `/metrics`, `/v1/openapi.json` and the
+//! console's files carries a bearer token ([`auth`]): a scraper needs no
+//! token, and neither the metrics nor the console's files hold any data.
+//! [`openapi`] describes every route of the API; the console ([`ui`]) is
+//! not part of it.
 
 use axum::Json;
 use axum::Router;
@@ -67,6 +71,7 @@ pub mod openapi;
 mod tests;
 mod trace;
 mod traffic;
+pub mod ui;
 pub mod view;
 
 pub use auth::{ADMIN_TOKEN_FILE, Caller};
@@ -142,6 +147,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<AdminState>)> {
         ("/v1/proxies/nearest", get(nearest)),
         ("/v1/traffic", get(traffic::traffic)),
         ("/v1/traffic/stream", get(traffic::traffic_stream)),
+        ("/v1/whoami", get(auth::whoami)),
         ("/v1/apply", post(apply)),
         (
             "/v1/tokens",
@@ -163,6 +169,7 @@ pub fn router(state: AdminState) -> Router {
             router.route(path, handlers)
         })
         .route_layer(axum::middleware::from_fn(trace::write_span))
+        .merge(ui::router())
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

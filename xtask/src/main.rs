@@ -21,7 +21,10 @@ Usage: cargo xtask <command>
 Commands:
   test [ARGS]...  Install the tools the tests need (Envoy, grpcio, grpcio-health-checking
                   from xtask/requirements-test.txt into .tools/venv; python3-venv from
-                  Debian if `python3 -m venv` cannot work), then run
+                  Debian if `python3 -m venv` cannot work; for the console's browser
+                  tests, `npm ci` in admin-ui when its node_modules is missing or older
+                  than its lockfile, and chromium, nodejs and npm from Debian, as root,
+                  when missing), then run
                   `cargo test --workspace [ARGS]...` with .tools/venv/bin first on PATH
                   (without --workspace when ARGS pick packages with -p/--package).
                   ARGS go to cargo test unchanged, e.g.
@@ -93,6 +96,8 @@ fn test(args: Vec<String>) -> Result<ExitCode> {
     for tool in ["envoy", "python3"] {
         require_in_venv(&venv, tool)?;
     }
+    tools::ensure_debian_packages(&CONSOLE_PACKAGES)?;
+    tools::ensure_npm_ci(&root.join(CONSOLE_DIR))?;
 
     // `--workspace` would override a `-p`: cargo runs every package then.
     let mut cargo_args = vec!["test".to_string()];
@@ -114,6 +119,30 @@ fn test(args: Vec<String>) -> Result<ExitCode> {
         .map_err(|error| format!("cannot run {}: {error}", tools::display(&cargo)))?;
     Ok(exit_code(status))
 }
+
+/// The web console's package, whose `npm ci` gives the browser tests
+/// (tests/console.rs) playwright-core.
+const CONSOLE_DIR: &str = "admin-ui";
+
+/// What the console's browser tests run: Debian's Chromium (at the path
+/// tests/console.rs drives), and Node with npm for playwright-core.
+const CONSOLE_PACKAGES: [tools::DebianPackage; 3] = [
+    tools::DebianPackage {
+        name: "chromium",
+        provides: tools::Provides::Probe {
+            what: "/usr/bin/chromium, the console's browser tests' browser",
+            check: || Path::new("/usr/bin/chromium").is_file(),
+        },
+    },
+    tools::DebianPackage {
+        name: "nodejs",
+        provides: tools::Provides::Command("node"),
+    },
+    tools::DebianPackage {
+        name: "npm",
+        provides: tools::Provides::Command("npm"),
+    },
+];
 
 /// The Debian packages of the load harness's peers and load generators, and
 /// the font its chart's text is drawn with.

@@ -5,6 +5,8 @@
 //!   exact PyPI pins of a requirements file; reused while they are satisfied.
 //! - [`ensure_debian_packages`]: Debian packages, installed with apt-get only
 //!   when missing and only as root; otherwise the command to run, and an error.
+//! - [`ensure_npm_ci`]: an npm package's `node_modules`, installed from its
+//!   lockfile (`npm ci`) when missing or older than the lockfile.
 //! - [`find_tool`]: a program in a venv, else on PATH.
 //!
 //! Unix only, like the project.
@@ -15,9 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod debian;
+mod npm;
 mod venv;
 
 pub use debian::{DebianPackage, Provides, ensure_debian_packages};
+pub use npm::ensure_npm_ci;
 pub use venv::{Venv, ensure_python_venv};
 
 /// Errors are messages for the person at the terminal; `main` prints them.

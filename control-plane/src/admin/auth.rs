@@ -3,8 +3,10 @@
 //! A token reads `prism_<id>_<secret>`: the id finds its record in the
 //! store, which keeps only a SHA-256 digest of the secret (a token is 256
 //! random bits, so a fast digest is as safe as a slow one). Every request
-//! but [`OPEN_PATHS`] (`/healthz`, `/metrics`, `/v1/openapi.json`) must
-//! carry one (`Authorization: Bearer …`), or gets `401`.
+//! but [`OPEN_PATHS`] (`/healthz`, `/metrics`, `/v1/openapi.json`) and the
+//! web console's static files ([`super::ui`], under `/ui`) must carry one
+//! (`Authorization: Bearer …`), or gets `401`. `GET /v1/whoami` tells a
+//! token's holder (the console) who it is and what it may do.
 //! Then its role decides what it may do, else `403`:
 //!
 //! | role     | may                                                       |
@@ -173,9 +175,16 @@ pub async fn same_origin(request: Request, next: Next) -> Response {
             let authority = origin.split_once("://").map(|(_, rest)| rest);
             authority.is_none() || authority != host
         });
-    let cross_site = headers
-        .get("sec-fetch-site")
-        .is_some_and(|v| v.as_bytes() == b"cross-site");
+    // A link from another site to the console is a top-level navigation
+    // that browsers mark `cross-site`; the console's files hold no data and
+    // refuse to be framed, so reading them is allowed. Its API calls are
+    // same-origin, and every other path keeps the check.
+    let console_read = matches!(*request.method(), Method::GET | Method::HEAD)
+        && super::ui::serves(request.uri().path());
+    let cross_site = !console_read
+        && headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() == b"cross-site");
     if let Some(origin) = foreign_origin {
         return forbidden(format!(
             "cross-origin requests are refused: `{origin}` is not this admin API's origin"
@@ -195,18 +204,25 @@ pub async fn same_origin(request: Request, next: Next) -> Response {
     response
 }
 
-/// Paths served without a token: liveness, Prometheus metrics and the
-/// OpenAPI document, which name no resource.
+/// Paths of the API served without a token: liveness, Prometheus metrics
+/// and the OpenAPI document, which name no resource.
 pub(crate) const OPEN_PATHS: [&str; 3] = ["/healthz", "/metrics", "/v1/openapi.json"];
 
-/// Middleware: authenticates every request but [`OPEN_PATHS`], checks the role
-/// its method and path need, and hands the handlers its [`Caller`].
+/// Whether `path` is served without a token: [`OPEN_PATHS`], and the
+/// console's static files, which hold no data (`/v1/*` stays closed).
+pub(crate) fn is_open(path: &str) -> bool {
+    OPEN_PATHS.contains(&path) || super::ui::serves(path)
+}
+
+/// Middleware: authenticates every request but the [open](is_open) ones,
+/// checks the role its method and path need, and hands the handlers its
+/// [`Caller`].
 pub async fn authenticate(
     State(state): State<AdminState>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    if OPEN_PATHS.contains(&request.uri().path()) {
+    if is_open(request.uri().path()) {
         return next.run(request).await;
     }
     let Some(presented) = request
@@ -343,6 +359,18 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     }
     file.write_all(text.as_bytes())?;
     file.sync_all()
+}
+
+/// `GET /v1/whoami`: who the token is and what it may do, so a client
+/// (the console) can offer only what the token allows.
+#[utoipa::path(get, path = "/v1/whoami", tag = "tokens",
+    responses((status = 200, description = "The token's subject, role and namespaces.", body = super::openapi::WhoAmI)))]
+pub async fn whoami(Extension(caller): Extension<Caller>) -> Json<Value> {
+    Json(json!({
+        "subject": caller.subject,
+        "role": caller.role,
+        "namespaces": caller.namespaces,
+    }))
 }
 
 /// The body of `POST /v1/tokens`.

@@ -63,7 +63,7 @@ pub async fn openapi_json() -> Response {
     info(
         title = "Prism admin API",
         description = "Read and write Prism's policy, apply policy documents, read the change log and the fleet's status. \
-Every request but `/healthz`, `/metrics` and `/v1/openapi.json` carries a bearer token (`Authorization: Bearer prism_…`); \
+Every request but `/healthz`, `/metrics`, `/v1/openapi.json` (and the web console's static files under `/ui`, not described here) carries a bearer token (`Authorization: Bearer prism_…`); \
 a token's role decides what it may do (GET: viewer, writes: editor, `/v1/tokens`: admin), else `403`. \
 A request whose `Origin` is not this host, or whose `Sec-Fetch-Site` is `cross-site`, gets `403` before anything else. \
 Resource bodies are the proto3 JSON mapping of `prism.config.v1` (see the .proto files): here only objects with a `name`."
@@ -78,6 +78,7 @@ Resource bodies are the proto3 JSON mapping of `prism.config.v1` (see the .proto
         super::nearest,
         super::traffic::traffic,
         super::traffic::traffic_stream,
+        auth::whoami,
         super::apply,
         super::diff,
         super::rollback,
@@ -98,7 +99,7 @@ Resource bodies are the proto3 JSON mapping of `prism.config.v1` (see the .proto
         (name = "resources", description = "Secrets, namespaces, backends, routes and data bindings."),
         (name = "policy", description = "The whole policy: revision, apply, diff, rollback, history."),
         (name = "fleet", description = "The connected proxies and their live traffic."),
-        (name = "tokens", description = "Bearer tokens (admin role)."),
+        (name = "tokens", description = "Bearer tokens: who the token sent is (any role); create, list and revoke tokens (admin role)."),
     )
 )]
 struct ApiDoc;
@@ -411,6 +412,17 @@ pub enum NearestMatch {
     Region,
     /// Any connected proxy.
     Any,
+}
+
+/// `GET /v1/whoami`: the token that sent the request.
+#[derive(ToSchema)]
+pub struct WhoAmI {
+    /// Who the token is: the author of its writes.
+    subject: String,
+    /// What it may do.
+    role: auth::Role,
+    /// The namespaces it may touch; all when empty.
+    namespaces: Vec<String>,
 }
 
 /// A token as the API shows it, without its secret.

@@ -1622,3 +1622,111 @@ async fn every_documented_operation_is_routed_and_every_route_documented() {
         }
     }
 }
+
+#[tokio::test]
+async fn whoami_names_the_token_s_subject_role_and_namespaces() {
+    let h = Harness::new().await;
+    let viewer = h.token("watcher", "viewer", &["demo", "shop"]).await;
+    let editor = h.token("dev", "editor", &[]).await;
+    for (token, expected) in [
+        (
+            viewer.as_str(),
+            json!({"subject": "watcher", "role": "viewer", "namespaces": ["demo", "shop"]}),
+        ),
+        (
+            editor.as_str(),
+            json!({"subject": "dev", "role": "editor", "namespaces": []}),
+        ),
+        (
+            h.token.as_str(),
+            json!({"subject": "tester", "role": "admin", "namespaces": []}),
+        ),
+    ] {
+        let answer = h
+            .as_token(token, Method::GET, "/v1/whoami", Value::Null)
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        assert_eq!(answer.body, expected);
+    }
+    // Like every API path, it needs a token.
+    let anonymous = h.as_token("", Method::GET, "/v1/whoami", Value::Null).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+}
+
+/// `GET uri` without a token, with `headers`.
+async fn anonymous(h: &Harness, uri: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut request = Request::builder()
+        .uri(uri)
+        .header(header::AUTHORIZATION, "");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    h.send(request.body(Body::empty()).expect("request")).await
+}
+
+#[tokio::test]
+async fn the_console_is_served_without_a_token_and_the_api_stays_closed() {
+    let h = Harness::new().await;
+    for uri in ["/ui", "/ui/", "/ui/routes", "/ui/some/client/route"] {
+        let answer = anonymous(&h, uri, &[]).await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}");
+        assert_eq!(
+            answer.headers[header::CONTENT_TYPE],
+            "text/html; charset=utf-8",
+            "{uri}"
+        );
+        let html = answer.body.as_str().expect("HTML");
+        assert!(html.contains("/ui/app.js"), "{uri}: {html}");
+    }
+    for (uri, content_type, sample) in [
+        (
+            "/ui/app.js",
+            "text/javascript; charset=utf-8",
+            "prism.token",
+        ),
+        ("/ui/app.css", "text/css; charset=utf-8", ".cm-"),
+    ] {
+        let answer = anonymous(&h, uri, &[]).await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}");
+        assert_eq!(answer.headers[header::CONTENT_TYPE], content_type);
+        let text = answer.body.as_str().expect("text");
+        assert!(text.contains(sample), "{uri} holds {sample}");
+    }
+    // Every file: a strict policy, no sniffing, revalidated by its ETag.
+    for uri in ["/ui/", "/ui/app.js", "/ui/app.css"] {
+        let answer = anonymous(&h, uri, &[]).await;
+        let csp = answer.headers[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .expect("text");
+        assert!(csp.starts_with("default-src 'self'"), "{csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert!(!csp.contains("unsafe-eval"), "{csp}");
+        assert!(!csp.contains("script-src 'self' 'unsafe-inline'"), "{csp}");
+        assert_eq!(answer.headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(answer.headers[header::CACHE_CONTROL], "no-cache");
+        let etag = answer.headers[header::ETAG].to_str().expect("text");
+        let again = anonymous(&h, uri, &[("if-none-match", etag)]).await;
+        assert_eq!(again.status, StatusCode::NOT_MODIFIED, "{uri}");
+        assert_eq!(again.body, Value::String(String::new()));
+        let stale = anonymous(&h, uri, &[("if-none-match", "\"0\"")]).await;
+        assert_eq!(stale.status, StatusCode::OK, "{uri}");
+    }
+    // A file the console does not have is a 404, not the page.
+    let missing = anonymous(&h, "/ui/missing.js", &[]).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    // `/` sends a browser to the console.
+    let root = anonymous(&h, "/", &[]).await;
+    assert!(root.status.is_redirection(), "{}", root.status);
+    assert_eq!(root.headers[header::LOCATION], "/ui/");
+    // A link from another site opens the console, but the API still
+    // refuses a cross-site request, and a path merely starting with `/ui`
+    // or under /v1 still needs a token.
+    let linked = anonymous(&h, "/ui/", &[("sec-fetch-site", "cross-site")]).await;
+    assert_eq!(linked.status, StatusCode::OK);
+    let forged = anonymous(&h, "/v1/whoami", &[("sec-fetch-site", "cross-site")]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    for uri in ["/v1/routes", "/v1/whoami", "/uix", "/v1/ui/app.js"] {
+        let answer = anonymous(&h, uri, &[]).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+}

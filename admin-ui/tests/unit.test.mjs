@@ -1,0 +1,90 @@
+// Unit tests of the console's pure parts, under Node: the event-stream
+// parser that reads the traffic stream, and the mapping from an error's
+// field path to the text of a policy document. `npm test` runs them, and so
+// does tests/console.rs with the browser tests.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { eventParser } from '../src/sse.js';
+import { locateError, locateField, parseFieldPath } from '../src/yamlpath.js';
+
+/** Every event `chunks` make, as `[type, data]`. */
+function events(chunks) {
+  const seen = [];
+  const feed = eventParser((type, data) => seen.push([type, data]));
+  for (const chunk of chunks) feed(chunk);
+  return seen;
+}
+
+const STREAM =
+  ': keep-alive\n\n' +
+  'event: traffic\ndata: {"a":1}\n\n' +
+  'event: traffic\r\ndata: {"b":\r\ndata: 2}\r\n\r\n' +
+  'data:plain\n\n' +
+  'event: traffic\ndata: {"c":3}\n';
+
+const EXPECTED = [
+  ['traffic', '{"a":1}'],
+  ['traffic', '{"b":\n2}'],
+  ['message', 'plain'],
+];
+
+test('the stream parser reads events, whatever the chunks', () => {
+  assert.deepEqual(events([STREAM]), EXPECTED, 'one chunk');
+  assert.deepEqual(events([...STREAM]), EXPECTED, 'a character at a time');
+  for (let cut = 0; cut <= STREAM.length; cut++) {
+    assert.deepEqual(events([STREAM.slice(0, cut), STREAM.slice(cut)]), EXPECTED, `cut at ${cut}`);
+  }
+  // The last event ends only with its blank line.
+  assert.deepEqual(events([STREAM, '\n']).at(-1), ['traffic', '{"c":3}']);
+});
+
+test('field paths split into names and indexes', () => {
+  assert.deepEqual(parseFieldPath('routes[0].match.headers[12].regex'), ['routes', 0, 'match', 'headers', 12, 'regex']);
+  assert.deepEqual(parseFieldPath(''), []);
+});
+
+const DOCUMENT = `# a comment
+namespaces:
+  - name: demo
+    hosts: [demo.local]
+routes:
+  - name: demo/one
+    match: { prefix: /one }
+    backend: web
+  - name: demo/root
+    match:
+      prefix: /
+    directResponse:
+      status: 99
+    backend: gone
+`;
+
+/** The text an error's range covers. */
+function marked(field, resource) {
+  const { from, to, exact } = locateField(DOCUMENT, field, resource);
+  return [DOCUMENT.slice(from, to), exact];
+}
+
+test('an error field is found in the document, in either spelling', () => {
+  assert.deepEqual(marked('routes[1].direct_response.status'), ['status: 99', true]);
+  assert.deepEqual(marked('routes[0].match.prefix'), ['prefix: /one', true]);
+  assert.deepEqual(marked('namespaces[0].hosts[0]'), ['demo.local', true]);
+  // A block: its key only.
+  assert.deepEqual(marked('routes[1].match'), ['match', true]);
+});
+
+test('a missing field points at the nearest part that is there', () => {
+  assert.deepEqual(marked('routes[1].timeout'), ['name: demo/root', false]);
+  assert.deepEqual(marked('routes[0].match.headers[0].name'), ['match', false]);
+});
+
+test('a rule across resources is found by the resource it names', () => {
+  assert.deepEqual(marked('backend', 'Route demo/root'), ['backend: gone', true]);
+  assert.deepEqual(marked('hosts', 'Namespace demo'), ['hosts', true]);
+});
+
+test('a syntax error is found by its line and column', () => {
+  const { from } = locateError(DOCUMENT, { message: 'did not find expected key at line 6 column 5' });
+  assert.equal(DOCUMENT.slice(from, from + 4), 'name');
+});
