@@ -123,9 +123,13 @@ async fn the_console_works_in_chromium() {
     );
     // node's test runner passes a run with skipped tests: none may be.
     let skipped: Vec<&str> = stdout.lines().filter(|l| l.contains("# SKIP")).collect();
-    assert!(skipped.is_empty(), "browser tests skipped: {skipped:?}\n{stdout}");
+    assert!(
+        skipped.is_empty(),
+        "browser tests skipped: {skipped:?}\n{stdout}"
+    );
     let _ = writeln!(
         std::io::stderr().lock(),
         "tests/console.rs: browser tests passed in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
