@@ -25,8 +25,9 @@ async fn the_fleets_traffic_reaches_the_api_the_stream_and_top() {
     let up = PrismUp::start(dir.path(), &["--load-report-interval", "200ms"], &[]);
     let token = admin_token(&dir.path().join("prism-data/admin-token"));
     let admin = Admin::new(&up.admin(), &token);
-    // A route to the demo upstream, and one to a port nothing listens on:
-    // every request there fails with a 5xx.
+    // A route to the demo upstream (health checked), and one to a port
+    // nothing listens on (behind a circuit breaker): every request there
+    // fails with a 5xx, and the breaker opens.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead_addr = dead.local_addr().expect("addr");
     drop(dead);
@@ -34,7 +35,9 @@ async fn the_fleets_traffic_reaches_the_api_the_stream_and_top() {
         .apply(&format!(
             "namespaces:\n  - {{name: demo, hosts: [demo.local]}}\n  - {{name: shop, hosts: [shop.local]}}\n\
              backends:\n  - name: demo/web\n    endpoints: [{{address: \"{}\"}}]\n\
+             \x20   health_check: {{interval: 1s, http: {{path: /}}}}\n\
              \x20 - name: demo/gone\n    endpoints: [{{address: \"{dead_addr}\"}}]\n\
+             \x20   circuit_breaker: {{failure_threshold: 3, open_timeout: 60s}}\n\
              routes:\n  - name: demo/broken\n    match: {{prefix: \"/broken\"}}\n    backend: gone\n\
              \x20 - name: demo/root\n    match: {{prefix: \"/\"}}\n    backend: web\n",
             up.demo_addr()
@@ -122,6 +125,40 @@ async fn the_fleets_traffic_reaches_the_api_the_stream_and_top() {
         .map(|b| b["backend"].as_str().expect("backend"))
         .collect();
     assert_eq!(backends, ["gone", "web"]);
+    // Each backend's endpoint as the proxy sees it.
+    let endpoint = |backend: &str| {
+        summary["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .find(|b| b["backend"] == backend)
+            .map(|b| b["endpoints"][0].clone())
+            .expect("an endpoint")
+    };
+    let gone = endpoint("gone");
+    assert_eq!(gone["address"], dead_addr.to_string(), "{gone}");
+    assert_eq!(
+        (&gone["proxies"], &gone["breaker_open"], &gone["healthy"]),
+        (&Value::from(1), &Value::from(1), &Value::from(0)),
+        "one proxy sees its breaker open: {gone}"
+    );
+    let web = eventually("the health check passes", || async {
+        let (_, summary) = admin
+            .request(reqwest::Method::GET, "/v1/traffic", None)
+            .await;
+        let web = summary["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["backend"] == "web")?["endpoints"][0]
+            .clone();
+        (web["healthy"] == 1).then_some(web)
+    })
+    .await;
+    assert_eq!(
+        (&web["unhealthy"], &web["breaker_open"]),
+        (&Value::from(0), &Value::from(0)),
+        "{web}"
+    );
     let proxies = summary["proxies"].as_array().expect("proxies");
     assert_eq!(proxies.len(), 1, "one proxy reports: {summary}");
     assert!(namespace(&summary, "shop").is_none(), "no traffic, no row");

@@ -7,8 +7,10 @@
 //! [`WINDOW`] of buckets at most; each bucket keeps its reports by node,
 //! namespace, route and backend for [`DETAIL`] only, then only by namespace
 //! (what the charts draw); and a bucket takes at most [`MAX_SERIES`] keys,
-//! dropping (and counting) the rest. Nothing here is persisted: after a
-//! restart the window fills again as reports arrive.
+//! dropping (and counting) the rest. Beside it, the latest state of each
+//! backend endpoint as each proxy sees it (health, breaker, ejection), kept
+//! for [`DETAIL`] and shown while fresher than [`SUMMARY`]. Nothing here is
+//! persisted: after a restart the window fills again as reports arrive.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::AddAssign;
@@ -46,6 +48,27 @@ pub struct Load {
     pub requests: u64,
     pub errors: u64,
     pub latency: [u64; LATENCY_BUCKETS.len()],
+}
+
+/// How one proxy sees one endpoint of a backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointState {
+    /// The health check's verdict; `None` without a health check.
+    pub healthy: Option<bool>,
+    /// The circuit breaker's state (`closed`, `open`, `half_open`); `None`
+    /// without a breaker.
+    pub breaker: Option<String>,
+    /// Whether outlier detection has ejected it.
+    pub ejected: bool,
+}
+
+/// Whose endpoint state: a proxy's, of one endpoint (`host:port`) of one
+/// backend (full name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub node: String,
+    pub backend: String,
+    pub address: String,
 }
 
 /// Whose load: a proxy's, for one namespace, route and backend (full names;
@@ -126,13 +149,30 @@ pub struct RouteTraffic {
     pub figures: Figures,
 }
 
-/// A backend, over all routes to it.
+/// A backend, over all routes to it, and its endpoints as the proxies see
+/// them.
 #[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct BackendTraffic {
     pub namespace: String,
     pub backend: String,
     #[serde(flatten)]
     pub figures: Figures,
+    /// By address.
+    pub endpoints: Vec<EndpointHealth>,
+}
+
+/// One endpoint of a backend: how many proxies report it, and how many of
+/// them see it healthy, unhealthy (health checks), with an open or
+/// half-open breaker, or ejected.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct EndpointHealth {
+    pub address: String,
+    pub proxies: u32,
+    pub healthy: u32,
+    pub unhealthy: u32,
+    pub breaker_open: u32,
+    pub breaker_half_open: u32,
+    pub ejected: u32,
 }
 
 /// A reporting proxy, over all it served.
@@ -148,6 +188,8 @@ struct Window {
     /// Oldest first, by index (arrival time ÷ interval); none empty.
     buckets: VecDeque<Bucket>,
     dropped: u64,
+    /// Each proxy's latest view of each endpoint, and when it came.
+    endpoints: HashMap<EndpointKey, (EndpointState, i64)>,
 }
 
 #[derive(Debug)]
@@ -175,6 +217,11 @@ impl Traffic {
     /// Adds one report's entries, arrived now.
     pub fn record(&self, entries: impl IntoIterator<Item = (Series, Load)>) {
         self.record_at(unix_millis_now(), entries);
+    }
+
+    /// Replaces what `node` said of endpoints with `states`, arrived now.
+    pub fn record_endpoints(&self, node: &str, states: Vec<(EndpointKey, EndpointState)>) {
+        self.record_endpoints_at(unix_millis_now(), node, states);
     }
 
     /// The traffic of the namespaces `visible` lets through, now.
@@ -237,6 +284,26 @@ impl Traffic {
         }
     }
 
+    fn record_endpoints_at(
+        &self,
+        now_ms: i64,
+        node: &str,
+        states: Vec<(EndpointKey, EndpointState)>,
+    ) {
+        let stale = now_ms - DETAIL.as_millis() as i64;
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        window
+            .endpoints
+            .retain(|key, (_, at)| key.node != node && *at > stale);
+        for (key, state) in states {
+            if window.endpoints.len() >= MAX_SERIES {
+                window.dropped += 1;
+                continue;
+            }
+            window.endpoints.insert(key, (state, now_ms));
+        }
+    }
+
     fn summary_at(&self, now_ms: i64, visible: impl Fn(&str) -> bool) -> Summary {
         let current = now_ms / self.interval_ms();
         let interval = self.interval.as_secs_f64();
@@ -273,6 +340,41 @@ impl Traffic {
                 *backends.entry((&series.namespace, backend)).or_default() += *load;
             }
             *proxies.entry(&series.node).or_default() += *load;
+        }
+
+        // The endpoints as the proxies that reported lately see them; their
+        // backends are listed even without traffic.
+        let fresh = now_ms - SUMMARY.as_millis() as i64;
+        let mut endpoints: BTreeMap<(&str, &str), BTreeMap<&str, EndpointHealth>> = BTreeMap::new();
+        for (key, (state, at)) in &window.endpoints {
+            let Some((namespace, _)) = key.backend.split_once('/') else {
+                continue;
+            };
+            if *at <= fresh || !visible(namespace) {
+                continue;
+            }
+            let backend = local(namespace, &key.backend);
+            backends.entry((namespace, backend)).or_default();
+            let health = endpoints
+                .entry((namespace, backend))
+                .or_default()
+                .entry(&key.address)
+                .or_insert_with(|| EndpointHealth {
+                    address: key.address.clone(),
+                    ..EndpointHealth::default()
+                });
+            health.proxies += 1;
+            match state.healthy {
+                Some(true) => health.healthy += 1,
+                Some(false) => health.unhealthy += 1,
+                None => {}
+            }
+            match state.breaker.as_deref() {
+                Some("open") => health.breaker_open += 1,
+                Some("half_open") => health.breaker_half_open += 1,
+                _ => {}
+            }
+            health.ejected += u32::from(state.ejected);
         }
 
         let steps = self.intervals(WINDOW);
@@ -324,6 +426,10 @@ impl Traffic {
                     namespace: namespace.to_string(),
                     backend: backend.to_string(),
                     figures: figures(&load),
+                    endpoints: endpoints
+                        .remove(&(namespace, backend))
+                        .map(|by_address| by_address.into_values().collect())
+                        .unwrap_or_default(),
                 })
                 .collect(),
             proxies: proxies

@@ -15,6 +15,13 @@
 //!   `load_metric_stats` the latency: [`LATENCY_SUM`] (count and sum of the
 //!   durations in seconds) and one indicator metric per non-empty bucket of
 //!   [`LATENCY_BOUNDS_NANOS`] ([`LATENCY_BUCKETS`]), each request adding 1.
+//!
+//! And one more `ClusterStats` per backend, with no `cluster_service_name`
+//! and no requests, whose `upstream_endpoint_stats` give each endpoint's
+//! state in the proxy: its address, and in its `metadata` the health
+//! check's verdict ([`HEALTH`], absent without a health check), the circuit
+//! breaker's state ([`BREAKER`], absent without a breaker) and whether
+//! outlier detection has ejected it ([`EJECTED`]).
 
 /// Upper bounds of the latency buckets, in nanoseconds: from half a
 /// millisecond (a proxy hop on a LAN) to ten seconds, roughly 1-2.5-5 per
@@ -60,6 +67,13 @@ pub const LATENCY_BUCKETS: [&str; LATENCY_BOUNDS_NANOS.len() + 1] = [
 /// The load metric whose count is the requests timed and whose total is
 /// the sum of their durations in seconds.
 pub const LATENCY_SUM: &str = "prism.latency_seconds";
+
+/// Endpoint metadata key: `healthy` or `unhealthy`.
+pub const HEALTH: &str = "health";
+/// Endpoint metadata key: `closed`, `open` or `half_open`.
+pub const BREAKER: &str = "breaker";
+/// Endpoint metadata key: true while ejected.
+pub const EJECTED: &str = "ejected";
 
 /// Prefix of [`route_service_name`].
 const ROUTE_PREFIX: &str = "route:";

@@ -9,11 +9,13 @@
 //! Envoy's reports have neither route nor latency, and count the same).
 //! A proxy whose certificate scopes it to namespaces counts only there.
 
+use envoy_types::pb::envoy::config::core::v3::{Address, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterStats;
 use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::{
     LoadReportingService, LoadReportingServiceServer,
 };
 use envoy_types::pb::envoy::service::load_stats::v3::{LoadStatsRequest, LoadStatsResponse};
+use envoy_types::pb::google::protobuf::value;
 use prism_proto::load;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,7 +24,7 @@ use tracing::debug;
 
 use crate::envoy::envoy_duration;
 use crate::tls::ProxyIdentity;
-use crate::traffic::{Load, Series, Traffic};
+use crate::traffic::{EndpointKey, EndpointState, Load, Series, Traffic};
 
 /// The LRS service, ready to be added to a tonic server.
 #[derive(Clone, Debug)]
@@ -79,7 +81,9 @@ impl LoadReportingService for LoadReporting {
                 return;
             }
             loop {
-                traffic.record(entries(&node, identity.as_deref(), &report.cluster_stats));
+                let identity = identity.as_deref();
+                traffic.record(entries(&node, identity, &report.cluster_stats));
+                traffic.record_endpoints(&node, endpoints(&node, identity, &report.cluster_stats));
                 match next(&mut inbound, &mut shutdown).await {
                     Some(next) => report = next,
                     None => return,
@@ -120,10 +124,7 @@ fn entries<'a>(
             route
         };
         let (namespace, _) = named.split_once('/')?;
-        let allowed = identity
-            .and_then(|identity| identity.namespaces.as_ref())
-            .is_none_or(|namespaces| namespaces.contains(namespace));
-        if !allowed {
+        if !serves(identity, namespace) {
             return None;
         }
         let mut load = Load::default();
@@ -136,6 +137,9 @@ fn entries<'a>(
                 }
             }
         }
+        if load.requests == 0 {
+            return None;
+        }
         let series = Series {
             node: node.to_string(),
             namespace: namespace.to_string(),
@@ -144,4 +148,68 @@ fn entries<'a>(
         };
         Some((series, load))
     })
+}
+
+/// Each endpoint's state in a report, of backends the reporter may serve.
+fn endpoints(
+    node: &str,
+    identity: Option<&ProxyIdentity>,
+    stats: &[ClusterStats],
+) -> Vec<(EndpointKey, EndpointState)> {
+    let mut states = Vec::new();
+    for cluster in stats {
+        let Some((namespace, _)) = cluster.cluster_name.split_once('/') else {
+            continue;
+        };
+        if !serves(identity, namespace) {
+            continue;
+        }
+        let endpoints = cluster
+            .upstream_locality_stats
+            .iter()
+            .flat_map(|locality| &locality.upstream_endpoint_stats);
+        for endpoint in endpoints {
+            let Some(Address {
+                address: Some(address::Address::SocketAddress(socket)),
+            }) = &endpoint.address
+            else {
+                continue;
+            };
+            let port = match socket.port_specifier {
+                Some(socket_address::PortSpecifier::PortValue(port)) => port.to_string(),
+                _ => continue,
+            };
+            let field = |key: &str| {
+                endpoint
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.fields.get(key))
+                    .and_then(|v| v.kind.as_ref())
+            };
+            let text = |key: &str| match field(key) {
+                Some(value::Kind::StringValue(text)) => Some(text.clone()),
+                _ => None,
+            };
+            let state = EndpointState {
+                healthy: text(load::HEALTH).map(|verdict| verdict == "healthy"),
+                breaker: text(load::BREAKER),
+                ejected: matches!(field(load::EJECTED), Some(value::Kind::BoolValue(true))),
+            };
+            let key = EndpointKey {
+                node: node.to_string(),
+                backend: cluster.cluster_name.clone(),
+                address: format!("{}:{port}", socket.address),
+            };
+            states.push((key, state));
+        }
+    }
+    states
+}
+
+/// Whether `identity` lets its proxy serve `namespace` (every namespace
+/// without a checked certificate).
+fn serves(identity: Option<&ProxyIdentity>, namespace: &str) -> bool {
+    identity
+        .and_then(|identity| identity.namespaces.as_ref())
+        .is_none_or(|namespaces| namespaces.contains(namespace))
 }

@@ -188,3 +188,64 @@ fn a_caller_sees_only_its_namespaces() {
     assert!(summary.routes.iter().all(|r| r.namespace == "shop"));
     assert!(summary.backends.iter().all(|b| b.namespace == "shop"));
 }
+
+#[test]
+fn endpoints_sum_up_the_proxies_latest_views() {
+    let traffic = Traffic::new(INTERVAL);
+    let key = |node: &str, address: &str| EndpointKey {
+        node: node.to_string(),
+        backend: "demo/web".to_string(),
+        address: address.to_string(),
+    };
+    let state = |healthy, breaker: &str, ejected| EndpointState {
+        healthy,
+        breaker: Some(breaker.to_string()),
+        ejected,
+    };
+    traffic.record_endpoints_at(
+        T0,
+        "a",
+        vec![
+            (key("a", "10.0.0.1:80"), state(Some(true), "closed", false)),
+            (key("a", "10.0.0.2:80"), state(Some(false), "open", true)),
+        ],
+    );
+    traffic.record_endpoints_at(
+        T0,
+        "b",
+        vec![(key("b", "10.0.0.1:80"), state(None, "half_open", false))],
+    );
+    // Proxy a's next report replaces its last: 10.0.0.2 left its policy.
+    traffic.record_endpoints_at(
+        T0 + 2_000,
+        "a",
+        vec![(key("a", "10.0.0.1:80"), state(Some(false), "closed", false))],
+    );
+
+    let summary = traffic.summary_at(T0 + 4_000, everything);
+    let [web] = &summary.backends[..] else {
+        panic!("one backend, listed without traffic: {summary:?}");
+    };
+    assert_eq!((web.backend.as_str(), web.figures.requests), ("web", 0));
+    assert_eq!(
+        web.endpoints,
+        [EndpointHealth {
+            address: "10.0.0.1:80".to_string(),
+            proxies: 2,
+            healthy: 0,
+            unhealthy: 1,
+            breaker_open: 0,
+            breaker_half_open: 1,
+            ejected: 0,
+        }]
+    );
+    // A proxy that stopped reporting drops out once its view is stale.
+    let later = traffic.summary_at(T0 + 11_000, everything);
+    assert_eq!(later.backends[0].endpoints[0].proxies, 1);
+    assert!(
+        traffic
+            .summary_at(T0 + 4_000, |ns| ns == "shop")
+            .backends
+            .is_empty()
+    );
+}

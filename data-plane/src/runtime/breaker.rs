@@ -53,7 +53,7 @@ pub(crate) enum Admit {
     Probe,
 }
 
-#[cfg(test)]
+/// A breaker's state, as the load reports show it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum State {
     Closed,
@@ -99,7 +99,8 @@ impl Breaker {
         self
     }
 
-    #[cfg(test)]
+    /// Its state now (an open breaker whose timeout has passed stays
+    /// `Open` until a request finds it so).
     pub(crate) fn state(&self) -> State {
         match self.state.load(Ordering::Acquire) {
             CLOSED => State::Closed,

@@ -45,7 +45,7 @@ use matcher::{Entry, Matcher};
 pub(crate) use matcher::Probe;
 
 pub(crate) use action::{Action, HeaderMutation};
-pub(crate) use backend::{Backend, OwnAddresses};
+pub(crate) use backend::{Backend, Endpoint, OwnAddresses};
 
 /// A compiled, immutable view of the policy. A request `load_full()`s it once,
 /// takes the [`Route`] it matches, and keeps that (and through it the backend)
@@ -436,6 +436,11 @@ impl Runtime {
     pub(crate) fn with_data(mut self, data: Arc<Bindings>) -> Runtime {
         self.data = data;
         self
+    }
+
+    /// Every backend of the policy, in no order.
+    pub(crate) fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.backends.values()
     }
 
     /// The proxy's metrics; `None` with metrics off.

@@ -6,22 +6,25 @@
 //! clusters it wants; from then on each report carries what the route
 //! series counted since the one before (prism-proto's `load` says how it is
 //! written). The counters are the Prometheus metrics' own, read off the
-//! request path: with metrics off there is nothing to read, and the reports
-//! are empty.
+//! request path: with metrics off there is nothing to count. Each report
+//! also gives every backend's endpoints' state: health, breaker, ejection.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, Node, SocketAddress, address, socket_address,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{
-    ClusterStats, EndpointLoadMetricStats, UpstreamLocalityStats,
+    ClusterStats, EndpointLoadMetricStats, UpstreamEndpointStats, UpstreamLocalityStats,
 };
 use envoy_types::pb::envoy::service::load_stats::v3::LoadStatsRequest;
 use envoy_types::pb::envoy::service::load_stats::v3::LoadStatsResponse;
 use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
 use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use prism_proto::load;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -29,7 +32,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::metrics::{RouteKey, RouteTotals};
-use crate::runtime::Runtime;
+use crate::runtime::breaker::State;
+use crate::runtime::{Endpoint, Runtime};
 
 /// The shortest interval the proxy reports at, whatever the control plane
 /// asks: ten reports a second is more than any view of them needs.
@@ -66,9 +70,11 @@ pub(super) async fn report(
         tokio::select! {
             _ = ticks.tick() => {
                 let now = Instant::now();
+                let mut cluster_stats = plan.stats(reader.read(&runtime), now - since);
+                cluster_stats.extend(plan.endpoints(&runtime.load(), now));
                 let report = LoadStatsRequest {
                     node: None,
-                    cluster_stats: plan.stats(reader.read(&runtime), now - since),
+                    cluster_stats,
                 };
                 since = now;
                 if requests.send(report).await.is_err() {
@@ -124,6 +130,31 @@ impl From<LoadStatsResponse> for Plan {
 }
 
 impl Plan {
+    fn wants(&self, cluster: &str) -> bool {
+        self.clusters.as_ref().is_none_or(|c| c.contains(cluster))
+    }
+
+    /// One `ClusterStats` per backend asked for, with its endpoints' state
+    /// at `now` and no requests.
+    fn endpoints(&self, runtime: &Runtime, now: Instant) -> Vec<ClusterStats> {
+        runtime
+            .backends()
+            .filter(|backend| self.wants(&backend.name))
+            .map(|backend| ClusterStats {
+                cluster_name: backend.name.clone(),
+                upstream_locality_stats: vec![UpstreamLocalityStats {
+                    upstream_endpoint_stats: backend
+                        .endpoints
+                        .iter()
+                        .map(|endpoint| endpoint_stats(endpoint, now))
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect()
+    }
+
     /// One `ClusterStats` per series that counted requests, of the clusters
     /// asked for, each covering `interval`.
     fn stats(
@@ -141,7 +172,7 @@ impl Plan {
                 };
                 (cluster, format!("{namespace}/{route}"), totals)
             })
-            .filter(|(cluster, ..)| self.clusters.as_ref().is_none_or(|c| c.contains(cluster)))
+            .filter(|(cluster, ..)| self.wants(cluster))
             .map(|(cluster, route, totals)| cluster_stats(cluster, &route, &totals, interval))
             .collect()
     }
@@ -189,6 +220,56 @@ fn minus(now: &RouteTotals, last: &RouteTotals) -> RouteTotals {
         requests: std::array::from_fn(|i| now.requests[i].saturating_sub(last.requests[i])),
         latency: std::array::from_fn(|i| now.latency[i].saturating_sub(last.latency[i])),
         latency_sum_nanos: now.latency_sum_nanos.saturating_sub(last.latency_sum_nanos),
+    }
+}
+
+/// One endpoint's address and state.
+fn endpoint_stats(endpoint: &Endpoint, now: Instant) -> UpstreamEndpointStats {
+    let text = |text: &str| Value {
+        kind: Some(value::Kind::StringValue(text.to_string())),
+    };
+    let mut state = BTreeMap::new();
+    if let Some(health) = &endpoint.health {
+        let verdict = if health.is_healthy() {
+            "healthy"
+        } else {
+            "unhealthy"
+        };
+        state.insert(load::HEALTH.to_string(), text(verdict));
+    }
+    if let Some(breaker) = &endpoint.breaker {
+        let name = match breaker.state() {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+        };
+        state.insert(load::BREAKER.to_string(), text(name));
+    }
+    let ejected = endpoint
+        .outlier
+        .as_ref()
+        .is_some_and(|outlier| outlier.is_ejected(now));
+    state.insert(
+        load::EJECTED.to_string(),
+        Value {
+            kind: Some(value::Kind::BoolValue(ejected)),
+        },
+    );
+    UpstreamEndpointStats {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: endpoint.address.host().to_string(),
+                port_specifier: endpoint
+                    .address
+                    .port_u16()
+                    .map(|port| socket_address::PortSpecifier::PortValue(u32::from(port))),
+                ..Default::default()
+            })),
+        }),
+        metadata: Some(Struct {
+            fields: state.into_iter().collect(),
+        }),
+        ..Default::default()
     }
 }
 
