@@ -160,5 +160,7 @@ export function formatPercent(value) {
 
 export function formatMs(value) {
   if (value == null) return '–';
-  return value >= 100 ? `${value.toFixed(0)} ms` : `${value.toFixed(1)} ms`;
+  if (value >= 1000) return `${(value / 1000).toFixed(2)} s`;
+  if (value >= 100) return `${value.toFixed(0)} ms`;
+  return value >= 1 ? `${value.toFixed(1)} ms` : `${value.toFixed(2)} ms`;
 }

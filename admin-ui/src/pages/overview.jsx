@@ -3,6 +3,7 @@
 
 import { get } from '../api.js';
 import { Chart } from '../chart.jsx';
+import { msTicks, percentTicks, rateTicks } from '../ticks.js';
 import { formatMs, formatPercent, formatRate, useTraffic } from '../traffic.js';
 import { ErrorBox, Loading, ago, useInterval, useLoad } from '../ui.jsx';
 
@@ -75,9 +76,9 @@ function Traffic() {
             </dl>
           </header>
           <div class="charts">
-            <Chart title="Requests per second" series={ns.series} lines={RPS} format={formatRate} testId={`chart-rps-${ns.namespace}`} />
-            <Chart title="Error rate" series={ns.series} lines={ERRORS} format={formatPercent} floor={0.01} testId={`chart-errors-${ns.namespace}`} />
-            <Chart title="Latency p50 / p99" series={ns.series} lines={LATENCY} format={formatMs} testId={`chart-latency-${ns.namespace}`} />
+            <Chart title="Requests per second" series={ns.series} lines={RPS} format={formatRate} ticks={rateTicks} testId={`chart-rps-${ns.namespace}`} />
+            <Chart title="Error rate" series={ns.series} lines={ERRORS} format={formatPercent} ticks={percentTicks} floor={0.01} testId={`chart-errors-${ns.namespace}`} />
+            <Chart title="Latency p50 / p99" series={ns.series} lines={LATENCY} format={formatMs} ticks={msTicks} floor={0.1} testId={`chart-latency-${ns.namespace}`} />
           </div>
         </article>
       ))}
