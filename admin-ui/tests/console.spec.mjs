@@ -273,6 +273,8 @@ test('4. a chart moves while a client sends traffic', async () => {
     }
     const latency = (await page.locator('[data-testid=chart-latency-demo]').getAttribute('data-y-ticks')).split('|');
     assert.ok(latency.every((l) => /^\d+(\.\d+)? m?s$/.test(l)), `latency ticks: ${latency}`);
+    const note = await page.locator('[data-testid=traffic] > p').first().textContent();
+    assert.match(note, /rates over the last 10 s/, note);
   } finally {
     sending = false;
     await client;

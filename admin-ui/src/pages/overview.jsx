@@ -4,7 +4,7 @@
 import { get } from '../api.js';
 import { Chart } from '../chart.jsx';
 import { msTicks, percentTicks, rateTicks } from '../ticks.js';
-import { formatMs, formatPercent, formatRate, useTraffic } from '../traffic.js';
+import { formatMs, formatPercent, formatPeriod, formatRate, useTraffic } from '../traffic.js';
 import { ErrorBox, Loading, ago, useInterval, useLoad } from '../ui.jsx';
 
 async function loadOverview() {
@@ -54,7 +54,8 @@ function Traffic() {
     <div data-testid="traffic" data-state={state}>
       <p class="muted">
         {state === 'live' ? 'Live' : state === 'polling' ? 'Polling (the live stream is reconnecting)' : 'Connecting'}; rates over
-        the last minute, charts over {Math.round(traffic.window_seconds / 60)} min; updated {ago(traffic.updated_unix_ms)}.
+        the last {formatPeriod(traffic.summary_seconds)}, charts over {formatPeriod(traffic.window_seconds)}; updated{' '}
+        {ago(traffic.updated_unix_ms)}.
         {error ? <span class="warn"> {error}</span> : null}
       </p>
       {traffic.namespaces.length === 0 ? <p class="muted">No traffic yet.</p> : null}
