@@ -148,6 +148,13 @@ export function indexBy(rows, key) {
   return map;
 }
 
+/** A period of the traffic API (`summary_seconds`…): "10 s", "5 min". */
+export function formatPeriod(seconds) {
+  if (seconds == null || !Number.isFinite(seconds)) return '–';
+  if (seconds >= 60 && seconds % 60 === 0) return `${seconds / 60} min`;
+  return `${Number(seconds.toFixed(1))} s`;
+}
+
 export function formatRate(value) {
   if (value == null) return '–';
   return value >= 100 ? value.toFixed(0) : value.toFixed(1);
@@ -160,5 +167,7 @@ export function formatPercent(value) {
 
 export function formatMs(value) {
   if (value == null) return '–';
-  return value >= 100 ? `${value.toFixed(0)} ms` : `${value.toFixed(1)} ms`;
+  if (value >= 1000) return `${(value / 1000).toFixed(2)} s`;
+  if (value >= 100) return `${value.toFixed(0)} ms`;
+  return value >= 1 ? `${value.toFixed(1)} ms` : `${value.toFixed(2)} ms`;
 }

@@ -261,6 +261,20 @@ test('4. a chart moves while a client sends traffic', async () => {
     });
     const shown = Number(await page.locator('[data-testid=traffic-demo] [data-testid=rps]').textContent());
     assert.ok(shown > 0, `req/s shown: ${shown}`);
+    // Each y axis labels its ticks apart and in full: the latency axis once
+    // read "0.0 ms" on every tick, "10.0 ms" and "20.0 ms" cut short.
+    for (const kind of ['rps', 'errors', 'latency']) {
+      const axis = page.locator(`[data-testid=chart-${kind}-demo]`);
+      await until(`the ${kind} chart's y axis to be drawn`, async () => Boolean(await axis.getAttribute('data-y-ticks')));
+      const labels = (await axis.getAttribute('data-y-ticks')).split('|');
+      assert.ok(labels.length >= 2, `${kind}: ${labels}`);
+      assert.equal(new Set(labels).size, labels.length, `${kind}: ticks labelled alike: ${labels}`);
+      assert.equal(await axis.getAttribute('data-y-ticks-cut'), '0', `${kind}: labels cut off: ${labels}`);
+    }
+    const latency = (await page.locator('[data-testid=chart-latency-demo]').getAttribute('data-y-ticks')).split('|');
+    assert.ok(latency.every((l) => /^\d+(\.\d+)? m?s$/.test(l)), `latency ticks: ${latency}`);
+    const note = await page.locator('[data-testid=traffic] > p').first().textContent();
+    assert.match(note, /rates over the last 10 s/, note);
   } finally {
     sending = false;
     await client;

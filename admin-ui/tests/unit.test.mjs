@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { eventParser } from '../src/sse.js';
+import { msTicks, percentTicks, rateTicks, stepDecimals } from '../src/ticks.js';
 import { locateError, locateField, parseFieldPath } from '../src/yamlpath.js';
 
 /** Every event `chunks` make, as `[type, data]`. */
@@ -87,4 +88,27 @@ test('a rule across resources is found by the resource it names', () => {
 test('a syntax error is found by its line and column', () => {
   const { from } = locateError(DOCUMENT, { message: 'did not find expected key at line 6 column 5' });
   assert.equal(DOCUMENT.slice(from, from + 4), 'name');
+});
+
+test('y-axis ticks: as many decimals as their step needs, never one label twice', () => {
+  assert.deepEqual([10, 0.5, 0.25, 0.05, 0.025, 200].map(stepDecimals), [0, 1, 2, 2, 3, 0]);
+  // The latency chart with p99 at ~24 ms once read "0.0 ms" three times.
+  assert.deepEqual(msTicks([0, 10, 20], 10), ['0 ms', '10 ms', '20 ms']);
+  assert.deepEqual(msTicks([0, 0.05, 0.1], 0.05), ['0 ms', '0.05 ms', '0.1 ms']);
+  assert.deepEqual(msTicks([0, 0.025, 0.05, 0.075], 0.025), ['0 ms', '0.025 ms', '0.05 ms', '0.075 ms']);
+  assert.deepEqual(msTicks([0, 200, 400, 600], 200), ['0 ms', '200 ms', '400 ms', '600 ms']);
+  assert.deepEqual(msTicks([0, 500, 1000, 1500], 500), ['0 s', '0.5 s', '1 s', '1.5 s']);
+  assert.deepEqual(msTicks([0, 2000, 4000], 2000), ['0 s', '2 s', '4 s']);
+  assert.deepEqual(rateTicks([0, 100, 200], 100), ['0', '100', '200']);
+  assert.deepEqual(rateTicks([0, 0.5, 1], 0.5), ['0', '0.5', '1']);
+  assert.deepEqual(percentTicks([0, 0.005, 0.01], 0.005), ['0%', '0.5%', '1%']);
+  assert.deepEqual(percentTicks([0, 0.0025, 0.005], 0.0025), ['0%', '0.25%', '0.5%']);
+  assert.deepEqual(percentTicks([0, 0.5, 1], 0.5), ['0%', '50%', '100%']);
+  for (let top = 0.1; top < 20000; top *= 1.7) {
+    for (const step of [1, 2, 2.5, 5].map((m) => m * 10 ** Math.floor(Math.log10(top / 3)))) {
+      const ticks = Array.from({ length: Math.floor(top / step) + 1 }, (_, i) => Math.round(i * step * 1e9) / 1e9);
+      const labels = msTicks(ticks, step);
+      assert.equal(new Set(labels).size, labels.length, `${labels}`);
+    }
+  }
 });

@@ -3,7 +3,8 @@
 
 import { get } from '../api.js';
 import { Chart } from '../chart.jsx';
-import { formatMs, formatPercent, formatRate, useTraffic } from '../traffic.js';
+import { msTicks, percentTicks, rateTicks } from '../ticks.js';
+import { formatMs, formatPercent, formatPeriod, formatRate, useTraffic } from '../traffic.js';
 import { ErrorBox, Loading, ago, useInterval, useLoad } from '../ui.jsx';
 
 async function loadOverview() {
@@ -53,7 +54,8 @@ function Traffic() {
     <div data-testid="traffic" data-state={state}>
       <p class="muted">
         {state === 'live' ? 'Live' : state === 'polling' ? 'Polling (the live stream is reconnecting)' : 'Connecting'}; rates over
-        the last minute, charts over {Math.round(traffic.window_seconds / 60)} min; updated {ago(traffic.updated_unix_ms)}.
+        the last {formatPeriod(traffic.summary_seconds)}, charts over {formatPeriod(traffic.window_seconds)}; updated{' '}
+        {ago(traffic.updated_unix_ms)}.
         {error ? <span class="warn"> {error}</span> : null}
       </p>
       {traffic.namespaces.length === 0 ? <p class="muted">No traffic yet.</p> : null}
@@ -75,9 +77,9 @@ function Traffic() {
             </dl>
           </header>
           <div class="charts">
-            <Chart title="Requests per second" series={ns.series} lines={RPS} format={formatRate} testId={`chart-rps-${ns.namespace}`} />
-            <Chart title="Error rate" series={ns.series} lines={ERRORS} format={formatPercent} floor={0.01} testId={`chart-errors-${ns.namespace}`} />
-            <Chart title="Latency p50 / p99" series={ns.series} lines={LATENCY} format={formatMs} testId={`chart-latency-${ns.namespace}`} />
+            <Chart title="Requests per second" series={ns.series} lines={RPS} format={formatRate} ticks={rateTicks} testId={`chart-rps-${ns.namespace}`} />
+            <Chart title="Error rate" series={ns.series} lines={ERRORS} format={formatPercent} ticks={percentTicks} floor={0.01} testId={`chart-errors-${ns.namespace}`} />
+            <Chart title="Latency p50 / p99" series={ns.series} lines={LATENCY} format={formatMs} ticks={msTicks} floor={0.1} testId={`chart-latency-${ns.namespace}`} />
           </div>
         </article>
       ))}

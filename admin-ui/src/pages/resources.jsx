@@ -7,7 +7,7 @@ import { useState } from 'preact/hooks';
 import { stringify } from 'yaml';
 import { api, get } from '../api.js';
 import { nameFirst } from '../kinds.js';
-import { formatMs, formatPercent, formatRate, indexBy, useTraffic } from '../traffic.js';
+import { formatMs, formatPercent, formatPeriod, formatRate, indexBy, useTraffic } from '../traffic.js';
 import { Confirm, ErrorBox, Loading, summary, useLoad } from '../ui.jsx';
 
 const DAY_MS = 86400000;
@@ -16,10 +16,10 @@ function Hosts({ hosts }) {
   return (hosts || []).map((h) => <code class="chip">{h}</code>);
 }
 
-function Live({ row }) {
+function Live({ row, period }) {
   if (!row) return <span class="muted">–</span>;
   return (
-    <span class="live" title={`${row.requests} requests, ${row.errors} errors in the last minute`}>
+    <span class="live" title={`${row.requests} requests, ${row.errors} errors in the last ${period}`}>
       {formatRate(row.rps)}/s · {formatPercent(row.error_rate)} err · p99 {formatMs(row.p99_ms)}
     </span>
   );
@@ -187,7 +187,7 @@ export function ResourcePage({ plural, title, me }) {
               {COLUMNS[plural].map(([heading]) => (
                 <th>{heading}</th>
               ))}
-              {live ? <th>last minute</th> : null}
+              {live ? <th>{traffic ? `last ${formatPeriod(traffic.summary_seconds)}` : 'live'}</th> : null}
               {canEdit ? <th /> : null}
             </tr>
           </thead>
@@ -201,7 +201,7 @@ export function ResourcePage({ plural, title, me }) {
                   <td>{cell(resource)}</td>
                 ))}
                 {live ? (
-                  <td>{counted ? <Live row={counted.get(live[2](resource))} /> : <span class="muted">–</span>}</td>
+                  <td>{counted ? <Live row={counted.get(live[2](resource))} period={formatPeriod(traffic.summary_seconds)} /> : <span class="muted">–</span>}</td>
                 ) : null}
                 {canEdit ? (
                   <td class="row-actions">
