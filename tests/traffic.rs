@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::{Admin, PrismUp, admin_token, eventually, get};
+use tokio::io::AsyncBufReadExt as _;
 
 /// The namespace `name` of a traffic summary.
 fn namespace<'a>(summary: &'a Value, name: &str) -> Option<&'a Value> {
@@ -216,6 +217,32 @@ async fn the_fleets_traffic_reaches_the_api_the_stream_and_top() {
         .find(|l| l.starts_with("  broken -> gone "))
         .unwrap_or_else(|| panic!("a row for the broken route: {table}"));
     assert!(row.contains("100.0%"), "every request failed: {row}");
+
+    // Live, `prism top` redraws from the event stream: piped, the tables
+    // follow one another.
+    let mut top = tokio::process::Command::new(env!("CARGO_BIN_EXE_prism"))
+        .arg("top")
+        .env("PRISM_ADMIN_URL", up.admin())
+        .env("PRISM_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prism top starts");
+    let mut lines = tokio::io::BufReader::new(top.stdout.take().expect("stdout")).lines();
+    let tables = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut tables = 0;
+        while let Some(line) = lines.next_line().await.expect("a line") {
+            tables += usize::from(line.starts_with("traffic over the last"));
+            if tables >= 2 && line.starts_with("  broken -> gone ") {
+                return tables;
+            }
+        }
+        panic!("prism top ended");
+    })
+    .await
+    .expect("prism top redraws within 20 s");
+    assert!(tables >= 2);
+    drop(top);
 
     // A token for another namespace sees none of it.
     let (status, answer) = admin
