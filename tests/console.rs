@@ -4,8 +4,9 @@
 //! (`admin-ui/tests/unit.test.mjs`) and `admin-ui/tests/console.spec.mjs`, which drives
 //! Debian's Chromium (headless, through playwright-core) against the
 //! console at `/ui`: sign-in, an edit through the editor that the proxy then
-//! serves, a rollback from the history page, a live chart, a viewer's
-//! read-only console, and screenshots of the main pages.
+//! serves, a rollback from the history page, an endpoint's live health on
+//! the backends page, a live chart, a viewer's read-only console, and
+//! screenshots of the main pages.
 //!
 //! Chromium (`/usr/bin/chromium`, or `PRISM_CHROMIUM`), Node and
 //! `admin-ui/node_modules` must be there; `cargo xtask test` installs what

@@ -10,8 +10,9 @@
 //   PRISM_CHROMIUM      the browser (default /usr/bin/chromium)
 //
 // The tests run in order and share one page, as an operator would: sign in,
-// edit a route and watch the proxy serve it, roll it back, watch traffic,
-// then sign in again as a viewer. Every wait is bounded and waits for an
+// edit a route and watch the proxy serve it, roll it back, watch an
+// endpoint's health on the backends page, watch traffic, then sign in again
+// as a viewer. Every wait is bounded and waits for an
 // event or a condition; none sleeps a fixed time.
 
 import { after, afterEach, before, test } from 'node:test';
@@ -240,7 +241,35 @@ test('3. rolled back from the history page after a confirmation: the proxy serve
   await rollback.filter({ hasText: 'rollback' }).waitFor();
 });
 
-test('4. a chart moves while a client sends traffic', async () => {
+test("4. the backends page shows each endpoint's state as the proxies report it, live", async () => {
+  await go('#/backends');
+  const row = page.locator('tr[data-name="demo/upstream"]');
+  const state = row.locator('[data-testid=endpoint-state]');
+  // The quickstart's one endpoint, on the one proxy, without a health check.
+  await until('the endpoint shown as reported by 1 proxy, not health checked', async () => {
+    const shown = await state.allTextContents();
+    return shown.length === 1 && shown[0] === 'not health checked (1 proxy)' && shown;
+  });
+  assert.equal(await state.getAttribute('data-proxies'), '1');
+  const address = await state.getAttribute('data-address');
+  assert.equal(await row.locator('li[data-address] > code').textContent(), address, 'the badge is on its endpoint');
+
+  // Another operator adds a health check: the page follows, without a reload.
+  const backend = await adminCall('/v1/backends/demo/upstream');
+  assert.equal(backend.status, 200, JSON.stringify(backend.body));
+  const checked = { ...backend.body, health_check: { interval: '1s', http: { path: '/' } } };
+  const put = await adminCall('/v1/backends/demo/upstream', {
+    method: 'PUT',
+    body: JSON.stringify(checked),
+    headers: { 'Content-Type': 'application/json' },
+  });
+  assert.equal(put.status, 200, JSON.stringify(put.body));
+  await until('the endpoint shown healthy on 1 of 1 proxy', async () => (await state.textContent()) === 'healthy 1/1');
+  assert.equal(await state.getAttribute('data-state'), 'good');
+  assert.equal(await state.getAttribute('data-address'), address);
+});
+
+test('5. a chart moves while a client sends traffic', async () => {
   await go('#/overview');
   const chart = page.locator('[data-testid=chart-rps-demo]');
   // The namespace appears once it has had traffic; start sending now.
@@ -281,7 +310,7 @@ test('4. a chart moves while a client sends traffic', async () => {
   }
 });
 
-test('5. screenshots of the main pages', async () => {
+test('6. screenshots of the main pages', async () => {
   await go('#/overview');
   await page.locator('[data-testid=fleet-connected]').waitFor();
   await page.locator('[data-testid=traffic], [data-testid=traffic-unavailable]').first().waitFor();
@@ -294,7 +323,7 @@ test('5. screenshots of the main pages', async () => {
   await shot('fleet');
 });
 
-test('6. a viewer sees no edit, apply or rollback button, and a read-only editor', async () => {
+test('7. a viewer sees no edit, apply or rollback button, and a read-only editor', async () => {
   await page.getByRole('button', { name: 'Sign out' }).click();
   await page.locator('input[name=token]').waitFor();
   assert.equal(await page.evaluate(() => sessionStorage.getItem('prism.token')), null);

@@ -1,10 +1,12 @@
 // Unit tests of the console's pure parts, under Node: the event-stream
-// parser that reads the traffic stream, and the mapping from an error's
-// field path to the text of a policy document. `npm test` runs them, and so
-// does tests/console.rs with the browser tests.
+// parser that reads the traffic stream, the mapping from an error's field
+// path to the text of a policy document, the charts' tick labels and an
+// endpoint's state badge. `npm test` runs them, and so does tests/console.rs
+// with the browser tests.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { endpointState } from '../src/endpoints.js';
 import { eventParser } from '../src/sse.js';
 import { msTicks, percentTicks, rateTicks, stepDecimals } from '../src/ticks.js';
 import { locateError, locateField, parseFieldPath } from '../src/yamlpath.js';
@@ -111,4 +113,23 @@ test('y-axis ticks: as many decimals as their step needs, never one label twice'
       assert.equal(new Set(labels).size, labels.length, `${labels}`);
     }
   }
+});
+
+test("an endpoint's state: one line and a level from the proxies' counts", () => {
+  const seen = (health) => {
+    const { level, text } = endpointState(health);
+    return [level, text];
+  };
+  const zero = { proxies: 2, healthy: 0, unhealthy: 0, breaker_open: 0, breaker_half_open: 0, ejected: 0 };
+  assert.deepEqual(seen(null), ['none', 'no proxy reports it']);
+  assert.deepEqual(seen({ ...zero, proxies: 0 }), ['none', 'no proxy reports it']);
+  assert.deepEqual(seen(zero), ['plain', 'not health checked (2 proxies)']);
+  assert.deepEqual(seen({ ...zero, proxies: 1 }), ['plain', 'not health checked (1 proxy)']);
+  assert.deepEqual(seen({ ...zero, healthy: 2 }), ['good', 'healthy 2/2']);
+  assert.deepEqual(seen({ ...zero, healthy: 1, unhealthy: 1 }), ['warn', 'unhealthy on 1 of 2 proxies']);
+  assert.deepEqual(seen({ ...zero, unhealthy: 2 }), ['bad', 'unhealthy on 2 of 2 proxies']);
+  assert.deepEqual(seen({ ...zero, healthy: 2, breaker_open: 1 }), ['warn', 'healthy 2/2 · breaker open on 1']);
+  assert.deepEqual(seen({ ...zero, breaker_half_open: 1 }), ['warn', 'not health checked (2 proxies) · breaker half-open on 1']);
+  assert.deepEqual(seen({ ...zero, ejected: 2 }), ['bad', 'not health checked (2 proxies) · ejected on 2']);
+  assert.match(endpointState({ ...zero, healthy: 2 }, 'the last 10 s').title, /^2 proxies report this endpoint \(the last 10 s\): 2 healthy, 0 unhealthy/);
 });

@@ -1,11 +1,13 @@
 // The resource pages: namespaces, backends, routes, data bindings and
 // secrets, one table each, with live traffic where the traffic API counts
-// it (namespaces, routes, backends). Editors get Edit and Delete on each row;
-// viewers see neither.
+// it (namespaces, routes, backends) and, on backends, each endpoint's state
+// as the proxies report it (health, breaker, ejection). Editors get Edit and
+// Delete on each row; viewers see neither.
 
 import { useState } from 'preact/hooks';
 import { stringify } from 'yaml';
 import { api, get } from '../api.js';
+import { endpointState } from '../endpoints.js';
 import { nameFirst } from '../kinds.js';
 import { formatMs, formatPercent, formatPeriod, formatRate, indexBy, useTraffic } from '../traffic.js';
 import { Confirm, ErrorBox, Loading, summary, useLoad } from '../ui.jsx';
@@ -71,7 +73,50 @@ function expiry(notAfter) {
   );
 }
 
-/** Columns of each kind: `[title, cell(resource, live)]`. */
+/** One endpoint's live state as a badge; nothing while there is no traffic feed. */
+function EndpointState({ address, health, live }) {
+  if (!live) return null;
+  const { level, text, title } = endpointState(health, `the last ${live.period}`);
+  return (
+    <span class={`badge ${level}`} title={title} data-testid="endpoint-state" data-address={address} data-state={level} data-proxies={health ? health.proxies : 0}>
+      {text}
+    </span>
+  );
+}
+
+/**
+ * A backend's endpoints as configured, each with its state as the proxies
+ * report it; then any endpoint the proxies report that the policy does not
+ * hold (a change on its way).
+ */
+function Endpoints({ backend, live }) {
+  const reported = indexBy(live && live.row ? live.row.endpoints : [], (e) => e.address);
+  const configured = backend.endpoints || [];
+  const extra = [...reported.values()].filter((e) => !configured.some((c) => c.address === e.address));
+  return (
+    <ul class="plain endpoints">
+      {configured.map((e) => (
+        <li data-address={e.address}>
+          <code>{e.address}</code>
+          {e.zone ? ` zone ${e.zone}` : ''}
+          {e.weight ? ` weight ${e.weight}` : ''} <EndpointState address={e.address} health={reported.get(e.address)} live={live} />
+        </li>
+      ))}
+      {extra.map((e) => (
+        <li data-address={e.address}>
+          <code>{e.address}</code> <span class="muted">not in the policy</span>{' '}
+          <EndpointState address={e.address} health={e} live={live} />
+        </li>
+      ))}
+    </ul>
+  );
+}
+
+/**
+ * Columns of each kind: `[title, cell(resource, live)]`; `live` is
+ * `{row, period}` (the resource's row of the traffic API, if any) once the
+ * traffic feed has answered, else null.
+ */
 const COLUMNS = {
   namespaces: [
     ['hosts', (r) => <Hosts hosts={r.hosts} />],
@@ -82,20 +127,7 @@ const COLUMNS = {
   ],
   backends: [
     ['protocol', (r) => [r.protocol || 'HTTP1', r.lb_policy || 'ROUND_ROBIN'].join(' · ')],
-    [
-      'endpoints',
-      (r) => (
-        <ul class="plain">
-          {(r.endpoints || []).map((e) => (
-            <li>
-              <code>{e.address}</code>
-              {e.zone ? ` zone ${e.zone}` : ''}
-              {e.weight ? ` weight ${e.weight}` : ''}
-            </li>
-          ))}
-        </ul>
-      ),
-    ],
+    ['endpoints', (r, live) => <Endpoints backend={r} live={live} />],
     [
       'health check',
       (r) => (r.health_check ? summary(r.health_check) : <span class="muted">none (endpoints always in)</span>),
@@ -149,8 +181,8 @@ const LIVE = {
 
 const NOTES = {
   backends:
-    'Endpoint health and circuit-breaker state are kept by each proxy and are not reported to the control plane: ' +
-    'shown here is what is configured, and the live numbers the proxies report.',
+    'Each endpoint shows its state as the proxies that reported it lately see it: ' +
+    'health check verdict, circuit breaker, outlier ejection.',
   secrets: 'Only names, kinds and expiry are shown: key material never leaves the control plane through this API.',
 };
 
@@ -198,7 +230,7 @@ export function ResourcePage({ plural, title, me }) {
                   <code>{resource.name}</code>
                 </td>
                 {COLUMNS[plural].map(([, cell]) => (
-                  <td>{cell(resource)}</td>
+                  <td>{cell(resource, counted ? { row: counted.get(live[2](resource)), period: formatPeriod(traffic.summary_seconds) } : null)}</td>
                 ))}
                 {live ? (
                   <td>{counted ? <Live row={counted.get(live[2](resource))} period={formatPeriod(traffic.summary_seconds)} /> : <span class="muted">–</span>}</td>
