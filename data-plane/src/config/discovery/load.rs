@@ -9,7 +9,7 @@
 //! request path: with metrics off there is nothing to count. Each report
 //! also gives every backend's endpoints' state: health, breaker, ejection.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -228,7 +228,7 @@ fn endpoint_stats(endpoint: &Endpoint, now: Instant) -> UpstreamEndpointStats {
     let text = |text: &str| Value {
         kind: Some(value::Kind::StringValue(text.to_string())),
     };
-    let mut state = BTreeMap::new();
+    let mut state = HashMap::new();
     if let Some(health) = &endpoint.health {
         let verdict = if health.is_healthy() {
             "healthy"
@@ -266,9 +266,7 @@ fn endpoint_stats(endpoint: &Endpoint, now: Instant) -> UpstreamEndpointStats {
                 ..Default::default()
             })),
         }),
-        metadata: Some(Struct {
-            fields: state.into_iter().collect(),
-        }),
+        metadata: Some(Struct { fields: state }),
         ..Default::default()
     }
 }
